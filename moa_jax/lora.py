@@ -1,0 +1,124 @@
+"""Stacked LoRA experts: the low-rank delta for each dispatch mode, as pure functions, plus the thin Flax module
+(`AdaptedDense`) that adds the delta to a frozen projection.
+
+Experts are stored as one array per projection, expert axis first:
+  lora_a [E, Din, R]   (random init)      lora_b [E, R, Dout]   (zero init, so a fresh model equals its base)
+and the delta of one token x under expert e is  scale * (x @ lora_a[e]) @ lora_b[e].
+
+Dispatch modes (all take the same stacked arrays):
+  single   E == 1, or one expert shared by the batch: tokens flattened to 2-D, two GEMMs (a plain LoRA at its best).
+  top1     one expert per sequence: gather A[idx] -> [B, Din, R], batched matmuls; cost of ONE LoRA, flat in E.
+  mixture  gates per sequence [B, E] or per token [B, T, E] (soft MoA, token-level top-k MoE-LoRA):
+           rank-concat form, A as [Din, E*R], gates scale the rank dim, B as [E*R, Dout]; cost grows with E.
+  loop     plain loop over experts: the reference the tests compare every mode against.
+
+Shape glossary: B batch, T tokens, Din/Dout projection widths, E experts, R rank.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Route(NamedTuple):
+    """How one layer's adapters pick experts. `kind` is static; the arrays are data (never shapes).
+
+    kind: "base" (no adapter), "single" (expert 0 for every token), "top1" (expert_idx [B]),
+          "mixture" (gates [B, E] or [B, T, E]).
+    """
+    kind: str
+    expert_idx: Optional[Array] = None
+    gates: Optional[Array] = None
+
+
+def lora_single(x: Array, lora_a: Array, lora_b: Array, scale: float, expert: int = 0) -> Array:
+    """x [B, T, Din] -> [B, T, Dout] with one expert for all tokens, as two 2-D GEMMs."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])                      # (B*T, Din)
+    h = x2 @ lora_a[expert].astype(x.dtype)              # (B*T, R)     'nd,dr->nr'
+    y = h @ lora_b[expert].astype(x.dtype)               # (B*T, Dout)  'nr,ro->no'
+    return (scale * y).reshape(*lead, -1)
+
+
+def lora_top1(x: Array, lora_a: Array, lora_b: Array, expert_idx: Array, scale: float) -> Array:
+    """x [B, T, Din], expert_idx [B] int -> [B, T, Dout]; sequence b uses expert expert_idx[b]."""
+    a = jnp.take(lora_a, expert_idx, axis=0).astype(x.dtype)   # (B, Din, R)
+    b = jnp.take(lora_b, expert_idx, axis=0).astype(x.dtype)   # (B, R, Dout)
+    h = jnp.einsum("btd,bdr->btr", x, a)
+    return scale * jnp.einsum("btr,bro->bto", h, b)
+
+
+def lora_mixture(x: Array, lora_a: Array, lora_b: Array, gates: Array, scale: float) -> Array:
+    """x [B, T, Din], gates [B, E] or [B, T, E] -> sum_e gates[..., e] * delta_e(x), in rank-concat form."""
+    num_experts, d_in, rank = lora_a.shape
+    a_cat = jnp.transpose(lora_a, (1, 0, 2)).reshape(d_in, num_experts * rank).astype(x.dtype)  # (Din, E*R)
+    b_cat = lora_b.reshape(num_experts * rank, -1).astype(x.dtype)                              # (E*R, Dout)
+    h = x @ a_cat                                                      # (B, T, E*R)
+    g = jnp.repeat(gates.astype(x.dtype), rank, axis=-1)               # (B, [T,] E*R)
+    if gates.ndim == 2:
+        g = g[:, None, :]
+    return scale * ((h * g) @ b_cat)
+
+
+def lora_loop_reference(x: Array, lora_a: Array, lora_b: Array, weights: Array, scale: float) -> Array:
+    """Reference: weights [B, T, E] (one-hot for top-1); explicit loop over experts. Tests only."""
+    out = 0.0
+    for e in range(lora_a.shape[0]):
+        delta = (x @ lora_a[e]) @ lora_b[e]
+        out = out + weights[..., e:e + 1] * delta
+    return scale * out
+
+
+def lora_delta(x: Array, lora_a: Array, lora_b: Array, route: Route, scale: float) -> Array:
+    """Dispatch on the (static) route kind."""
+    if route.kind == "single" or (route.kind == "top1" and lora_a.shape[0] == 1):
+        return lora_single(x, lora_a, lora_b, scale)
+    if route.kind == "top1":
+        return lora_top1(x, lora_a, lora_b, route.expert_idx, scale)
+    if route.kind == "mixture":
+        return lora_mixture(x, lora_a, lora_b, route.gates, scale)
+    raise ValueError(f"unknown route kind {route.kind!r}")
+
+
+def lora_a_init(key, shape, dtype=jnp.float32):
+    """Kaiming-uniform over Din per expert, as PEFT initialises lora_A (bound 1/sqrt(Din))."""
+    bound = 1.0 / jnp.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class AdaptedDense(nn.Module):
+    """A frozen projection x @ kernel (+ bias) plus, when `num_experts` > 0, the stacked-expert LoRA delta.
+
+    Params: kernel [Din, Dout] (frozen base), bias [Dout] (optional), lora_a [E, Din, R], lora_b [E, R, Dout].
+    """
+    features: int
+    use_bias: bool = False
+    num_experts: int = 0
+    rank: int = 0
+    scale: float = 1.0
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    adapter_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, route: Route, deterministic: bool = True) -> Array:
+        d_in = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features), self.param_dtype)
+        y = x @ kernel.astype(self.dtype)                          # 'btd,do->bto'
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        if self.num_experts == 0:
+            return y
+        lora_a = self.param("lora_a", lora_a_init, (self.num_experts, d_in, self.rank), self.adapter_dtype)
+        lora_b = self.param("lora_b", nn.initializers.zeros, (self.num_experts, self.rank, self.features),
+                            self.adapter_dtype)
+        if route.kind == "base":
+            return y
+        x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
+        return y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)

@@ -1,0 +1,149 @@
+"""The MoA decoder: a Llama-family transformer (Llama 2/3, Mistral, Qwen2, SmolLM2) whose projections carry
+stacked LoRA experts and whose every layer has its own router. Layers are scanned (`nn.scan`), so every
+per-layer parameter has a leading L axis and compile time is flat in depth.
+
+Param tree (kernels are [Din, Dout]; `lora_*` and `router` exist only with a MoAConfig, on its targets):
+  embed/embedding [V, D]
+  layers/input_norm/scale [L, D]              layers/post_attn_norm/scale [L, D]
+  layers/attn/{q,k,v,o}_proj/kernel [L, Din, Dout]   (+ bias [L, Dout] for q/k/v with attention_bias)
+  layers/mlp/{gate,up,down}_proj/kernel [L, Din, Dout]
+  layers/<...>/<proj>/lora_a [L, E, Din, R]   layers/<...>/<proj>/lora_b [L, E, R, Dout]
+  layers/router/kernel [L, D, E]              (mlp router: layers/router/{hidden,out}/kernel)
+  final_norm/scale [D]                        lm_head/kernel [D, V] (absent with tied embeddings)
+
+Routing modes (static `routing` argument of __call__):
+  base    the frozen base model, adapters off.
+  fixed   top-1 per sequence with a given expert_idx [B]: domain labels in training (teacher forcing), the
+          oracle / a forced expert / the decided expert at inference.
+  self    top-1 per sequence, each layer using its own router's argmax (the routing pass over a prompt).
+  soft    per-sequence mixture with each layer's softmax(router) as gates.
+  token   token-level top-k MoE-LoRA baseline with a load-balancing loss.
+Router logits are computed in every mode but `base` (pooled over prompt tokens) and returned per layer.
+
+KV cache: {"k", "v": [L, B, S, K, Dh], "valid": [B, S] bool, "index": int32 scalar (next free slot)}.
+
+Shape glossary: B batch, T tokens, S cache slots, D width, V vocab, L layers, E experts, R rank, K kv heads,
+Dh head width.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moa_jax.config import ModelConfig, MoAConfig
+from moa_jax.layers import MLP, Attention, RMSNorm, jnp_dtype
+from moa_jax.lora import Route
+from moa_jax.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
+
+Array = jax.Array
+ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: router -> attention -> MLP, all adapters sharing this layer's route."""
+    cfg: ModelConfig
+    moa: Optional[MoAConfig]
+    routing: str
+    deterministic: bool = True
+
+    def _route(self, x: Array, prompt_mask: Array, expert_idx: Array, token_mask: Array):
+        """-> (pooled router logits [B, E] f32, balance loss scalar, Route)."""
+        b = x.shape[0]
+        if self.moa is None or self.routing == "base":
+            num_experts = 1 if self.moa is None else self.moa.num_experts
+            return jnp.zeros((b, num_experts), jnp.float32), jnp.zeros((), jnp.float32), Route("base")
+        router = Router(self.moa.num_experts, self.moa.router_type, self.moa.router_hidden,
+                        param_dtype=jnp_dtype(self.moa.adapter_dtype), name="router")
+        logits = router(masked_mean_pool(x, prompt_mask))                        # (B, E)
+        zero = jnp.zeros((), jnp.float32)
+        if self.routing == "fixed":
+            return logits, zero, Route("top1", expert_idx=expert_idx)
+        if self.routing == "self":
+            return logits, zero, Route("top1", expert_idx=jnp.argmax(logits, -1).astype(jnp.int32))
+        if self.routing == "soft":
+            return logits, zero, Route("mixture", gates=jax.nn.softmax(logits, -1))
+        # token: every token routed by the same router, top-k, with a load-balancing loss
+        gates, probs, chosen = top_k_gates(router(x), self.moa.top_k)            # (B, T, E)
+        return logits, load_balancing_loss(probs, chosen, token_mask), Route("mixture", gates=gates)
+
+    @nn.compact
+    def __call__(self, h: Array, shared: tuple, layer_cache: Optional[tuple[Array, Array]]):
+        positions, kv_valid, cache_index, prompt_mask, expert_idx, token_mask = shared
+        cfg, dt, pdt = self.cfg, jnp_dtype(self.cfg.dtype), jnp_dtype(self.cfg.param_dtype)
+        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_norm")(h)
+        logits, balance, route = self._route(x, prompt_mask, expert_idx, token_mask)
+        attn_out, new_cache = Attention(cfg, self.moa, name="attn")(
+            x, route, positions, kv_valid, cache_index, layer_cache, self.deterministic)
+        h = h + attn_out
+        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attn_norm")(h)
+        h = h + MLP(cfg, self.moa, name="mlp")(x, route, self.deterministic)
+        return h, (logits, balance, new_cache)
+
+
+class MoATransformer(nn.Module):
+    """Decoder-only LM with MoA adapters. `moa=None` gives the plain base model."""
+    cfg: ModelConfig
+    moa: Optional[MoAConfig] = None
+
+    @nn.compact
+    def __call__(self, tokens: Array, *, attention_mask: Optional[Array] = None,
+                 positions: Optional[Array] = None, prompt_mask: Optional[Array] = None,
+                 routing: str = "fixed", expert_idx: Optional[Array] = None,
+                 cache: Optional[dict] = None, deterministic: bool = True) -> tuple[Array, dict[str, Any]]:
+        """tokens [B, T] -> (logits [B, T, V] float32, aux).
+
+        aux: router_logits [L, B, E] f32, balance_loss scalar (token mode), cache (updated, or None).
+        attention_mask [B, T]: 1 on real tokens (default all). prompt_mask [B, T]: tokens the routers pool
+        (default: attention_mask). positions [B, T]: default counts real tokens only, so left padding is harmless.
+        """
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing={routing!r} is not one of {ROUTING_MODES}")
+        cfg = self.cfg
+        b, t = tokens.shape
+        attention_mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        prompt_mask = attention_mask if prompt_mask is None else prompt_mask
+        expert_idx = jnp.zeros((b,), jnp.int32) if expert_idx is None else jnp.asarray(expert_idx, jnp.int32)
+        if cache is not None:
+            cache_index = cache["index"]
+            past = jnp.sum(cache["valid"], axis=1, dtype=jnp.int32)[:, None]                  # (B, 1)
+            kv_valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask.astype(bool), (0, cache_index))
+            layer_cache = (cache["k"], cache["v"])
+        else:
+            cache_index, past, kv_valid, layer_cache = jnp.zeros((), jnp.int32), 0, attention_mask, None
+        if positions is None:
+            positions = jnp.maximum(past + jnp.cumsum(attention_mask, axis=1) - 1, 0)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp_dtype(cfg.dtype),
+                         param_dtype=jnp_dtype(cfg.param_dtype), name="embed")
+        h = embed(tokens)                                                                     # (B, T, D)
+
+        layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(nn.broadcast, 0), length=cfg.num_layers)
+        shared = (positions, kv_valid, cache_index, prompt_mask, expert_idx, attention_mask)
+        h, (router_logits, balance, new_kv) = scanned(cfg, self.moa, routing, deterministic, name="layers")(
+            h, shared, layer_cache)
+
+        h = RMSNorm(cfg.rms_norm_eps, jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype), name="final_norm")(h)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(h)                                                          # (B, T, V)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp_dtype(cfg.dtype),
+                              param_dtype=jnp_dtype(cfg.param_dtype), name="lm_head")(h)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid, "index": cache_index + t}
+        return logits.astype(jnp.float32), {"router_logits": router_logits, "balance_loss": jnp.mean(balance),
+                                            "cache": new_cache}
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: Optional[str] = None) -> dict[str, Array]:
+    """An empty KV cache with `slots` positions per sequence."""
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp_dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "valid": jnp.zeros((batch, slots), bool),
+            "index": jnp.zeros((), jnp.int32)}
