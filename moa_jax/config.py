@@ -146,7 +146,62 @@ class MeshConfig:
     """Device mesh: ('data', 'expert') axes; -1 means 'all remaining devices'."""
     data: int = -1
     expert: int = 1
+    fsdp: bool = False  # split the frozen base weights over 'data' (large models)
 
+
+STAGES = ("stage1", "stage2", "mixed_lora", "moe_lora")
+TRAIN_ROUTINGS = ("label", "router", "soft")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (one stage). Stage semantics (paper Sec. 3, our defaults marked in paper.md):
+    stage1     all experts at once with label routing; each sample updates only its own expert; routers frozen.
+    stage2     experts (from stage 1) + routers jointly; loss = LM + eta * mean-over-layers router CE.
+    mixed_lora the Single-LoRA (mixed) baseline: one LoRA (E=1) on all domains mixed.
+    moe_lora   the MoE-LoRA baseline: token-level top-k routing, no labels, + balance_coef * balance loss.
+    """
+    stage: str = "stage2"
+    steps: int = 100
+    learning_rate: float = 5e-4
+    warmup_frac: float = 0.1        # paper: 10% warmup, then cosine decay
+    end_lr_frac: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0          # global norm; in stage 1 applied per expert (independent trainings)
+    grad_accum: int = 1             # micro-batches per optimiser update
+    eta: float = 1.0                # [ours] router CE weight (stage 2)
+    balance_coef: float = 0.01      # moe_lora load-balancing weight
+    freeze_experts: bool = False    # stage 2 ablation: train routers only
+    expert_init: str = "stage1"     # stage 2: "stage1" experts | "random" (ablation)
+    train_routing: str = "label"    # stage 2 forward: label (teacher forcing) | router argmax | soft mixture
+    loss_normalization: str = ""    # "token" (mean over all tokens) | "domain" (sum of per-domain means);
+                                    # "" = "domain" for stage1 (N independent trainings), else "token"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _check(self.stage in STAGES, f"TrainConfig.stage={self.stage!r} not in {STAGES}")
+        _check(self.train_routing in TRAIN_ROUTINGS,
+               f"TrainConfig.train_routing={self.train_routing!r} not in {TRAIN_ROUTINGS}")
+        _check(self.expert_init in ("stage1", "random"),
+               f"TrainConfig.expert_init={self.expert_init!r} not in ('stage1', 'random')")
+        _check(self.loss_normalization in ("", "token", "domain"),
+               f"TrainConfig.loss_normalization={self.loss_normalization!r} not in ('token', 'domain')")
+        _check(self.steps >= 0, f"TrainConfig.steps must be >= 0, got {self.steps}")
+        _check(self.grad_accum >= 1, f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.learning_rate > 0, f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+
+    @property
+    def normalization(self) -> str:
+        return self.loss_normalization or ("domain" if self.stage == "stage1" else "token")
+
+
+def paper_train_config(**overrides) -> TrainConfig:
+    """The paper's optimiser settings: AdamW, lr 1e-5, 10% warmup + cosine, grad clip 0.1, accumulation 4."""
+    return TrainConfig(**{"learning_rate": 1e-5, "warmup_frac": 0.1, "grad_clip": 0.1, "grad_accum": 4,
+                          **overrides})
 
 def replace(cfg, **changes):
     """dataclasses.replace that re-runs validation (frozen dataclasses)."""

@@ -1,0 +1,77 @@
+"""Training metrics out of the jitted step and onto the console, a JSONL file and TensorBoard.
+
+The jitted step returns a flat dict of device scalars (plus per-domain vectors); the loop adds them up on device
+(no host sync) and reads the sums only on logging steps. TensorBoard events are written with tensorboardX, which
+needs no TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+
+def summarize(acc: dict, count: int, domain_names: Sequence[str]) -> dict[str, float]:
+    """Device sums over `count` steps -> flat host dict of means; per-domain LM loss by name."""
+    host = jax.device_get(acc)
+    out = {}
+    for k, v in host.items():
+        if k in ("domain_loss_sum", "domain_tokens", "tokens", "finite"):
+            continue
+        out[k] = float(v) / count
+    dom_sum, dom_cnt = np.asarray(host["domain_loss_sum"]), np.asarray(host["domain_tokens"])
+    for i, name in enumerate(domain_names):
+        if dom_cnt[i] > 0:
+            out[f"loss/{name}"] = float(dom_sum[i] / dom_cnt[i])
+    out["tokens"] = float(host["tokens"])
+    return out
+
+
+class MetricsLogger:
+    """JSONL (always) + TensorBoard (when tensorboardX is importable) in `directory`; one line per log step."""
+
+    def __init__(self, directory: str, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl_path = os.path.join(directory, "metrics.jsonl")
+        self._tb = None
+        self._last_time: Optional[float] = None
+        if not enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        except ImportError:  # optional dependency: JSONL still has everything
+            self._tb = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        now = time.perf_counter()
+        if self._last_time is not None and "tokens" in metrics:
+            metrics["tokens_per_s"] = metrics["tokens"] / max(now - self._last_time, 1e-9)
+        self._last_time = now
+        if self.enabled:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if self._tb is not None:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(k, v, step)
+                self._tb.flush()
+        return metrics
+
+    def start_clock(self) -> None:
+        self._last_time = time.perf_counter()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,99 @@
+"""Device mesh and the one sharding rule table.
+
+Mesh axes ('data', 'expert'). The batch is split over ALL devices (both axes), so every device computes; the
+expert stacks (lora_a / lora_b, and with them their Adam moments) are split along E over 'expert', ZeRO-style:
+each device stores E / n_expert experts and XLA gathers the small weights for compute. The frozen base is
+replicated, or with `fsdp=True` split over 'data' along its largest axis. Model code never names mesh axes: it
+names logical axes, and `LOGICAL_RULES` maps them here.
+
+Shape glossary: L layers, E experts, D width, R rank, B batch, T tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moa_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "expert")
+# logical axis -> mesh axis (or axes, or None = replicated)
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "expert"),
+    "expert": "expert",
+    "fsdp": "data",
+}
+
+
+def logical_to_spec(logical: tuple[Optional[str], ...]) -> P:
+    return P(*(LOGICAL_RULES.get(a) if a is not None else None for a in logical))
+
+
+def param_logical_axes(path: tuple[str, ...], shape: tuple[int, ...], fsdp: bool = False) -> tuple:
+    """Logical axes of one parameter, from its name. Expert stacks: [L, E, ., .] -> expert on axis 1."""
+    name = path[-1]
+    if name in ("lora_a", "lora_b"):
+        return (None, "expert", None, None)
+    if fsdp and "router" not in path and len(shape) >= 2:
+        axes = [None] * len(shape)
+        axes[int(np.argmax(shape))] = "fsdp"
+        return tuple(axes)
+    return (None,) * len(shape)
+
+
+def make_mesh(cfg: MeshConfig, devices: Optional[list] = None) -> Mesh:
+    """Build the ('data', 'expert') mesh; data=-1 takes all devices left after the expert axis."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if cfg.expert < 1 or n % cfg.expert:
+        raise ConfigError(f"MeshConfig.expert={cfg.expert} must be >= 1 and divide the {n} available devices")
+    data = n // cfg.expert if cfg.data == -1 else cfg.data
+    if data * cfg.expert != n:
+        raise ConfigError(f"MeshConfig data={cfg.data} x expert={cfg.expert} = {data * cfg.expert} devices, "
+                          f"but {n} are available; use data=-1 to take the rest")
+    return Mesh(np.asarray(devices).reshape(data, cfg.expert), MESH_AXES)
+
+
+def check_experts_divisible(mesh: Mesh, num_experts: int) -> None:
+    n_expert = mesh.shape["expert"]
+    if num_experts % n_expert:
+        raise ConfigError(f"MoAConfig.num_experts={num_experts} is not divisible by the expert mesh size "
+                          f"MeshConfig.expert={n_expert}: the expert stacks are split evenly along E")
+
+
+def check_batch_divisible(mesh: Mesh, batch_size: int) -> None:
+    if batch_size % mesh.size:
+        raise ConfigError(f"global batch size {batch_size} must be divisible by the {mesh.size} devices "
+                          f"of the mesh {dict(mesh.shape)}")
+
+
+def param_shardings(mesh: Mesh, params: Any, fsdp: bool = False) -> Any:
+    """NamedSharding tree for a (possibly abstract) param tree."""
+    flat = traverse_util.flatten_dict(params)
+    out = {k: NamedSharding(mesh, logical_to_spec(param_logical_axes(k, tuple(v.shape), fsdp)))
+           for k, v in flat.items()}
+    return traverse_util.unflatten_dict(out)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis over every device."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host-local batch rows -> global arrays sharded over the batch axis (multi-process safe)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def put_params(params: Any, shardings: Any) -> Any:
+    """Place a host (numpy) tree with the given shardings; each device gets only its shard."""
+    return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_callback(
+        np.shape(x), s, lambda idx: np.asarray(x[idx])), params, shardings)

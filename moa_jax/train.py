@@ -1,0 +1,157 @@
+"""The training loop for one stage: shardings, the jitted step, resume, logging and checkpoints.
+
+    state = restore(workdir) or init(trainable)          # resume > given init (stage-1 experts / fresh)
+    for step in range(state.step, steps):
+        batch = source.batch(...)  -> global arrays         # each process feeds its own rows
+        state, metrics = train_step(state, frozen, batch)   # jitted once, donated, explicit shardings
+        log on log steps; checkpoint on checkpoint steps     # host reads device values only there
+
+A `BatchSource` returns host-local rows for a global micro-batch index, as a pure function of that index, so a
+resumed run replays exactly the batches an uninterrupted run would have seen.
+
+Shape glossary: A micro-batches per update, B batch rows, T tokens.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from moa_jax.checkpoint import StageCheckpointer, save_adapters
+from moa_jax.config import TrainConfig
+from moa_jax.metrics_log import MetricsLogger, summarize
+from moa_jax.model import MoATransformer
+from moa_jax.sharding import (batch_sharding, logical_to_spec, param_logical_axes, param_shardings,
+                              replicated)
+from moa_jax.train_step import TrainState, init_state, make_optimizer, train_step
+
+BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is left intact."""
+
+
+class BatchSource(Protocol):
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Host-local rows of global micro-batch `index`: tokens/masks [B_local, T], domain [B_local]."""
+
+
+def _stack_micro(source: BatchSource, step: int, accum: int) -> dict[str, np.ndarray]:
+    micro = [source.batch(step * accum + a) for a in range(accum)]
+    for m in micro:
+        m.setdefault("valid", np.ones(m["domain"].shape, np.int32))
+    return {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}          # (A, B_local, ...)
+
+
+def _put_micro(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """[A, B_local, ...] host rows -> global [A, B, ...] arrays with B over every device."""
+    return {k: jax.make_array_from_process_local_data(_micro_sharding(mesh, v.ndim), v) for k, v in local.items()}
+
+
+def _micro_sharding(mesh, ndim):
+    return NamedSharding(mesh, P(None, *batch_sharding(mesh, ndim - 1).spec))
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Device tree -> numpy on every process (multi-host safe)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def tree_leaf_sharding(mesh, path, leaf) -> NamedSharding:
+    """Sharding of one leaf of a tree that nests the param tree (e.g. Adam's mu/nu), from its dict-key path."""
+    keys = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+    if not keys or len(leaf.shape) == 0:
+        return replicated(mesh)
+    return NamedSharding(mesh, logical_to_spec(param_logical_axes(keys, tuple(leaf.shape))))
+
+
+def state_shardings(mesh, tx: optax.GradientTransformation, trainable: Any) -> tuple[TrainState, Any]:
+    """-> (abstract TrainState with shardings attached, TrainState of shardings)."""
+    t_shard = param_shardings(mesh, trainable)
+    abstract = jax.eval_shape(functools.partial(init_state, tx=tx, seed=0), trainable)
+    # Optimiser moments nest the param tree inside optax's state: shard each leaf by its own path and shape.
+    opt_shard = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: tree_leaf_sharding(mesh, path, leaf), abstract.opt_state)
+    shards = TrainState(step=replicated(mesh), trainable=t_shard, opt_state=opt_shard, rng=replicated(mesh),
+                        nonfinite=replicated(mesh))
+    with_sh = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     abstract, shards)
+    return with_sh, shards
+
+
+def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, trainable: Any,
+                source: BatchSource, workdir: str, config: dict, domain_names: Sequence[str],
+                frozen_shardings: Any = None, progress: bool = True, desc: str = "train",
+                on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[Any, list[dict]]:
+    """Train one stage in `workdir` (resuming if it holds checkpoints). -> (final trainable tree, log history).
+
+    frozen: the base weights, already placed on the mesh. trainable: the initial experts/routers (host or device).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    tx = make_optimizer(tcfg, trainable)
+    abstract, shards = state_shardings(mesh, tx, trainable)
+    if frozen_shardings is None:
+        frozen_shardings = param_shardings(mesh, frozen)
+    ckpt = StageCheckpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(abstract, config)
+    else:
+        trainable = jax.device_put(trainable, shards.trainable)
+        state = jax.jit(functools.partial(init_state, tx=tx, seed=tcfg.seed), out_shardings=shards)(trainable)
+    start = int(jax.device_get(state.step))
+
+    step_fn = jax.jit(functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, num_domains=len(domain_names)),
+                      in_shardings=(shards, frozen_shardings, None), out_shardings=(shards, replicated(mesh)),
+                      donate_argnums=(0,))
+    is_main = jax.process_index() == 0
+    logger = MetricsLogger(workdir, enabled=is_main)
+    history: list[dict] = []
+    acc, count = None, 0
+    bar = tqdm(total=tcfg.steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)
+    logger.start_clock()
+    for step in range(start, tcfg.steps):
+        batch = _put_micro(mesh, _stack_micro(source, step, tcfg.grad_accum))
+        state, metrics = step_fn(state, frozen, batch)
+        acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
+        count += 1
+        done = step + 1
+        bar.update(1)
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+            _check_finite(state, ckpt, done)
+            row = logger.log(done, summarize(acc, count, domain_names))
+            history.append({"step": done, **row})
+            bar.set_postfix(loss=f"{row['loss']:.3f}", router_acc=f"{row['router_acc']:.2f}", refresh=False)
+            if on_log is not None:
+                on_log(done, row)
+            acc, count = None, 0
+        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+            _check_finite(state, ckpt, done)
+            ckpt.save(done, state, {"config": config, "data": {"next_micro_batch": done * tcfg.grad_accum}})
+    bar.close()
+    ckpt.close()
+    logger.close()
+    final = gather_to_host(state.trainable)
+    if is_main:
+        save_adapters(os.path.join(workdir, "adapters"), final, config)
+    return final, history
+
+
+def _check_finite(state: TrainState, ckpt: StageCheckpointer, step: int) -> None:
+    bad = int(jax.device_get(state.nonfinite))
+    if bad:
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"{bad} update(s) up to step {step} had a NaN/inf loss or gradient (those updates were skipped); "
+            f"stopping. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
+            f"Lower the learning rate or check the data.")
