@@ -1,0 +1,152 @@
+"""The notebook-facing API: load a base model, attach MoA experts, get logits, route and generate text.
+
+    model = moa_jax.load_model("smollm2-135m-instruct", moa=moa_jax.MoAConfig(num_experts=10, rank=16))
+    logits = model.logits(ids, routing="forced", expert=3)        # numpy [B, T, V]
+    outs = model.generate(["What is 2 + 3?"], max_new_tokens=16)  # text + chosen expert per prompt
+
+`source` is the embedded model's name, a Hugging Face checkpoint directory (Llama / Mistral / Qwen2) or a .gguf
+file. `moa=None` gives the plain base model. Experts start fresh (lora_b = 0, so the model equals its base)
+unless `adapters=` names a directory written by training (`<workdir>/<stage>/adapters`).
+
+Shape glossary: B batch, T tokens, V vocab, L layers, E experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moa_jax.config import ModelConfig, MoAConfig, replace
+from moa_jax.generate import expert_indices, generate_tokens, left_pad, model_routing, route_from_prompt
+from moa_jax.model import MoATransformer
+from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    text: str
+    expert: int          # the expert used for this prompt (-1: base model / token-level routing)
+    token_ids: tuple
+
+
+def load_base(source: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, Any]:
+    """-> (ModelConfig, frozen base params as numpy, tokenizer)."""
+    from moa_jax import loading
+    kind, path = loading.resolve_source(source)
+    loader = loading.load_gguf if kind == "gguf" else loading.load_hf_checkpoint
+    cfg, params = loader(path, param_dtype=param_dtype)
+    return cfg, params, loading.load_tokenizer(source)
+
+
+@dataclasses.dataclass
+class MoAModel:
+    config: ModelConfig
+    moa: Optional[MoAConfig]
+    params: dict
+    tokenizer: Any = None
+    source: str = ""
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def logits(self, token_ids, *, attention_mask=None, prompt_mask=None, routing: str = "router",
+               expert: Optional[int] = None, domain=None) -> np.ndarray:
+        """token_ids [B, T] -> logits [B, T, V] (numpy f32). Routers pool over prompt_mask (default: all tokens)."""
+        tokens = jnp.asarray(np.atleast_2d(np.asarray(token_ids)), jnp.int32)
+        mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        pmask = mask if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
+        mode = model_routing(self.moa, routing)
+        idx = None
+        if mode == "fixed":
+            idx = expert_indices(routing, tokens.shape[0], expert=expert, domain=domain, moa=self.moa)
+            if idx is None:
+                idx = self.route(tokens, attention_mask=mask, prompt_mask=pmask)
+        return np.asarray(_forward_fn(self.config, self.moa, mode)(self.params, tokens, mask, pmask, idx))
+
+    def route(self, token_ids, *, attention_mask=None, prompt_mask=None) -> np.ndarray:
+        """The expert the routers pick per sequence [B] from its prompt tokens."""
+        if self.moa is None:
+            raise ValueError("route(): this model has no experts (loaded with moa=None)")
+        tokens = jnp.asarray(np.atleast_2d(np.asarray(token_ids)), jnp.int32)
+        mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        idx, _ = route_from_prompt(self.config, self.moa, self.params, tokens, mask, prompt_mask)
+        return np.asarray(idx)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt, system_prompt: Optional[str] = None) -> list[int]:
+        """A user message (str) or a chat `messages` list -> token ids with the chat template's generation cue."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def generate(self, prompts: Sequence, *, max_new_tokens: int = 64, routing: str = "router",
+                 expert: Optional[int] = None, domain=None, temperature: float = 0.0, seed: int = 0,
+                 system_prompt: Optional[str] = None) -> list[Generation]:
+        """Batched generation; each prompt is routed once and keeps its expert for every token."""
+        if self.tokenizer is None:
+            raise ValueError("generate(): this model has no tokenizer; use generate_tokens() with token ids")
+        seqs = [p if _is_token_list(p) else self.encode_prompt(p, system_prompt) for p in prompts]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        tokens, mask = left_pad(seqs, pad)
+        out, idx, _ = generate_tokens(self.config, self.moa, self.params, tokens, mask, routing=routing,
+                                      expert=expert, domain=domain, max_new_tokens=max_new_tokens,
+                                      eos_ids=_eos_ids(self.tokenizer), temperature=temperature, seed=seed)
+        eos = set(_eos_ids(self.tokenizer))
+        results = []
+        for row, e in zip(out, idx):
+            ids = [int(t) for t in row]
+            cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+            results.append(Generation(self.tokenizer.decode(ids[:cut], skip_special_tokens=True), int(e),
+                                      tuple(ids[:cut])))
+        return results
+
+
+def _is_token_list(p) -> bool:
+    return isinstance(p, (list, tuple, np.ndarray)) and len(p) > 0 and isinstance(p[0], (int, np.integer))
+
+
+def _eos_ids(tokenizer) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id}
+    # chat models often end a turn with a different token than EOS (e.g. <|im_end|>)
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
+    model = MoATransformer(cfg, moa)
+
+    @jax.jit
+    def forward(params, tokens, mask, pmask, idx):
+        return model.apply({"params": params}, tokens, attention_mask=mask, prompt_mask=pmask, routing=mode,
+                           expert_idx=idx)[0]
+    return forward
+
+
+def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig] = None,
+               dtype: Optional[str] = None, param_dtype: Optional[str] = None, adapters: Optional[str] = None,
+               seed: int = 0) -> MoAModel:
+    """Load a base model (+ fresh or trained MoA experts). dtype: compute dtype (default float32 on CPU,
+    bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype)."""
+    if dtype is None:
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    cfg, frozen, tokenizer = load_base(source, param_dtype=param_dtype or dtype)
+    cfg = replace(cfg, dtype=dtype, param_dtype=param_dtype or dtype)
+    frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
+    if moa is None:
+        return MoAModel(cfg, None, frozen, tokenizer, source)
+    if adapters is not None:
+        from moa_jax.checkpoint import load_adapters
+        trainable, _ = load_adapters(adapters, {"moa": dataclasses.asdict(moa)})
+        check_tree(split_params(param_shapes(cfg, moa))[1], trainable, adapters)
+    else:
+        trainable = init_trainable(cfg, moa, jax.random.PRNGKey(seed))
+    return MoAModel(cfg, moa, merge_params(frozen, jax.tree_util.tree_map(jnp.asarray, trainable)), tokenizer, source)
+

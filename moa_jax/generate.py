@@ -1,0 +1,157 @@
+"""Routed, batched decoding with a KV cache.
+
+MoA inference routes once per sequence, from the prompt, and keeps that expert for every generated token:
+  1. routing pass over the (left-padded) prompt: every layer routes with its own router ('self' mode) and the
+     decision policy (last router, or a vote) picks one expert per sequence;
+  2. prefill the cache with that expert forced at every layer ('fixed' mode), then decode token by token with it.
+So generating with the router equals generating with the chosen expert forced (a test checks exactly that).
+Other routing: 'oracle' (domain label given), 'forced' (one expert for all), 'base' (adapters off), and for the
+token-level MoE-LoRA baseline each token routes itself ('token' mode) during prefill and decoding alike.
+
+Prompts are LEFT-padded so every sequence's next token sits in the last column; positions count real tokens
+only, so padding changes nothing. Decoding runs as one jitted `lax.while_loop` that stops when every row has
+emitted EOS or after max_new_tokens.
+
+Shape glossary: B batch, P prompt tokens (padded), N new tokens, S = P + N cache slots, L layers, E experts.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moa_jax.config import ModelConfig, MoAConfig
+from moa_jax.model import MoATransformer, init_cache
+from moa_jax.router import decide
+
+Array = jax.Array
+API_ROUTINGS = ("router", "oracle", "forced", "base")
+
+
+def model_routing(moa: Optional[MoAConfig], routing: str) -> str:
+    """Public routing name -> the model's routing mode for the (second) forward pass."""
+    if routing not in API_ROUTINGS:
+        raise ValueError(f"routing={routing!r} is not one of {API_ROUTINGS}")
+    if moa is None or routing == "base":
+        return "base"
+    if routing == "router" and moa.dispatch == "soft":
+        return "soft"
+    if routing == "router" and moa.dispatch == "token_topk":
+        return "token"
+    return "fixed"
+
+
+def expert_indices(routing: str, batch: int, *, expert: Optional[int], domain, moa: MoAConfig) -> Optional[Array]:
+    """The expert per sequence for 'oracle' / 'forced'; None when the router decides."""
+    if routing == "forced":
+        if expert is None or not 0 <= int(expert) < moa.num_experts:
+            raise ValueError(f"routing='forced' needs expert in [0, {moa.num_experts}), got {expert!r}")
+        return jnp.full((batch,), int(expert), jnp.int32)
+    if routing == "oracle":
+        if domain is None:
+            raise ValueError("routing='oracle' needs domain=[one expert id per sequence]")
+        d = np.asarray(domain, np.int32).reshape(-1)
+        if d.shape[0] != batch or d.min() < 0 or d.max() >= moa.num_experts:
+            raise ValueError(f"domain must hold {batch} ids in [0, {moa.num_experts}), got {d.tolist()}")
+        return jnp.asarray(d)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _route_fn(cfg: ModelConfig, moa: MoAConfig):
+    model = MoATransformer(cfg, moa)
+
+    @jax.jit
+    def route(params, tokens, attention_mask, prompt_mask):
+        _, aux = model.apply({"params": params}, tokens, attention_mask=attention_mask, prompt_mask=prompt_mask,
+                             routing="self")
+        logits = aux["router_logits"]                                                   # (L, B, E)
+        return decide(logits, moa.decision), logits
+    return route
+
+
+def route_from_prompt(cfg: ModelConfig, moa: MoAConfig, params, tokens, attention_mask, prompt_mask=None):
+    """-> (expert per sequence [B] int32, router logits [L, B, E]) from the routing pass."""
+    prompt_mask = attention_mask if prompt_mask is None else prompt_mask
+    return _route_fn(cfg, moa)(params, tokens, attention_mask, prompt_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tokens: int, greedy: bool):
+    model = MoATransformer(cfg, moa)
+
+    @jax.jit
+    def decode(params, tokens, attention_mask, expert_idx, eos_ids, temperature, rng):
+        b, p = tokens.shape
+        cache = init_cache(cfg, b, p + max_new_tokens)
+        logits, aux = model.apply({"params": params}, tokens, attention_mask=attention_mask, routing=mode,
+                                  expert_idx=expert_idx, cache=cache)
+
+        def pick(logits_last, key):
+            if greedy:
+                return jnp.argmax(logits_last, axis=-1).astype(jnp.int32)
+            return jax.random.categorical(key, logits_last / temperature, axis=-1).astype(jnp.int32)
+
+        rng, key = jax.random.split(rng)
+        first = pick(logits[:, -1], key)                                                 # (B,)
+        out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+        done = jnp.isin(first, eos_ids)
+
+        def cond(carry):
+            i, _, _, done, _ = carry
+            return (i < max_new_tokens) & ~jnp.all(done)
+
+        def body(carry):
+            i, out, cache, done, rng = carry
+            prev = out[:, i - 1][:, None]                                               # (B, 1)
+            step_logits, step_aux = model.apply({"params": params}, prev, attention_mask=jnp.ones_like(prev),
+                                                routing=mode, expert_idx=expert_idx, cache=cache)
+            rng, key = jax.random.split(rng)
+            nxt = pick(step_logits[:, -1], key)
+            nxt = jnp.where(done, eos_ids[0], nxt)   # finished rows keep emitting EOS (trimmed by the caller)
+            out = out.at[:, i].set(nxt)
+            return i + 1, out, step_aux["cache"], done | jnp.isin(nxt, eos_ids), rng
+
+        _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), out, aux["cache"], done, rng))
+        return out
+    return decode
+
+
+def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, attention_mask, *,
+                    routing: str = "router", expert: Optional[int] = None, domain=None, prompt_mask=None,
+                    max_new_tokens: int = 32, eos_ids=(2,), temperature: float = 0.0, seed: int = 0):
+    """Left-padded prompts [B, P] -> (new tokens [B, N] with everything after the first EOS set to EOS,
+    expert per sequence [B] (-1 for base), router logits [L, B, E] or None)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    b = tokens.shape[0]
+    mode = model_routing(moa, routing)
+    router_logits = None
+    if mode == "base":
+        idx = jnp.full((b,), -1, jnp.int32)
+    elif mode == "fixed":
+        idx = expert_indices(routing, b, expert=expert, domain=domain, moa=moa)
+        if idx is None:
+            idx, router_logits = route_from_prompt(cfg, moa, params, tokens, attention_mask, prompt_mask)
+    else:  # soft / token: routing happens inside every forward
+        idx = jnp.full((b,), -1, jnp.int32)
+    decode = _decode_fn(cfg, moa, mode, int(max_new_tokens), temperature <= 0.0)
+    out = decode(params, tokens, attention_mask, jnp.maximum(idx, 0), jnp.asarray(eos_ids, jnp.int32),
+                 jnp.float32(max(temperature, 1e-6)), jax.random.PRNGKey(seed))
+    return np.asarray(out), np.asarray(idx), router_logits
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (tokens [B, P], attention_mask [B, P]); P rounded up to `multiple` to bound recompiles."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("left_pad: every prompt must have at least one token")
+    p = -(-max(len(s) for s in sequences) // multiple) * multiple
+    tokens = np.full((len(sequences), p), pad_id, np.int32)
+    mask = np.zeros((len(sequences), p), np.int32)
+    for i, s in enumerate(sequences):
+        tokens[i, p - len(s):] = s
+        mask[i, p - len(s):] = 1
+    return tokens, mask
