@@ -1,0 +1,200 @@
+"""The input pipeline (grain MapDataset, in-process: no worker processes): domain-balanced mixing, fixed batch
+size, a few padded lengths, deterministic, resumable, sharded over hosts.
+
+How a training batch is made (every step is random access, so batch s is a pure function of (seed, s)):
+  1. per domain d: its row ids, globally shuffled per epoch (seed derived from (seed, d)), repeated forever;
+  2. `MapDataset.mix` interleaves the domains deterministically in proportion to the mixing weights
+     (uniform | proportional to size | size ** (1/temperature)); so every batch mixes domains;
+  3. consecutive groups of B (the GLOBAL batch size) rows form batch s;
+  4. the padded length T is the smallest bucket >= the longest row of the global batch (so every host agrees
+     and only len(buckets) shapes ever reach the compiler); rows are RIGHT-padded;
+  5. host p of P keeps rows [p*B/P, (p+1)*B/P) of the global batch. The global batch does not depend on P,
+     so a run can resume on a different number of hosts.
+Iterator state is {"step": s, "fingerprint": ...}: JSON-able; restoring it replays exactly the same batches.
+
+Batch dict (numpy; b = B / P rows on this host, T a bucket):
+  tokens int32 [b,T], loss_mask int32 [b,T] (1 on response + eos: targets), prompt_mask int32 [b,T],
+  attention_mask int32 [b,T], domain int32 [b], index int32 [b] (row in the TokenizedSplit),
+  and for evaluation also valid int32 [b] (0 on the padding rows of the last batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import Iterator, Optional, Sequence
+
+import grain
+import numpy as np
+
+from moa_jax.config import DataConfig
+from moa_jax.data.sources import load_text_split
+from moa_jax.data.tasks import DataError
+from moa_jax.data.tokenize import TokenizedSplit, tokenize_split
+
+
+def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSplit:
+    """Reads (building the embedded dataset on first use) and tokenises one split. `.report` holds the
+    length report, which is also logged."""
+    text = load_text_split(cfg, split)
+    return tokenize_split(text, tokenizer, max_len=cfg.max_len, policy=cfg.length_policy,
+                          system_prompt=cfg.system_prompt)
+
+
+def domain_weights(sizes: Sequence[int], mixing: str = "uniform", temperature: float = 2.0) -> np.ndarray:
+    """Normalised sampling weight per domain [D]."""
+    sizes = np.asarray(sizes, np.float64)
+    if mixing == "uniform":
+        w = np.ones_like(sizes)
+    elif mixing == "proportional":
+        w = sizes
+    elif mixing == "temperature":
+        w = sizes ** (1.0 / temperature)
+    else:
+        raise DataError(f"unknown mixing {mixing!r}")
+    return w / w.sum()
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise DataError(f"an example of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+def collate(data: TokenizedSplit, rows: np.ndarray, seq_len: int, valid: Optional[np.ndarray] = None) -> dict:
+    """Right-padded batch of `rows` [b] at length `seq_len` (T)."""
+    b = len(rows)
+    tokens = np.full((b, seq_len), data.pad_id, np.int32)
+    loss_mask = np.zeros((b, seq_len), np.int32)
+    prompt_mask = np.zeros((b, seq_len), np.int32)
+    attention_mask = np.zeros((b, seq_len), np.int32)
+    for i, r in enumerate(rows):
+        ids, p = data.tokens(r), data.prompt_len[r]
+        n = len(ids)
+        tokens[i, :n] = ids
+        attention_mask[i, :n] = 1
+        prompt_mask[i, :p] = 1
+        loss_mask[i, p:n] = 1  # response tokens and the final eos
+    out = dict(tokens=tokens, loss_mask=loss_mask, prompt_mask=prompt_mask, attention_mask=attention_mask,
+               domain=data.domain[rows].astype(np.int32), index=np.asarray(rows, np.int32))
+    if valid is not None:
+        out["valid"] = valid.astype(np.int32)
+        for k in ("loss_mask", "prompt_mask", "attention_mask"):
+            out[k] *= out["valid"][:, None]
+        out["tokens"][~valid.astype(bool)] = data.pad_id
+    return out
+
+
+def _host_slice(n: int, process_index: int, process_count: int) -> slice:
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} not in [0, process_count={process_count})")
+    if n % process_count:
+        raise DataError(f"global batch size {n} is not divisible by process_count={process_count}")
+    per = n // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def _domain_seed(seed: int, d: int) -> int:
+    return int(np.random.SeedSequence([seed, d]).generate_state(1)[0])
+
+
+class TrainIterator:
+    """Infinite, resumable iterator of this host's training batches.
+
+    `batch(s)` is global batch s, this host's rows (a pure function: the trainer's `BatchSource`). With gradient
+    accumulation pass `micro_batches=A`: the A micro-batches of one update then share one padded length T (chosen
+    over the whole group), so they can be stacked.
+    """
+
+    def __init__(self, data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
+                 micro_batches: int = 1):
+        if micro_batches < 1:
+            raise DataError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.data, self.cfg, self.micro_batches = data, cfg, micro_batches
+        self._host = _host_slice(cfg.batch_size, process_index, process_count)
+        counts = np.bincount(data.domain, minlength=len(data.domains))
+        self.weights = domain_weights(counts, cfg.mixing, cfg.temperature)  # [D]
+        parts = [grain.MapDataset.source(data.domain_rows(d)).shuffle(seed=_domain_seed(cfg.seed, d)).repeat()
+                 for d in range(len(data.domains))]
+        mixed = grain.MapDataset.mix(parts, [float(w) for w in self.weights])
+        self.rows = mixed.batch(cfg.batch_size, drop_remainder=True)  # MapDataset: s -> global row ids [B]
+        self._lengths = data.lengths
+        self.fingerprint = hashlib.sha256(json.dumps(
+            [data.name, data.domains, counts.tolist(), cfg.seed, cfg.batch_size, cfg.buckets, micro_batches,
+             np.round(self.weights, 6).tolist(), int(data.flat.sum() % 1_000_003)]).encode()).hexdigest()[:16]
+        self._it = None
+        self._step = 0
+
+    def batch(self, index: int) -> dict:
+        """This host's rows of global batch `index` (pure function of seed and index)."""
+        rows = np.asarray(self.rows[index], np.int64)
+        first = index - index % self.micro_batches
+        longest = max(int(self._lengths[np.asarray(self.rows[j])].max())
+                      for j in range(first, first + self.micro_batches))
+        out = collate(self.data, rows[self._host], bucket_for(longest, self.cfg.buckets))
+        out["valid"] = np.ones(len(out["domain"]), np.int32)
+        return out
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            # One reader thread and a small buffer: the next batches are made while the accelerator computes.
+            ds = grain.MapDataset.range(self._step, sys.maxsize).map(self.batch)
+            self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+        batch = next(self._it)
+        self._step += 1
+        return batch
+
+    @property
+    def step(self) -> int:
+        """Index of the batch the next `next()` returns."""
+        return self._step
+
+    def get_state(self) -> dict:
+        return {"step": self._step, "fingerprint": self.fingerprint}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError(f"data iterator state {state} was saved for different data or settings "
+                            f"(fingerprint {state.get('fingerprint')} != {self.fingerprint}): the same source, "
+                            f"domains, sizes, seed, batch_size, buckets and mixing are needed to resume")
+        self._step = int(state["step"])
+        self._it = None  # re-created at the new position by the next `next()`
+
+
+def train_iterator(data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
+                   micro_batches: int = 1, state: Optional[dict] = None) -> TrainIterator:
+    """Training batches for this host; pass a saved `state` (from `get_state()`) to resume."""
+    it = TrainIterator(data, cfg, process_index=process_index, process_count=process_count,
+                       micro_batches=micro_batches)
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
+def eval_batches(data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
+                 batch_size: Optional[int] = None) -> grain.MapDataset:
+    """One deterministic pass over every example of `data` (domain by domain, in row order) as fixed-size batches
+    of this host's rows; the last global batch is padded with rows whose `valid` is 0. Re-iterable."""
+    bsz = batch_size or cfg.eval_batch
+    host = _host_slice(bsz, process_index, process_count)
+    n = len(data)
+    lengths = data.lengths
+
+    def make(i: int) -> dict:
+        rows = np.arange(i * bsz, (i + 1) * bsz)
+        valid = rows < n
+        rows = np.where(valid, rows, 0)  # padding rows repeat row 0, masked out by `valid`
+        seq_len = bucket_for(int(lengths[rows[valid]].max()), cfg.buckets)
+        return collate(data, rows[host], seq_len, valid[host])
+
+    return grain.MapDataset.range(-(-n // bsz)).map(make)
+
+
+def iterate(batches) -> Iterator[dict]:
+    """Plain Python iteration over a grain MapDataset of batches (convenience for loops)."""
+    for i in range(len(batches)):
+        yield batches[i]

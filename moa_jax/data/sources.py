@@ -1,0 +1,238 @@
+"""Where text examples come from: the embedded moa_tasks builder, a directory of JSONL files, a tfds catalog dataset.
+
+Every source returns a `TextSplit`: for each domain (in a fixed order that defines the domain ids = expert ids)
+the list of examples of one split. An example is a dict with
+  messages  list of {"role", "content"}: the prompt conversation (system/user/assistant turns before the answer)
+  response  str: the text the model learns to produce (the loss is on it and the eos after it)
+  answer    str: reference answer for generation-based scoring ("" when unknown; = response for JSONL)
+  metadata  str: JSON for the domain's verifier ("" when none)
+Shape glossary: N examples of one domain in one split.
+
+JSONL layout (docs/data.md): DIR/<split>/*.jsonl, or flat DIR/*.jsonl where each prompt is assigned to
+train/validation/test by a hash of its text (stable, disjoint). Domain = file stem unless a line has "domain".
+Each line: {"prompt": str, "response": str} or {"messages": [{"role", "content"}, ..., assistant last]}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Optional
+
+from moa_jax.config import DATA_SPLITS, DataConfig
+from moa_jax.data import tasks
+from moa_jax.data.tasks import DataError
+
+log = logging.getLogger("moa_jax.data")
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass
+class TextSplit:
+    """One split of a source, grouped by domain; `domains` order = domain ids."""
+    name: str                         # e.g. "moa_tasks/default:train"
+    domains: tuple[str, ...]
+    examples: dict[str, list[dict]]   # domain -> N examples
+    default_system_prompt: Optional[str] = None  # what DataConfig.system_prompt="auto" resolves to
+
+    def counts(self) -> dict[str, int]:
+        return {d: len(self.examples[d]) for d in self.domains}
+
+
+def load_text_split(cfg: DataConfig, split: str) -> TextSplit:
+    """Reads one split of `cfg.source`, restricted to and ordered by `cfg.domains` (all when empty)."""
+    if split not in DATA_SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {list(DATA_SPLITS)}")
+    if cfg.source == "moa_tasks":
+        out = _load_moa_tasks(cfg, split)
+    elif cfg.source.startswith("jsonl:"):
+        out = _load_jsonl_dir(cfg.source[len("jsonl:"):], split, cfg.holdout_fraction)
+    else:
+        out = _load_tfds_catalog(cfg.source[len("tfds:"):], split, cfg.field_map, cfg.data_dir, cfg.domains)
+    return _select_domains(out, cfg.domains)
+
+
+def _select_domains(ts: TextSplit, wanted: tuple) -> TextSplit:
+    if wanted:
+        missing = [d for d in wanted if d not in ts.examples]
+        if missing:
+            raise DataError(f"{ts.name}: unknown domain(s) {missing}; the source has {sorted(ts.examples)}")
+        if len(set(wanted)) != len(wanted):
+            raise DataError(f"duplicate domain in DataConfig.domains={list(wanted)}")
+        ts = dataclasses.replace(ts, domains=tuple(wanted), examples={d: ts.examples[d] for d in wanted})
+    empty = [d for d in ts.domains if not ts.examples[d]]
+    if empty:
+        raise DataError(f"{ts.name}: domain(s) {empty} have no examples in this split")
+    if not ts.domains:
+        raise DataError(f"{ts.name}: no domains found")
+    return ts
+
+
+# ---- embedded ----
+def _load_moa_tasks(cfg: DataConfig, split: str) -> TextSplit:
+    from moa_jax.data.moa_tasks import prepare
+    if cfg.domains:
+        tasks.resolve_domains(cfg.domains)  # unknown names fail with the list of the ten
+    builder = prepare(cfg.builder_config, cfg.data_dir)
+    source = builder.as_data_source()[split]
+    names = builder.info.features["domain"].names
+    rows = source.__getitems__(range(len(source)))  # the whole split is a few MB of text
+    examples = {n: [] for n in names}
+    for r in sorted(rows, key=lambda r: (r["domain"], r["index"])):  # storage order is hashed; restore ours
+        answer = r["answer"].decode()
+        examples[names[r["domain"]]].append({
+            "messages": [{"role": "user", "content": r["prompt"].decode()}], "response": answer,
+            "answer": answer, "metadata": r["metadata"].decode()})
+    return TextSplit(f"moa_tasks/{cfg.builder_config}:{split}", tuple(names), examples, tasks.TASK_SYSTEM_PROMPT)
+
+
+# ---- JSONL ----
+def _load_jsonl_dir(path: str, split: str, holdout_fraction: float) -> TextSplit:
+    if not os.path.isdir(path):
+        raise DataError(f"jsonl source {path!r} is not a directory")
+    split_dirs = [s for s in DATA_SPLITS if os.path.isdir(os.path.join(path, s))]
+    name = f"jsonl:{path}:{split}"
+    if split_dirs:
+        if split not in split_dirs:
+            raise DataError(f"{path}: has split folders {split_dirs} but no {split!r}/ folder")
+        # Domain ids must not depend on the split: the universe is every domain of every split folder.
+        per_split = {s: _read_jsonl_files(os.path.join(path, s)) for s in split_dirs}
+        universe = sorted(set().union(*per_split.values()))
+        examples = {d: per_split[split].get(d, []) for d in universe}
+        return TextSplit(name, tuple(universe), examples)
+    everything = _read_jsonl_files(path)
+    # Flat layout: a stable hash of the prompt picks the split, so splits are disjoint and duplicates stay together.
+    examples = {d: [e for e in exs if _hash_split(e, holdout_fraction) == split] for d, exs in everything.items()}
+    return TextSplit(name, tuple(sorted(everything)), examples)
+
+
+def _hash_split(example: dict, holdout_fraction: float) -> str:
+    key = json.dumps(example["messages"], sort_keys=True).encode()
+    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2 ** 64
+    return "validation" if u < holdout_fraction else "test" if u < 2 * holdout_fraction else "train"
+
+
+def _read_jsonl_files(folder: str) -> dict[str, list[dict]]:
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".jsonl"))
+    if not files:
+        raise DataError(f"{folder}: no *.jsonl files")
+    examples: dict[str, list[dict]] = {}
+    for f in files:
+        path = os.path.join(folder, f)
+        stem = f[:-len(".jsonl")]
+        n_before = sum(map(len, examples.values()))
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                if not line.strip():
+                    continue  # blank lines are allowed
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                domain, ex = parse_record(obj, where=f"{path}:{lineno}", default_domain=stem)
+                examples.setdefault(domain, []).append(ex)
+        if sum(map(len, examples.values())) == n_before:
+            raise DataError(f"{path}: no examples (empty file)")
+    return examples
+
+
+def parse_record(obj, *, where: str, default_domain: str) -> tuple[str, dict]:
+    """Validates one JSONL record; returns (domain, example). Errors name `where` (file:line) and the field."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
+    domain = obj.get("domain", default_domain)
+    if not isinstance(domain, str) or not domain.strip():
+        raise DataError(f"{where}: field 'domain' must be a non-empty string, got {domain!r}")
+    if "messages" in obj and "prompt" in obj:
+        raise DataError(f"{where}: give either 'messages' or 'prompt'/'response', not both")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise DataError(f"{where}: 'messages' must be a list of at least 2 {{role, content}} objects")
+        for i, m in enumerate(msgs):
+            if not (isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: messages[{i}] must be {{'role': one of {list(_ROLES)}, "
+                                f"'content': str}}, got {m!r}")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's response, got role "
+                            f"{msgs[-1]['role']!r}")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise DataError(f"{where}: 'messages' has no user turn before the response")
+        prompt_msgs = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
+        response = msgs[-1]["content"]
+    else:
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise DataError(f"{where}: missing field {key!r} (need 'prompt' and 'response', or 'messages')")
+            if not isinstance(obj[key], str):
+                raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+        prompt_msgs = [{"role": "user", "content": obj["prompt"]}]
+        response = obj["response"]
+    if not prompt_msgs[-1]["content"].strip() and len(prompt_msgs) == 1:
+        raise DataError(f"{where}: empty prompt")
+    if not response.strip():
+        raise DataError(f"{where}: empty response")
+    meta = obj.get("metadata", "")
+    return domain.strip(), {"messages": prompt_msgs, "response": response, "answer": str(obj.get("answer", response)),
+                            "metadata": meta if isinstance(meta, str) else json.dumps(meta)}
+
+
+# ---- tfds catalog ----
+def parse_field_map(spec: str) -> dict[str, str]:
+    """"prompt=question,response=answer[,domain=label]" -> {"prompt": "question", ...}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("prompt", "response", "domain") or not value.strip():
+            raise DataError(f"DataConfig.field_map: bad entry {part!r}; write prompt=FIELD,response=FIELD"
+                            f"[,domain=FIELD]")
+        out[key.strip()] = value.strip()
+    for key in ("prompt", "response"):
+        if key not in out:
+            raise DataError(f"DataConfig.field_map={spec!r} does not map {key!r} (e.g. '{key}=text')")
+    return out
+
+
+def _load_tfds_catalog(name: str, split: str, field_map: str, data_dir: Optional[str],
+                       wanted_domains: tuple = ()) -> TextSplit:
+    """Any tfds dataset (prepared as array_record in `data_dir`, or preparable there) with a field mapping.
+    Without a `domain` field the whole dataset is one domain named after it."""
+    import tensorflow_datasets as tfds
+    fields = parse_field_map(field_map)
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        log.info("preparing tfds dataset %s in %s", name, builder.data_dir)
+        builder.download_and_prepare(file_format="array_record")
+    sources = builder.as_data_source()
+    if split not in sources:
+        raise DataError(f"tfds:{name} has splits {sorted(sources)}, not {split!r}")
+    source = sources[split]
+    features = builder.info.features
+    for key, field in fields.items():
+        if field not in features:
+            raise DataError(f"tfds:{name}: field_map {key}={field!r}, but its features are {sorted(features)}")
+    label_names = getattr(features[fields["domain"]], "names", None) if "domain" in fields else None
+    if "domain" in fields and label_names is None and not wanted_domains:
+        # A free-text domain field could hold different domains in different splits, shifting expert ids.
+        raise DataError(f"tfds:{name}: domain field {fields['domain']!r} is not a ClassLabel; set "
+                        f"DataConfig.domains to fix the domain (expert) order")
+    default_domain = name.split(":")[0].replace("/", "_")
+    universe = list(label_names) if label_names is not None else list(wanted_domains) or [default_domain]
+    examples: dict[str, list[dict]] = {d: [] for d in universe}
+    for i, row in enumerate(source.__getitems__(range(len(source)))):
+        obj = {k: _text(row[f], label_names if k == "domain" else None) for k, f in fields.items()}
+        domain, ex = parse_record(obj, where=f"tfds:{name}[{split}][{i}]", default_domain=default_domain)
+        examples.setdefault(domain, []).append(ex)
+    return TextSplit(f"tfds:{name}:{split}", tuple(universe), examples)
+
+
+def _text(value, label_names):
+    if label_names is not None and not isinstance(value, (bytes, str)):
+        return label_names[int(value)]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

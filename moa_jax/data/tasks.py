@@ -1,0 +1,159 @@
+"""The domain registry of the embedded 10-task dataset: reasoning-gym generators, answer extraction, scoring.
+
+Each domain is one reasoning-gym (Apache-2.0) procedural generator with a fixed, deliberately small configuration
+and a fixed seed, so the data is a pure function of this file and the pinned `reasoning_gym==0.1.25`. An example
+is a dict `{domain, prompt, answer, metadata}`; `metadata` is the reasoning-gym entry metadata as a JSON string,
+so `score(domain, prediction, example)` can call the generator's own verifier (`score_answer`) at any later time.
+
+Why these ten (measured with `scripts/measure_domains.py` on SmolLM2-135M-Instruct Q4_1 via transformers+torch,
+f32, greedy, 32 new tokens, 2 threads, system prompt `TASK_SYSTEM_PROMPT`, 100 test items per domain; "first
+line" = prediction cut at the first newline and stripped, exact = verifier score 1.0; MCA = accuracy of always
+answering the most common test answer; tokens = prompt+answer+eos with the chat template and our system prompt):
+
+  domain                  kind                  base exact  MCA    tokens mean/max  LoRA evidence
+  (filled in by the measurement; see the table at the end of this docstring)
+
+Selection rules: ten different kinds of skill; every generator configured small (few terms, few digits, short
+lists) so prompt+answer stays under ~128 tokens; an answer the verifier can check exactly; >= 2,400 distinct
+prompts per domain; excluded after measurement or known results: full-range arithmetic, gsm_symbolic,
+base_conversion, count_bits (unlearnable at 135M), caesar_cipher (its plaintexts come from a small word list:
+only ~40% of 300 prompts were distinct), products of 1-digit numbers (only 100 distinct prompts), number_sorting
+(its fixed instruction alone is ~170 tokens).
+
+Shape glossary: N examples per domain and split.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import reasoning_gym
+
+# Short system message used with the embedded tasks: it replaces SmolLM2's ~17-token default system prompt
+# ("You are a helpful AI assistant named SmolLM, trained by Hugging Face") and asks for the bare answer format
+# the verifiers expect.
+TASK_SYSTEM_PROMPT = "Reply with only the final answer."
+
+
+class DataError(ValueError):
+    """Bad input data or a bad data request; the message names the file/line, domain or field."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain: a reasoning-gym generator with a fixed configuration and seed."""
+    name: str                    # domain label (the expert it trains)
+    generator: str               # reasoning-gym dataset name
+    kind: str                    # what skill it exercises (documentation)
+    seed: int                    # reasoning-gym item i is drawn from Random(seed + i)
+    options: Mapping[str, Any] = field(default_factory=dict)  # generator config overrides
+
+    def dataset(self, size: int):
+        """The reasoning-gym dataset object (lazy: items are generated on indexing)."""
+        return reasoning_gym.create_dataset(self.generator, size=size, seed=self.seed, **_resolve(self.options))
+
+
+def _resolve(options: Mapping[str, Any]) -> dict:
+    """Registry options are plain values; convert the ones reasoning-gym wants as enums."""
+    out = dict(options)
+    if "transformation" in out:
+        from reasoning_gym.algorithmic.word_sorting import TextTransformation
+        out["transformation"] = TextTransformation(out["transformation"])
+    return out
+
+
+DOMAINS: tuple[Domain, ...] = (
+    Domain("chain_sum", "chain_sum", "arithmetic", 101,
+           dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2)),
+    Domain("leg_counting", "leg_counting", "word problem (recall + arithmetic)", 102,
+           dict(min_animals=1, max_animals=2, min_instances=1, max_instances=3)),
+    Domain("word_sequence_reversal", "word_sequence_reversal", "list manipulation", 103,
+           dict(min_words=3, max_words=5)),
+    Domain("family_relationships", "family_relationships", "relational reasoning", 104,
+           dict(min_family_size=3, max_family_size=4)),
+    Domain("letter_counting", "letter_counting", "counting", 105,
+           dict(min_words=4, max_words=8)),
+    Domain("word_sorting", "word_sorting", "sorting", 106,
+           dict(min_words=3, max_words=4, min_word_length=3, max_word_length=7, transformation="lowercase")),
+    Domain("calendar_arithmetic", "calendar_arithmetic", "dates (weekday offsets)", 107,
+           dict(tasks=["weekday_offset"], offset_upper_bound=7)),
+    Domain("syllogism", "syllogism", "logic (Yes/No, balanced)", 108,
+           dict(invalid_ratio=0.5)),
+    Domain("number_filtering", "number_filtering", "comparison / filtering", 109,
+           dict(min_numbers=3, max_numbers=5, min_decimals=0, max_decimals=0)),
+    Domain("spell_backward", "spell_backward", "character-level string manipulation", 110,
+           dict(min_word_len=3, max_word_len=5)),
+)
+DOMAIN_NAMES: tuple[str, ...] = tuple(d.name for d in DOMAINS)
+_BY_NAME = {d.name: d for d in DOMAINS}
+
+
+def get_domain(name: str) -> Domain:
+    if name not in _BY_NAME:
+        raise DataError(f"unknown domain {name!r}; the embedded domains are {list(DOMAIN_NAMES)}")
+    return _BY_NAME[name]
+
+
+def resolve_domains(names) -> tuple[str, ...]:
+    """Validates a user's domain selection (None or empty = all ten) and returns it in the given order."""
+    if not names:
+        return DOMAIN_NAMES
+    names = tuple(names)
+    for n in names:
+        get_domain(n)
+    if len(set(names)) != len(names):
+        raise DataError(f"duplicate domain in {list(names)}")
+    return names
+
+
+def generate(domain: str, n: int, *, exclude: set[str] | None = None) -> Iterator[dict]:
+    """Yields the first `n` examples of `domain` with distinct prompts (skipping any prompt in `exclude`).
+
+    Deterministic: the stream is reasoning-gym items 0, 1, 2, ... of the domain's fixed seed, duplicates skipped.
+    Raises DataError if the generator cannot produce `n` distinct prompts within 50*n draws.
+    """
+    d = get_domain(domain)
+    limit = 50 * n + 100
+    ds = d.dataset(size=limit)
+    seen = set(exclude or ())
+    made = 0
+    for i in range(limit):
+        item = ds[i]
+        q = item["question"]
+        if q in seen:
+            continue
+        seen.add(q)
+        yield {"domain": domain, "prompt": q, "answer": str(item["answer"]),
+               "metadata": json.dumps(item["metadata"], sort_keys=True, default=str)}
+        made += 1
+        if made == n:
+            return
+    raise DataError(f"domain {domain!r}: only {made} distinct prompts in {limit} draws (wanted {n}); "
+                    f"its generator options {dict(d.options)} are too narrow")
+
+
+def extract_answer(text: str) -> str:
+    """The model's answer from a completion: the first non-empty line, stripped (the tasks ask for the bare
+    answer, so anything after the first line is commentary). A trailing period is dropped."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line[:-1].rstrip() if line.endswith(".") and not re.fullmatch(r"[\d.]+", line) else line
+    return ""
+
+
+def score(domain: str, prediction: str, example: Mapping[str, Any]) -> float:
+    """The domain verifier's score in [0, 1] (reasoning-gym `score_answer`; partial credit exists for some
+    domains). `prediction` is the already-extracted answer; `example` holds `prompt`, `answer`, `metadata`."""
+    d = get_domain(domain)
+    meta = example["metadata"]
+    entry = {"question": example.get("prompt", ""), "answer": example["answer"],
+             "metadata": json.loads(meta) if isinstance(meta, (str, bytes)) else dict(meta)}
+    return float(d.dataset(size=1).score_answer(prediction, entry))
+
+
+def is_correct(domain: str, prediction: str, example: Mapping[str, Any]) -> bool:
+    """Exact correctness: the verifier gives full marks."""
+    return score(domain, prediction, example) >= 1.0

@@ -1,0 +1,44 @@
+"""Shared helpers for the data tests: a tiny chat tokenizer built on the fly (nothing downloaded) and JSONL writers."""
+import json
+import os
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer(corpus=(), vocab_size=400):
+    """Byte-level BPE (any text encodes, no unknown tokens) with a ChatML-style template; eos = <|im_end|>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    base = ["the quick brown fox jumps over the lazy dog 0123456789", "user assistant system Reply answer"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(base) + list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def make_jsonl_dir(root, n_per_domain=(30, 12, 6), long_every=0):
+    """Flat dir with three domains of different sizes; every `long_every`-th 'alpha' row is very long."""
+    for name, n in zip(("alpha", "beta", "gamma"), n_per_domain):
+        rows = []
+        for i in range(n):
+            prompt = f"{name} question number {i}: what is {i} plus {i}?"
+            if long_every and name == "alpha" and i % long_every == 0:
+                prompt += " filler" * 200
+            rows.append({"prompt": prompt, "response": f"{2 * i}"} if i % 2 else
+                        {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(2 * i)}]})
+        write_jsonl(os.path.join(root, f"{name}.jsonl"), rows)
+    return str(root)
