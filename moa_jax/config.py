@@ -262,3 +262,51 @@ class DataConfig:
     @property
     def eval_batch(self) -> int:
         return self.eval_batch_size or self.batch_size
+
+
+# ---- evaluation and experiments ----
+EVAL_METHODS = ("base", "single_lora", "mixed_lora", "moa_router", "moa_oracle", "moe_lora")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Test-split evaluation: perplexity, greedy-generation metrics and routing, per domain."""
+    items_per_domain: int = 200     # test items per domain (>= 200 for claims; see environment.md)
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    methods: tuple = ("base", "single_lora", "mixed_lora", "moa_router", "moa_oracle")
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        bad = [m for m in self.methods if m not in EVAL_METHODS]
+        _check(not bad, f"EvalConfig.methods: unknown {bad}; valid: {EVAL_METHODS}")
+        _check(self.items_per_domain >= 1, f"EvalConfig.items_per_domain must be >= 1, got {self.items_per_domain}")
+        _check(self.max_new_tokens >= 1, f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole MoA experiment: stage 1 -> stage 2 -> baselines -> evaluation (see experiments/registry.py).
+
+    model: the embedded name, an HF checkpoint directory, a .gguf file, or "tiny-random" (a random tiny Llama with
+    the embedded tokenizer, for smoke tests). dtype "auto": float32 on CPU, bfloat16 on accelerators.
+    mixed_lora_steps 0 = stage1.steps + stage2.steps (the same examples as MoA sees in both stages).
+    """
+    name: str = "custom"
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"
+    moa: MoAConfig = MoAConfig()
+    data: DataConfig = DataConfig()
+    stage1: TrainConfig = TrainConfig(stage="stage1")
+    stage2: TrainConfig = TrainConfig(stage="stage2")
+    baseline: TrainConfig = TrainConfig(stage="mixed_lora", steps=0)
+    moe_lora: TrainConfig = TrainConfig(stage="moe_lora", steps=0)
+    eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
+        _check(self.stage1.stage == "stage1", "ExperimentConfig.stage1.stage must be 'stage1'")
+        _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
+        _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")
+        _check(self.moe_lora.stage == "moe_lora", "ExperimentConfig.moe_lora.stage must be 'moe_lora'")
