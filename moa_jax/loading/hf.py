@@ -163,10 +163,9 @@ class _SafetensorsReader:
         if key not in self.entries:
             raise MissingTensorError(f"tensor {key!r} not found in {self.where}")
         file, dtype, shape, offset = self.entries[key]
-        if not shape or 0 in shape:
-            array = np.zeros(shape, dtype)  # np.memmap refuses empty maps
-        else:
-            array = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
+        if 0 in shape:
+            return np.zeros(shape, dtype), f"{key!r} in {file}"  # np.memmap refuses empty maps
+        array = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape or (1,)).reshape(shape)
         return array, f"{key!r} in {file}"
 
 
