@@ -16,6 +16,7 @@ Shape glossary: V vocab, D model width, F MLP width, H query heads, K key/value 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -35,17 +36,25 @@ _GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight
 
 
 def open_gguf(path: str):
-    """A `gguf.GGUFReader` (memory-mapped), or a CheckpointError naming the file if it is truncated or corrupt."""
-    import gguf  # absolute import: the `gguf` package, not this module
-    path = os.fspath(path)
+    """A `gguf.GGUFReader` (memory-mapped), or a CheckpointError naming the file if it is truncated or corrupt.
+
+    Cached per (path, mtime, size): parsing the metadata (e.g. 49k token strings) takes seconds, and the weights
+    loader and the tokenizer both need the same file. The reader is read-only, so sharing it is safe."""
+    path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} does not exist")
+    stat = os.stat(path)
+    return _open_gguf_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf_cached(path: str, mtime_ns: int, size: int):
+    import gguf  # absolute import: the `gguf` package, not this module
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct.error deep inside numpy views
         raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from e
-    size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte "
