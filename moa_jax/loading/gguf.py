@@ -1,0 +1,169 @@
+"""GGUF files (llama.cpp format; architectures llama and qwen2) -> ModelConfig + dequantised params.
+
+    cfg, params = load_gguf(path)           # numpy tree, see tree.py; every tensor dequantised to float32 first
+
+Read with the `gguf` package (numpy only). Three things differ from a Hugging Face checkpoint:
+  * Dims: GGUF lists a tensor's dims innermost-first (`token_embd.weight` is [D, V] in its metadata), but the
+    reader's numpy arrays use the usual order, so a dequantised linear weight is [D_out, D_in] like torch's.
+  * q/k rows: llama.cpp's converter permutes the rows of attn_q/attn_k of *llama* models from Hugging Face's
+    rotate-half RoPE layout to interleaved pairs. We undo it exactly as transformers does
+    (`LlamaTensorProcessor._reverse_permute_weights`): per head, rows [d0 d1 | e0 e1] are stored as
+    [d0 e0 d1 e1]; un-permuting is a reshape to (heads, Dh/2, 2, D_in) and a swap of the middle two axes.
+    qwen2 files are not permuted (llama.cpp uses NeoX-style RoPE for them).
+  * Tied head: there is no `output.weight`; the embedding is reused.
+
+Shape glossary: V vocab, D model width, F MLP width, H query heads, K key/value heads, Dh head width, L layers.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import numpy as np
+
+from moa_jax.config import ConfigError, ModelConfig, RopeScaling
+from moa_jax.loading.resolve import CheckpointError, MissingTensorError
+from moa_jax.loading.tree import build_param_tree
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+_PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp permutes
+
+_LAYER_NAMES = {"input_norm": "attn_norm", "post_attn_norm": "ffn_norm", "q_proj": "attn_q", "k_proj": "attn_k",
+                "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+                "down_proj": "ffn_down"}
+_GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
+
+
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` (memory-mapped), or a CheckpointError naming the file if it is truncated or corrupt.
+
+    Cached per (path, mtime, size): parsing the metadata (e.g. 49k token strings) takes seconds, and the weights
+    loader and the tokenizer both need the same file. The reader is read-only, so sharing it is safe."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    stat = os.stat(path)
+    return _open_gguf_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_gguf_cached(path: str, mtime_ns: int, size: int):
+    import gguf  # absolute import: the `gguf` package, not this module
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/struct.error deep inside numpy views
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte "
+                                  f"{t.data_offset + t.n_bytes}, the file has {size}")
+    return reader
+
+
+def gguf_field(reader, key: str, default=None):
+    """A metadata value (scalars as Python numbers/str, arrays as lists), or `default` if absent."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def model_config_from_gguf(reader, path: str = "", *, param_dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from GGUF metadata (`{arch}.block_count`, `{arch}.embedding_length`, ...)."""
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported "
+                          f"(supported: {list(SUPPORTED_ARCHITECTURES)})")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def need(key):
+        value = gguf_field(reader, f"{arch}.{key}")
+        if value is None:
+            raise CheckpointError(f"{path}: GGUF metadata key {arch}.{key!r} is missing")
+        return value
+
+    if "rope_freqs.weight" in tensors:
+        # Llama 3.1+ files store precomputed llama3 rope frequencies instead of the scaling parameters.
+        raise ConfigError(f"{path}: llama3-style rope scaling in GGUF (rope_freqs.weight) is not supported; "
+                          f"load the Hugging Face checkpoint instead")
+    scaling = None
+    scaling_type = gguf_field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        scaling = RopeScaling(rope_type="linear", factor=float(need("rope.scaling.factor")))
+    elif scaling_type != "none":
+        raise ConfigError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported (supported: linear)")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else gguf_field(reader, f"{arch}.vocab_size")
+    if vocab is None and "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[-1])  # GGUF dims are innermost-first: [D, V]
+    if vocab is None:
+        raise CheckpointError(f"{path}: cannot tell the vocabulary size (no tokens, vocab_size or token_embd)")
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    head_dim = gguf_field(reader, f"{arch}.attention.key_length")
+    return ModelConfig(
+        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")), num_heads=heads,
+        num_kv_heads=int(gguf_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim_override=int(head_dim) if head_dim and head_dim * heads != hidden else None,
+        rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        max_position_embeddings=int(gguf_field(reader, f"{arch}.context_length", 4096)),
+        param_dtype=param_dtype, name=arch)
+
+
+def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation. weight: [n_heads*Dh, ...] (rows = output features)."""
+    rows = weight.shape[0]
+    # (heads, Dh/2, 2, ...) -> swap -> (heads, 2, Dh/2, ...): interleaved pairs back to two rotate-half halves.
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _dequantize(t, path: str) -> np.ndarray:
+    from gguf.quants import dequantize
+    try:
+        array = dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot dequantise tensor {t.name!r} of type "
+                              f"{t.tensor_type.name}: {e}") from e
+    # GGUF metadata lists dims innermost-first; numpy wants them outermost-first.
+    expected = tuple(int(n) for n in reversed(t.shape))
+    if array.shape != expected:
+        array = array.reshape(expected)
+    return array.astype(np.float32, copy=False)
+
+
+def _gguf_name(path: tuple[str, ...], layer: Optional[int]) -> str:
+    if layer is None:
+        return _GLOBAL_NAMES[path[0]]
+    return f"blk.{layer}.{_LAYER_NAMES[path[-2]]}.{'bias' if path[-1] == 'bias' else 'weight'}"
+
+
+def load_gguf(path: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """Loads a llama/qwen2 GGUF file into (ModelConfig, numpy param tree), dequantising every tensor."""
+    path = os.fspath(path)
+    reader = open_gguf(path)
+    cfg = model_config_from_gguf(reader, path, param_dtype=param_dtype)
+    tensors = {t.name: t for t in reader.tensors}
+    arch = cfg.name
+    used = set()
+
+    def fetch(leaf, layer):
+        name = _gguf_name(leaf, layer)
+        if name not in tensors:
+            raise MissingTensorError(f"tensor {name!r} not found in {path}")
+        used.add(name)
+        array = _dequantize(tensors[name], path)
+        heads = cfg.num_heads if leaf[-2] == "q_proj" else cfg.num_kv_heads
+        # (a tensor whose rows do not split into heads fails the shape check in build_param_tree instead)
+        if arch in _PERMUTED_QK and leaf[-2] in ("q_proj", "k_proj") and array.shape[0] % (2 * heads) == 0:
+            array = unpermute_qk(array, heads)
+        return array, f"{name!r} in {path}"
+
+    params = build_param_tree(cfg, fetch, param_dtype)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise CheckpointError(f"{path} has {len(unused)} tensor(s) the model would ignore, e.g. {unused[:5]}")
+    return cfg, params

@@ -1,0 +1,124 @@
+"""The frozen base-weight tree every loader returns, and the one function that checks it.
+
+Both loaders (hf.py, gguf.py) describe *where* each weight lives in their file format; this module owns *what*
+the tree must look like: the leaf paths, their shapes from `ModelConfig`, the [D_in, D_out] kernel layout, the
+stacking of per-layer weights over a leading L axis (the model scans its layers) and the cast to `param_dtype`.
+
+Shape glossary: V vocab, D model width, F MLP width, H query heads, K key/value heads, Dh head width, L layers.
+
+    {"embed": {"embedding": [V, D]},
+     "layers": {"input_norm": {"scale": [L, D]},
+                "attn": {"q_proj": {"kernel": [L, D, H*Dh], "bias": [L, H*Dh]},   # bias only if attention_bias
+                         "k_proj": {"kernel": [L, D, K*Dh], "bias": [L, K*Dh]},
+                         "v_proj": {"kernel": [L, D, K*Dh], "bias": [L, K*Dh]},
+                         "o_proj": {"kernel": [L, H*Dh, D]}},
+                "post_attn_norm": {"scale": [L, D]},
+                "mlp": {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
+                        "down_proj": {"kernel": [L, F, D]}}},
+     "final_norm": {"scale": [D]},
+     "lm_head": {"kernel": [D, V]}}                                               # absent if tie_word_embeddings
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import ml_dtypes
+import numpy as np
+
+from moa_jax.config import ATTENTION_PROJECTIONS, DTYPES, PROJECTIONS, ConfigError, ModelConfig
+from moa_jax.loading.resolve import CheckpointError, MissingTensorError, ShapeMismatchError
+
+Path = tuple[str, ...]
+# fetch(path, layer) -> (array in the file's own layout, a description "'key' in /file" for error messages).
+# Kernels come back as [D_out, D_in] (torch Linear and GGUF both store them so); layer is None for global leaves.
+Fetch = Callable[[Path, Optional[int]], tuple[np.ndarray, str]]
+
+_NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a config dtype name; bfloat16 comes from ml_dtypes (numpy has none)."""
+    if name not in _NP_DTYPES:
+        raise ConfigError(f"param_dtype={name!r} not in {DTYPES}")
+    return _NP_DTYPES[name]
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """Every leaf path of the tree and its shape, in a fixed order."""
+    L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    shapes: dict[Path, tuple[int, ...]] = {("embed", "embedding"): (V, D),
+                                           ("layers", "input_norm", "scale"): (L, D)}
+    for name in ATTENTION_PROJECTIONS:
+        d_in, d_out = cfg.projection_shape(name)
+        shapes[("layers", "attn", name, "kernel")] = (L, d_in, d_out)
+        if cfg.attention_bias and name != "o_proj":
+            shapes[("layers", "attn", name, "bias")] = (L, d_out)
+    shapes[("layers", "post_attn_norm", "scale")] = (L, D)
+    for name in PROJECTIONS[4:]:
+        shapes[("layers", "mlp", name, "kernel")] = (L, *cfg.projection_shape(name))
+    shapes[("final_norm", "scale")] = (D,)
+    if not cfg.tie_word_embeddings:
+        shapes[("lm_head", "kernel")] = (D, V)
+    return shapes
+
+
+def _flatten(tree, prefix: Path = ()) -> dict[Path, object]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, sub in tree.items():
+        out.update(_flatten(sub, prefix + (key,)))
+    return out
+
+
+def _key(path: Path) -> str:
+    return "/".join(path)
+
+
+def check_param_tree(params: dict, cfg: ModelConfig, where: str = "params") -> None:
+    """Raises unless `params` has exactly the leaves of `expected_shapes(cfg)` with exactly those shapes."""
+    expected = expected_shapes(cfg)
+    got = _flatten(params)
+    missing = [_key(p) for p in expected if p not in got]
+    if missing:
+        raise MissingTensorError(f"{where}: missing {missing} (config: {cfg.num_layers} layers, "
+                                 f"tie_word_embeddings={cfg.tie_word_embeddings}, "
+                                 f"attention_bias={cfg.attention_bias})")
+    extra = [_key(p) for p in got if p not in expected]
+    if extra:
+        raise CheckpointError(f"{where}: unexpected leaves {extra} for this ModelConfig")
+    for path, shape in expected.items():
+        if tuple(np.shape(got[path])) != shape:
+            raise ShapeMismatchError(f"{where}: {_key(path)} has shape {tuple(np.shape(got[path]))}, "
+                                     f"expected {shape}")
+
+
+def build_param_tree(cfg: ModelConfig, fetch: Fetch, param_dtype: str = "float32") -> dict:
+    """Assembles the tree from a format-specific `fetch`: checks each source tensor's shape (naming its key and
+    file), transposes kernels to [D_in, D_out], stacks layers into preallocated [L, ...] arrays and casts to
+    `param_dtype` on the way (so a bfloat16 load never holds a float32 copy of the whole model)."""
+    dtype = numpy_dtype(param_dtype)
+    params: dict = {}
+    for path, shape in expected_shapes(cfg).items():
+        stacked = path[0] == "layers"
+        leaf_shape = shape[1:] if stacked else shape
+        # torch Linear / GGUF store [D_out, D_in]; the tree wants [D_in, D_out].
+        file_shape = leaf_shape[::-1] if path[-1] == "kernel" else leaf_shape
+        out = np.empty(shape, dtype)
+        for layer in range(cfg.num_layers) if stacked else [None]:
+            array, desc = fetch(path, layer)
+            if tuple(array.shape) != file_shape:
+                raise ShapeMismatchError(f"tensor {desc} has shape {tuple(array.shape)}, expected {file_shape} "
+                                         f"(tree leaf {_key(path)}, from the model config)")
+            array = array.T if path[-1] == "kernel" else array
+            if stacked:
+                out[layer] = array  # assignment casts to dtype
+            else:
+                out[...] = array
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = out
+    check_param_tree(params, cfg)
+    return params
