@@ -36,9 +36,7 @@ class Generation:
 def load_base(source: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, Any]:
     """-> (ModelConfig, frozen base params as numpy, tokenizer)."""
     from moa_jax import loading
-    kind, path = loading.resolve_source(source)
-    loader = loading.load_gguf if kind == "gguf" else loading.load_hf_checkpoint
-    cfg, params = loader(path, param_dtype=param_dtype)
+    cfg, params = loading.load_checkpoint(source, param_dtype=param_dtype)
     return cfg, params, loading.load_tokenizer(source)
 
 

@@ -67,7 +67,6 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # Mistral; only checked against, see model.py
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the frozen base weights
-    scan_layers: bool = True      # lax.scan over layers: compile time flat in L
     remat: bool = False           # rematerialise each layer in the backward pass
     name: str = "llama"
 

@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 from moa_jax.config import ConfigError, RopeScaling
 from moa_jax.loading import (DEFAULT_MODEL, CheckpointError, MissingTensorError, ShapeMismatchError,
-                             check_param_tree, load_gguf, load_hf_checkpoint, load_hf_config, load_model,
+                             check_param_tree, load_gguf, load_hf_checkpoint, load_hf_config, load_checkpoint,
                              load_tokenizer, resolve_source)
 from moa_jax.loading.hf import _hf_key
 from moa_jax.loading.tree import expected_shapes
@@ -216,7 +216,7 @@ def test_gguf_roundtrip_synthetic(tmp_path, arch):
                  else (Qwen2ForCausalLM, Qwen2Config(**TINY, tie_word_embeddings=True)))
     sd = _save(cls, conf, tmp_path / "hf")
     _write_gguf(tmp_path / "m.gguf", arch, conf, sd, permute_qk=arch == "llama")
-    cfg, params = load_model(str(tmp_path / "m.gguf"))
+    cfg, params = load_checkpoint(str(tmp_path / "m.gguf"))
     assert cfg.name == arch and cfg.attention_bias == (arch == "qwen2") and cfg.tie_word_embeddings == (arch == "qwen2")
     assert cfg.vocab_size == 64  # no token list: taken from token_embd's shape
     _assert_matches_state_dict(params, cfg, sd)

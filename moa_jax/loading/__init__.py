@@ -1,6 +1,6 @@
 """Model and tokenizer loading: Hugging Face checkpoint directories, GGUF files and the embedded default model.
 
-    cfg, params = load_model("smollm2-135m-instruct")   # or "/path/model.gguf", or "/path/hf_checkpoint_dir"
+    cfg, params = load_checkpoint("smollm2-135m-instruct")   # or "/path/model.gguf", or "/path/hf_checkpoint_dir"
     tok = load_tokenizer("smollm2-135m-instruct")
 
 `params` is a nested dict of numpy arrays, per-layer leaves stacked over a leading L axis and kernels stored
@@ -17,7 +17,7 @@ from moa_jax.loading.tokenizer import load_tokenizer
 from moa_jax.loading.tree import build_param_tree, check_param_tree, expected_shapes, numpy_dtype
 
 
-def load_model(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+def load_checkpoint(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
     """(ModelConfig, numpy params) for a model name, a .gguf file or a Hugging Face checkpoint directory."""
     kind, path = resolve_source(source)
     loader = load_gguf if kind == GGUF else load_hf_checkpoint
@@ -26,4 +26,4 @@ def load_model(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32") -> 
 
 __all__ = ["DEFAULT_MODEL", "CheckpointError", "MissingTensorError", "ShapeMismatchError", "build_param_tree",
            "check_param_tree", "expected_shapes", "load_gguf", "load_hf_checkpoint", "load_hf_config",
-           "load_model", "load_tokenizer", "numpy_dtype", "resolve_source", "unpermute_qk"]
+           "load_checkpoint", "load_tokenizer", "numpy_dtype", "resolve_source", "unpermute_qk"]
