@@ -131,7 +131,7 @@ class MoAConfig:
         _check(self.router_type in ROUTER_TYPES, f"MoAConfig.router_type={self.router_type!r} not in {ROUTER_TYPES}")
         _check(self.decision in DECISION_POLICIES,
                f"MoAConfig.decision={self.decision!r} not in {DECISION_POLICIES}")
-        _check(1 <= self.top_k <= self.num_experts,
+        _check(self.dispatch != "token_topk" or 1 <= self.top_k <= self.num_experts,
                f"MoAConfig.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         _check(self.adapter_dtype in DTYPES, f"MoAConfig.adapter_dtype={self.adapter_dtype!r} not in {DTYPES}")
 

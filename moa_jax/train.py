@@ -131,7 +131,7 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
             _check_finite(state, ckpt, done)
             row = logger.log(done, summarize(acc, count, domain_names))
             history.append({"step": done, **row})
-            bar.set_postfix(loss=f"{row['loss']:.3f}", router_acc=f"{row['router_acc']:.2f}", refresh=False)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "router_acc") if k in row}, refresh=False)
             if on_log is not None:
                 on_log(done, row)
             acc, count = None, 0

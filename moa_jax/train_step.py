@@ -117,16 +117,18 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
         lm = jnp.sum(jnp.where(dom_cnt > 0, dom_sum / jnp.maximum(dom_cnt, 1.0), 0.0))
     else:
         lm = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-    r_logits = aux["router_logits"]
-    r_loss = router_ce_loss(r_logits, batch["domain"], valid)
     loss = lm
-    if tcfg.stage == "stage2" and tcfg.eta > 0:
-        loss = loss + tcfg.eta * r_loss
+    metrics = {"lm_loss_sum": jnp.sum(nll * w), "tokens": jnp.sum(w), "domain_loss_sum": dom_sum,
+               "domain_tokens": dom_cnt}
+    if tcfg.stage == "stage2":  # routers are label-supervised only in stage 2
+        r_logits = aux["router_logits"]
+        r_loss = router_ce_loss(r_logits, batch["domain"], valid)
+        metrics.update(router_loss=r_loss, router_acc=router_accuracy(r_logits, batch["domain"], valid))
+        if tcfg.eta > 0:
+            loss = loss + tcfg.eta * r_loss
     if tcfg.stage == "moe_lora":
         loss = loss + tcfg.balance_coef * aux["balance_loss"]
-    metrics = {"lm_loss_sum": jnp.sum(nll * w), "tokens": jnp.sum(w), "router_loss": r_loss,
-               "router_acc": router_accuracy(r_logits, batch["domain"], valid),
-               "balance_loss": aux["balance_loss"], "domain_loss_sum": dom_sum, "domain_tokens": dom_cnt}
+        metrics["balance_loss"] = aux["balance_loss"]
     return loss, metrics
 
 
@@ -158,10 +160,9 @@ def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *
                            nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
     tokens = jnp.sum(ms["tokens"])
     metrics = {"loss": loss, "lm_loss": jnp.sum(ms["lm_loss_sum"]) / jnp.maximum(tokens, 1.0),
-               "router_loss": jnp.mean(ms["router_loss"]), "router_acc": jnp.mean(ms["router_acc"]),
-               "balance_loss": jnp.mean(ms["balance_loss"]), "grad_norm": grad_norm, "tokens": tokens,
-               "domain_loss_sum": jnp.sum(ms["domain_loss_sum"], 0), "domain_tokens": jnp.sum(ms["domain_tokens"], 0),
-               "finite": finite}
+               "grad_norm": grad_norm, "tokens": tokens, "domain_loss_sum": jnp.sum(ms["domain_loss_sum"], 0),
+               "domain_tokens": jnp.sum(ms["domain_tokens"], 0), "finite": finite,
+               **{k: jnp.mean(ms[k]) for k in ("router_loss", "router_acc", "balance_loss") if k in ms}}
     return new_state, metrics
 
 

@@ -1,0 +1,52 @@
+"""Command line: `python -m experiments.run --exp=NAME [--workdir=DIR] [--set key=value ...]`.
+
+Logs the resolved config, runs the experiment (resuming from DIR if it holds checkpoints) and writes the report.
+Multi-host: pass --coordinator/--num_processes/--process_id (or MOA_* env vars), or --distributed=auto on TPU pods.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--exp", required=True, help="registered experiment name (see --list)")
+    parser.add_argument("--workdir", default=None, help="output directory (default: runs/<exp>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set stage1.steps=50 (repeatable)")
+    parser.add_argument("--distributed", choices=("off", "auto"), default="off",
+                        help="auto: jax.distributed.initialize() discovers the cluster (TPU pods, SLURM)")
+    parser.add_argument("--coordinator", default=None)
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
+
+    from moa_jax import distributed
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
+    from experiments.registry import get_experiment
+    from moa_jax.config import ConfigError
+    from moa_jax.experiment import run_experiment
+    from moa_jax.overrides import apply_overrides
+    try:
+        exp = apply_overrides(get_experiment(args.exp), args.overrides)
+    except (KeyError, ConfigError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or f"runs/{args.exp}"
+    logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
+                                      json.dumps(dataclasses.asdict(exp), indent=1, default=str))
+    results = run_experiment(exp, workdir, progress=not args.no_progress)
+    from moa_jax.report import write_report
+    print(write_report(results, workdir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
