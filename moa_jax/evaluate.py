@@ -24,7 +24,7 @@ from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.generate import generate_tokens, left_pad
 from moa_jax.model import MoATransformer
 from moa_jax.router import decide
-from moa_jax.train_step import lm_loss_terms
+from moa_jax.train_step import lm_loss_terms, next_token_targets
 
 ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "forced", "moa_router": "router",
                      "moa_oracle": "oracle", "moe_lora": "router"}
@@ -63,8 +63,8 @@ def _loss_fn(cfg: ModelConfig, moa: Optional[MoAConfig], routing: str, num_domai
             mode, idx = ("soft" if moa.dispatch == "soft" else "token"), None
         logits, _ = model.apply({"params": params}, tokens, attention_mask=mask, prompt_mask=pmask, routing=mode,
                                 expert_idx=idx)
-        loss_mask = batch["loss_mask"] * batch["valid"][:, None]
-        _, _, dom_sum, dom_cnt = lm_loss_terms(logits, tokens, loss_mask, domain, num_domains)
+        _, targets, weights = next_token_targets(tokens, batch["loss_mask"] * batch["valid"][:, None])
+        _, _, dom_sum, dom_cnt = lm_loss_terms(logits[:, :-1], targets, weights, domain, num_domains)
         return dom_sum, dom_cnt, decided
     return run
 

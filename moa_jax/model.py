@@ -92,8 +92,13 @@ class MoATransformer(nn.Module):
     def __call__(self, tokens: Array, *, attention_mask: Optional[Array] = None,
                  positions: Optional[Array] = None, prompt_mask: Optional[Array] = None,
                  routing: str = "fixed", expert_idx: Optional[Array] = None,
-                 cache: Optional[dict] = None, deterministic: bool = True) -> tuple[Array, dict[str, Any]]:
+                 cache: Optional[dict] = None, deterministic: bool = True,
+                 logits_at: Optional[Array] = None) -> tuple[Array, dict[str, Any]]:
         """tokens [B, T] -> (logits [B, T, V] float32, aux).
+
+        logits_at [B, K]: compute logits only at these positions -> [B, K, V]. Training needs them only where
+        the next token is a target; with a 49k vocabulary the LM head is ~20% of a step, so skipping the prompt
+        positions is a real saving.
 
         aux: router_logits [L, B, E] f32, balance_loss scalar (token mode), cache (updated, or None).
         attention_mask [B, T]: 1 on real tokens (default all). prompt_mask [B, T]: tokens the routers pool
@@ -128,6 +133,8 @@ class MoATransformer(nn.Module):
         h, (router_logits, balance, new_kv) = scanned(cfg, self.moa, routing, deterministic, name="layers")(
             h, shared, layer_cache)
 
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1)                # (B, K, D)
         h = RMSNorm(cfg.rms_norm_eps, jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype), name="final_norm")(h)
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)                                                          # (B, T, V)

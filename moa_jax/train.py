@@ -31,7 +31,7 @@ from moa_jax.metrics_log import MetricsLogger, summarize
 from moa_jax.model import MoATransformer
 from moa_jax.sharding import (batch_sharding, logical_to_spec, param_logical_axes, param_shardings,
                               replicated)
-from moa_jax.train_step import TrainState, init_state, make_optimizer, train_step
+from moa_jax.train_step import TrainState, gather_targets, init_state, make_optimizer, train_step
 
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
 
@@ -45,11 +45,18 @@ class BatchSource(Protocol):
         """Host-local rows of global micro-batch `index`: tokens/masks [B_local, T], domain [B_local]."""
 
 
-def _stack_micro(source: BatchSource, step: int, accum: int) -> dict[str, np.ndarray]:
+def _stack_micro(source: BatchSource, step: int, accum: int, compact_targets: bool = True) -> dict[str, np.ndarray]:
     micro = [source.batch(step * accum + a) for a in range(accum)]
     for m in micro:
         m.setdefault("valid", np.ones(m["domain"].shape, np.int32))
-    return {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}          # (A, B_local, ...)
+    out = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}           # (A, B_local, ...)
+    if compact_targets:
+        need = int(out["loss_mask"][..., 1:].sum(-1).max(initial=0))
+        if jax.process_count() > 1:  # every host must pick the same K
+            need = int(np.max(multihost_utils.process_allgather(np.asarray(need))))
+        out["target_pos"], out["target_tokens"], out["target_weight"] = gather_targets(
+            out["tokens"], out["loss_mask"], at_least=need)
+    return out
 
 
 def _put_micro(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

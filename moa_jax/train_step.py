@@ -7,7 +7,8 @@ at once: the LM loss is the sum over domains of each domain's mean token loss, a
 expert, so expert e's update depends on its own domain's samples only.
 
 Batches carry a leading micro-batch axis A (gradient accumulation, a lax.scan):
-  tokens, loss_mask, prompt_mask, attention_mask [A, B, T] int32;  domain [A, B] int32;  valid [A, B] (0 = pad row).
+  tokens, loss_mask, prompt_mask, attention_mask [A, B, T] int32;  domain [A, B] int32;  valid [A, B] (0 = pad row);
+  optional compact targets target_pos, target_tokens, target_weight [A, B, K] (see gather_targets).
 loss_mask[t] = 1 when token t is a target: logits[:, t-1] predict tokens[:, t].
 
 Shape glossary: A micro-batches, B batch, T tokens, V vocab, L layers, E experts, N domains.
@@ -19,6 +20,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -91,15 +93,41 @@ def make_optimizer(tcfg: TrainConfig, trainable: Params) -> optax.GradientTransf
     return optax.chain(clip, optax.multi_transform(transforms, labels))
 
 
-def lm_loss_terms(logits, tokens, loss_mask, domain, num_domains: int):
-    """-> (per-token nll [B, T-1], weights [B, T-1], per-domain nll sums [N], per-domain token counts [N])."""
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)                                     # (B, T-1, V)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]                 # (B, T-1)
-    w = loss_mask[:, 1:].astype(jnp.float32)
+def lm_loss_terms(logits, targets, weights, domain, num_domains: int):
+    """logits [B, K, V] predicting targets [B, K] with weights [B, K] -> (nll [B, K], weights f32 [B, K],
+    per-domain nll sums [N], per-domain token counts [N])."""
+    logp = jax.nn.log_softmax(logits, axis=-1)                                             # (B, K, V)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]                  # (B, K)
+    w = weights.astype(jnp.float32)
     onehot = jax.nn.one_hot(domain, num_domains, dtype=jnp.float32)                       # (B, N)
     dom_sum = onehot.T @ jnp.sum(nll * w, axis=1)
     dom_cnt = onehot.T @ jnp.sum(w, axis=1)
     return nll, w, dom_sum, dom_cnt
+
+
+def next_token_targets(tokens, loss_mask):
+    """Full-sequence form: logits at t predict tokens[t+1] where loss_mask[t+1] = 1.
+    -> (positions [B, T-1], targets [B, T-1], weights [B, T-1])."""
+    b, t = tokens.shape
+    return jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1)), tokens[:, 1:], loss_mask[:, 1:]
+
+
+def gather_targets(tokens: np.ndarray, loss_mask: np.ndarray, buckets=(0.25, 0.5, 1.0), at_least: int = 0):
+    """Host-side compact form: only the positions whose next token is a target, left-aligned in K columns, K the
+    smallest of T*buckets that fits every row and `at_least` (a few fixed shapes; several hosts pass the global
+    maximum so they agree). tokens/loss_mask [..., T] -> target_pos, target_tokens, target_weight [..., K]."""
+    lead, t = tokens.shape[:-1], tokens.shape[-1]
+    tok2, m2 = tokens.reshape(-1, t), loss_mask.reshape(-1, t)
+    need = max(int(m2[:, 1:].sum(axis=1).max(initial=0)), at_least)
+    k = next(int(np.ceil(t * f)) for f in buckets if np.ceil(t * f) >= need)
+    k = max(k, 1)
+    pos = np.zeros((len(tok2), k), np.int32)
+    tgt = np.zeros((len(tok2), k), np.int32)
+    wgt = np.zeros((len(tok2), k), np.int32)
+    for i in range(len(tok2)):
+        p = np.flatnonzero(m2[i, 1:])                   # logits at p predict token p + 1
+        pos[i, :len(p)], tgt[i, :len(p)], wgt[i, :len(p)] = p, tok2[i, p + 1], 1
+    return pos.reshape(*lead, k), tgt.reshape(*lead, k), wgt.reshape(*lead, k)
 
 
 def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: TrainConfig, num_domains: int):
@@ -107,12 +135,16 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
     params = merge_params(frozen, trainable)
     mode = routing_mode(tcfg)
     valid = batch["valid"].astype(jnp.float32)
+    if "target_pos" in batch:   # compact: logits only where the next token is a target
+        pos, targets, weights = batch["target_pos"], batch["target_tokens"], batch["target_weight"]
+    else:
+        pos, targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
     logits, aux = model.apply(
         {"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
         prompt_mask=batch["prompt_mask"], routing=mode, expert_idx=batch["domain"] if mode == "fixed" else None,
-        deterministic=False, rngs={"dropout": rng})
-    mask = batch["loss_mask"] * batch["valid"][:, None]
-    nll, w, dom_sum, dom_cnt = lm_loss_terms(logits, batch["tokens"], mask, batch["domain"], num_domains)
+        deterministic=False, rngs={"dropout": rng}, logits_at=pos)
+    weights = weights * batch["valid"][:, None]
+    nll, w, dom_sum, dom_cnt = lm_loss_terms(logits, targets, weights, batch["domain"], num_domains)
     if tcfg.normalization == "domain":
         lm = jnp.sum(jnp.where(dom_cnt > 0, dom_sum / jnp.maximum(dom_cnt, 1.0), 0.0))
     else:
