@@ -24,7 +24,7 @@ from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.generate import generate_tokens, left_pad
 from moa_jax.model import MoATransformer
 from moa_jax.router import decide
-from moa_jax.train_step import lm_loss_terms, next_token_targets
+from moa_jax.train_step import gather_targets, lm_loss_terms
 
 ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "forced", "moa_router": "router",
                      "moa_oracle": "oracle", "moe_lora": "router"}
@@ -62,9 +62,9 @@ def _loss_fn(cfg: ModelConfig, moa: Optional[MoAConfig], routing: str, num_domai
         else:
             mode, idx = ("soft" if moa.dispatch == "soft" else "token"), None
         logits, _ = model.apply({"params": params}, tokens, attention_mask=mask, prompt_mask=pmask, routing=mode,
-                                expert_idx=idx)
-        _, targets, weights = next_token_targets(tokens, batch["loss_mask"] * batch["valid"][:, None])
-        _, _, dom_sum, dom_cnt = lm_loss_terms(logits[:, :-1], targets, weights, domain, num_domains)
+                                expert_idx=idx, logits_at=batch["target_pos"])                 # (B, K, V)
+        weights = batch["target_weight"] * batch["valid"][:, None]
+        _, _, dom_sum, dom_cnt = lm_loss_terms(logits, batch["target_tokens"], weights, domain, num_domains)
         return dom_sum, dom_cnt, decided
     return run
 
@@ -78,7 +78,9 @@ def perplexity_and_routing(cfg: ModelConfig, method: Method, batches: Sequence[d
         confusion = np.zeros((num_domains, method.moa.num_experts), np.int64)
     for batch in batches:
         b = {k: jnp.asarray(v) for k, v in batch.items() if k in ("tokens", "attention_mask", "prompt_mask",
-                                                                   "loss_mask", "domain", "valid")}
+                                                                   "domain", "valid")}
+        b["target_pos"], b["target_tokens"], b["target_weight"] = map(
+            jnp.asarray, gather_targets(np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])))
         s, c, decided = jax.device_get(fn(method.params, b))
         sums += s
         counts += c
