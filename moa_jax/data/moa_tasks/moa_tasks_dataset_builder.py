@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 from moa_jax.data import tasks
 
 # sha256 of the registry (see registry_fingerprint) that VERSION was built from.
-REGISTRY_FINGERPRINT = "PLACEHOLDER"
+REGISTRY_FINGERPRINT = "c2f38af269096cf2"
 
 
 @dataclasses.dataclass
