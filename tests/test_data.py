@@ -31,7 +31,7 @@ def tok(tiny_dir):
 
 
 # ---- embedded dataset ----
-def test_tiny_builder_builds_and_reads_without_tensorflow(tiny_dir):
+def test_tiny_builder_builds_and_reads_without_tensorflow(tiny_dir, tmp_path):
     assert importlib.util.find_spec("tensorflow") is None  # not installed: the build cannot have used it
     cfg = DataConfig(builder_config="tiny", data_dir=tiny_dir)
     splits = {s: load_text_split(cfg, s) for s in ("train", "validation", "test")}
@@ -45,6 +45,10 @@ def test_tiny_builder_builds_and_reads_without_tensorflow(tiny_dir):
         # the test split is the head of the domain's stream, so it is stable across builder configs
         assert [e["messages"][0]["content"] for e in splits["test"].examples[d]] == \
                [e["prompt"] for e in tasks.generate(d, 16)]
+    # a second build elsewhere holds exactly the same records (every host may build its own copy)
+    again = mtb.prepare("tiny", str(tmp_path)).as_data_source()["validation"]
+    first = mtb.prepare("tiny", tiny_dir).as_data_source()["validation"]
+    assert again.__getitems__(range(len(again))) == first.__getitems__(range(len(first)))
     ex = splits["test"].examples["chain_sum"][0]
     assert is_correct("chain_sum", ex["answer"], {**ex, "prompt": ex["messages"][0]["content"]})
 
