@@ -35,10 +35,32 @@ def make_jsonl_dir(root, n_per_domain=(30, 12, 6), long_every=0):
     for name, n in zip(("alpha", "beta", "gamma"), n_per_domain):
         rows = []
         for i in range(n):
-            prompt = f"{name} question number {i}: what is {i} plus {i}?"
+            prompt = f"{name} question number {i}: what is {i} plus {i}?" + " and then" * (12 if i % 7 == 0 else 0)
             if long_every and name == "alpha" and i % long_every == 0:
                 prompt += " filler" * 200
             rows.append({"prompt": prompt, "response": f"{2 * i}"} if i % 2 else
                         {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(2 * i)}]})
         write_jsonl(os.path.join(root, f"{name}.jsonl"), rows)
     return str(root)
+
+
+# A minimal local tfds "catalog" dataset, to test the tfds:NAME source path without TensorFlow or internet.
+import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+
+class MoaTestQa(tfds.core.GeneratorBasedBuilder):
+    """Two topics of question/answer pairs (registered as 'moa_test_qa' when this module is imported)."""
+    VERSION = tfds.core.Version("0.1.0")
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            "question": tfds.features.Text(), "answer": tfds.features.Text(),
+            "topic": tfds.features.ClassLabel(names=["geo", "math"]), "id": tfds.features.Scalar(dtype=np.int64)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, 20), "test": self._generate_examples(100, 6)}
+
+    def _generate_examples(self, start, n):
+        for i in range(start, start + n):
+            yield i, {"question": f"question {i}?", "answer": f"answer {i}", "topic": i % 2, "id": i}

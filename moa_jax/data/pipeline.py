@@ -95,8 +95,22 @@ def _host_slice(n: int, process_index: int, process_count: int) -> slice:
     return slice(process_index * per, (process_index + 1) * per)
 
 
-def _domain_seed(seed: int, d: int) -> int:
-    return int(np.random.SeedSequence([seed, d]).generate_state(1)[0])
+class _EpochShuffle:
+    """k -> the k-th row of domain d's infinite stream: epoch e = k // n is a permutation of the domain's rows
+    seeded by (seed, d, e), so every epoch visits every example once and each epoch is ordered differently.
+    (numpy permutations, cached per epoch: grain's per-element index_shuffle costs ~1 ms an element here.)"""
+
+    def __init__(self, rows: np.ndarray, seed: int, d: int):
+        self.rows, self.seed, self.d = rows, seed, d
+        self._cache = (-1, rows)  # (epoch, permuted rows): one tuple, swapped atomically (reader thread)
+
+    def __call__(self, k: int) -> int:
+        epoch, i = divmod(int(k), len(self.rows))
+        cached_epoch, perm = self._cache
+        if epoch != cached_epoch:
+            perm = self.rows[np.random.default_rng([self.seed, self.d, epoch]).permutation(len(self.rows))]
+            self._cache = (epoch, perm)
+        return int(perm[i])
 
 
 class TrainIterator:
@@ -115,7 +129,7 @@ class TrainIterator:
         self._host = _host_slice(cfg.batch_size, process_index, process_count)
         counts = np.bincount(data.domain, minlength=len(data.domains))
         self.weights = domain_weights(counts, cfg.mixing, cfg.temperature)  # [D]
-        parts = [grain.MapDataset.source(data.domain_rows(d)).shuffle(seed=_domain_seed(cfg.seed, d)).repeat()
+        parts = [grain.MapDataset.range(sys.maxsize).map(_EpochShuffle(data.domain_rows(d), cfg.seed, d))
                  for d in range(len(data.domains))]
         mixed = grain.MapDataset.mix(parts, [float(w) for w in self.weights])
         self.rows = mixed.batch(cfg.batch_size, drop_remainder=True)  # MapDataset: s -> global row ids [B]
@@ -130,7 +144,7 @@ class TrainIterator:
         """This host's rows of global batch `index` (pure function of seed and index)."""
         rows = np.asarray(self.rows[index], np.int64)
         first = index - index % self.micro_batches
-        longest = max(int(self._lengths[np.asarray(self.rows[j])].max())
+        longest = max(int(self._lengths[rows if j == index else np.asarray(self.rows[j])].max())
                       for j in range(first, first + self.micro_batches))
         out = collate(self.data, rows[self._host], bucket_for(longest, self.cfg.buckets))
         out["valid"] = np.ones(len(out["domain"]), np.int32)

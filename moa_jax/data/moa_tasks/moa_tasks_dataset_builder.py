@@ -21,15 +21,19 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from moa_jax.data import tasks
 
+log = logging.getLogger("moa_jax.data")
+
 # sha256 of the registry (see registry_fingerprint) that VERSION was built from.
-REGISTRY_FINGERPRINT = "PLACEHOLDER"
+REGISTRY_FINGERPRINT = "c2f38af269096cf2"
 
 
 @dataclasses.dataclass
@@ -124,14 +128,16 @@ def prepare(config: str = "default", data_dir: str | None = None) -> MoaTasks:
         with _file_lock(os.path.join(data_dir, "moa_tasks.lock")):
             builder = MoaTasks(config=config, data_dir=data_dir, file_format="array_record")
             if not builder.is_prepared():
+                start = time.time()
                 with _quiet_tfds():
                     builder.download_and_prepare()
+                log.info("built moa_tasks/%s into %s in %.1f s", config, builder.data_dir, time.time() - start)
     return builder
 
 
 @contextlib.contextmanager
 def _quiet_tfds():
-    """tfds prints per-split progress bars; we log one line instead (the caller does)."""
+    """tfds prints per-split progress bars; we log one line instead (see `prepare`)."""
     tfds.display_progress_bar(False)
     try:
         yield

