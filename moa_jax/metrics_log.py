@@ -20,14 +20,15 @@ def summarize(acc: dict, count: int, domain_names: Sequence[str]) -> dict[str, f
     host = jax.device_get(acc)
     out = {}
     for k, v in host.items():
-        if k in ("domain_loss_sum", "domain_tokens", "tokens", "finite"):
+        if k in ("domain_loss_sum", "domain_tokens", "tokens", "seq_tokens", "finite"):
             continue
         out[k] = float(v) / count
     dom_sum, dom_cnt = np.asarray(host["domain_loss_sum"]), np.asarray(host["domain_tokens"])
     for i, name in enumerate(domain_names):
         if dom_cnt[i] > 0:
             out[f"loss/{name}"] = float(dom_sum[i] / dom_cnt[i])
-    out["tokens"] = float(host["tokens"])
+    out["tokens"] = float(host["tokens"])          # loss (response) tokens
+    out["seq_tokens"] = float(host["seq_tokens"])  # all non-pad tokens processed
     return out
 
 
@@ -50,8 +51,10 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
-        if self._last_time is not None and "tokens" in metrics:
-            metrics["tokens_per_s"] = metrics["tokens"] / max(now - self._last_time, 1e-9)
+        if self._last_time is not None and "seq_tokens" in metrics:
+            elapsed = max(now - self._last_time, 1e-9)
+            metrics["tokens_per_s"] = metrics["seq_tokens"] / elapsed
+            metrics["seconds"] = elapsed
         self._last_time = now
         if self.enabled:
             with open(self.jsonl_path, "a") as f:
