@@ -64,7 +64,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     max_position_embeddings: int = 4096
-    sliding_window: Optional[int] = None  # Mistral; only checked against, see model.py
+    sliding_window: Optional[int] = None  # Mistral: keys further back than this are masked
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the frozen base weights
     remat: bool = False           # rematerialise each layer in the backward pass
