@@ -49,6 +49,18 @@ def test_router_ce_loss_hand_computed():
     assert float(router_ce_loss(FIXED_LOGITS, FIXED_LABELS, jnp.zeros(3))) == 0.0
 
 
+def test_router_ce_loss_ignores_labels_of_invalid_samples():
+    """Regression: an out-of-range label (e.g. a padding sentinel) on a masked-out sample made the loss NaN,
+    because the gather filled NaN and NaN * 0 = NaN. The loss and its gradient must not depend on it."""
+    valid = jnp.array([1, 1, 0])
+    expected = router_ce_loss(FIXED_LOGITS, jnp.array([0, 2, 0]), valid)
+    for pad_label in (-1, 3, 1000):
+        labels = jnp.array([0, 2, pad_label])
+        np.testing.assert_allclose(router_ce_loss(FIXED_LOGITS, labels, valid), expected, rtol=1e-6)
+        grad = jax.grad(router_ce_loss)(FIXED_LOGITS, labels, valid)
+        assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[:, 2] == 0)
+
+
 def test_router_accuracy_hand_computed():
     assert float(router_accuracy(FIXED_LOGITS, FIXED_LABELS)) == pytest.approx(4 / 6)
     assert float(router_accuracy(FIXED_LOGITS, FIXED_LABELS, jnp.array([1, 1, 0]))) == pytest.approx(0.5)
