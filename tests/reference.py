@@ -28,21 +28,30 @@ def _rope(x, positions, theta):
     return x * cos + rotated * sin
 
 
+def _margin(values, k, mask):
+    """Smallest gap between the k-th and (k+1)-th largest entry (last axis) where mask: how far a top-k
+    decision is from a tie."""
+    s = -np.sort(-values, axis=-1)
+    return float(np.min(np.where(mask, s[..., k - 1] - s[..., k], np.inf)))
+
+
 def expert_weights(moa, routing, x, router_kernel, prompt_mask, token_mask, expert_idx):
-    """-> (weights [B, T, E] per token, pooled router logits [B, E], balance loss)."""
+    """-> (weights [B, T, E] per token, pooled router logits [B, E], balance loss, decision margin)."""
     b, t, _ = x.shape
     pm = prompt_mask[..., None]
     logits = (x * pm).sum(1) / np.maximum(pm.sum(1), 1.0) @ router_kernel          # (B, E)
     num_experts = router_kernel.shape[-1]
-    balance = 0.0
+    balance, margin = 0.0, np.inf
     if routing == "fixed":
         w = np.eye(num_experts)[expert_idx]
     elif routing == "self":
         w = np.eye(num_experts)[np.argmax(logits, -1)]
+        margin = _margin(logits, 1, True)
     elif routing == "soft":
         w = _softmax(logits)
     elif routing == "token":
-        probs = _softmax(x @ router_kernel)                                          # (B, T, E)
+        token_logits = x @ router_kernel                                              # (B, T, E)
+        probs = _softmax(token_logits)
         top = np.argsort(-probs, axis=-1)[..., :moa.top_k]                           # (B, T, k)
         w = np.zeros_like(probs)
         np.put_along_axis(w, top, np.take_along_axis(probs, top, -1), -1)
@@ -50,14 +59,16 @@ def expert_weights(moa, routing, x, router_kernel, prompt_mask, token_mask, expe
         n = token_mask.sum()
         frac = (np.eye(num_experts)[top] * token_mask[..., None, None]).sum((0, 1, 2)) / (n * moa.top_k)
         balance = num_experts * np.sum(frac * (probs * token_mask[..., None]).sum((0, 1)) / n)
-        return w, logits, balance
+        return w, logits, balance, _margin(token_logits, moa.top_k, token_mask > 0)
     else:
         raise ValueError(routing)
-    return np.broadcast_to(w[:, None], (b, t, num_experts)), logits, balance
+    return np.broadcast_to(w[:, None], (b, t, num_experts)), logits, balance, margin
 
 
 def forward(cfg, moa, params, tokens, routing="base", expert_idx=None, attention_mask=None, prompt_mask=None):
-    """-> (logits [B, T, V], router logits [L, B, E] (None in base mode), mean balance loss)."""
+    """-> (logits [B, T, V], router logits [L, B, E] (None in base mode), mean balance loss, decision margin:
+    the smallest gap, over layers, between a chosen and an unchosen expert's score in modes 'self' (pooled
+    logits) and 'token' (per-token logits at real tokens); inf otherwise)."""
     p = _to_numpy(params)
     tokens = np.asarray(tokens)
     b, t = tokens.shape
@@ -69,13 +80,14 @@ def forward(cfg, moa, params, tokens, routing="base", expert_idx=None, attention
     causal = np.tril(np.ones((t, t), bool))
     allowed = causal[None, None] & (am[:, None, None, :] > 0)                        # (B, 1, T, S)
     h = p["embed"]["embedding"][tokens]
-    router_logits, balances = [], []
+    router_logits, balances, margin = [], [], np.inf
     for layer in range(cfg.num_layers):
         lp = _layer(p["layers"], layer)
         x = _rms(h, lp["input_norm"]["scale"], cfg.rms_norm_eps)
         w = None
         if moa is not None and routing != "base":
-            w, logits, bal = expert_weights(moa, routing, x, lp["router"]["kernel"], pm, am, idx)
+            w, logits, bal, m = expert_weights(moa, routing, x, lp["router"]["kernel"], pm, am, idx)
+            margin = min(margin, m)
             router_logits.append(logits)
             balances.append(bal)
 
@@ -101,7 +113,7 @@ def forward(cfg, moa, params, tokens, routing="base", expert_idx=None, attention
     h = _rms(h, p["final_norm"]["scale"], cfg.rms_norm_eps)
     head = p["embed"]["embedding"].T if cfg.tie_word_embeddings else p["lm_head"]["kernel"]
     rl = np.stack(router_logits) if router_logits else None
-    return h @ head, rl, float(np.mean(balances)) if balances else 0.0
+    return h @ head, rl, float(np.mean(balances)) if balances else 0.0, margin
 
 
 def _to_numpy(tree):

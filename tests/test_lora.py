@@ -136,21 +136,24 @@ def test_lora_delta_rejects_unknown_route_kind():
         lora_delta(x, a, b, Route("bogus"), SCALE)
 
 
-@pytest.mark.parametrize("use_bias", [False, True])
-def test_adapted_dense_with_zero_lora_b_is_plain_dense(use_bias):
+def test_adapted_dense_with_zero_lora_b_is_plain_dense():
     x, _, _, _, _ = _arrays()
-    layer = AdaptedDense(features=DOUT, use_bias=use_bias, num_experts=E, rank=R, scale=SCALE)
     route = Route("top1", expert_idx=jnp.array([0, 1, 2]))
+    layer = AdaptedDense(features=DOUT, use_bias=False, num_experts=E, rank=R, scale=SCALE)
     params = layer.init(jax.random.PRNGKey(0), x, route)["params"]
+    assert set(params) == {"kernel", "lora_a", "lora_b"}
+    assert params["lora_a"].shape == (E, DIN, R) and params["lora_b"].shape == (E, R, DOUT)
     assert np.all(np.asarray(params["lora_b"]) == 0) and np.abs(params["lora_a"]).max() > 0
-    if use_bias:  # a non-zero bias, so the test sees it
-        params = {**params, "bias": jnp.arange(DOUT, dtype=jnp.float32)}
-    expected = x @ params["kernel"] + (params["bias"] if use_bias else 0.0)
-    for r in (route, Route("base"), Route("mixture", gates=jnp.full((B, E), 1.0 / E))):
-        np.testing.assert_array_equal(layer.apply({"params": params}, x, r), expected)
+    assert np.abs(params["lora_a"]).max() <= 1 / np.sqrt(DIN)          # PEFT's kaiming-uniform bound
+    biased = AdaptedDense(features=DOUT, use_bias=True, num_experts=E, rank=R, scale=SCALE)
+    bias = jnp.arange(DOUT, dtype=jnp.float32)                          # non-zero, so the test sees it
+    for lyr, p, expected in ((layer, params, x @ params["kernel"]),
+                             (biased, {**params, "bias": bias}, x @ params["kernel"] + bias)):
+        for r in (route, Route("base"), Route("mixture", gates=jnp.full((B, E), 1.0 / E))):
+            np.testing.assert_array_equal(lyr.apply({"params": p}, x, r), expected)
 
     # ... and with non-zero lora_b the delta is exactly the dispatch function's
     params = {**params, "lora_b": jnp.asarray(np.random.default_rng(1).normal(size=params["lora_b"].shape),
                                               jnp.float32)}
-    np.testing.assert_allclose(layer.apply({"params": params}, x, route) - expected,
+    np.testing.assert_allclose(layer.apply({"params": params}, x, route) - x @ params["kernel"],
                                lora_top1(x, params["lora_a"], params["lora_b"], route.expert_idx, SCALE), **TOL)

@@ -1,5 +1,5 @@
 """The MoA decoder: identity at init, every routing mode vs a numpy reference and vs 'fixed' runs, KV cache,
-router pooling, gradients of the trainable part, parameter trees of real model shapes, dtypes, dropout, remat.
+router pooling, gradients of the trainable part, split/merge, compute dtype, dropout, remat, bad routing.
 
 All runs go through a few jitted functions with static configs, and share the batch shape [2, 8], so the whole
 file compiles each (config, routing mode) once.
@@ -14,9 +14,10 @@ import pytest
 from flax import traverse_util
 from flax.errors import InvalidRngError
 
-from moa_jax.config import ModelConfig, MoAConfig
+from moa_jax.config import MoAConfig
 from moa_jax.model import ROUTING_MODES, MoATransformer, init_cache
-from moa_jax.params import (check_tree, count_params, init_params, merge_params, param_shapes, split_params)
+from moa_jax.params import (check_tree, count_params, init_trainable, merge_params, param_shapes,
+                            split_params)
 from moa_jax.router import router_ce_loss
 from tests import reference
 from tests.conftest import make_tiny_cfg, make_tiny_moa
@@ -73,8 +74,12 @@ def random_params(cfg, moa, seed=0, lora_b_std=0.3, router_std=1.0):
 
 @functools.lru_cache(maxsize=None)
 def initial_params(seed):
-    """init_params of the untied tiny model, compiled once for the file."""
-    return init_params(UNTIED, MOA, jax.random.PRNGKey(seed))
+    """Fresh experts and routers from `init_trainable` (the path used with real checkpoints, and half the
+    compile time of `init_params`) on random base weights, which are arbitrary for these tests."""
+    trainable = init_trainable(UNTIED, MOA, jax.random.PRNGKey(seed))
+    expected_trainable = split_params(cached_shapes(UNTIED, MOA))[1]
+    check_tree(expected_trainable, trainable, "init_trainable")
+    return merge_params(split_params(random_params(UNTIED, MOA, seed))[0], trainable)
 
 
 def leaves_named(params, name):
@@ -84,7 +89,8 @@ def leaves_named(params, name):
 # ----------------------------------------------------------------------------------------------- identity at init
 
 def test_fresh_model_equals_base_in_every_mode():
-    """lora_b is zero at init, so every delta is exactly 0 and y + 0 == y bit for bit: atol 0 in every mode."""
+    """lora_b is zero at init, so every delta is exactly 0.0 (x @ A @ 0, also in the rank-concat mixture) and
+    y + 0.0 == y; the base projections are the same ops in every mode's program: bit-equal, atol 0."""
     params = initial_params(0)
     assert all(np.all(np.asarray(b) == 0) for b in leaves_named(params, "lora_b"))
     assert all(np.abs(np.asarray(a)).max() > 0 for a in leaves_named(params, "lora_a"))
@@ -101,7 +107,7 @@ def test_model_without_moa_equals_base_mode(tiny_cfg_variant, tiny_moa):
     cfg = tiny_cfg_variant                      # == UNTIED or TIED_BIAS: the jitted runs are shared
     assert cfg in (UNTIED, TIED_BIAS) and tiny_moa == MOA
     params = random_params(cfg, MOA)
-    frozen, trainable = split_params(params)
+    frozen, _ = split_params(params)
     check_tree(param_shapes(cfg, None), frozen, "frozen part vs the moa=None model")   # same tree, same shapes
     plain, router_logits, _ = run_batch(frozen, cfg, None, "fixed")
     base, _, _ = run_batch(params, cfg, MOA, "base")
@@ -111,12 +117,6 @@ def test_model_without_moa_equals_base_mode(tiny_cfg_variant, tiny_moa):
 
 # ------------------------------------------------------------------------------------ every mode vs numpy reference
 
-def _top_margin(values, k):
-    """Smallest gap between the k-th and (k+1)-th largest entry along the last axis."""
-    s = -np.sort(-values, axis=-1)
-    return float(np.min(s[..., k - 1] - s[..., k]))
-
-
 @pytest.mark.parametrize("cfg, mode", [(UNTIED, m) for m in ROUTING_MODES] + [(TIED_BIAS, "base"),
                                                                               (TIED_BIAS, "fixed")],
                          ids=[f"untied-{m}" for m in ROUTING_MODES] + ["tied_bias-base", "tied_bias-fixed"])
@@ -125,14 +125,15 @@ def test_routing_modes_match_numpy_reference(cfg, mode):
     in float64 with the routing rules of model.py's docstring. Compared at real (non-pad) tokens."""
     params = random_params(cfg, MOA, seed=1)
     logits, router_logits, balance = run_batch(params, cfg, MOA, mode)
-    ref_logits, ref_router, ref_balance = reference.forward(cfg, MOA, params, TOKENS, mode, IDX, ATTN, PROMPT)
-    if mode in ("self", "token"):  # argmax / top-k decisions must not sit on a numerical tie
-        x_margin = _top_margin(ref_router, 1) if mode == "self" else None
-        assert x_margin is None or x_margin > 1e-2, "pick another seed: a router tie makes 'self' ill-defined"
-    np.testing.assert_allclose(np.asarray(logits)[VALID], ref_logits[VALID], rtol=1e-4, atol=1e-4)
+    ref_logits, ref_router, ref_balance, margin = reference.forward(cfg, MOA, params, TOKENS, mode, IDX, ATTN,
+                                                                    PROMPT)
+    # argmax / top-k decisions must be far from a tie for float32 vs float64 to agree (seed 1 gives >= 0.09)
+    assert margin > 1e-2, f"routing decision within {margin} of a tie: pick another seed"
+    # observed errors are ~1e-6 (logits up to ~20): the 1e-5 tolerance still catches e.g. a misplaced RMS eps
+    np.testing.assert_allclose(np.asarray(logits)[VALID], ref_logits[VALID], rtol=1e-5, atol=1e-5)
     if mode == "base":
         return
-    np.testing.assert_allclose(router_logits, ref_router, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(router_logits, ref_router, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(balance, ref_balance, rtol=1e-5)
     base, _, _ = run_batch(params, cfg, MOA, "base")
     assert np.abs(np.asarray(logits - base)[VALID]).max() > 1e-2, "adapters should change the output"
@@ -317,58 +318,6 @@ def test_split_merge_round_trip_and_overlap_error():
     clash = {**trainable, "final_norm": frozen["final_norm"]}
     with pytest.raises(ValueError, match="keys in both frozen and trainable: \\['final_norm/scale'\\]"):
         merge_params(frozen, clash)
-
-
-SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                      num_kv_heads=3, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
-LLAMA2_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                        num_kv_heads=32, tie_word_embeddings=False)
-
-
-def _shapes(tree):
-    return {"/".join(k): (tuple(v.shape), v.dtype) for k, v in traverse_util.flatten_dict(tree).items()}
-
-
-def test_param_tree_smollm2_135m_with_ten_experts():
-    moa = MoAConfig(num_experts=10, rank=16)
-    f32 = jnp.dtype("float32")
-    proj = {"attn/q_proj": (576, 576), "attn/k_proj": (576, 192), "attn/v_proj": (576, 192),
-            "attn/o_proj": (576, 576), "mlp/gate_proj": (576, 1536), "mlp/up_proj": (576, 1536),
-            "mlp/down_proj": (1536, 576)}
-    expected = {"embed/embedding": ((49152, 576), f32), "final_norm/scale": ((576,), f32),
-                "layers/input_norm/scale": ((30, 576), f32), "layers/post_attn_norm/scale": ((30, 576), f32),
-                "layers/router/kernel": ((30, 576, 10), f32)}
-    for name, (din, dout) in proj.items():
-        expected[f"layers/{name}/kernel"] = ((30, din, dout), f32)
-        expected[f"layers/{name}/lora_a"] = ((30, 10, din, 16), f32)
-        expected[f"layers/{name}/lora_b"] = ((30, 10, 16, dout), f32)
-    shapes = param_shapes(SMOLLM2, moa)
-    assert _shapes(shapes) == expected
-    frozen, trainable = split_params(shapes)
-    # per layer and expert r*(Din+Dout): q,o 16*1152, k,v 16*768, gate,up,down 16*2112 = 162,816;
-    # x 10 experts + router 576*10 = 1,633,920 per layer; x 30 layers:
-    assert count_params(trainable) == 49_017_600
-    assert count_params(frozen) == 134_515_008        # SmolLM2-135M's published parameter count
-
-
-def test_param_tree_llama2_7b_base():
-    shapes = param_shapes(LLAMA2_7B, None)
-    f32 = jnp.dtype("float32")
-    expected = {"embed/embedding": ((32000, 4096), f32), "lm_head/kernel": ((4096, 32000), f32),
-                "final_norm/scale": ((4096,), f32), "layers/input_norm/scale": ((32, 4096), f32),
-                "layers/post_attn_norm/scale": ((32, 4096), f32)}
-    for name in ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj"):
-        expected[f"layers/{name}/kernel"] = ((32, 4096, 4096), f32)
-    expected["layers/mlp/gate_proj/kernel"] = expected["layers/mlp/up_proj/kernel"] = ((32, 4096, 11008), f32)
-    expected["layers/mlp/down_proj/kernel"] = ((32, 11008, 4096), f32)
-    assert _shapes(shapes) == expected
-    # 2 * V*D (embed, head) + L * (4 D^2 + 3 D F + 2 D) + D
-    assert count_params(shapes) == 2 * 32000 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
-    assert count_params(shapes) == 6_738_415_616
-    # and its adapters: q,v only, E=2, r=8: 32 layers * 2 experts * 2 projections * 8*(4096+4096) + routers
-    frozen, trainable = split_params(param_shapes(LLAMA2_7B, MoAConfig(num_experts=2, rank=8, targets="q,v")))
-    assert count_params(frozen) == 6_738_415_616
-    assert count_params(trainable) == 32 * 2 * 2 * 8 * 8192 + 32 * 4096 * 2
 
 
 # ------------------------------------------------------------------------------------------ dtypes, dropout, errors
