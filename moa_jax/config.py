@@ -131,8 +131,10 @@ class MoAConfig:
         _check(self.router_type in ROUTER_TYPES, f"MoAConfig.router_type={self.router_type!r} not in {ROUTER_TYPES}")
         _check(self.decision in DECISION_POLICIES,
                f"MoAConfig.decision={self.decision!r} not in {DECISION_POLICIES}")
-        _check(self.dispatch != "token_topk" or 1 <= self.top_k <= self.num_experts,
-               f"MoAConfig.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        _check(self.top_k >= 1, f"MoAConfig.top_k must be >= 1, got {self.top_k}")
+        # top_k is used only by token_topk; checking it otherwise would reject E=1 (a plain LoRA) at top_k=2.
+        _check(self.dispatch != "token_topk" or self.top_k <= self.num_experts,
+               f"MoAConfig.top_k={self.top_k} must be <= num_experts={self.num_experts} for dispatch='token_topk'")
         _check(self.adapter_dtype in DTYPES, f"MoAConfig.adapter_dtype={self.adapter_dtype!r} not in {DTYPES}")
 
     @property

@@ -106,6 +106,9 @@ class MoATransformer(nn.Module):
         """
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing={routing!r} is not one of {ROUTING_MODES}")
+        if routing == "token" and self.moa is not None and self.moa.top_k > self.moa.num_experts:
+            raise ValueError(f"routing='token' needs MoAConfig.top_k={self.moa.top_k} <= "
+                             f"num_experts={self.moa.num_experts}")
         cfg = self.cfg
         b, t = tokens.shape
         attention_mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)

@@ -27,9 +27,10 @@ def masked_mean_pool(h: Array, mask: Array) -> Array:
 
 def router_ce_loss(logits: Array, labels: Array, valid: Array | None = None) -> Array:
     """logits [L, B, E] f32, labels [B] int -> mean over layers and valid samples of CE(logits, label)."""
+    w = jnp.ones(labels.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
+    labels = jnp.where(w > 0, labels, 0)   # an invalid sample's label may be anything (padding): never gather it
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[None, :, None], axis=-1)[..., 0]   # (L, B)
-    w = jnp.ones(labels.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
     return jnp.sum(nll * w[None]) / (logits.shape[0] * jnp.maximum(jnp.sum(w), 1.0))
 
 

@@ -1,0 +1,46 @@
+"""Shared pytest setup: 8 forced CPU devices (for sharding tests) and tiny model / MoA configs.
+
+XLA_FLAGS must be set before jax is first imported, so it comes first in this file.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from moa_jax.config import ModelConfig, MoAConfig  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
+
+
+def make_tiny_cfg(**changes) -> ModelConfig:
+    """D=32, F=64, L=2, GQA with H=4 query heads over K=2 kv heads (Dh=8), V=64."""
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                max_position_embeddings=64, name="tiny")
+    return ModelConfig(**{**base, **changes})
+
+
+def make_tiny_moa(**changes) -> MoAConfig:
+    """E=3 experts of rank 4 on all seven projections, no dropout (deterministic tests)."""
+    base = dict(num_experts=3, rank=4, alpha=8.0, dropout=0.0)
+    return MoAConfig(**{**base, **changes})
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    """Untied head, no attention bias."""
+    return make_tiny_cfg()
+
+
+@pytest.fixture(params=["untied", "tied_bias"])
+def tiny_cfg_variant(request) -> ModelConfig:
+    """Both head variants: untied without bias, and tied embeddings with q/k/v bias (Qwen2/SmolLM2-like)."""
+    if request.param == "untied":
+        return make_tiny_cfg()
+    return make_tiny_cfg(tie_word_embeddings=True, attention_bias=True)
+
+
+@pytest.fixture
+def tiny_moa() -> MoAConfig:
+    return make_tiny_moa()

@@ -1,0 +1,50 @@
+"""Bad configuration values raise ConfigError (a ValueError) naming the field; good edge cases construct."""
+import pytest
+
+from moa_jax.config import ConfigError, MoAConfig, normalize_targets
+from tests.conftest import make_tiny_cfg
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_experts=0), r"MoAConfig\.num_experts must be >= 1, got 0"),
+    (dict(rank=0), r"MoAConfig\.rank must be >= 1, got 0"),
+    (dict(targets=("q_proj", "qq")), r"MoAConfig\.targets: unknown projection 'qq'"),
+    (dict(targets=()), r"MoAConfig\.targets is empty"),
+    (dict(dispatch="ragged"), r"MoAConfig\.dispatch='ragged'"),
+    (dict(dispatch="token_topk", num_experts=3, top_k=4), r"MoAConfig\.top_k=4 must be <= num_experts=3"),
+    (dict(top_k=0), r"MoAConfig\.top_k must be >= 1"),
+    (dict(dropout=1.0), r"MoAConfig\.dropout"),
+    (dict(router_type="conv"), r"MoAConfig\.router_type='conv'"),
+    (dict(decision="median"), r"MoAConfig\.decision='median'"),
+])
+def test_bad_moa_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        MoAConfig(**kwargs)
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=4, num_kv_heads=3), r"ModelConfig\.num_heads=4 is not a multiple of num_kv_heads=3"),
+    (dict(num_kv_heads=0), r"ModelConfig\.num_kv_heads must be > 0"),
+    (dict(hidden_size=30), r"ModelConfig\.hidden_size=30 is not divisible by num_heads=4"),
+    (dict(dtype="float8"), r"ModelConfig\.dtype='float8'"),
+])
+def test_bad_model_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        make_tiny_cfg(**kwargs)
+
+
+def test_single_expert_is_a_valid_plain_lora():
+    """Regression: E=1 used to be rejected by the default top_k=2, which only token_topk dispatch uses."""
+    moa = MoAConfig(num_experts=1)
+    assert moa.num_experts == 1 and moa.top_k == 2
+    MoAConfig(num_experts=1, dispatch="soft")
+    MoAConfig(num_experts=2, dispatch="token_topk", top_k=2)
+
+
+def test_targets_normalised_and_scale():
+    assert normalize_targets("q,v") == ("q_proj", "v_proj")
+    assert normalize_targets(("down", "q_proj")) == ("q_proj", "down_proj")   # model order
+    assert MoAConfig(targets="all").targets == normalize_targets(("q", "k", "v", "o", "gate", "up", "down"))
+    assert MoAConfig(rank=16, alpha=32.0).scale == 2.0
+    assert MoAConfig(rank=16, alpha=32.0, use_rslora=True).scale == 8.0
