@@ -129,6 +129,11 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     b = tokens.shape[0]
     mode = model_routing(moa, routing)
+    if mode == "soft":
+        # The per-sequence gates come from pooling the prompt; a cached decode step sees only its new token and
+        # would re-pool over it alone. Soft MoA is evaluated by perplexity (full forward) instead.
+        raise ValueError("generation with dispatch='soft' is not supported (cached decoding would re-pool the "
+                         "routers over each new token); evaluate soft mixtures by perplexity, or use top1")
     router_logits = None
     if mode == "base":
         idx = jnp.full((b,), -1, jnp.int32)

@@ -113,6 +113,8 @@ class MoATransformer(nn.Module):
         b, t = tokens.shape
         attention_mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
         prompt_mask = attention_mask if prompt_mask is None else prompt_mask
+        if routing == "fixed" and expert_idx is None and self.moa is not None:
+            raise ValueError("routing='fixed' needs expert_idx [B] (the expert of each sequence)")
         expert_idx = jnp.zeros((b,), jnp.int32) if expert_idx is None else jnp.asarray(expert_idx, jnp.int32)
         if cache is not None:
             cache_index = cache["index"]

@@ -47,7 +47,7 @@ def _init_fn(cfg: ModelConfig, moa: Optional[MoAConfig]):
 
     def init(rng):
         tokens = jnp.zeros((1, 4), jnp.int32)
-        return model.init({"params": rng}, tokens, routing="fixed")["params"]
+        return model.init({"params": rng}, tokens, routing="fixed", expert_idx=jnp.zeros((1,), jnp.int32))["params"]
     return init
 
 
