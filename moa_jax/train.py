@@ -151,7 +151,9 @@ def _check_finite(state: TrainState, ckpt: StageCheckpointer, step: int) -> None
     bad = int(jax.device_get(state.nonfinite))
     if bad:
         ckpt.wait()
+        last = ckpt.latest_step()
+        where = (f"The last good checkpoint is step {last} in {ckpt.directory}." if last is not None
+                 else f"No checkpoint was written to {ckpt.directory}.")
         raise NonFiniteLossError(
-            f"{bad} update(s) up to step {step} had a NaN/inf loss or gradient (those updates were skipped); "
-            f"stopping. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
-            f"Lower the learning rate or check the data.")
+            f"{bad} update(s) up to step {step} had a NaN/inf loss, gradient or updated parameter (those updates "
+            f"were skipped); stopping. {where} Lower the learning rate or check the data.")
