@@ -233,7 +233,7 @@ class DataConfig:
                                            # None: template default; any string (even ""): that system message
     max_len: int = 256                # longest tokenised example kept (prompt + response + eos)
     length_policy: str = "drop"       # over-long examples: drop (counted + logged) | truncate_left | error
-    buckets: tuple = (64, 128, 256)   # padded lengths T; a batch uses the smallest bucket that fits it
+    buckets: tuple[int, ...] = (64, 128, 256)  # padded lengths T; a batch uses the smallest bucket that fits it
     batch_size: int = 8               # global batch B (all hosts together)
     eval_batch_size: int = 0          # 0 -> batch_size
     mixing: str = "uniform"           # domain weights: uniform | proportional (to size) | temperature

@@ -29,8 +29,8 @@ from moa_jax.checkpoint import StageCheckpointer, save_adapters
 from moa_jax.config import TrainConfig
 from moa_jax.metrics_log import MetricsLogger, summarize
 from moa_jax.model import MoATransformer
-from moa_jax.sharding import (batch_sharding, logical_to_spec, param_logical_axes, param_shardings,
-                              replicated)
+from moa_jax.sharding import (batch_sharding, check_batch_divisible, check_experts_divisible, logical_to_spec,
+                              param_logical_axes, param_shardings, replicated)
 from moa_jax.train_step import TrainState, gather_targets, init_state, make_optimizer, train_step
 
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
@@ -61,6 +61,7 @@ def _stack_micro(source: BatchSource, step: int, accum: int, compact_targets: bo
 
 def _put_micro(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """[A, B_local, ...] host rows -> global [A, B, ...] arrays with B over every device."""
+    check_batch_divisible(mesh, local["domain"].shape[1] * jax.process_count())
     return {k: jax.make_array_from_process_local_data(_micro_sharding(mesh, v.ndim), v) for k, v in local.items()}
 
 
@@ -105,6 +106,8 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
 
     frozen: the base weights, already placed on the mesh. trainable: the initial experts/routers (host or device).
     """
+    if model.moa is not None:
+        check_experts_divisible(mesh, model.moa.num_experts)
     os.makedirs(workdir, exist_ok=True)
     tx = make_optimizer(tcfg, trainable)
     abstract, shards = state_shardings(mesh, tx, trainable)
@@ -158,7 +161,9 @@ def _check_finite(state: TrainState, ckpt: StageCheckpointer, step: int) -> None
     bad = int(jax.device_get(state.nonfinite))
     if bad:
         ckpt.wait()
+        last = ckpt.latest_step()
+        where = (f"The last good checkpoint is step {last} in {ckpt.directory}." if last is not None
+                 else f"No checkpoint was written to {ckpt.directory}.")
         raise NonFiniteLossError(
-            f"{bad} update(s) up to step {step} had a NaN/inf loss or gradient (those updates were skipped); "
-            f"stopping. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. "
-            f"Lower the learning rate or check the data.")
+            f"{bad} update(s) up to step {step} had a NaN/inf loss, gradient or updated parameter (those updates "
+            f"were skipped); stopping. {where} Lower the learning rate or check the data.")

@@ -38,7 +38,7 @@ class TrainState:
     trainable: Params
     opt_state: optax.OptState
     rng: jax.Array
-    nonfinite: jax.Array  # number of updates skipped because loss or gradients were not finite
+    nonfinite: jax.Array  # number of updates skipped: loss, gradients or updated params not finite
 
 
 def routing_mode(tcfg: TrainConfig) -> str:
@@ -185,7 +185,9 @@ def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A finite loss and gradient can still give non-finite parameters (an overflowing learning rate): check them too.
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(trainable)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + 1, trainable=keep(trainable, state.trainable),
                            opt_state=keep(opt_state, state.opt_state), rng=rng,
