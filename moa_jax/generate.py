@@ -155,3 +155,9 @@ def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 16) -> tup
         tokens[i, p - len(s):] = s
         mask[i, p - len(s):] = 1
     return tokens, mask
+
+
+if __name__ == "__main__":   # python -m moa_jax.generate --workdir RUN --prompt "..."  (see generate_cli.py)
+    import sys
+    from moa_jax.generate_cli import main
+    sys.exit(main())
