@@ -100,8 +100,10 @@ def perplexity_and_routing(cfg: ModelConfig, method: Method, batches: Sequence[d
 def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]], domains: Sequence[int],
                      *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int, batch_size: int,
                      decode: Callable[[list[int]], str]) -> tuple[list[str], np.ndarray]:
-    """Greedy answers for prompt token lists (mixed domains per batch). -> (texts, expert used per prompt)."""
+    """Greedy answers for prompt token lists (mixed domains per batch). -> (texts, expert used per prompt).
+    Every batch is padded to the same shape (the longest prompt of all), so decoding compiles once."""
     texts, experts = [], []
+    longest = max(len(p) for p in prompts)
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
         dom = np.asarray(domains[start:start + batch_size], np.int32)
@@ -109,7 +111,7 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
         if n < batch_size:  # pad the last batch with copies: one compiled shape
             chunk += [chunk[0]] * (batch_size - n)
             dom = np.concatenate([dom, np.repeat(dom[:1], batch_size - n)])
-        tokens, mask = left_pad(chunk, pad_id)
+        tokens, mask = left_pad(chunk, pad_id, length=longest)
         out, idx, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=method.routing,
                                       expert=0 if method.routing == "forced" else None,
                                       domain=dom if method.routing == "oracle" else None,

@@ -38,8 +38,8 @@ def accuracy_bars(results: dict, path: str) -> str:
     ax.set_ylabel("accuracy (verifier, exact)")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{results.get('experiment', '')}: accuracy per domain "
-                 f"({min(results['items_per_domain'])} test items per domain)")
-    ax.legend(fontsize=7, ncol=min(4, len(methods)), loc="upper left")
+                 f"(n = {min(results['items_per_domain'])} test items per domain)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))   # outside: never hides a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

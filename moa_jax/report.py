@@ -21,6 +21,15 @@ from moa_jax import metrics, plots
 METRICS = (("accuracy", "accuracy", "{:.3f}", True), ("ppl", "PPL", "{:.3f}", False),
            ("bleu", "BLEU-4", "{:.2f}", True), ("rouge_l", "ROUGE-L", "{:.2f}", True))
 MOA = "moa_router"
+DESCRIPTIONS = {
+    "most_common": "the domain's most common TRAIN answer for every test item (a floor; no PPL)",
+    "base": "the base model, adapters off",
+    "single_lora": "stage-1 experts, the domain given (paper: Single-LoRA)",
+    "mixed_lora": "one LoRA on all domains mixed, the same examples as stage 1 + stage 2 (paper: Single-LoRA (mixed))",
+    "moa_router": "MoA: stage-2 experts, the routers pick one expert per prompt (paper: MoA)",
+    "moa_oracle": "MoA's stage-2 experts with the domain given (each expert used alone after joint training)",
+    "moe_lora": "token-level top-k MoE-LoRA over the experts, no domain labels (paper: MoE-LoRA)",
+}
 
 
 class ReportError(ValueError):
@@ -86,8 +95,10 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
           "scores of the completion against the reference answer (0-100); routing: share of items the routers "
           "send to their own domain's expert. Averages are unweighted over domains. One accuracy over n items has "
           f"a standard error up to 0.5/sqrt(n) = {0.5 / math.sqrt(max(min(n_items), 1)):.3f}: smaller per-domain "
-          "differences are noise.", "",
-          "## Averages over domains (cf. the paper's Table 2)", "",
+          "differences are noise.", ""]
+    kinds = list(dict.fromkeys(results["methods"][m].get("kind", m) for m in methods))
+    md += [f"- `{k}`: {DESCRIPTIONS[k]}" for k in kinds if k in DESCRIPTIONS]
+    md += ["", "## Averages over domains (cf. the paper's Table 2)", "",
           _row(["method"] + [t for _, t, _, _ in METRICS] + ["routing accuracy"]), _row(["---"] * (len(METRICS) + 2))]
     for m in methods:
         e = results["methods"][m]
@@ -116,7 +127,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
             md += [_row([f"{i} {d}"] + [str(v) for v in conf[i]]) for i, d in enumerate(results["domains"])]
     if results.get("variants"):
         md += ["", "## Ablation variants (each trained from the shared stage 1; reported as `method[NAME]`)", ""]
-        md += [f"- `{name}`: " + (", ".join(f"`{s}`" for s in sets) or "no training change")
+        md += [f"- `{name}`: " + (", ".join(f"`{s}`" for s in sets) or "the main run's settings")
                for name, sets in results["variants"].items()]
     mca = results["methods"].get("most_common", {}).get("answers")
     if mca:

@@ -44,7 +44,8 @@ def test_smoke_writes_the_report(smoke):
         assert os.path.getsize(path) > 20_000, name
         img = matplotlib.image.imread(path)
         assert img.shape[0] > 300 and img.shape[1] > 600, (name, img.shape)
-        assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 50, f"{name} is (nearly) blank"
+        grey = img[::3, ::3, :3].mean(axis=-1)
+        assert len(np.unique(np.round(grey, 2))) > 20 and (grey < 0.5).mean() > 0.002, f"{name} is (nearly) blank"
     md = open(os.path.join(workdir, "results.md")).read()
     for text in ("## Averages over domains", "## Where MoA (moa_router) does not beat another method",
                  "MoA vs single_lora (accuracy):", "MoA vs mixed_lora (accuracy):", "## BLEU-4 per domain",
@@ -91,9 +92,9 @@ def test_generate_cli_prints_expert_and_answer(smoke, capsys):
         idx, name = line.split()[1], line.split()[2].strip("()")
         assert DOMAIN_NAMES[int(idx)] == name
     assert out.count("answer: ") == 2
-    assert main(["--workdir", workdir, "--prompt", "What is 2 + 3?", "--routing", "forced", "--expert",
-                 "spell_backward", "--max_new_tokens", "4"]) == 0
-    assert "expert: 9 (spell_backward) [routing=forced]" in capsys.readouterr().out
+    assert main(["--workdir", workdir, "--prompt", "What is 2 + 3?", "--prompt", "Spell 'cat' backward",
+                 "--routing", "forced", "--expert", "spell_backward", "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("expert: 9 (spell_backward) [routing=forced]") == 2
     assert main(["--workdir", workdir, "--prompt", "hi", "--routing", "oracle"]) == 2
     assert "needs --expert" in capsys.readouterr().err
 
