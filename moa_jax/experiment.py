@@ -100,7 +100,8 @@ class ExperimentContext:
               subdir: str = ""):
         """Train one stage in workdir/subdir/stage (or load it from reuse_from). -> (trainable, log history)."""
         label, config = os.path.join(subdir, stage), self.config_dict(stage, moa, tcfg)
-        if self.exp.reuse_from and not subdir:
+        own = os.path.isdir(os.path.join(self.workdir, label, "checkpoints"))   # resuming here wins over reuse
+        if self.exp.reuse_from and not subdir and not own:
             reused = _reuse(self.exp.reuse_from, stage, config, self.cfg, moa)
             if reused is not None:
                 self.stage_dirs[label] = os.path.join(self.exp.reuse_from, stage)
