@@ -1,6 +1,7 @@
 """Command line: `python -m experiments.run --exp=NAME [--workdir=DIR] [--set key=value ...]`.
 
-Logs the resolved config, runs the experiment (resuming from DIR if it holds checkpoints) and writes the report.
+Logs the resolved config, runs the experiment (resuming from DIR if it holds checkpoints), writes the report
+(results.md, results.json, PNG figures) into DIR and prints its summary.
 Multi-host: pass --coordinator/--num_processes/--process_id (or MOA_* env vars), or --distributed=auto on TPU pods.
 """
 from __future__ import annotations
@@ -42,9 +43,9 @@ def main(argv=None) -> int:
     workdir = args.workdir or f"runs/{args.exp}"
     logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
                                       json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-    results = run_experiment(exp, workdir, progress=not args.no_progress)
-    from moa_jax.report import write_report
-    print(write_report(results, workdir))
+    results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
+    from moa_jax.report import summary
+    print(summary(results, workdir))
     return 0
 
 

@@ -34,8 +34,12 @@ class Generation:
 
 
 def load_base(source: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, Any]:
-    """-> (ModelConfig, frozen base params as numpy, tokenizer)."""
+    """-> (ModelConfig, frozen base params as numpy, tokenizer). "tiny-random" is the smoke experiment's random
+    tiny Llama (deterministic, so a smoke run's adapters load onto the same base)."""
     from moa_jax import loading
+    if source == "tiny-random":
+        from moa_jax.experiment import load_base_model
+        return load_base_model(source, param_dtype)
     cfg, params = loading.load_checkpoint(source, param_dtype=param_dtype)
     return cfg, params, loading.load_tokenizer(source)
 

@@ -266,16 +266,18 @@ class DataConfig:
 
 
 # ---- evaluation and experiments ----
-EVAL_METHODS = ("base", "single_lora", "mixed_lora", "moa_router", "moa_oracle", "moe_lora")
+EVAL_METHODS = ("most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle", "moe_lora")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Test-split evaluation: perplexity, greedy-generation metrics and routing, per domain."""
+    """Test-split evaluation: perplexity, greedy-generation metrics (verifier accuracy, BLEU-4, ROUGE-L) and
+    routing, per domain. Methods (moa_jax/evaluate.py): most_common = the most common TRAIN answer of the domain
+    (a floor), base, single_lora (stage-1 experts, domain given), mixed_lora, moa_router, moa_oracle, moe_lora."""
     items_per_domain: int = 200     # test items per domain (>= 200 for claims; see environment.md)
     max_new_tokens: int = 32
     batch_size: int = 32
-    methods: tuple = ("base", "single_lora", "mixed_lora", "moa_router", "moa_oracle")
+    methods: tuple = ("most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle")
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -285,13 +287,58 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+# Ablation variants change only what comes after stage 1, so every variant shares the experiment's stage 1.
+VARIANT_KEY_PREFIXES = ("stage2.", "moe_lora.", "moa.decision", "moa.top_k")
+VARIANT_METHODS = ("moa_router", "moa_oracle", "moe_lora")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation variant, parsed from its spec string `NAME: key=value; key=value; methods=m1+m2`.
+
+    `sets` are --set style overrides of the experiment (only keys under VARIANT_KEY_PREFIXES); `methods` are the
+    methods evaluated for it (default moa_router+moa_oracle), reported as `method[NAME]`. No commas in a spec,
+    so a list of specs can be given on the command line: --set "variants=eta0:stage2.eta=0,vote:moa.decision=vote"
+    """
+    name: str
+    sets: tuple = ()
+    methods: tuple = ("moa_router", "moa_oracle")
+
+
+def parse_variant(spec: str) -> Variant:
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    _check(bool(sep) and bool(name) and "," not in spec and all(c.isalnum() or c in "._-" for c in name),
+           f"variant {spec!r}: expected 'NAME: key=value; ...; methods=a+b' with NAME in letters, digits, '._-' "
+           f"and no commas")
+    sets, methods = [], Variant.methods
+    for part in (p.strip() for p in rest.split(";")):
+        if not part:
+            continue
+        key, eq, value = (s.strip() for s in part.partition("="))
+        _check(bool(eq) and bool(key), f"variant {name!r}: {part!r} is not key=value")
+        if key == "methods":
+            methods = tuple(m.strip() for m in value.split("+") if m.strip())
+            bad = [m for m in methods if m not in VARIANT_METHODS]
+            _check(bool(methods) and not bad, f"variant {name!r}: methods {list(methods)}: each must be one of "
+                   f"{VARIANT_METHODS} (joined with '+')")
+            continue
+        _check(key.startswith(VARIANT_KEY_PREFIXES), f"variant {name!r}: key {key!r} cannot vary; a variant shares "
+               f"stage 1 and the data, so it may only set keys starting with {VARIANT_KEY_PREFIXES}")
+        sets.append(f"{key}={value}")
+    return Variant(name, tuple(sets), methods)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """A whole MoA experiment: stage 1 -> stage 2 -> baselines -> evaluation (see experiments/registry.py).
 
     model: the embedded name, an HF checkpoint directory, a .gguf file, or "tiny-random" (a random tiny Llama with
     the embedded tokenizer, for smoke tests). dtype "auto": float32 on CPU, bfloat16 on accelerators.
-    mixed_lora_steps 0 = stage1.steps + stage2.steps (the same examples as MoA sees in both stages).
+    baseline.steps 0 = stage1.steps + stage2.steps (the same examples as MoA sees in both stages).
+    variants: ablation specs (see `Variant`); each trains in `<workdir>/variants/<NAME>/` from the shared stage 1.
+    reuse_from: the work directory of an earlier run whose adapters are loaded instead of training a stage when
+    that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
     """
     name: str = "custom"
     model: str = "smollm2-135m-instruct"
@@ -304,8 +351,13 @@ class ExperimentConfig:
     moe_lora: TrainConfig = TrainConfig(stage="moe_lora", steps=0)
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
+    variants: tuple = ()
+    reuse_from: str = ""
 
     def __post_init__(self):
+        object.__setattr__(self, "variants", tuple(self.variants))
+        names = [parse_variant(v).name for v in self.variants]
+        _check(len(set(names)) == len(names), f"ExperimentConfig.variants: duplicate names in {names}")
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
         _check(self.stage1.stage == "stage1", "ExperimentConfig.stage1.stage must be 'stage1'")
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")

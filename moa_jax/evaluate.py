@@ -1,10 +1,13 @@
 """Per-domain evaluation of one method: perplexity on response tokens, routing accuracy and the confusion matrix
-(router decision vs domain label), and greedy-generation accuracy with each domain's verifier.
+(router decision vs domain label), and greedy generation (scored by moa_jax.evaluation_run with each domain's
+verifier, BLEU-4 and ROUGE-L from moa_jax.metrics).
 
 A "method" is a trained parameter tree plus how it routes:
   base         adapters off                    single_lora  stage-1 experts, the domain label picks the expert
   mixed_lora   one LoRA (E=1) for everything   moa_router   stage-2 experts, the routers decide from the prompt
   moa_oracle   stage-2 experts, label given    moe_lora     token-level top-k routing (no labels)
+(The most_common baseline has no parameters: moa_jax.evaluation_run scores it directly.) An ablation variant of
+a method keeps the method's name and routing and carries a `label` such as 'moa_router[eta0]'.
 Router decisions are made exactly as at inference: a routing pass over the prompt tokens only, then the decided
 expert for the whole sequence (so PPL under 'router' is what a user of the routed model gets).
 
@@ -32,13 +35,18 @@ ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "for
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    name: str
+    name: str                 # one of ROUTING_OF_METHOD
     moa: Optional[MoAConfig]
     params: Any               # full tree (frozen base merged with this method's adapters)
+    label: str = ""           # how reports name it (default: name)
 
     @property
     def routing(self) -> str:
         return ROUTING_OF_METHOD[self.name]
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,8 +102,10 @@ def perplexity_and_routing(cfg: ModelConfig, method: Method, batches: Sequence[d
 def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]], domains: Sequence[int],
                      *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int, batch_size: int,
                      decode: Callable[[list[int]], str]) -> tuple[list[str], np.ndarray]:
-    """Greedy answers for prompt token lists (mixed domains per batch). -> (texts, expert used per prompt)."""
+    """Greedy answers for prompt token lists (mixed domains per batch). -> (texts, expert used per prompt).
+    Every batch is padded to the same shape (the longest prompt of all), so decoding compiles once."""
     texts, experts = [], []
+    longest = max(len(p) for p in prompts)
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
         dom = np.asarray(domains[start:start + batch_size], np.int32)
@@ -103,7 +113,7 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
         if n < batch_size:  # pad the last batch with copies: one compiled shape
             chunk += [chunk[0]] * (batch_size - n)
             dom = np.concatenate([dom, np.repeat(dom[:1], batch_size - n)])
-        tokens, mask = left_pad(chunk, pad_id)
+        tokens, mask = left_pad(chunk, pad_id, length=longest)
         out, idx, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=method.routing,
                                       expert=0 if method.routing == "forced" else None,
                                       domain=dom if method.routing == "oracle" else None,

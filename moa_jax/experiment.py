@@ -1,12 +1,21 @@
-"""One MoA experiment end to end: base model + data -> stage 1 -> stage 2 -> baselines -> evaluation -> results.
+"""One MoA experiment end to end: base model + data -> stage 1 -> stage 2 -> baselines -> ablation variants ->
+evaluation -> report.
 
     workdir/config.json                  the resolved ExperimentConfig
     workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
-    workdir/results.json (+ the report files written by report.py)
+    workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
+    workdir/results.json  results.md  *.png            the report (moa_jax/report.py)
 
 Every stage resumes from its own checkpoints, so re-running the same command after an interruption continues
 where it stopped and a finished stage is not trained again. Restore order per stage: its own checkpoint > the
 previous stage's adapters (stage 2 <- stage 1) > fresh experts on the frozen base.
+
+How ablation variants share work: a variant may only change what comes after stage 1 (stage-2 and MoE-LoRA
+settings, the decision policy), so all variants start from the experiment's one stage 1; a variant whose
+training settings equal the main run's (or an earlier variant's) reuses those trained adapters instead of
+training again (e.g. `moa.decision=vote` only re-evaluates). `reuse_from=<workdir of an earlier run>` goes one
+step further: any top-level stage whose resolved config equals the one there is loaded from there (stage 1 must
+match), so the ablations can start from the main experiment's stage 1 and stage 2.
 """
 from __future__ import annotations
 
@@ -15,15 +24,18 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
-import numpy as np
 
-from moa_jax.config import ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig, replace
+from moa_jax.checkpoint import load_adapters
+from moa_jax.config import (ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig, Variant,
+                            parse_variant, replace)
 from moa_jax.data.pipeline import TrainIterator, load_split
+from moa_jax.evaluation_run import MethodSpec, evaluate_all
+from moa_jax.evaluation_run import eval_rows, reference_text, score_completion  # noqa: F401  (re-exported)
 from moa_jax.model import MoATransformer
-from moa_jax.params import init_params, init_trainable, merge_params, split_params
+from moa_jax.params import check_tree, init_params, init_trainable, param_shapes, split_params
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, make_mesh, param_shardings,
                               put_params)
 from moa_jax.train import train_stage
@@ -72,6 +84,7 @@ class ExperimentContext:
     frozen_shardings: Any
     data: dict            # split -> TokenizedSplit
     domains: tuple
+    stage_dirs: dict = dataclasses.field(default_factory=dict)  # "stage1", "variants/eta0/stage2" -> its directory
 
     def config_dict(self, stage: str, moa: MoAConfig, tcfg: TrainConfig) -> dict:
         return {"experiment": self.exp.name, "stage": stage, "model": {"source": self.exp.model,
@@ -83,12 +96,61 @@ class ExperimentContext:
         return TrainIterator(self.data["train"], data_cfg, process_index=jax.process_index(),
                              process_count=jax.process_count(), micro_batches=accum)
 
-    def train(self, stage: str, moa: MoAConfig, tcfg: TrainConfig, init: Any, source, progress: bool):
-        log.info("== %s: %d steps, E=%d, dispatch=%s", stage, tcfg.steps, moa.num_experts, moa.dispatch)
+    def train(self, stage: str, moa: MoAConfig, tcfg: TrainConfig, init: Any, source, progress: bool,
+              subdir: str = ""):
+        """Train one stage in workdir/subdir/stage (or load it from reuse_from). -> (trainable, log history)."""
+        label, config = os.path.join(subdir, stage), self.config_dict(stage, moa, tcfg)
+        own = os.path.isdir(os.path.join(self.workdir, label, "checkpoints"))   # resuming here wins over reuse
+        if self.exp.reuse_from and not subdir and not own:
+            reused = _reuse(self.exp.reuse_from, stage, config, self.cfg, moa)
+            if reused is not None:
+                self.stage_dirs[label] = os.path.join(self.exp.reuse_from, stage)
+                return reused, []
+        log.info("== %s: %d steps, E=%d, dispatch=%s", label, tcfg.steps, moa.num_experts, moa.dispatch)
+        self.stage_dirs[label] = os.path.join(self.workdir, label)
         return train_stage(model=MoATransformer(self.cfg, moa), tcfg=tcfg, mesh=self.mesh, frozen=self.frozen,
-                           trainable=init, source=source, workdir=os.path.join(self.workdir, stage),
-                           config=self.config_dict(stage, moa, tcfg), domain_names=self.domains,
-                           frozen_shardings=self.frozen_shardings, progress=progress, desc=stage)
+                           trainable=init, source=source, workdir=self.stage_dirs[label], config=config,
+                           domain_names=self.domains, frozen_shardings=self.frozen_shardings, progress=progress,
+                           desc=label)
+
+
+# Config entries that do not change what a stage learns (ignored when deciding whether adapters can be reused).
+_REUSE_IGNORED = ("experiment", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "moa.decision", "data.eval_batch_size")
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> current' for every training-relevant entry where two stage configs differ."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(json.loads(json.dumps(saved, default=str))), flat(json.loads(json.dumps(current, default=str)))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in _REUSE_IGNORED and a.get(k) != b.get(k)]
+
+
+def _reuse(other_workdir: str, stage: str, config: dict, cfg: ModelConfig, moa: MoAConfig):
+    """Adapters of `stage` from another run when its config matches; None (train here) when it does not;
+    an error for stage 1, which every later stage builds on."""
+    directory = os.path.join(other_workdir, stage, "adapters")
+    if not os.path.isdir(directory):
+        if stage == "stage1":
+            raise ConfigError(f"reuse_from={other_workdir!r}: no stage-1 adapters at {directory}")
+        log.info("reuse_from: no %s adapters in %s; training %s here", stage, other_workdir, stage)
+        return None
+    trainable, saved = load_adapters(directory)
+    diff = config_differences(saved, config)
+    if diff:
+        if stage == "stage1":
+            raise ConfigError(f"reuse_from={other_workdir!r}: its stage 1 was trained with a different config, so "
+                              f"its adapters cannot stand in for this run's stage 1: " + "; ".join(diff))
+        log.info("reuse_from: %s of %s differs (%s); training it here", stage, other_workdir, "; ".join(diff))
+        return None
+    check_tree(split_params(param_shapes(cfg, moa))[1], trainable, directory)
+    log.info("== %s: reusing the adapters in %s (same config)", stage, directory)
+    return trainable
 
 
 def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
@@ -120,14 +182,10 @@ def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[
     """Stage 1, stage 2 and the baselines the evaluation asks for. -> {name: (MoAConfig, trainable tree)}."""
     exp, moa = ctx.exp, ctx.exp.moa
     methods = set(exp.eval.methods)
-    key = jax.random.PRNGKey(exp.stage1.seed)
-    out: dict[str, tuple[MoAConfig, Any]] = {}
-    src1, src2 = ctx.source(0, exp.stage1.grad_accum), ctx.source(1, exp.stage2.grad_accum)
-    stage1, _ = ctx.train("stage1", moa, exp.stage1, init_trainable(ctx.cfg, moa, key), src1, progress)
-    out["single_lora"] = (moa, stage1)
-    init2 = stage1 if exp.stage2.expert_init == "stage1" else init_trainable(ctx.cfg, moa, jax.random.fold_in(key, 2))
-    stage2, _ = ctx.train("stage2", moa, exp.stage2, init2, src2, progress)
-    out["moa"] = (moa, stage2)
+    src1 = ctx.source(0, exp.stage1.grad_accum)
+    stage1, _ = ctx.train("stage1", moa, exp.stage1, init_trainable(ctx.cfg, moa, _key(exp)), src1, progress)
+    out: dict[str, tuple[MoAConfig, Any]] = {"single_lora": (moa, stage1)}
+    out["moa"] = train_stage2(ctx, exp, stage1, progress)
     if "mixed_lora" in methods:
         moa1 = replace(moa, num_experts=1)
         first = exp.stage1.steps * exp.stage1.grad_accum
@@ -135,113 +193,101 @@ def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[
         tcfg = exp.baseline
         if tcfg.steps == 0:  # same examples as stage 1 + stage 2
             tcfg = replace(tcfg, steps=total // tcfg.grad_accum)
-        mixed, _ = ctx.train("mixed_lora", moa1, tcfg, init_trainable(ctx.cfg, moa1, jax.random.fold_in(key, 3)),
+        src2 = ctx.source(1, exp.stage2.grad_accum)
+        mixed, _ = ctx.train("mixed_lora", moa1, tcfg, init_trainable(ctx.cfg, moa1, jax.random.fold_in(_key(exp), 3)),
                              _Concat(src1, first, src2), progress)
         out["mixed_lora"] = (moa1, mixed)
     if "moe_lora" in methods:
-        moe = replace(moa, dispatch="token_topk")
-        tcfg = exp.moe_lora if exp.moe_lora.steps else replace(exp.moe_lora, steps=exp.stage2.steps)
-        init = stage1 if tcfg.expert_init == "stage1" else init_trainable(ctx.cfg, moe, jax.random.fold_in(key, 4))
-        moe_tr, _ = ctx.train("moe_lora", moe, tcfg, init, src2, progress)
-        out["moe_lora"] = (moe, moe_tr)
+        out["moe_lora"] = train_moe_lora(ctx, exp, stage1, progress)
     return out
 
 
-def method_params(ctx: ExperimentContext, trained: dict, name: str):
-    """-> evaluate.Method for one method name."""
-    from moa_jax.evaluate import Method
-    frozen = jax.device_get(ctx.frozen) if jax.process_count() == 1 else ctx.frozen
-    if name == "base":
-        return Method(name, None, frozen)
-    source = {"single_lora": "single_lora", "mixed_lora": "mixed_lora", "moa_router": "moa", "moa_oracle": "moa",
-              "moe_lora": "moe_lora"}[name]
-    moa, trainable = trained[source]
-    return Method(name, moa, merge_params(frozen, trainable))
+def _key(exp: ExperimentConfig) -> jax.Array:
+    return jax.random.PRNGKey(exp.stage1.seed)
 
 
-def eval_rows(split, items_per_domain: int) -> np.ndarray:
-    """The first `items_per_domain` rows of every domain of a TokenizedSplit (deterministic)."""
-    return np.concatenate([split.domain_rows(d)[:items_per_domain] for d in range(len(split.domains))])
+def train_stage2(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, progress: bool, subdir: str = ""):
+    """Stage 2 (experts from stage 1, or fresh with stage2.expert_init=random) -> (MoAConfig, trainable)."""
+    init = stage1 if exp.stage2.expert_init == "stage1" else init_trainable(ctx.cfg, exp.moa,
+                                                                             jax.random.fold_in(_key(exp), 2))
+    trained, _ = ctx.train("stage2", exp.moa, exp.stage2, init, ctx.source(1, exp.stage2.grad_accum), progress,
+                           subdir)
+    return exp.moa, trained
 
 
-def score_completion(domain: str, completion: str, example: dict) -> float:
-    """Verifier score for the embedded tasks; normalised exact match against the reference elsewhere."""
-    from moa_jax.data import tasks
-    answer = tasks.extract_answer(completion)
-    if domain in tasks.DOMAIN_NAMES and "metadata" in example:
-        return tasks.score(domain, answer, example)
-    return float(" ".join(answer.lower().split()) == " ".join(reference_text(example).lower().split()))
+def _moe_setup(exp: ExperimentConfig) -> tuple[MoAConfig, TrainConfig]:
+    tcfg = exp.moe_lora if exp.moe_lora.steps else replace(exp.moe_lora, steps=exp.stage2.steps)
+    return replace(exp.moa, dispatch="token_topk", decision="last"), tcfg
 
 
-def reference_text(example: dict) -> str:
-    if "answer" in example:
-        return str(example["answer"])
-    return next(m["content"] for m in reversed(example["messages"]) if m["role"] == "assistant")
+def train_moe_lora(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, progress: bool, subdir: str = ""):
+    """The token-level MoE-LoRA baseline on stage 2's data (experts from stage 1, or fresh: 'naive')."""
+    moe, tcfg = _moe_setup(exp)
+    init = stage1 if tcfg.expert_init == "stage1" else init_trainable(ctx.cfg, moe, jax.random.fold_in(_key(exp), 4))
+    trained, _ = ctx.train("moe_lora", moe, tcfg, init, ctx.source(1, exp.stage2.grad_accum), progress, subdir)
+    return moe, trained
 
 
-def evaluate_all(ctx: ExperimentContext, trained: dict, progress: bool = True) -> dict:
-    """Every method in EvalConfig.methods on the first items_per_domain test items of every domain."""
-    from moa_jax.data.pipeline import bucket_for, collate
-    from moa_jax.evaluate import generate_answers, perplexity_and_routing
-    from moa_jax.api import _eos_ids
-    ev, split = ctx.exp.eval, ctx.data["test"]
-    rows = eval_rows(split, ev.items_per_domain)
-    batches = []
-    for s in range(0, len(rows), ev.batch_size):
-        chunk = rows[s:s + ev.batch_size]
-        valid = np.ones(ev.batch_size, np.int32)
-        valid[len(chunk):] = 0
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], ev.batch_size - len(chunk))])
-        batches.append(collate(split, padded, bucket_for(int(split.lengths[padded].max()), ctx.exp.data.buckets),
-                               valid))
-    prompts = [split.tokens(r)[:split.prompt_len[r]] for r in rows]
-    labels = split.domain[rows]
-    examples = [split.example(r) for r in rows]
-    results = {"domains": list(ctx.domains), "items_per_domain": [int((labels == d).sum())
-                                                                  for d in range(len(ctx.domains))],
-               "methods": {}}
-    for name in ev.methods:
-        t0 = time.perf_counter()
-        method = method_params(ctx, trained, name)
-        ppl = perplexity_and_routing(ctx.cfg, method, batches, len(ctx.domains))
-        texts, experts = generate_answers(
-            ctx.cfg, method, prompts, labels, pad_id=split.pad_id, eos_ids=_eos_ids(ctx.tokenizer),
-            max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-            decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True))
-        scores = np.asarray([score_completion(ctx.domains[d], t, ex) for d, t, ex in zip(labels, texts, examples)])
-        per_domain = {}
-        for d, dname in enumerate(ctx.domains):
-            sel = labels == d
-            per_domain[dname] = {"accuracy": float(np.mean(scores[sel] >= 1.0)), "score": float(np.mean(scores[sel])),
-                                 "ppl": float(ppl["ppl"][d]), "nll": float(ppl["nll"][d])}
-            if name == "moa_router":
-                per_domain[dname]["routing_accuracy"] = float(np.mean(experts[sel] == d))
-        entry = {"per_domain": per_domain, "seconds": time.perf_counter() - t0,
-                 "samples": [{"domain": ctx.domains[labels[i]], "completion": texts[i],
-                              "reference": reference_text(examples[i])} for i in range(0, len(rows),
-                                                                                         max(1, len(rows) // 20))]}
-        if ppl["confusion"] is not None:
-            entry["confusion"] = ppl["confusion"].tolist()
-        for metric in ("accuracy", "ppl"):
-            entry[f"mean_{metric}"] = float(np.mean([v[metric] for v in per_domain.values()]))
-        if name == "moa_router":
-            entry["mean_routing_accuracy"] = float(np.mean(experts == labels))
-        results["methods"][name] = entry
-        log.info("eval %-12s accuracy %.3f  ppl %.3f  (%.0fs)", name, entry["mean_accuracy"], entry["mean_ppl"],
-                 entry["seconds"])
-    return results
+# ---- ablation variants --------------------------------------------------------------------------------------------
+def plan_variants(exp: ExperimentConfig) -> list[tuple[Variant, ExperimentConfig]]:
+    """Each variant with its experiment config (validated here, before anything is loaded or trained)."""
+    from moa_jax.overrides import apply_overrides
+    plans = []
+    for spec in exp.variants:
+        variant = parse_variant(spec)
+        try:
+            vexp = apply_overrides(replace(exp, variants=()), variant.sets)
+        except ConfigError as e:
+            raise ConfigError(f"variant {variant.name!r}: {e}") from None
+        plans.append((variant, vexp))
+    return plans
+
+
+def _training_key(exp: ExperimentConfig, method: str) -> tuple:
+    """What a method's training depends on beyond the shared stage 1 (equal keys -> train once)."""
+    if method == "moe_lora":
+        return ("moe_lora",) + _moe_setup(exp)
+    return ("stage2", exp.stage2, replace(exp.moa, decision="last"))
+
+
+def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool = True) -> list[MethodSpec]:
+    """Train what the ablation variants need (sharing where settings match) -> their method specs."""
+    exp = ctx.exp
+    done = {_training_key(exp, "moa_router"): "moa"}
+    if "moe_lora" in trained:
+        done[_training_key(exp, "moe_lora")] = "moe_lora"
+    specs = []
+    for variant, vexp in plans:
+        for method in variant.methods:
+            tkey = _training_key(vexp, method)
+            if tkey not in done:
+                name = f"{'moe_lora' if method == 'moe_lora' else 'moa'}[{variant.name}]"
+                train = train_moe_lora if method == "moe_lora" else train_stage2
+                trained[name] = train(ctx, vexp, trained["single_lora"][1], progress,
+                                      subdir=os.path.join("variants", variant.name))
+                done[tkey] = name
+            else:
+                log.info("variant %s/%s: reuses the adapters of %s", variant.name, method, done[tkey])
+            moa = replace(trained[done[tkey]][0], decision=vexp.moa.decision)
+            specs.append(MethodSpec(method, done[tkey], moa, f"{method}[{variant.name}]"))
+    return specs
 
 
 def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -> dict:
-    """The whole experiment; returns (and writes) the results dict."""
+    """The whole experiment; writes results.json and the report (results.md, plots) and returns the results."""
+    from moa_jax.report import write_report
     t0 = time.perf_counter()
+    plans = plan_variants(exp)   # a bad variant fails now, not after hours of training
     ctx = prepare(exp, workdir)
     trained = train_all(ctx, progress)
-    results = evaluate_all(ctx, trained, progress)
-    results["experiment"] = exp.name
-    results["runtime_seconds"] = time.perf_counter() - t0
-    results["backend"] = jax.default_backend()
+    specs = [MethodSpec(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
+    results = evaluate_all(ctx, trained, specs)
+    results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
+                   backend=jax.default_backend(), stages=dict(ctx.stage_dirs),
+                   variants={v.name: list(v.sets) for v, _ in plans},
+                   steps={"stage1": exp.stage1.steps, "stage2": exp.stage2.steps, "batch_size": exp.data.batch_size})
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
+        write_report(results, workdir)
     return results

@@ -149,14 +149,22 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
     return np.asarray(out), np.asarray(idx), router_logits
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (tokens [B, P], attention_mask [B, P]); P rounded up to `multiple` to bound recompiles."""
+def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 16,
+             length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (tokens [B, P], attention_mask [B, P]); P rounded up to `multiple` to bound recompiles, and
+    at least `length` (give every batch of a run the same P: one compiled decode for all of them)."""
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("left_pad: every prompt must have at least one token")
-    p = -(-max(len(s) for s in sequences) // multiple) * multiple
+    p = -(-max(length, max(len(s) for s in sequences)) // multiple) * multiple
     tokens = np.full((len(sequences), p), pad_id, np.int32)
     mask = np.zeros((len(sequences), p), np.int32)
     for i, s in enumerate(sequences):
         tokens[i, p - len(s):] = s
         mask[i, p - len(s):] = 1
     return tokens, mask
+
+
+if __name__ == "__main__":   # python -m moa_jax.generate --workdir RUN --prompt "..."  (see generate_cli.py)
+    import sys
+    from moa_jax.generate_cli import main
+    sys.exit(main())

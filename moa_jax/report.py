@@ -1,45 +1,212 @@
-"""The results report of an experiment: `results.md` (per-domain table in the spirit of the paper's Table 2, plus
-routing) and `results.json`, written into the work directory; returns a console summary.
+"""The results report of an experiment, written into the work directory:
+
+  results.md    an averages table in the spirit of the paper's Table 2 (accuracy, PPL, BLEU-4, ROUGE-L, routing),
+                where MoA (router) does NOT beat each other method (per domain and metric, computed), per-domain
+                tables of every metric, routing accuracy and the router confusion matrix, the ablation variants
+  results.json  everything above plus per-item samples and the computed comparisons
+  *.png         moa_jax/plots.py: accuracy by method, router confusion, training curves
+and returns the console summary printed at the end of a run. A results dict that lacks a domain for some method is
+refused with an error naming the method and the domain(s), so a report never averages over different domain sets.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+from typing import Optional
+
+from moa_jax import metrics, plots
+
+# (key in per_domain, column title, format, higher is better)
+METRICS = (("accuracy", "accuracy", "{:.3f}", True), ("ppl", "PPL", "{:.3f}", False),
+           ("bleu", "BLEU-4", "{:.2f}", True), ("rouge_l", "ROUGE-L", "{:.2f}", True))
+MOA = "moa_router"
+DESCRIPTIONS = {
+    "most_common": "the domain's most common TRAIN answer for every test item (a floor; no PPL)",
+    "base": "the base model, adapters off",
+    "single_lora": "stage-1 experts, the domain given (paper: Single-LoRA)",
+    "mixed_lora": "one LoRA on all domains mixed, the same examples as stage 1 + stage 2 (paper: Single-LoRA (mixed))",
+    "moa_router": "MoA: stage-2 experts, the routers pick one expert per prompt (paper: MoA)",
+    "moa_oracle": "MoA's stage-2 experts with the domain given (each expert used alone after joint training)",
+    "moe_lora": "token-level top-k MoE-LoRA over the experts, no domain labels (paper: MoE-LoRA)",
+}
 
 
-def _table(results: dict, metric: str, fmt: str) -> list[str]:
-    methods = list(results["methods"])
-    lines = ["| domain | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+class ReportError(ValueError):
+    """The results cannot be reported as they are (e.g. a method lacks a domain)."""
+
+
+def check_complete(results: dict) -> None:
+    domains = list(results["domains"])
+    for method, entry in results["methods"].items():
+        missing = [d for d in domains if d not in entry.get("per_domain", {})]
+        if missing:
+            raise ReportError(f"report: method {method!r} has no results for domain(s) {missing}; every method must "
+                              f"be evaluated on all {len(domains)} domains {domains}")
+        for d in domains:
+            absent = [m for m, *_ in METRICS if m not in entry["per_domain"][d]]
+            if absent:
+                raise ReportError(f"report: method {method!r}, domain {d!r} lacks metric(s) {absent}")
+
+
+def comparisons(results: dict, ours: str = MOA) -> list[dict]:
+    """For every other method and metric: the domains where `ours` wins, ties and loses."""
+    if ours not in results["methods"]:
+        return []
+    mine = results["methods"][ours]["per_domain"]
+    out = []
+    for other, entry in results["methods"].items():
+        if other == ours:
+            continue
+        for key, title, _, higher in METRICS:
+            c = metrics.compare_per_domain(mine, entry["per_domain"], key, higher)
+            if c is not None:
+                out.append({"ours": ours, "other": other, "metric": key, "title": title, **c})
+    return out
+
+
+def _fmt(value: Optional[float], fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _per_domain_table(results: dict, key: str, fmt: str, methods: list[str]) -> list[str]:
+    lines = [_row(["domain"] + methods), _row(["---"] * (len(methods) + 1))]
     for d in results["domains"]:
-        cells = [fmt.format(results["methods"][m]["per_domain"][d][metric]) for m in methods]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    means = [fmt.format(results["methods"][m][f"mean_{metric}"]) for m in methods]
-    lines.append("| **average** | " + " | ".join(means) + " |")
+        lines.append(_row([d] + [_fmt(results["methods"][m]["per_domain"][d].get(key), fmt) for m in methods]))
+    lines.append(_row(["**average**"] + [_fmt(results["methods"][m].get(f"mean_{key}"), fmt) for m in methods]))
     return lines
 
 
-def write_report(results: dict, workdir: str) -> str:
-    """Write results.md / results.json; return the summary printed at the end of a run."""
-    missing = [m for m, e in results["methods"].items() if set(e["per_domain"]) != set(results["domains"])]
-    if missing:
-        raise ValueError(f"report: methods {missing} lack results for some of the domains {results['domains']}")
+def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
+    methods = list(results["methods"])
+    n_items = results["items_per_domain"]
+    steps = results.get("steps", {})
     md = [f"# Results: {results.get('experiment', '')}", "",
-          f"Backend {results.get('backend', '?')}; runtime {results.get('runtime_seconds', 0) / 60:.1f} min; "
-          f"test items per domain {results['items_per_domain']}.", "",
-          "## Exact-match accuracy (domain verifier)", ""]
-    md += _table(results, "accuracy", "{:.2f}")
-    md += ["", "## Perplexity on response tokens", ""] + _table(results, "ppl", "{:.3f}")
-    router = results["methods"].get("moa_router")
-    if router is not None:
-        md += ["", f"## Routing (MoA router vs domain label): mean accuracy {router['mean_routing_accuracy']:.3f}", "",
-               "| domain | routing accuracy |", "|---|---|"]
-        md += [f"| {d} | {router['per_domain'][d]['routing_accuracy']:.3f} |" for d in results["domains"]]
-    text = "\n".join(md) + "\n"
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    summary = ["method        accuracy   ppl"]
+          f"Model `{results.get('model', '?')}`; backend {results.get('backend', '?')}; runtime "
+          f"{results.get('runtime_seconds', 0) / 60:.1f} min; stage 1 {steps.get('stage1', '?')} steps, stage 2 "
+          f"{steps.get('stage2', '?')} steps at batch {steps.get('batch_size', '?')}; "
+          f"{_span(n_items)} test items per domain, {len(results['domains'])} domains.", "",
+          "accuracy: share of greedy answers the domain's verifier marks fully correct; PPL: perplexity of the "
+          "reference response (teacher forcing, routed as the method routes); BLEU-4 / ROUGE-L: mean sentence "
+          "scores of the completion against the reference answer (0-100); routing: share of items the routers "
+          "send to their own domain's expert. Averages are unweighted over domains. One accuracy over n items has "
+          f"a standard error up to 0.5/sqrt(n) = {0.5 / math.sqrt(max(min(n_items), 1)):.3f}: smaller per-domain "
+          "differences are noise.", ""]
+    kinds = list(dict.fromkeys(results["methods"][m].get("kind", m) for m in methods))
+    md += [f"- `{k}`: {DESCRIPTIONS[k]}" for k in kinds if k in DESCRIPTIONS]
+    md += ["", "## Averages over domains (cf. the paper's Table 2)", "",
+          _row(["method"] + [t for _, t, _, _ in METRICS] + ["routing accuracy"]), _row(["---"] * (len(METRICS) + 2))]
+    for m in methods:
+        e = results["methods"][m]
+        md.append(_row([m] + [_fmt(e.get(f"mean_{k}"), f) for k, _, f, _ in METRICS]
+                       + [_fmt(e.get("mean_routing_accuracy"), "{:.3f}")]))
+    md += ["", f"## Where MoA ({MOA}) does not beat another method", ""]
+    if not comps:
+        md.append(f"(no `{MOA}` in this run: nothing to compare)")
+    else:
+        md += _versus_table(results, comps)
+        md += ["", "In words (accuracy; `MoA does not beat` = ties and losses):", ""]
+        md += [f"- {_in_words(c)}" for c in comps if c["metric"] == "accuracy"]
+    for key, title, fmt, higher in METRICS:
+        md += ["", f"## {title[0].upper() + title[1:]} per domain ({'higher' if higher else 'lower'} is better)", ""]
+        md += _per_domain_table(results, key, fmt, methods)
+    routed = [m for m in methods if results["methods"][m].get("mean_routing_accuracy") is not None]
+    if routed:
+        md += ["", "## Routing accuracy per domain (router decision from the prompt vs the domain label)", ""]
+        md += _per_domain_table(results, "routing_accuracy", "{:.3f}", routed)
+    for m in routed:
+        conf = results["methods"][m].get("confusion")
+        if conf:
+            md += ["", f"### Confusion matrix of `{m}` (rows: domain label; column j: expert j)", ""]
+            md += [_row(["domain \\ expert"] + [str(j) for j in range(len(conf[0]))]),
+                   _row(["---"] * (len(conf[0]) + 1))]
+            md += [_row([f"{i} {d}"] + [str(v) for v in conf[i]]) for i, d in enumerate(results["domains"])]
+    if results.get("variants"):
+        md += ["", "## Ablation variants (each trained from the shared stage 1; reported as `method[NAME]`)", ""]
+        md += [f"- `{name}`: " + (", ".join(f"`{s}`" for s in sets) or "the main run's settings")
+               for name, sets in results["variants"].items()]
+    mca = results["methods"].get("most_common", {}).get("answers")
+    if mca:
+        md += ["", "Most-common-answer baseline (most common TRAIN answer per domain): "
+               + "; ".join(f"{d}: `{a}`" for d, a in mca.items())]
+    if figures:
+        md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
+    return "\n".join(md) + "\n"
+
+
+def _versus_table(results: dict, comps: list[dict]) -> list[str]:
+    """Rows: domains; columns: the other methods; cell: one symbol per metric (accuracy, PPL, BLEU-4, ROUGE-L)."""
+    others = list(dict.fromkeys(c["other"] for c in comps))
+    symbol = {}
+    for c in comps:
+        for outcome, mark in (("wins", "+"), ("ties", "="), ("losses", "-")):
+            for d in c[outcome]:
+                symbol[c["other"], c["metric"], d] = mark
+    lines = ["Per domain, MoA against each method on " + ", ".join(t for _, t, _, _ in METRICS) + " (in this "
+             "order): `+` MoA better, `=` tie, `-` MoA worse, `.` not measured (lower PPL counts as better).", "",
+             _row(["domain"] + others), _row(["---"] * (len(others) + 1))]
+    for d in results["domains"]:
+        lines.append(_row([d] + [" ".join(symbol.get((o, k, d), ".") for k, *_ in METRICS) for o in others]))
+    for key, title, *_ in METRICS:
+        cells = []
+        for o in others:
+            c = next((c for c in comps if c["other"] == o and c["metric"] == key), None)
+            cells.append("-" if c is None else f"{len(c['wins'])}/{len(c['ties'])}/{len(c['losses'])}")
+        lines.append(_row([f"**{title}** wins/ties/losses"] + cells))
+    return lines
+
+
+def _span(values) -> str:
+    return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def _in_words(c: dict) -> str:
+    loses = ", ".join(c["losses"]) if c["losses"] else "none"
+    ties = f"; ties on {', '.join(c['ties'])}" if c["ties"] and len(c["ties"]) <= 4 else (
+        f"; ties on {len(c['ties'])} domains" if c["ties"] else "")
+    return (f"MoA vs {c['other']} ({c['title']}): wins {len(c['wins'])}, ties {len(c['ties'])}, loses "
+            f"{len(c['losses'])}: loses on {loses}{ties}")
+
+
+def console_summary(results: dict, comps: list[dict], workdir: str, figures: dict[str, str]) -> str:
+    width = max(12, *(len(m) for m in results["methods"]))
+    lines = [f"{'method':<{width}} {'accuracy':>8} {'ppl':>10} {'bleu4':>7} {'rougeL':>7} {'routing':>8}"]
     for m, e in results["methods"].items():
-        summary.append(f"{m:<13} {e['mean_accuracy']:8.3f} {e['mean_ppl']:8.3f}")
-    return "\n".join(summary) + f"\nreport: {os.path.join(workdir, 'results.md')}"
+        lines.append(f"{m:<{width}} {_fmt(e['mean_accuracy'], '{:8.3f}')} {_fmt(e['mean_ppl'], '{:10.3f}'):>10} "
+                     f"{_fmt(e['mean_bleu'], '{:7.2f}')} {_fmt(e['mean_rouge_l'], '{:7.2f}')} "
+                     f"{_fmt(e.get('mean_routing_accuracy'), '{:8.3f}'):>8}")
+    lines += [_in_words(c) for c in comps if c["metric"] == "accuracy"]
+    lines.append(f"report: {os.path.join(workdir, 'results.md')}")
+    lines += [f"figure: {p}" for p in figures.values()]
+    return "\n".join(lines)
+
+
+FIGURE_FILES = {"accuracy by method": "accuracy_by_method.png", "router confusion": "router_confusion.png",
+                "training curves": "training_curves.png"}
+
+
+def summary(results: dict, workdir: str) -> str:
+    """The console summary of a report already written into `workdir`."""
+    figures = {k: os.path.join(workdir, f) for k, f in FIGURE_FILES.items() if os.path.exists(os.path.join(workdir, f))}
+    return console_summary(results, comparisons(results), workdir, figures)
+
+
+def write_report(results: dict, workdir: str) -> str:
+    """Write results.md, results.json and the figures into `workdir`; return the console summary."""
+    check_complete(results)
+    comps = comparisons(results)
+    path = {k: os.path.join(workdir, f) for k, f in FIGURE_FILES.items()}
+    made = {"accuracy by method": plots.accuracy_bars(results, path["accuracy by method"]),
+            "router confusion": plots.confusion_heatmaps(results, path["router confusion"]),
+            "training curves": plots.training_curves(results.get("stages", {}), list(results["domains"]),
+                                                     path["training curves"])}
+    figures = {k: p for k, p in made.items() if p}
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(markdown(results, comps, figures))
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({**results, "comparisons": comps, "figures": figures}, f, indent=1)
+    return console_summary(results, comps, workdir, figures)

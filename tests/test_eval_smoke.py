@@ -1,0 +1,136 @@
+"""End to end on the smoke experiment (random tiny Llama, tiny data, 2+2 steps, 1 test item per domain), run once
+per module through the experiment runner's own entry point, with one ablation variant (eta = 0):
+  - the report files: results.md, results.json, the three PNG figures (non-trivial images);
+  - every method x domain has every metric; the router's confusion matrix; the variant's own stage-2 run;
+  - the generate CLI on that work directory prints an expert (with its domain) and an answer;
+  - the CLI formats prompts exactly as training did (chat template + the run's system prompt);
+  - reuse_from: matching stage adapters are taken, a different stage-1 config is refused naming the field.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from moa_jax.data.tasks import DOMAIN_NAMES
+
+VARIANT = "eta0:stage2.eta=0;methods=moa_router"
+METHODS = ["most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle", "moa_router[eta0]"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """-> (workdir, console output of `python -m experiments.run`)."""
+    import contextlib
+    import io
+
+    from experiments import run
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "eval.items_per_domain=1",
+                       "--set", f"variants={VARIANT}"])
+    assert rc == 0
+    return workdir, out.getvalue()
+
+
+def test_smoke_writes_the_report(smoke):
+    workdir, console = smoke
+    for name in ("results.md", "results.json", "config.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 500, name
+    import matplotlib.image
+    for name in ("accuracy_by_method.png", "router_confusion.png", "training_curves.png"):
+        path = os.path.join(workdir, name)
+        assert os.path.getsize(path) > 20_000, name
+        img = matplotlib.image.imread(path)
+        assert img.shape[0] > 300 and img.shape[1] > 600, (name, img.shape)
+        grey = img[::3, ::3, :3].mean(axis=-1)
+        assert len(np.unique(np.round(grey, 2))) > 20 and (grey < 0.5).mean() > 0.002, f"{name} is (nearly) blank"
+    md = open(os.path.join(workdir, "results.md")).read()
+    for text in ("## Averages over domains", "## Where MoA (moa_router) does not beat another method",
+                 "MoA vs single_lora (accuracy):", "MoA vs mixed_lora (accuracy):", "## BLEU-4 per domain",
+                 "## ROUGE-L per domain", "## PPL per domain", "### Confusion matrix of `moa_router`",
+                 "- `eta0`: `stage2.eta=0`", "![router confusion](router_confusion.png)"):
+        assert text in md, text
+    assert "moa_router[eta0]" in console and "report: " in console and "MoA vs base (accuracy)" in console
+
+
+def test_smoke_results_are_complete(smoke):
+    workdir, _ = smoke
+    res = json.load(open(os.path.join(workdir, "results.json")))
+    assert res["domains"] == list(DOMAIN_NAMES) and res["items_per_domain"] == [1] * 10
+    assert list(res["methods"]) == METHODS
+    for name, entry in res["methods"].items():
+        assert set(entry["per_domain"]) == set(DOMAIN_NAMES), name
+        for d, row in entry["per_domain"].items():
+            for metric in ("accuracy", "bleu", "rouge_l", "corpus_bleu", "ppl"):
+                assert metric in row, (name, d, metric)
+            assert 0 <= row["accuracy"] <= 1 and 0 <= row["bleu"] <= 100 and 0 <= row["rouge_l"] <= 100
+            assert (row["ppl"] is None) == (name == "most_common")
+    for name in ("moa_router", "moa_router[eta0]"):
+        conf = np.asarray(res["methods"][name]["confusion"])
+        assert conf.shape == (10, 10) and conf.sum() == 10 and (conf.sum(axis=1) == 1).all()
+        assert res["methods"][name]["mean_routing_accuracy"] == pytest.approx(np.trace(conf) / 10)
+    assert set(res["methods"]["most_common"]["answers"]) == set(DOMAIN_NAMES)
+    # the variant trained its own stage 2 from the shared stage 1, in its own sub-directory
+    assert set(res["stages"]) == {"stage1", "stage2", "mixed_lora", "variants/eta0/stage2"}
+    variant_dir = os.path.join(workdir, "variants", "eta0", "stage2")
+    assert os.path.isdir(os.path.join(variant_dir, "adapters"))
+    assert json.load(open(os.path.join(variant_dir, "adapters", "config.json")))["train"]["eta"] == 0.0
+    assert not os.path.exists(os.path.join(workdir, "variants", "eta0", "stage1"))
+
+
+def test_generate_cli_prints_expert_and_answer(smoke, capsys):
+    from moa_jax.generate_cli import main
+    workdir, _ = smoke
+    assert main(["--workdir", workdir, "--prompt", "What is 2 + 3?", "--prompt", "Spell 'cat' backward",
+                 "--max_new_tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    experts = [line for line in out.splitlines() if line.startswith("expert: ")]
+    assert len(experts) == 2 and all("[routing=router]" in line for line in experts)
+    for line in experts:
+        idx, name = line.split()[1], line.split()[2].strip("()")
+        assert DOMAIN_NAMES[int(idx)] == name
+    assert out.count("answer: ") == 2
+    assert main(["--workdir", workdir, "--prompt", "What is 2 + 3?", "--prompt", "Spell 'cat' backward",
+                 "--routing", "forced", "--expert", "spell_backward", "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("expert: 9 (spell_backward) [routing=forced]") == 2
+    assert main(["--workdir", workdir, "--prompt", "hi", "--routing", "oracle"]) == 2
+    assert "needs --expert" in capsys.readouterr().err
+
+
+def test_cli_prompt_format_matches_training(smoke):
+    """The CLI's encoding of a test question == the prompt tokens training and evaluation used for it."""
+    from experiments.registry import get_experiment
+    from moa_jax import loading
+    from moa_jax.api import MoAModel
+    from moa_jax.data.pipeline import load_split
+    from moa_jax.generate_cli import system_prompt_of
+    exp = get_experiment("smoke")
+    tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)
+    split = load_split(exp.data, tokenizer, "test")
+    model = MoAModel(None, None, None, tokenizer)
+    workdir, _ = smoke
+    system = system_prompt_of(json.load(open(os.path.join(workdir, "config.json")))["data"])
+    assert system is not None
+    for row in (0, len(split) - 1):
+        question = split.example(row)["messages"][-1]["content"]
+        assert model.encode_prompt(question, system) == split.tokens(row)[:split.prompt_len[row]].tolist()
+
+
+def test_reuse_from_takes_matching_stages_and_refuses_a_different_stage1(smoke):
+    from moa_jax.config import ConfigError, ModelConfig, MoAConfig
+    from moa_jax.experiment import _reuse
+    workdir, _ = smoke
+    saved = json.load(open(os.path.join(workdir, "stage1", "adapters", "config.json")))
+    cfg = ModelConfig(**{k: v for k, v in saved["model"].items() if k != "source"})
+    moa = MoAConfig(**saved["moa"])
+    config = dict(saved, experiment="another_experiment")           # the experiment name does not matter
+    assert _reuse(workdir, "stage1", config, cfg, moa) is not None
+    changed = json.loads(json.dumps(saved))
+    changed["train"]["steps"] = 3
+    with pytest.raises(ConfigError, match=r"train.steps: 2 -> 3"):
+        _reuse(workdir, "stage1", changed, cfg, moa)
+    stage2 = json.load(open(os.path.join(workdir, "stage2", "adapters", "config.json")))
+    stage2["train"]["eta"] = 5.0
+    assert _reuse(workdir, "stage2", stage2, cfg, moa) is None       # differs: trained, not reused
