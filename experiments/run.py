@@ -43,7 +43,11 @@ def main(argv=None) -> int:
     workdir = args.workdir or f"runs/{args.exp}"
     logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
                                       json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-    results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
+    try:
+        results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
+    except ConfigError as e:  # e.g. a mesh that does not divide the batch, found once devices are known
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     from moa_jax.report import summary
     print(summary(results, workdir))
     return 0
