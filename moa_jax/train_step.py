@@ -76,20 +76,22 @@ def clip_per_expert(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(tcfg: TrainConfig, mult: float = 1.0) -> optax.Schedule:
     warmup = max(1, int(tcfg.warmup_frac * tcfg.steps))
-    return optax.warmup_cosine_decay_schedule(0.0, tcfg.learning_rate, warmup, max(tcfg.steps, warmup + 1),
-                                              tcfg.learning_rate * tcfg.end_lr_frac)
+    peak = tcfg.learning_rate * mult
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(tcfg.steps, warmup + 1),
+                                              peak * tcfg.end_lr_frac)
 
 
 def make_optimizer(tcfg: TrainConfig, trainable: Params) -> optax.GradientTransformation:
     """AdamW + warmup-cosine, clipping, and zero updates (no state) for the groups frozen in this stage."""
     clip = clip_per_expert(tcfg.grad_clip) if tcfg.stage == "stage1" else optax.clip_by_global_norm(tcfg.grad_clip)
-    adamw = optax.adamw(learning_rate_schedule(tcfg), weight_decay=tcfg.weight_decay)
     labels = traverse_util.unflatten_dict(
         {k: _param_group(k, tcfg) for k in traverse_util.flatten_dict(trainable)})
     groups = set(traverse_util.flatten_dict(labels).values())
-    transforms = {g: optax.set_to_zero() if g == "frozen" else adamw for g in groups}
+    transforms = {g: optax.set_to_zero() if g == "frozen" else
+                  optax.adamw(learning_rate_schedule(tcfg, tcfg.router_lr_mult if g == "router" else 1.0),
+                              weight_decay=tcfg.weight_decay) for g in groups}
     return optax.chain(clip, optax.multi_transform(transforms, labels))
 
 
