@@ -71,8 +71,8 @@ def moa_10task() -> ExperimentConfig:
         moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05),
         data=DataConfig(batch_size=batch, buckets=(64, 96, 128), max_len=128),
         stage1=TrainConfig(stage="stage1", steps=s1, learning_rate=1e-3, log_every=10, checkpoint_every=40),
-        stage2=TrainConfig(stage="stage2", steps=s2, learning_rate=5e-4, eta=1.0, log_every=10,
-                           checkpoint_every=40),
+        stage2=TrainConfig(stage="stage2", steps=s2, learning_rate=5e-4, eta=1.0, router_lr_mult=10.0,
+                           log_every=10, checkpoint_every=40),
         baseline=TrainConfig(stage="mixed_lora", steps=0, learning_rate=1e-3, log_every=10, checkpoint_every=40),
         eval=EvalConfig(items_per_domain=20 if cpu else 200, max_new_tokens=20, batch_size=50 if cpu else 100),
         mesh=MeshConfig())

@@ -171,8 +171,9 @@ class TrainConfig:
     grad_clip: float = 1.0          # global norm; in stage 1 applied per expert (independent trainings)
     grad_accum: int = 1             # micro-batches per optimiser update
     eta: float = 1.0                # [ours] router CE weight (stage 2)
-    router_lr_mult: float = 10.0    # [ours] routers start from random init while experts start trained: they get
-                                    # learning_rate * router_lr_mult (measured: at 1x, 40 CPU steps left them untrained)
+    router_lr_mult: float = 1.0     # routers start from random init while experts start trained: they may get
+                                    # learning_rate * router_lr_mult (moa_10task uses 10: at 1x, 40 CPU steps left
+                                    # them near chance)
     balance_coef: float = 0.01      # moe_lora load-balancing weight
     freeze_experts: bool = False    # stage 2 ablation: train routers only
     expert_init: str = "stage1"     # stage 2: "stage1" experts | "random" (ablation)
