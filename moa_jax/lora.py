@@ -16,6 +16,7 @@ Shape glossary: B batch, T tokens, Din/Dout projection widths, E experts, R rank
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -71,6 +72,42 @@ def _low_rank_bwd(res, dy):
 
 
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def merged_lora_matmul(x: Array, kernel: Array, a: Array, b: Array, scale: float) -> Array:
+    """x [N, Din] @ (kernel + scale * a @ b) -> [N, Dout]: a frozen projection plus ONE expert as one GEMM.
+
+    a [Din, R], b [R, Dout]. Forward: the merged weight (Din*Dout work, small next to N*Din*Dout) and one GEMM,
+    instead of two skinny GEMMs and a full-size add. Backward: dx = dy @ merged^T (one GEMM, no separate LoRA
+    term and add), dA = scale * x^T (dy b^T) and dB = scale * (x a)^T dy as in `low_rank`; the kernel's gradient
+    x^T dy is returned too and removed by XLA whenever the kernel is not differentiated (frozen). f32 only: in
+    bf16 the merged weight would round the small LoRA term away (see `merge_is_cheaper`).
+    """
+    return x @ (kernel + (a * scale) @ b)
+
+
+def _merged_fwd(x, kernel, a, b, scale):
+    return merged_lora_matmul(x, kernel, a, b, scale), (x, kernel, a, b)
+
+
+def _merged_bwd(scale, res, dy):
+    x, kernel, a, b = res
+    dx = dy @ (kernel + (a * scale) @ b).T                                      # (N, Din)
+    dh = (dy @ b.T) * scale                                                      # (N, R)
+    da = jax.lax.optimization_barrier(dh.T @ x).T                               # (Din, R), built as (R, Din)
+    db = ((x @ a) * scale).T @ dy                                               # (R, Dout)
+    return dx, x.T @ dy, da, db
+
+
+merged_lora_matmul.defvjp(_merged_fwd, _merged_bwd)
+
+
+def merge_is_cheaper(num_tokens: int, d_in: int, d_out: int, dtype) -> bool:
+    """Static rule for `merged_lora_matmul`: float32 compute, and enough tokens that the Din*Dout merge (done
+    forward and again backward) costs less than the N*(Din+Dout)-sized passes it saves (training, prefill; not
+    single-token decoding)."""
+    return jnp.dtype(dtype) == jnp.float32 and num_tokens >= 2 * d_in * d_out / (d_in + d_out)
 
 
 def _scale(scale: float, x: Array) -> Array:
@@ -151,15 +188,22 @@ class AdaptedDense(nn.Module):
     def __call__(self, x: Array, route: Route, deterministic: bool = True) -> Array:
         d_in = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features), self.param_dtype)
-        y = x @ kernel.astype(self.dtype)                          # 'btd,do->bto'
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
-        if self.num_experts == 0:
-            return y
-        lora_a = self.param("lora_a", lora_a_init, (self.num_experts, d_in, self.rank), self.adapter_dtype)
-        lora_b = self.param("lora_b", nn.initializers.zeros, (self.num_experts, self.rank, self.features),
-                            self.adapter_dtype)
-        if route.kind == "base":
-            return y
-        x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
-        return y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+                if self.use_bias else None)
+        if self.num_experts > 0:
+            lora_a = self.param("lora_a", lora_a_init, (self.num_experts, d_in, self.rank), self.adapter_dtype)
+            lora_b = self.param("lora_b", nn.initializers.zeros, (self.num_experts, self.rank, self.features),
+                                self.adapter_dtype)
+        kernel = kernel.astype(self.dtype)
+        adapted = self.num_experts > 0 and route.kind != "base"
+        dropout = adapted and self.dropout > 0 and not deterministic
+        shared = route.kind == "single" or (route.kind == "top1" and self.num_experts == 1)
+        if adapted and shared and not dropout and merge_is_cheaper(x.size // d_in, d_in, self.features, self.dtype):
+            y = merged_lora_matmul(x.reshape(-1, d_in), kernel, lora_a[0].astype(self.dtype),   # one GEMM
+                                   lora_b[0].astype(self.dtype), self.scale).reshape(*x.shape[:-1], -1)
+        else:
+            y = x @ kernel                                                                  # 'btd,do->bto'
+            if adapted:
+                x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
+                y = y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
+        return y if bias is None else y + bias
