@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -57,7 +58,7 @@ def low_rank(x: Array, a: Array, b: Array, gate: Array) -> Array:
 
 
 def _low_rank_fwd(x, a, b, gate):
-    h = jnp.einsum("gnd,gdk->gnk", x, a)                                         # (G, N, K)
+    h = checkpoint_name(jnp.einsum("gnd,gdk->gnk", x, a), "lora_h")             # (G, N, K)
     return jnp.einsum("gnk,gko->gno", h * gate, b), (x, a, b, gate, h)
 
 
@@ -206,4 +207,5 @@ class AdaptedDense(nn.Module):
             if adapted:
                 x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
                 y = y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
-        return y if bias is None else y + bias
+        y = y if bias is None else y + bias
+        return checkpoint_name(y, "proj")           # a residual the backward keeps (model.SAVED_RESIDUALS)
