@@ -224,12 +224,13 @@ def run_group(g: Group, log=print) -> dict:
     build_s = time.perf_counter() - t0
     log(f"[{g.name}] built {len(variants)} variants in {build_s:.1f} s; {g.rounds} interleaved rounds ...")
     with CompileCounter() as cc:
-        times = interleave(variants, g.rounds)
+        times, cpu = interleave(variants, g.rounds)
     vout = {}
     for v in variants:
         info = {k: x for k, x in v.info.items() if k not in ("jitted", "compiled")}
-        vout[v.name] = {**summarize(times[v.name]), "compile_s": v.compile_s, **info, "times_s": times[v.name]}
-    rows = [evaluate_ratio(r, times, vout) for r in g.ratios]
+        vout[v.name] = {**summarize(times[v.name]), "cpu_median_s": summarize(cpu[v.name])["median_s"],
+                        "compile_s": v.compile_s, **info, "times_s": times[v.name], "cpu_s": cpu[v.name]}
+    rows = [evaluate_ratio(r, times, vout, cpu) for r in g.ratios]
     out = {"config": g.config, "build_s": build_s, "run_s": time.perf_counter() - t0 - build_s,
            "compiles_in_steady_state": cc.count(), "compiled_names": sorted(set(cc.names)),
            "rss": rss_mb(), "variants": vout, "ratios": rows}
@@ -241,9 +242,11 @@ def run_group(g: Group, log=print) -> dict:
     return out
 
 
-def evaluate_ratio(r: Ratio, times: dict, variants: dict) -> dict:
+def evaluate_ratio(r: Ratio, times: dict, variants: dict, cpu: dict) -> dict:
     rt = ratio(times, r.num, r.den)
     value = {k: (1.0 / x if r.faster else x) for k, x in rt.items()}
+    cpu_paired = ratio(cpu, r.num, r.den)["paired"]
+    cpu_paired = 1.0 / cpu_paired if r.faster else cpu_paired
     fa, fb = variants[r.num].get("flops_analytic"), variants[r.den].get("flops_analytic")
     model = (fb / fa if r.faster else fa / fb) if fa and fb else None
     ok = None
@@ -256,7 +259,7 @@ def evaluate_ratio(r: Ratio, times: dict, variants: dict) -> dict:
         ok = abs(v / model - 1.0) <= r.tol
     target = {"<=": f"<= {r.target}", ">=": f">= {r.target}", "model": f"model +-{r.tol:.0%}"}.get(r.op, "info")
     return {"case": r.case, "num": r.num, "den": r.den, "faster": r.faster, "value": v, "min_ratio": value["min"],
-            "median_ratio": value["median"], "flop_model": model, "target": target, "pass": ok, "note": ""}
+            "median_ratio": value["median"], "cpu_ratio": cpu_paired, "flop_model": model, "target": target, "pass": ok, "note": ""}
 
 
 def run_suite(suite: str, rounds: Optional[int] = None, only: Optional[list[str]] = None, log=print) -> dict:

@@ -87,28 +87,33 @@ class Variant:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-def interleave(variants: list[Variant], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Runs A B C A B C ... for `rounds` rounds after `warmup` untimed rounds; -> name -> seconds per round.
+def interleave(variants: list[Variant], rounds: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Runs A B C A B C ... for `rounds` rounds after `warmup` untimed rounds.
 
-    The garbage collector is paused during the timed rounds (Python GC pauses are not the program's cost).
+    -> (wall seconds, process CPU seconds): name -> one value per round. CPU time (all threads of this process)
+    counts the work done and not the waiting for a core, so on a shared, oversubscribed machine its ratios are
+    a useful cross-check of the wall-time ratios (which are the primary measure). The garbage collector is
+    paused during the timed rounds (Python GC pauses are not the program's cost).
     """
     for _ in range(warmup):
         for v in variants:
             v.run()
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    wall: dict[str, list[float]] = {v.name: [] for v in variants}
+    cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         for _ in range(rounds):
             for v in variants:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 v.run()
-                times[v.name].append(time.perf_counter() - t0)
+                wall[v.name].append(time.perf_counter() - t0)
+                cpu[v.name].append(time.process_time() - c0)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return times
+    return wall, cpu
 
 
 def summarize(ts: list[float]) -> dict[str, float]:
