@@ -42,11 +42,12 @@ Array = jax.Array
 ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 
 # What the backward keeps of each layer's forward (cfg.remat=False): every projection's output ("proj", after
-# its LoRA delta), the attention scores and the LoRA ranks' activations ("lora_h", [.., R]); norms, rotary,
-# softmax, SwiGLU and the projections' inputs are recomputed from them. Saving every autodiff residual instead
-# cost ~10% of a cpu-tiny train step in memory traffic (benchmarks/, BENCHMARKS.md). cfg.remat=True keeps
-# nothing but the layer input (full recompute, least memory).
-SAVED_RESIDUALS = jax.checkpoint_policies.save_only_these_names("proj", "attn_scores", "lora_h")
+# its LoRA delta), the attention scores, the attention output (o_proj's input, which only a LoRA's dA needs)
+# and the LoRA ranks' activations ("lora_h", [.., R]); norms, rotary, softmax, SwiGLU and the other
+# projections' inputs are recomputed from them. Saving every autodiff residual instead cost ~10% of a cpu-tiny
+# train step in memory traffic; saving the SwiGLU output too cost 3-5% (benchmarks/, BENCHMARKS.md).
+# cfg.remat=True keeps nothing but the layer input (full recompute, least memory).
+SAVED_RESIDUALS = jax.checkpoint_policies.save_only_these_names("proj", "attn_scores", "attn_out", "lora_h")
 
 
 class DecoderLayer(nn.Module):
