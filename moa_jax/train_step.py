@@ -92,9 +92,17 @@ def make_optimizer(tcfg: TrainConfig, trainable: Params) -> optax.GradientTransf
 
 
 def lm_loss_terms(logits, tokens, loss_mask, domain, num_domains: int):
-    """-> (per-token nll [B, T-1], weights [B, T-1], per-domain nll sums [N], per-domain token counts [N])."""
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)                                     # (B, T-1, V)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]                 # (B, T-1)
+    """-> (per-token nll [B, T-1], weights [B, T-1], per-domain nll sums [N], per-domain token counts [N]).
+
+    nll = logsumexp(logits) - logits[next token], with the target logit picked by a compare-and-sum that XLA
+    fuses into one pass over the logits (its gradient is elementwise too): no [B, T-1, V] slice, log-softmax
+    array, gather or scatter-into-zeros. The last position (no next token) is computed and dropped.
+    """
+    vocab = logits.shape[-1]
+    nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))                                          # (B, T)
+    lse = jax.nn.logsumexp(logits, axis=-1)                                                  # (B, T)
+    picked = jnp.sum(jnp.where(jnp.arange(vocab) == nxt[..., None], logits, 0.0), axis=-1)  # (B, T)
+    nll = (lse - picked)[:, :-1]                                                             # (B, T-1)
     w = loss_mask[:, 1:].astype(jnp.float32)
     onehot = jax.nn.one_hot(domain, num_domains, dtype=jnp.float32)                       # (B, N)
     dom_sum = onehot.T @ jnp.sum(nll * w, axis=1)
