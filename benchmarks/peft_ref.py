@@ -11,14 +11,21 @@ SDPA attention (transformers' default, PEFT at its best). Programs:
               forward/backward its sub-batch (loss summed over all tokens / all tokens of the batch), then one
               clip + AdamW step over every adapter.
   infer       forward logits: base (adapters disabled), one adapter, mixed batch via `adapter_names=`.
+OMP_WAIT_POLICY=PASSIVE is set on import (unless already set): see below.
 
 Shape glossary: B batch, T tokens, D width, E experts (adapters), R rank.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
+
+# OpenMP threads that spin while waiting (the default) collapse on a shared, oversubscribed machine: measured on
+# the 2-core box under load ~6, PEFT's mixed-adapter forward took 12-15 s per call instead of 0.28 s, varying
+# 25x between rounds. Passive waiting is torch at its best here; it must be set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmarks.timing import Variant
 

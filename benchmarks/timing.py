@@ -186,4 +186,5 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "loadavg": list(os.getloadavg()), "python": platform.python_version(),
             "platform": platform.platform(), "backend": jax.default_backend(),
             "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
-            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")}}
