@@ -41,6 +41,14 @@ from moa_jax.router import Router, load_balancing_loss, masked_mean_pool, top_k_
 Array = jax.Array
 ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 
+# What the backward keeps of each layer's forward (cfg.remat=False): every projection's output ("proj", after
+# its LoRA delta), the attention scores, the attention output (o_proj's input, which only a LoRA's dA needs)
+# and the LoRA ranks' activations ("lora_h", [.., R]); norms, rotary, softmax, SwiGLU and the other
+# projections' inputs are recomputed from them. Saving every autodiff residual instead cost ~10% of a cpu-tiny
+# train step in memory traffic; saving the SwiGLU output too cost 3-5% (benchmarks/, BENCHMARKS.md).
+# cfg.remat=True keeps nothing but the layer input (full recompute, least memory).
+SAVED_RESIDUALS = jax.checkpoint_policies.save_only_these_names("proj", "attn_scores", "attn_out", "lora_h")
+
 
 class DecoderLayer(nn.Module):
     """One pre-norm block: router -> attention -> MLP, all adapters sharing this layer's route."""
@@ -130,7 +138,7 @@ class MoATransformer(nn.Module):
                          param_dtype=jnp_dtype(cfg.param_dtype), name="embed")
         h = embed(tokens)                                                                     # (B, T, D)
 
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=None if cfg.remat else SAVED_RESIDUALS)
         scanned = nn.scan(layer_cls, variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast, 0), length=cfg.num_layers)
