@@ -12,7 +12,6 @@ smollm2 (the LM-head share of a SmolLM2-135M-shaped step; slow, few rounds).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import time
 import warnings
@@ -55,12 +54,10 @@ def _peft():
     return peft_ref
 
 
-def build_all(thunks: list, workers: int = 2) -> list[Variant]:
-    """Builds (traces + compiles) JAX variants `workers` at a time: XLA's compile releases the GIL, and on 2
-    cores the suite's ~35 compiles otherwise dominate its wall time. Each variant's compile_s is therefore
-    measured with another compile running; the compile-time TARGET is measured alone (recompile_check)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda thunk: thunk(), thunks))
+def build_all(thunks: list) -> list[Variant]:
+    """Builds (traces + compiles) the variants one at a time, so each compile_s is a compile alone. (Two at a time
+    was tried: on the loaded 2-core box the train group's build took 108 s instead of 98 s.)"""
+    return [thunk() for thunk in thunks]
 
 
 def _names(bc: P.BenchConfig, experts: tuple) -> tuple[str, str, str]:

@@ -11,7 +11,7 @@ SDPA attention (transformers' default, PEFT at its best). Programs:
               forward/backward its sub-batch (loss summed over all tokens / all tokens of the batch), then one
               clip + AdamW step over every adapter.
   infer       forward logits: base (adapters disabled), one adapter, mixed batch via `adapter_names=`.
-OMP_WAIT_POLICY=PASSIVE is set on import (unless already set): see below.
+OMP_WAIT_POLICY=PASSIVE is set by `benchmarks/__init__.py` before torch loads (see there).
 
 Shape glossary: B batch, T tokens, D width, E experts (adapters), R rank.
 """

@@ -89,7 +89,7 @@ def scaling_table(result: dict) -> list[str]:
 
 
 def variant_table(result: dict) -> list[str]:
-    lines = ["| group | variant | min ms | median ms | compile s (2 at a time) | GFLOP analytic | GFLOP XLA (scan body once) "
+    lines = ["| group | variant | min ms | median ms | compile s | GFLOP analytic | GFLOP XLA (scan body once) "
              "| temp MiB | args MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for gname, g in result["groups"].items():
         for name, v in g["variants"].items():
