@@ -119,5 +119,10 @@ def markdown(result: dict) -> str:
         out += ["", f"PEFT parity: max |logits(ours top-1) - logits(PEFT adapter_names)| = {parity[0]:.2e} "
                     "(same weights copied into both)."]
     steady = {k: g["compiles_in_steady_state"] for k, g in result["groups"].items()}
-    out += ["", f"Compiles during the timed rounds, per group: {steady}"]
+    out += ["", f"Compiles during the timed rounds, per group: {steady}", ""]
+    for k, g in result["groups"].items():
+        dev = g.get("device_peak_bytes")
+        out.append(f"- {k}: build {g['build_s']:.0f} s, timed rounds {g['run_s']:.0f} s, process RSS "
+                   f"{g['rss'].get('rss_mb', 0):.0f} MiB (peak {g['rss'].get('peak_rss_mb', 0):.0f} MiB)"
+                   + (f", device peak {dev / 2**20:.0f} MiB" if dev else ""))
     return "\n".join(out) + "\n"
