@@ -85,6 +85,8 @@ def gpu_1b() -> BenchConfig:
 def moa_config(bc: BenchConfig, kind: str, experts: Optional[int] = None, dropout: Optional[float] = None):
     """The MoAConfig of a variant (None for the frozen base). 'single' is top-1 with E=1: one LoRA, which the
     library runs on its flattened 2-D path (everything else identical to the MoA top-1 step)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown variant kind {kind!r}; valid: {KINDS}")
     if kind == "frozen":
         return None
     e = 1 if kind == "single" else (experts or bc.experts)
