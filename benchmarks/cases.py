@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import jax
 
 from benchmarks import programs as P
-from benchmarks.timing import CompileCounter, Variant, interleave, ratio, rss_mb, summarize
+from benchmarks.timing import CompileCounter, Variant, device_peak_bytes, interleave, ratio, rss_mb, summarize
 
 H100_BF16_PEAK = 989e12
 SCALING_EXPERTS = (1, 2, 4, 8, 16, 32)
@@ -244,7 +244,7 @@ def run_group(g: Group, log=print) -> dict:
     rows = [evaluate_ratio(r, times, vout, cpu) for r in g.ratios]
     out = {"config": g.config, "build_s": build_s, "run_s": time.perf_counter() - t0 - build_s,
            "compiles_in_steady_state": cc.count(), "compiled_names": sorted(set(cc.names)),
-           "rss": rss_mb(), "variants": vout, "ratios": rows}
+           "rss": rss_mb(), "device_peak_bytes": device_peak_bytes(), "variants": vout, "ratios": rows}
     if cc.count():  # a recompile in steady state invalidates every case of the group
         for row in rows:
             row["pass"] = False if row["pass"] is not None else None

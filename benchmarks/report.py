@@ -33,7 +33,7 @@ def write_json(result: dict, path: str) -> None:
 
 
 def _f(x, spec=".3f") -> str:
-    return "-" if x is None else format(x, spec)
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
 def _mark(ok) -> str:
@@ -89,16 +89,19 @@ def scaling_table(result: dict) -> list[str]:
 
 
 def variant_table(result: dict) -> list[str]:
-    lines = ["| group | variant | min ms | median ms | compile s | GFLOP analytic | GFLOP XLA (scan body once) "
-             "| temp MiB | args MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | variant | min ms | median ms | compile s | GFLOP analytic | XLA cost_analysis / analytic "
+             "(1 layer: XLA counts a scan body once) | temp MiB | args MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for gname, g in result["groups"].items():
         for name, v in g["variants"].items():
             mem = v.get("memory") or {}
             mib = lambda b: "-" if b is None else f"{b / 2**20:.0f}"
             gf = lambda x: "-" if x is None else f"{x / 1e9:.2f}"
+            xc = lambda v: (f"{v['flops_xla'] / 1e9:.2f} / {v['flops_analytic_1layer'] / 1e9:.2f} = "
+                            f"{v['flops_xla'] / v['flops_analytic_1layer']:.2f}"
+                            if v.get("flops_xla") and v.get("flops_analytic_1layer") else "-")
             lines.append(f"| {gname} | {name} | {v['min_s'] * 1e3:.1f} | {v['median_s'] * 1e3:.1f} | "
-                         f"{_f(v.get('compile_s'), '.2f')} | {gf(v.get('flops_analytic'))} | "
-                         f"{gf(v.get('flops_xla'))} | {mib(mem.get('temp_size'))} | {mib(mem.get('argument_size'))} |")
+                         f"{_f(v.get('compile_s'), '.2f')} | {gf(v.get('flops_analytic'))} | {xc(v)} | "
+                         f"{mib(mem.get('temp_size'))} | {mib(mem.get('argument_size'))} |")
     return lines
 
 
@@ -119,5 +122,10 @@ def markdown(result: dict) -> str:
         out += ["", f"PEFT parity: max |logits(ours top-1) - logits(PEFT adapter_names)| = {parity[0]:.2e} "
                     "(same weights copied into both)."]
     steady = {k: g["compiles_in_steady_state"] for k, g in result["groups"].items()}
-    out += ["", f"Compiles during the timed rounds, per group: {steady}"]
+    out += ["", f"Compiles during the timed rounds, per group: {steady}", ""]
+    for k, g in result["groups"].items():
+        dev = g.get("device_peak_bytes")
+        out.append(f"- {k}: build {g['build_s']:.0f} s, timed rounds {g['run_s']:.0f} s, process RSS "
+                   f"{g['rss'].get('rss_mb', 0):.0f} MiB (peak {g['rss'].get('peak_rss_mb', 0):.0f} MiB)"
+                   + (f", device peak {dev / 2**20:.0f} MiB" if dev else ""))
     return "\n".join(out) + "\n"

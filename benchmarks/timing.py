@@ -167,6 +167,15 @@ def rss_mb() -> dict[str, float]:
     return out
 
 
+def device_peak_bytes() -> Optional[int]:
+    """Peak bytes in use on the first device (GPU/TPU; None on CPU, where memory_stats() is None)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        stats = None
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, load average, accelerator and library versions."""
     cpu = platform.processor()
@@ -187,4 +196,5 @@ def machine_info() -> dict[str, Any]:
             "platform": platform.platform(), "backend": jax.default_backend(),
             "device": getattr(dev, "device_kind", str(dev)), "device_count": jax.device_count(),
             "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")}}
+            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS",
+                                                   "XLA_PYTHON_CLIENT_PREALLOCATE")}}

@@ -128,10 +128,10 @@ class Attention(nn.Module):
         qg = q.reshape(b, t, k, h // k, dh)                                          # (B, T, K, G, Dh)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk.astype(q.dtype)).astype(jnp.float32)
         scores = jnp.where(mask, scores / math.sqrt(dh), NEG_INF)                    # (B, K, G, T, S)
-        scores = checkpoint_name(scores, "attn_scores")                             # (model.SAVED_RESIDUALS)
+        scores = checkpoint_name(scores, "attn_scores")                             # (model.saved_residuals)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h * dh)
-        out = checkpoint_name(out, "attn_out")  # o_proj's input, for its LoRA's dA (model.SAVED_RESIDUALS)
+        out = checkpoint_name(out, "attn_out")  # o_proj's input, for its LoRA's dA (model.saved_residuals)
         out = _projection(cfg, self.moa, o_name, cfg.hidden_size)(out, route, deterministic)
         return out, new_cache
 

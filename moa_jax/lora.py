@@ -208,4 +208,4 @@ class AdaptedDense(nn.Module):
                 x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
                 y = y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
         y = y if bias is None else y + bias
-        return checkpoint_name(y, "proj")           # a residual the backward keeps (model.SAVED_RESIDUALS)
+        return checkpoint_name(y, "proj")           # a residual the backward keeps (model.saved_residuals)
