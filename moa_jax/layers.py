@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
 from moa_jax.lora import AdaptedDense, Route
@@ -127,8 +128,10 @@ class Attention(nn.Module):
         qg = q.reshape(b, t, k, h // k, dh)                                          # (B, T, K, G, Dh)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk.astype(q.dtype)).astype(jnp.float32)
         scores = jnp.where(mask, scores / math.sqrt(dh), NEG_INF)                    # (B, K, G, T, S)
+        scores = checkpoint_name(scores, "attn_scores")                             # (model.saved_residuals)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h * dh)
+        out = checkpoint_name(out, "attn_out")  # o_proj's input, for its LoRA's dA (model.saved_residuals)
         out = _projection(cfg, self.moa, o_name, cfg.hidden_size)(out, route, deterministic)
         return out, new_cache
 

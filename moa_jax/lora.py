@@ -16,11 +16,13 @@ Shape glossary: B batch, T tokens, Din/Dout projection widths, E experts, R rank
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -36,33 +38,110 @@ class Route(NamedTuple):
     gates: Optional[Array] = None
 
 
+def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sum x over the axes where `shape` broadcast (size 1), keeping them: the transpose of a broadcast."""
+    axes = tuple(i for i, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+@jax.custom_vjp
+def low_rank(x: Array, a: Array, b: Array, gate: Array) -> Array:
+    """((x @ a) * gate) @ b per group g: x [G, N, Din], a [G, Din, K], b [G, K, Dout], gate broadcastable to
+    [G, N, K] (the LoRA scale, times the routing gates for mixtures) -> [G, N, Dout].
+
+    The custom backward computes exactly autodiff's four products, but builds dA as (dh^T @ x)^T: XLA's CPU dot
+    for an output [Din, K] with K tiny is several times slower than for [K, Din] (the optimisation barrier keeps
+    the algebraic simplifier from folding the transpose back into the dot). Reverse mode only (no jvp).
+    """
+    h = jnp.einsum("gnd,gdk->gnk", x, a)
+    return jnp.einsum("gnk,gko->gno", h * gate, b)
+
+
+def _low_rank_fwd(x, a, b, gate):
+    h = checkpoint_name(jnp.einsum("gnd,gdk->gnk", x, a), "lora_h")             # (G, N, K)
+    return jnp.einsum("gnk,gko->gno", h * gate, b), (x, a, b, gate, h)
+
+
+def _low_rank_bwd(res, dy):
+    x, a, b, gate, h = res
+    dhg = jnp.einsum("gno,gko->gnk", dy, b)                                      # d(h * gate)  (G, N, K)
+    db = jnp.einsum("gnk,gno->gko", h * gate, dy)                                # (G, K, Dout)
+    dh = dhg * gate
+    dx = jnp.einsum("gnk,gdk->gnd", dh, a)                                       # (G, N, Din)
+    da_t = jax.lax.optimization_barrier(jnp.einsum("gnk,gnd->gkd", dh, x))      # (G, K, Din)
+    return dx, jnp.swapaxes(da_t, 1, 2), db, _sum_to_shape(dhg * h, gate.shape).astype(gate.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def merged_lora_matmul(x: Array, kernel: Array, a: Array, b: Array, scale: float) -> Array:
+    """x [N, Din] @ (kernel + scale * a @ b) -> [N, Dout]: a frozen projection plus ONE expert as one GEMM.
+
+    a [Din, R], b [R, Dout]. Forward: the merged weight (Din*Dout work, small next to N*Din*Dout) and one GEMM,
+    instead of two skinny GEMMs and a full-size add. Backward: dx = dy @ merged^T (one GEMM, no separate LoRA
+    term and add), dA = scale * x^T (dy b^T) and dB = scale * (x a)^T dy as in `low_rank`; the kernel's gradient
+    x^T dy is returned too and removed by XLA whenever the kernel is not differentiated (frozen). f32 only: in
+    bf16 the merged weight would round the small LoRA term away (see `merge_is_cheaper`).
+    """
+    return x @ (kernel + (a * scale) @ b)
+
+
+def _merged_fwd(x, kernel, a, b, scale):
+    return merged_lora_matmul(x, kernel, a, b, scale), (x, kernel, a, b)
+
+
+def _merged_bwd(scale, res, dy):
+    x, kernel, a, b = res
+    dx = dy @ (kernel + (a * scale) @ b).T                                      # (N, Din)
+    dh = (dy @ b.T) * scale                                                      # (N, R)
+    da = jax.lax.optimization_barrier(dh.T @ x).T                               # (Din, R), built as (R, Din)
+    db = ((x @ a) * scale).T @ dy                                               # (R, Dout)
+    return dx, x.T @ dy, da, db
+
+
+merged_lora_matmul.defvjp(_merged_fwd, _merged_bwd)
+
+
+def merge_is_cheaper(num_tokens: int, d_in: int, d_out: int, dtype) -> bool:
+    """Static rule for `merged_lora_matmul`: float32 compute, and enough tokens that the Din*Dout merge (done
+    forward and again backward) costs less than the N*(Din+Dout)-sized passes it saves (training, prefill; not
+    single-token decoding)."""
+    return jnp.dtype(dtype) == jnp.float32 and num_tokens >= 2 * d_in * d_out / (d_in + d_out)
+
+
+def _scale(scale: float, x: Array) -> Array:
+    return jnp.full((1, 1, 1), scale, x.dtype)
+
+
 def lora_single(x: Array, lora_a: Array, lora_b: Array, scale: float, expert: int = 0) -> Array:
-    """x [B, T, Din] -> [B, T, Dout] with one expert for all tokens, as two 2-D GEMMs."""
+    """x [B, T, Din] -> [B, T, Dout] with one expert for all tokens, as two 2-D GEMMs over the B*T tokens."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])                      # (B*T, Din)
-    h = x2 @ lora_a[expert].astype(x.dtype)              # (B*T, R)     'nd,dr->nr'
-    y = h @ lora_b[expert].astype(x.dtype)               # (B*T, Dout)  'nr,ro->no'
-    return (scale * y).reshape(*lead, -1)
+    x2 = x.reshape(1, -1, x.shape[-1])                                           # (1, B*T, Din)
+    a = lora_a[expert][None].astype(x.dtype)                                     # (1, Din, R)
+    b = lora_b[expert][None].astype(x.dtype)                                     # (1, R, Dout)
+    return low_rank(x2, a, b, _scale(scale, x)).reshape(*lead, -1)              # 'nd,dr,ro->no'
 
 
 def lora_top1(x: Array, lora_a: Array, lora_b: Array, expert_idx: Array, scale: float) -> Array:
     """x [B, T, Din], expert_idx [B] int -> [B, T, Dout]; sequence b uses expert expert_idx[b]."""
     a = jnp.take(lora_a, expert_idx, axis=0).astype(x.dtype)   # (B, Din, R)
     b = jnp.take(lora_b, expert_idx, axis=0).astype(x.dtype)   # (B, R, Dout)
-    h = jnp.einsum("btd,bdr->btr", x, a)
-    return scale * jnp.einsum("btr,bro->bto", h, b)
+    return low_rank(x, a, b, _scale(scale, x))                  # 'btd,bdr,bro->bto'
 
 
 def lora_mixture(x: Array, lora_a: Array, lora_b: Array, gates: Array, scale: float) -> Array:
     """x [B, T, Din], gates [B, E] or [B, T, E] -> sum_e gates[..., e] * delta_e(x), in rank-concat form."""
     num_experts, d_in, rank = lora_a.shape
-    a_cat = jnp.transpose(lora_a, (1, 0, 2)).reshape(d_in, num_experts * rank).astype(x.dtype)  # (Din, E*R)
-    b_cat = lora_b.reshape(num_experts * rank, -1).astype(x.dtype)                              # (E*R, Dout)
-    h = x @ a_cat                                                      # (B, T, E*R)
-    g = jnp.repeat(gates.astype(x.dtype), rank, axis=-1)               # (B, [T,] E*R)
+    bsz, t, _ = x.shape
+    a_cat = jnp.transpose(lora_a, (1, 0, 2)).reshape(1, d_in, num_experts * rank).astype(x.dtype)  # (1, Din, E*R)
+    b_cat = lora_b.reshape(1, num_experts * rank, -1).astype(x.dtype)                              # (1, E*R, Dout)
+    g = jnp.repeat(gates.astype(x.dtype) * scale, rank, axis=-1)       # (B, [T,] E*R)
     if gates.ndim == 2:
         g = g[:, None, :]
-    return scale * ((h * g) @ b_cat)
+    g = jnp.broadcast_to(g, (bsz, t, num_experts * rank)).reshape(1, bsz * t, -1)                  # (1, B*T, E*R)
+    return low_rank(x.reshape(1, bsz * t, d_in), a_cat, b_cat, g).reshape(bsz, t, -1)
 
 
 def lora_loop_reference(x: Array, lora_a: Array, lora_b: Array, weights: Array, scale: float) -> Array:
@@ -110,15 +189,23 @@ class AdaptedDense(nn.Module):
     def __call__(self, x: Array, route: Route, deterministic: bool = True) -> Array:
         d_in = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features), self.param_dtype)
-        y = x @ kernel.astype(self.dtype)                          # 'btd,do->bto'
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
-        if self.num_experts == 0:
-            return y
-        lora_a = self.param("lora_a", lora_a_init, (self.num_experts, d_in, self.rank), self.adapter_dtype)
-        lora_b = self.param("lora_b", nn.initializers.zeros, (self.num_experts, self.rank, self.features),
-                            self.adapter_dtype)
-        if route.kind == "base":
-            return y
-        x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
-        return y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+                if self.use_bias else None)
+        if self.num_experts > 0:
+            lora_a = self.param("lora_a", lora_a_init, (self.num_experts, d_in, self.rank), self.adapter_dtype)
+            lora_b = self.param("lora_b", nn.initializers.zeros, (self.num_experts, self.rank, self.features),
+                                self.adapter_dtype)
+        kernel = kernel.astype(self.dtype)
+        adapted = self.num_experts > 0 and route.kind != "base"
+        dropout = adapted and self.dropout > 0 and not deterministic
+        shared = route.kind == "single" or (route.kind == "top1" and self.num_experts == 1)
+        if adapted and shared and not dropout and merge_is_cheaper(x.size // d_in, d_in, self.features, self.dtype):
+            y = merged_lora_matmul(x.reshape(-1, d_in), kernel, lora_a[0].astype(self.dtype),   # one GEMM
+                                   lora_b[0].astype(self.dtype), self.scale).reshape(*x.shape[:-1], -1)
+        else:
+            y = x @ kernel                                                                  # 'btd,do->bto'
+            if adapted:
+                x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
+                y = y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
+        y = y if bias is None else y + bias
+        return checkpoint_name(y, "proj")           # a residual the backward keeps (model.saved_residuals)

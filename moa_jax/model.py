@@ -41,6 +41,20 @@ from moa_jax.router import Router, load_balancing_loss, masked_mean_pool, top_k_
 Array = jax.Array
 ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 
+# What the backward keeps of each layer's forward (cfg.remat=False): every projection's output ("proj", after
+# its LoRA delta), the attention scores, the attention output (o_proj's input, which only a LoRA's dA needs),
+# the LoRA ranks' activations ("lora_h", [.., R]) and the random bits of dropout masks; norms, rotary, softmax,
+# SwiGLU and the other projections' inputs are recomputed from them. Measured on a cpu-tiny train step
+# (benchmarks/, BENCHMARKS.md): saving every autodiff residual instead cost ~10%; saving the SwiGLU output too
+# cost 3-5%; recomputing the dropout bits (threefry) in the backward cost ~17% of a dropout-0.05 step.
+# cfg.remat=True keeps nothing but the layer input (full recompute, least memory).
+_SAVED_NAMES = jax.checkpoint_policies.save_only_these_names("proj", "attn_scores", "attn_out", "lora_h")
+
+
+def saved_residuals(prim, *args, **params) -> bool:
+    """jax.checkpoint policy of the scanned layer (see above)."""
+    return prim.name == "random_bits" or _SAVED_NAMES(prim, *args, **params)
+
 
 class DecoderLayer(nn.Module):
     """One pre-norm block: router -> attention -> MLP, all adapters sharing this layer's route."""
@@ -130,7 +144,7 @@ class MoATransformer(nn.Module):
                          param_dtype=jnp_dtype(cfg.param_dtype), name="embed")
         h = embed(tokens)                                                                     # (B, T, D)
 
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=None if cfg.remat else saved_residuals)
         scanned = nn.scan(layer_cls, variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast, 0), length=cfg.num_layers)

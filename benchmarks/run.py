@@ -1,0 +1,41 @@
+"""Benchmark suite CLI (shared/performance.md):
+
+  PYTHONPATH=. python -m benchmarks.run --suite cpu --out bench_cpu.json [--md bench_cpu.md] [--rounds N]
+      [--only train,inference,decode,scaling_train,scaling_infer,recompile]
+
+Suites: smoke (CI-sized), cpu (the target table on cpu-tiny; <= 5 min on 2 idle cores), gpu (gpu-1b bf16 on
+one accelerator, MFU vs 989 TFLOP/s), smollm2 (LM-head share of a SmolLM2-shaped step; slow). Writes the JSON
+and a markdown report (default: the JSON path with .md), and prints the target table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from benchmarks import cases, report, timing
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", required=True, choices=("smoke", "cpu", "gpu", "smollm2"))
+    p.add_argument("--out", required=True, help="JSON output path")
+    p.add_argument("--md", default=None, help="markdown output path (default: --out with .md)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: suite's, >= 10 on cpu)")
+    p.add_argument("--only", default="", help="comma-separated group names to run")
+    args = p.parse_args(argv)
+    machine = timing.machine_info()
+    result = cases.run_suite(args.suite, args.rounds, [s for s in args.only.split(",") if s] or None)
+    result["machine"] = machine
+    result["loadavg_end"] = list(os.getloadavg())
+    result["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    report.write_json(result, args.out)
+    md = report.markdown(result)
+    with open(args.md or os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(md)
+    print("\n".join(report.target_table(result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""CI smoke of the benchmark suite: tiny shapes, 2 interleaved rounds, LOOSE guards only.
+
+The guards catch a several-fold regression (e.g. top-1 dispatch falling back to a dense loop over experts, or a
+recompile per step) and let ordinary machine noise pass: top-1 E=10 / single LoRA < 1.5, top-1 E=32 / E=1 < 1.5,
+no compile during the timed rounds. The real targets are measured by `python -m benchmarks.run --suite cpu`.
+"""
+import json
+import time
+
+from benchmarks import report, run
+
+
+def test_smoke_suite_runs_and_guards_hold(tmp_path):
+    t0 = time.perf_counter()
+    out = tmp_path / "smoke.json"
+    result = run.main(["--suite", "smoke", "--out", str(out)])
+    elapsed = time.perf_counter() - t0
+
+    g = result["groups"]["train"]
+    assert g["compiles_in_steady_state"] == 0, g["compiled_names"]
+    rows = {(r["num"], r["den"]): r["value"] for r in g["ratios"]}
+    assert rows[("top1_E10", "top1_E1")] < 1.5, rows
+    assert rows[("top1_E32", "top1_E1")] < 1.5, rows
+    for v in g["variants"].values():
+        assert v["rounds"] == 2 and v["min_s"] > 0 and v["compile_s"] > 0
+        assert v["flops_analytic"] > 0 and v["memory"]["temp_size"] is not None
+
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["versions"]["jax"]
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| train |" in md and md == report.markdown(result)
+    assert elapsed < 120, f"smoke suite took {elapsed:.0f} s (budget 60 s on an idle 2-core machine)"
