@@ -1,6 +1,6 @@
-"""Per-domain evaluation of one method: perplexity on response tokens, routing accuracy and the confusion matrix
-(router decision vs domain label), and greedy generation (scored by moa_jax.evaluation_run with each domain's
-verifier, BLEU-4 and ROUGE-L from moa_jax.metrics).
+"""Per-item evaluation of one method: the expert each test item runs with, its NLL on the response tokens
+(teacher forcing) and its greedy answer. moa_jax.evaluation_run aggregates per domain and scores the answers
+(each domain's verifier, BLEU-4 and ROUGE-L from moa_jax.metrics).
 
 A "method" is a trained parameter tree plus how it routes:
   base         adapters off                    single_lora  stage-1 experts, the domain label picks the expert
@@ -8,10 +8,13 @@ A "method" is a trained parameter tree plus how it routes:
   moa_oracle   stage-2 experts, label given    moe_lora     token-level top-k routing (no labels)
 (The most_common baseline has no parameters: moa_jax.evaluation_run scores it directly.) An ablation variant of
 a method keeps the method's name and routing and carries a `label` such as 'moa_router[eta0]'.
-Router decisions are made exactly as at inference: a routing pass over the prompt tokens only, then the decided
-expert for the whole sequence (so PPL under 'router' is what a user of the routed model gets).
 
-Shape glossary: B batch, T tokens, N domains (= experts E for MoA), L layers.
+Router decisions are made exactly as at inference, once per item: a routing pass over the prompt tokens only
+(`assign_experts`), then that expert for the whole sequence, in the PPL pass and in generation alike. So every
+top-1 method is "one expert per item" and the evaluation is a function of (parameters, item, expert): items that
+moa_router and moa_oracle run with the same expert are computed once (evaluation_run memoises them).
+
+Shape glossary: B batch, T tokens, K target columns, V vocab, N test items, D domains, E experts, L layers.
 """
 from __future__ import annotations
 
@@ -24,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.generate import generate_tokens, left_pad
+from moa_jax.generate import generate_tokens, left_pad, route_from_prompt
 from moa_jax.model import MoATransformer
-from moa_jax.router import decide
 from moa_jax.train_step import gather_targets, lm_loss_terms
 
 ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "forced", "moa_router": "router",
                      "moa_oracle": "oracle", "moe_lora": "router"}
+BASE = -1   # expert id of "adapters off"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,80 +51,116 @@ class Method:
     def display(self) -> str:
         return self.label or self.name
 
+    @property
+    def per_item_expert(self) -> bool:
+        """True when every item runs with one expert (or the base) for its whole sequence; False for soft and
+        token-level dispatch, which mix experts inside every forward."""
+        return self.moa is None or self.routing != "router" or self.moa.dispatch == "top1"
+
+
+def assign_experts(cfg: ModelConfig, method: Method, batches: Sequence[dict]) -> Optional[np.ndarray]:
+    """The expert each valid row of `batches` runs with, [N] int (BASE = adapters off); None for soft / token-level
+    dispatch. 'router' routes every item from its prompt tokens (prompt_mask pools; attention is causal, so the
+    response tokens after the prompt change nothing)."""
+    if not method.per_item_expert:
+        return None
+    out = []
+    for batch in batches:
+        valid = np.asarray(batch["valid"]).astype(bool)
+        n = len(valid)
+        if method.moa is None or method.routing == "base":
+            idx = np.full(n, BASE)
+        elif method.routing == "forced":
+            idx = np.zeros(n, np.int64)
+        elif method.routing == "oracle":
+            idx = np.asarray(batch["domain"])
+        else:
+            idx, _ = route_from_prompt(cfg, method.moa, method.params, jnp.asarray(batch["tokens"]),
+                                       jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["prompt_mask"]))
+            idx = np.asarray(jax.device_get(idx))
+        out.append(np.asarray(idx, np.int64)[valid])
+    return np.concatenate(out)
+
 
 @functools.lru_cache(maxsize=None)
-def _loss_fn(cfg: ModelConfig, moa: Optional[MoAConfig], routing: str, num_domains: int):
+def _nll_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
     model = MoATransformer(cfg, moa)
 
     @jax.jit
     def run(params, batch):
-        tokens, mask, pmask, domain = batch["tokens"], batch["attention_mask"], batch["prompt_mask"], batch["domain"]
-        decided = jnp.full(domain.shape, -1, jnp.int32)
-        if routing == "base" or moa is None:
-            mode, idx = "base", None
-        elif routing == "forced":
-            mode, idx = "fixed", jnp.zeros_like(domain)
-        elif routing == "oracle":
-            mode, idx = "fixed", domain
-        elif moa.dispatch == "top1":   # router: decide from the prompt, then run the sequence with that expert
-            _, aux = model.apply({"params": params}, tokens, attention_mask=mask, prompt_mask=pmask, routing="self")
-            decided = decide(aux["router_logits"], moa.decision)
-            mode, idx = "fixed", decided
-        else:
-            mode, idx = ("soft" if moa.dispatch == "soft" else "token"), None
-        logits, _ = model.apply({"params": params}, tokens, attention_mask=mask, prompt_mask=pmask, routing=mode,
-                                expert_idx=idx, logits_at=batch["target_pos"])                 # (B, K, V)
-        weights = batch["target_weight"] * batch["valid"][:, None]
-        _, _, dom_sum, dom_cnt = lm_loss_terms(logits, batch["target_tokens"], weights, domain, num_domains)
-        return dom_sum, dom_cnt, decided
+        logits, _ = model.apply({"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
+                                prompt_mask=batch["prompt_mask"], routing=mode,
+                                expert_idx=batch["expert"] if mode == "fixed" else None,
+                                logits_at=batch["target_pos"])                                  # (B, K, V)
+        b = logits.shape[0]
+        nll, w, _, _ = lm_loss_terms(logits, batch["target_tokens"], batch["target_weight"],
+                                     jnp.zeros((b,), jnp.int32), 1)                             # (B, K)
+        return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)                                     # (B,), (B,)
     return run
 
 
-def perplexity_and_routing(cfg: ModelConfig, method: Method, batches: Sequence[dict], num_domains: int) -> dict:
-    """-> {"nll": [N], "ppl": [N], "tokens": [N], "confusion": [N, E] or None} over all valid rows of `batches`."""
-    fn = _loss_fn(cfg, method.moa, method.routing, num_domains)
-    sums, counts = np.zeros(num_domains), np.zeros(num_domains)
-    confusion = None
-    if method.name == "moa_router" and method.moa is not None and method.moa.dispatch == "top1":
-        confusion = np.zeros((num_domains, method.moa.num_experts), np.int64)
+def _forward_mode(method: Method, experts: Optional[np.ndarray]) -> str:
+    if method.moa is None or method.routing == "base":
+        return "base"
+    if experts is not None:
+        return "fixed"
+    return "soft" if method.moa.dispatch == "soft" else "token"
+
+
+def item_nll(cfg: ModelConfig, method: Method, batches: Sequence[dict],
+             experts: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """-> (NLL sum [N], target token count [N]) of every valid row of `batches` on its response tokens, each item
+    run with its expert from `experts` [N] (None: the method's soft / token-level dispatch)."""
+    mode = _forward_mode(method, experts)
+    fn = _nll_fn(cfg, method.moa if mode != "base" else None, mode)
+    sums, counts, start = [], [], 0
     for batch in batches:
-        b = {k: jnp.asarray(v) for k, v in batch.items() if k in ("tokens", "attention_mask", "prompt_mask",
-                                                                   "domain", "valid")}
-        b["target_pos"], b["target_tokens"], b["target_weight"] = map(
-            jnp.asarray, gather_targets(np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])))
-        s, c, decided = jax.device_get(fn(method.params, b))
-        sums += s
-        counts += c
-        if confusion is not None:
-            valid = np.asarray(batch["valid"]).astype(bool)
-            np.add.at(confusion, (np.asarray(batch["domain"])[valid], np.asarray(decided)[valid]), 1)
-    nll = sums / np.maximum(counts, 1)
-    return {"nll": nll, "ppl": np.exp(nll), "tokens": counts, "confusion": confusion}
+        valid = np.asarray(batch["valid"]).astype(bool)
+        b = {k: jnp.asarray(batch[k]) for k in ("tokens", "attention_mask", "prompt_mask")}
+        pos, tgt, wt = gather_targets(np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"]))
+        b.update(target_pos=jnp.asarray(pos), target_tokens=jnp.asarray(tgt), target_weight=jnp.asarray(wt))
+        if mode == "fixed":
+            idx = np.zeros(len(valid), np.int32)
+            idx[valid] = experts[start:start + int(valid.sum())]
+            b["expert"] = jnp.asarray(idx)
+        s, c = jax.device_get(fn(method.params, b))
+        sums.append(np.asarray(s)[valid])
+        counts.append(np.asarray(c)[valid])
+        start += int(valid.sum())
+    return np.concatenate(sums).astype(np.float64), np.concatenate(counts).astype(np.float64)
 
 
-def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]], domains: Sequence[int],
-                     *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int, batch_size: int,
-                     decode: Callable[[list[int]], str]) -> tuple[list[str], np.ndarray]:
-    """Greedy answers for prompt token lists (mixed domains per batch). -> (texts, expert used per prompt).
-    Every batch is padded to the same shape (the longest prompt of all), so decoding compiles once."""
-    texts, experts = [], []
-    longest = max(len(p) for p in prompts)
+def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]],
+                     experts: Optional[Sequence[int]], *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int,
+                     batch_size: int, decode: Callable[[list[int]], str],
+                     pad_to: int = 0) -> tuple[list[str], np.ndarray]:
+    """Greedy answers for prompt token lists (mixed domains per batch), prompt i run with expert experts[i]
+    (None: the method routes itself: router top-1 from the prompt, or soft / token-level dispatch).
+    -> (texts, expert used per prompt). Every batch is padded to the same shape (the longest prompt, or `pad_to`
+    if longer), so decoding compiles once."""
+    texts, used = [], []
+    longest = max([pad_to] + [len(p) for p in prompts])
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
-        dom = np.asarray(domains[start:start + batch_size], np.int32)
         n = len(chunk)
+        idx = None if experts is None else np.asarray(experts[start:start + batch_size], np.int32)
         if n < batch_size:  # pad the last batch with copies: one compiled shape
             chunk += [chunk[0]] * (batch_size - n)
-            dom = np.concatenate([dom, np.repeat(dom[:1], batch_size - n)])
+            idx = None if idx is None else np.concatenate([idx, np.repeat(idx[:1], batch_size - n)])
         tokens, mask = left_pad(chunk, pad_id, length=longest)
-        out, idx, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=method.routing,
-                                      expert=0 if method.routing == "forced" else None,
-                                      domain=dom if method.routing == "oracle" else None,
-                                      max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
+        if method.moa is None or method.routing == "base" or (idx is not None and (idx == BASE).all()):
+            routing, domain = "base", None
+        elif idx is not None:
+            routing, domain = "oracle", idx
+        else:
+            routing, domain = method.routing, None
+        out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing,
+                                         expert=0 if routing == "forced" else None, domain=domain,
+                                         max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
         eos = set(eos_ids)
         for row in out[:n]:
             ids = [int(t) for t in row]
             cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
             texts.append(decode(ids[:cut]))
-        experts.extend(int(e) for e in idx[:n])
-    return texts, np.asarray(experts)
+        used.extend(int(e) for e in chosen[:n])
+    return texts, np.asarray(used)

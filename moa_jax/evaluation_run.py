@@ -1,6 +1,6 @@
 """The evaluation stage of an experiment: every method (and ablation variant) on the same test items of every domain.
 
-Per method and domain (moa_jax.evaluate computes PPL and generates; moa_jax.metrics scores):
+Per method and domain (moa_jax.evaluate routes, computes NLL and generates per item; moa_jax.metrics scores):
   accuracy        share of items whose greedy answer the domain's verifier gives full marks (exact)
   score           mean verifier score (some verifiers give partial credit)
   ppl, nll        perplexity / mean NLL on the response tokens (teacher forcing; routed as the method routes)
@@ -9,6 +9,11 @@ Per method and domain (moa_jax.evaluate computes PPL and generates; moa_jax.metr
   routing_accuracy  (router-routed MoA methods) share of items routed to the domain's own expert
 Averages are unweighted means over domains (`mean_<metric>`). The `most_common` baseline answers every test item
 of a domain with the domain's most common TRAIN answer (no model, no PPL): the floor any method must beat.
+
+Every top-1 method runs each item with one expert (the label's, the router's decision, expert 0 of the mixed
+LoRA, or none for the base), so an item's NLL and answer depend only on (adapters, item, expert). `ItemMemo` keeps
+them: moa_oracle recomputes only the items the router sent elsewhere (none, at 100% routing accuracy), and
+ablation variants that share adapters share items. Soft and token-level dispatch are always computed in full.
 
 Shape glossary: N test items (items_per_domain per domain, domain by domain), D domains, E experts.
 """
@@ -23,8 +28,8 @@ import jax
 import numpy as np
 
 from moa_jax import metrics
-from moa_jax.config import MoAConfig
-from moa_jax.evaluate import Method, generate_answers, perplexity_and_routing
+from moa_jax.config import MoAConfig, replace
+from moa_jax.evaluate import Method, assign_experts, generate_answers, item_nll
 from moa_jax.params import merge_params
 
 log = logging.getLogger("moa_jax")
@@ -88,14 +93,28 @@ class EvalSet:
     prompts: list             # [N] prompt token lists (chat template, the training system prompt)
     examples: list            # [N] raw examples (verifier metadata)
     references: list          # [N] reference answers
+    split: Any = None         # the TokenizedSplit the rows index (to re-collate a subset of items)
+    batch_size: int = 1
+    buckets: tuple = ()
+
+    def subset_batches(self, items: np.ndarray) -> list:
+        """PPL batches of the items `items` (indices into the N test items, in that order)."""
+        if len(items) == len(self.rows) and (np.asarray(items) == np.arange(len(self.rows))).all():
+            return self.batches
+        return collate_rows(self.split, self.rows[items], self.batch_size, self.buckets)
+
+    @property
+    def longest_prompt(self) -> int:
+        return max(len(p) for p in self.prompts)
 
     def per_domain_counts(self) -> list[int]:
         return [int((self.labels == d).sum()) for d in range(len(self.domains))]
 
 
-def build_eval_set(split, domains: tuple, items_per_domain: int, batch_size: int, buckets: Sequence[int]) -> EvalSet:
+def collate_rows(split, rows: np.ndarray, batch_size: int, buckets: Sequence[int]) -> list:
+    """Right-padded batches of `rows` of a TokenizedSplit, `batch_size` rows each (the last one filled with copies
+    whose `valid` is 0), each padded to the smallest bucket that fits it."""
     from moa_jax.data.pipeline import bucket_for, collate
-    rows = eval_rows(split, items_per_domain)
     batches = []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
@@ -103,10 +122,15 @@ def build_eval_set(split, domains: tuple, items_per_domain: int, batch_size: int
         valid[len(chunk):] = 0
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
         batches.append(collate(split, padded, bucket_for(int(split.lengths[padded].max()), buckets), valid))
+    return batches
+
+
+def build_eval_set(split, domains: tuple, items_per_domain: int, batch_size: int, buckets: Sequence[int]) -> EvalSet:
+    rows = eval_rows(split, items_per_domain)
     examples = [split.example(r) for r in rows]
-    return EvalSet(tuple(domains), rows, split.domain[rows], batches,
+    return EvalSet(tuple(domains), rows, split.domain[rows], collate_rows(split, rows, batch_size, buckets),
                    [list(split.tokens(r)[:split.prompt_len[r]]) for r in rows], examples,
-                   [reference_text(e) for e in examples])
+                   [reference_text(e) for e in examples], split, batch_size, tuple(buckets))
 
 
 def score_texts(es: EvalSet, texts: Sequence[str]) -> dict[str, dict]:
@@ -149,26 +173,68 @@ def most_common_entry(es: EvalSet, train_split) -> dict:
     return entry
 
 
+class ItemMemo:
+    """(adapters key, item, expert) -> (NLL sum, target count, answer text) of one-expert-per-item evaluations."""
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def missing(self, key, experts: np.ndarray) -> np.ndarray:
+        return np.asarray([i for i, e in enumerate(experts) if (key, i, int(e)) not in self._items], np.int64)
+
+    def put(self, key, items, experts, sums, counts, texts) -> None:
+        for i, e, s, c, t in zip(items, experts, sums, counts, texts):
+            self._items[(key, int(i), int(e))] = (float(s), float(c), t)
+
+    def get(self, key, experts: np.ndarray):
+        """-> (NLL sums [N], counts [N], texts [N]) of items 0..N-1 with their experts."""
+        rows = [self._items[(key, i, int(e))] for i, e in enumerate(experts)]
+        return (np.asarray([r[0] for r in rows]), np.asarray([r[1] for r in rows]), [r[2] for r in rows])
+
+
 def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, max_new_tokens: int,
-                    batch_size: int, decode) -> dict:
-    """PPL + greedy generation + scores (+ routing for router-routed top-1 MoA) of one method."""
+                    batch_size: int, decode, memo: Optional[ItemMemo] = None, memo_key=None) -> dict:
+    """NLL + greedy generation + scores (+ routing accuracy and confusion for router-routed top-1 MoA) of one
+    method. With a `memo` and a `memo_key` naming the method's adapters, items already evaluated with the same
+    adapters and expert are taken from the memo instead of being run again."""
     t0 = time.perf_counter()
-    n_dom = len(es.domains)
-    ppl = perplexity_and_routing(cfg, method, es.batches, n_dom)
-    texts, experts = generate_answers(cfg, method, es.prompts, es.labels, pad_id=pad_id, eos_ids=eos_ids,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, decode=decode)
+    n_dom, n = len(es.domains), len(es.rows)
+    experts = assign_experts(cfg, method, es.batches)                             # [N] or None
+    share = memo is not None and memo_key is not None and experts is not None
+    todo = memo.missing(memo_key, experts) if share else np.arange(n)
+    if len(todo):
+        sub_experts = None if experts is None else experts[todo]
+        sums, counts = item_nll(cfg, method, es.subset_batches(todo), sub_experts)
+        texts, _ = generate_answers(cfg, method, [es.prompts[i] for i in todo], sub_experts, pad_id=pad_id,
+                                    eos_ids=eos_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    decode=decode, pad_to=es.longest_prompt)
+    if share:
+        if len(todo):
+            memo.put(memo_key, todo, experts[todo], sums, counts, texts)
+        sums, counts, texts = memo.get(memo_key, experts)
     per_domain = score_texts(es, texts)
     for d, name in enumerate(es.domains):
-        per_domain[name].update(ppl=float(ppl["ppl"][d]), nll=float(ppl["nll"][d]))
+        sel = es.labels == d
+        nll = float(sums[sel].sum() / max(counts[sel].sum(), 1.0))
+        per_domain[name].update(ppl=float(np.exp(nll)), nll=nll)
     confusion = None
-    if method.routing == "router" and method.moa is not None and method.moa.dispatch == "top1":
+    if method.routing == "router" and experts is not None:
         confusion = metrics.confusion_matrix(es.labels, experts, n_dom, method.moa.num_experts)
         for name, acc in zip(es.domains, metrics.routing_accuracy(confusion)):
             per_domain[name]["routing_accuracy"] = float(acc)
     entry = _entry(es, method.name, method.display, per_domain, texts, time.perf_counter() - t0)
+    entry["items_computed"] = int(len(todo))   # the rest came from the memo
     if confusion is not None:
         entry["confusion"] = confusion.tolist()
     return entry
+
+
+def memo_key(spec: MethodSpec, method: Method):
+    """What an item's one-expert evaluation depends on besides (item, expert): the adapters, and the adapter
+    settings (the decision policy only chooses the expert, so it is left out)."""
+    if method.moa is None:
+        return ("base",)
+    return (spec.key or TRAINED_KEY[spec.name], replace(method.moa, decision="last"))
 
 
 def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:
@@ -178,19 +244,27 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:
     es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets)
     frozen = jax.device_get(ctx.frozen) if jax.process_count() == 1 else ctx.frozen
     results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {}}
+    memo = ItemMemo()
     for spec in specs:
         if spec.name == "most_common":
             entry = most_common_entry(es, ctx.data["train"])
         else:
+            method = build_method(frozen, trained, spec)
             entry = evaluate_method(
-                ctx.cfg, es, build_method(frozen, trained, spec), pad_id=split.pad_id,
+                ctx.cfg, es, method, pad_id=split.pad_id,
                 eos_ids=_eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True))
+                decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True),
+                memo=memo, memo_key=memo_key(spec, method))
         results["methods"][spec.display] = entry
-        log.info("eval %-22s accuracy %.3f  ppl %s  bleu %.1f  rouge-l %.1f  (%.0fs)", spec.display,
+        log.info("eval %-22s accuracy %.3f  ppl %s  bleu %.1f  rouge-l %.1f  (%.0fs%s)", spec.display,
                  entry["mean_accuracy"], _fmt(entry["mean_ppl"]), entry["mean_bleu"], entry["mean_rouge_l"],
-                 entry["seconds"])
+                 entry["seconds"], _reuse_note(entry, len(es.rows)))
     return results
+
+
+def _reuse_note(entry: dict, n: int) -> str:
+    computed = entry.get("items_computed", n)
+    return "" if computed == n else f"; {n - computed} of {n} items shared with an earlier method"
 
 
 def _fmt(x: Optional[float]) -> str:

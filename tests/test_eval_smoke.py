@@ -72,6 +72,10 @@ def test_smoke_results_are_complete(smoke):
         assert conf.shape == (10, 10) and conf.sum() == 10 and (conf.sum(axis=1) == 1).all()
         assert res["methods"][name]["mean_routing_accuracy"] == pytest.approx(np.trace(conf) / 10)
     assert set(res["methods"]["most_common"]["answers"]) == set(DOMAIN_NAMES)
+    # moa_oracle reruns only the items the router sent to another expert (the rest is shared with moa_router)
+    routed_right = int(np.trace(np.asarray(res["methods"]["moa_router"]["confusion"])))
+    assert res["methods"]["moa_router"]["items_computed"] == 10
+    assert res["methods"]["moa_oracle"]["items_computed"] == 10 - routed_right
     # the variant trained its own stage 2 from the shared stage 1, in its own sub-directory
     assert set(res["stages"]) == {"stage1", "stage2", "mixed_lora", "variants/eta0/stage2"}
     variant_dir = os.path.join(workdir, "variants", "eta0", "stage2")

@@ -1,0 +1,72 @@
+"""Evaluation shares one-expert-per-item work between methods (evaluation_run.ItemMemo): on a tiny random MoA whose
+experts and routers are randomised (experts differ, the router sends items to several experts),
+  - moa_router then moa_oracle with a memo == each evaluated alone from scratch (NLL, PPL, answers, scores);
+  - moa_oracle recomputes exactly the items the router sent to another expert than their label;
+  - a second evaluation of the same method recomputes nothing.
+"""
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from moa_jax.config import DataConfig, ModelConfig, MoAConfig
+from moa_jax.data import load_split
+from moa_jax.evaluate import Method, assign_experts
+from moa_jax.evaluation_run import ItemMemo, build_eval_set, evaluate_method
+from moa_jax.params import init_params, merge_params, split_params
+from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
+
+MOA = MoAConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = make_jsonl_dir(tmp_path_factory.mktemp("jsonl"))
+    tok = tiny_tokenizer()
+    data = DataConfig(source=f"jsonl:{root}", holdout_fraction=0.0, max_len=128, buckets=(32, 64, 128))
+    split = load_split(data, tok, "train")
+    es = build_eval_set(split, split.domains, items_per_domain=5, batch_size=4, buckets=data.buckets)
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, name="tiny-memo-test")
+    frozen, trainable = split_params(jax.device_get(init_params(cfg, MOA, jax.random.PRNGKey(0))))
+    rng = np.random.default_rng(0)
+    flat = traverse_util.flatten_dict(trainable)
+    for k, v in flat.items():
+        scale = 0.5 if k[-1] == "lora_b" else 3.0 if "router" in k else 0.3
+        flat[k] = (rng.standard_normal(v.shape) * scale).astype(np.float32)
+    params = merge_params(frozen, traverse_util.unflatten_dict(flat))
+    kw = dict(pad_id=split.pad_id, eos_ids=(tok.eos_token_id,), max_new_tokens=4, batch_size=4,
+              decode=lambda ids: " ".join(map(str, ids)))
+    return cfg, es, params, kw
+
+
+def _strip(entry):
+    return {k: v for k, v in entry.items() if k not in ("seconds", "items_computed", "kind", "label")}
+
+
+def test_memo_shares_items_and_changes_nothing(setup):
+    cfg, es, params, kw = setup
+    router, oracle = Method("moa_router", MOA, params), Method("moa_oracle", MOA, params)
+    chosen = assign_experts(cfg, router, es.batches)
+    wrong = int((chosen != es.labels).sum())
+    assert 0 < wrong < len(chosen) and len(set(chosen.tolist())) >= 2, f"vacuous routing {chosen} vs {es.labels}"
+
+    memo = ItemMemo()
+    r_memo = evaluate_method(cfg, es, router, memo=memo, memo_key="moa", **kw)
+    o_memo = evaluate_method(cfg, es, oracle, memo=memo, memo_key="moa", **kw)
+    assert r_memo["items_computed"] == len(chosen)
+    assert o_memo["items_computed"] == wrong
+    again = evaluate_method(cfg, es, oracle, memo=memo, memo_key="moa", **kw)
+    assert again["items_computed"] == 0
+
+    r_alone = evaluate_method(cfg, es, router, **kw)
+    o_alone = evaluate_method(cfg, es, oracle, **kw)
+    for shared, alone in ((r_memo, r_alone), (o_memo, o_alone), (again, o_alone)):
+        a, b = _strip(shared), _strip(alone)
+        assert a["samples"] == b["samples"]
+        for d, row in a["per_domain"].items():
+            for metric, value in row.items():
+                assert value == pytest.approx(b["per_domain"][d][metric], rel=1e-5, abs=1e-6), (d, metric)
+    # the two methods really differ on the re-routed items (otherwise sharing proves nothing)
+    assert any(r_alone["per_domain"][d]["nll"] != o_alone["per_domain"][d]["nll"] for d in es.domains)
+    assert np.asarray(r_memo["confusion"]).trace() == len(chosen) - wrong
