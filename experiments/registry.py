@@ -56,7 +56,9 @@ def moa_10task() -> ExperimentConfig:
     Command: python -m experiments.run --exp=moa_10task
     CPU (2 cores, reduced budget): stage 1 = 120 steps and stage 2 = 40 steps at batch 8 (~96 + 32 examples per
     domain), the mixed-LoRA baseline on the same 1,280 examples, evaluation on 20 test items per domain (too few
-    for claims under ~0.15 accuracy difference). Runtime ~40 min. See README for the measured runtime and table.
+    for claims under ~0.15 accuracy difference). Runtime measured 29.6 min on an otherwise idle 2-core CPU
+    (stage 1 9.1, stage 2 3.1, mixed LoRA 11.1, evaluation 5.9 min; ~2x that when the machine is shared).
+    See README for the table.
     Accelerator (full budget): 1500 + 500 steps at batch 32, 200 test items per domain.
     Methods reported (results.md): most_common (each domain's most common train answer: the floor), base,
     single_lora (stage-1 experts, domain given), mixed_lora (one LoRA, same examples as stage 1 + 2), moa_router,
