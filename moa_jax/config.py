@@ -367,3 +367,7 @@ class ExperimentConfig:
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")
         _check(self.moe_lora.stage == "moe_lora", "ExperimentConfig.moe_lora.stage must be 'moe_lora'")
+        _check(self.moa.dispatch != "soft" or "moa_router" not in self.eval.methods,
+               "ExperimentConfig: moa.dispatch='soft' with eval.methods containing 'moa_router': the evaluation "
+               "generates answers, and cached decoding cannot re-pool soft gates over new tokens; use "
+               "moa.dispatch=top1 (MoA as in the paper) or drop moa_router from eval.methods")

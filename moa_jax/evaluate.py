@@ -9,8 +9,8 @@ A "method" is a trained parameter tree plus how it routes:
 (The most_common baseline has no parameters: moa_jax.evaluation_run scores it directly.) An ablation variant of
 a method keeps the method's name and routing and carries a `label` such as 'moa_router[eta0]'.
 
-Router decisions are made exactly as at inference, once per item: a routing pass over the prompt tokens only
-(`assign_experts`), then that expert for the whole sequence, in the PPL pass and in generation alike. So every
+Router decisions are made as at inference, once per item: a routing pass over the left-padded prompt tokens, as
+`generate_tokens(routing='router')` does (`assign_experts`), then that expert for the whole sequence, in the PPL pass and in generation alike. So every
 top-1 method is "one expert per item" and the evaluation is a function of (parameters, item, expert): items that
 moa_router and moa_oracle run with the same expert are computed once (evaluation_run memoises them).
 
@@ -58,27 +58,28 @@ class Method:
         return self.moa is None or self.routing != "router" or self.moa.dispatch == "top1"
 
 
-def assign_experts(cfg: ModelConfig, method: Method, batches: Sequence[dict]) -> Optional[np.ndarray]:
-    """The expert each valid row of `batches` runs with, [N] int (BASE = adapters off); None for soft / token-level
-    dispatch. 'router' routes every item from its prompt tokens (prompt_mask pools; attention is causal, so the
-    response tokens after the prompt change nothing)."""
+def assign_experts(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]], labels: Sequence[int], *,
+                   pad_id: int, batch_size: int) -> Optional[np.ndarray]:
+    """The expert each prompt's item runs with, [N] int (BASE = adapters off); None for soft / token-level
+    dispatch. 'router' routes exactly as `generate_tokens(routing='router')` does: a routing pass over the
+    LEFT-padded prompt tokens, batches of `batch_size` padded to the longest prompt (one compiled shape)."""
+    n = len(prompts)
     if not method.per_item_expert:
         return None
-    out = []
-    for batch in batches:
-        valid = np.asarray(batch["valid"]).astype(bool)
-        n = len(valid)
-        if method.moa is None or method.routing == "base":
-            idx = np.full(n, BASE)
-        elif method.routing == "forced":
-            idx = np.zeros(n, np.int64)
-        elif method.routing == "oracle":
-            idx = np.asarray(batch["domain"])
-        else:
-            idx, _ = route_from_prompt(cfg, method.moa, method.params, jnp.asarray(batch["tokens"]),
-                                       jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["prompt_mask"]))
-            idx = np.asarray(jax.device_get(idx))
-        out.append(np.asarray(idx, np.int64)[valid])
+    if method.moa is None or method.routing == "base":
+        return np.full(n, BASE, np.int64)
+    if method.routing == "forced":
+        return np.zeros(n, np.int64)
+    if method.routing == "oracle":
+        return np.asarray(labels, np.int64)
+    longest, out = max(len(p) for p in prompts), []
+    for start in range(0, n, batch_size):
+        chunk = [list(p) for p in prompts[start:start + batch_size]]
+        k = len(chunk)
+        chunk += [chunk[0]] * (batch_size - k)          # one compiled shape
+        tokens, mask = left_pad(chunk, pad_id, length=longest)
+        idx, _ = route_from_prompt(cfg, method.moa, method.params, jnp.asarray(tokens), jnp.asarray(mask))
+        out.append(np.asarray(jax.device_get(idx), np.int64)[:k])
     return np.concatenate(out)
 
 
@@ -112,7 +113,8 @@ def item_nll(cfg: ModelConfig, method: Method, batches: Sequence[dict],
     """-> (NLL sum [N], target token count [N]) of every valid row of `batches` on its response tokens, each item
     run with its expert from `experts` [N] (None: the method's soft / token-level dispatch)."""
     mode = _forward_mode(method, experts)
-    fn = _nll_fn(cfg, method.moa if mode != "base" else None, mode)
+    moa = None if mode == "base" else method.moa if mode != "fixed" else dataclasses.replace(method.moa, decision="last")
+    fn = _nll_fn(cfg, moa, mode)   # the decision policy plays no part in a fixed-expert forward: one compile
     sums, counts, start = [], [], 0
     for batch in batches:
         valid = np.asarray(batch["valid"]).astype(bool)
@@ -154,7 +156,8 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
             routing, domain = "oracle", idx
         else:
             routing, domain = method.routing, None
-        out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing,
+        moa = dataclasses.replace(method.moa, decision="last") if routing == "oracle" else method.moa
+        out, chosen, _ = generate_tokens(cfg, moa, method.params, tokens, mask, routing=routing,
                                          expert=0 if routing == "forced" else None, domain=domain,
                                          max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
         eos = set(eos_ids)

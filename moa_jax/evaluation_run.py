@@ -13,7 +13,8 @@ of a domain with the domain's most common TRAIN answer (no model, no PPL): the f
 Every top-1 method runs each item with one expert (the label's, the router's decision, expert 0 of the mixed
 LoRA, or none for the base), so an item's NLL and answer depend only on (adapters, item, expert). `ItemMemo` keeps
 them: moa_oracle recomputes only the items the router sent elsewhere (none, at 100% routing accuracy), and
-ablation variants that share adapters share items. Soft and token-level dispatch are always computed in full.
+ablation variants that share adapters share items. Token-level dispatch (moe_lora) is always computed in full;
+soft dispatch cannot be generated from (moa_jax.generate refuses it) and ExperimentConfig refuses it for moa_router.
 
 Shape glossary: N test items (items_per_domain per domain, domain by domain), D domains, E experts.
 """
@@ -199,7 +200,7 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
     adapters and expert are taken from the memo instead of being run again."""
     t0 = time.perf_counter()
     n_dom, n = len(es.domains), len(es.rows)
-    experts = assign_experts(cfg, method, es.batches)                             # [N] or None
+    experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size)  # [N]/None
     share = memo is not None and memo_key is not None and experts is not None
     todo = memo.missing(memo_key, experts) if share else np.arange(n)
     if len(todo):
@@ -229,7 +230,7 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
     return entry
 
 
-def memo_key(spec: MethodSpec, method: Method):
+def adapters_key(spec: MethodSpec, method: Method):
     """What an item's one-expert evaluation depends on besides (item, expert): the adapters, and the adapter
     settings (the decision policy only chooses the expert, so it is left out)."""
     if method.moa is None:
@@ -254,7 +255,7 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:
                 ctx.cfg, es, method, pad_id=split.pad_id,
                 eos_ids=_eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                 decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True),
-                memo=memo, memo_key=memo_key(spec, method))
+                memo=memo, memo_key=adapters_key(spec, method))
         results["methods"][spec.display] = entry
         log.info("eval %-22s accuracy %.3f  ppl %s  bleu %.1f  rouge-l %.1f  (%.0fs%s)", spec.display,
                  entry["mean_accuracy"], _fmt(entry["mean_ppl"]), entry["mean_bleu"], entry["mean_rouge_l"],

@@ -48,3 +48,11 @@ def test_targets_normalised_and_scale():
     assert MoAConfig(targets="all").targets == normalize_targets(("q", "k", "v", "o", "gate", "up", "down"))
     assert MoAConfig(rank=16, alpha=32.0).scale == 2.0
     assert MoAConfig(rank=16, alpha=32.0, use_rslora=True).scale == 8.0
+
+
+def test_soft_dispatch_with_router_evaluation_is_refused_before_training():
+    from moa_jax.config import EvalConfig, ExperimentConfig
+    with pytest.raises(ConfigError, match=r"moa.dispatch='soft' with eval.methods containing 'moa_router'"):
+        ExperimentConfig(moa=MoAConfig(num_experts=4, dispatch="soft"))
+    ok = ExperimentConfig(moa=MoAConfig(num_experts=4, dispatch="soft"), eval=EvalConfig(methods=("base",)))
+    assert ok.moa.dispatch == "soft"

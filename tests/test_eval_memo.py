@@ -2,7 +2,9 @@
 experts and routers are randomised (experts differ, the router sends items to several experts),
   - moa_router then moa_oracle with a memo == each evaluated alone from scratch (NLL, PPL, answers, scores);
   - moa_oracle recomputes exactly the items the router sent to another expert than their label;
-  - a second evaluation of the same method recomputes nothing.
+  - a second evaluation of the same method recomputes nothing;
+  - the evaluation's routing decisions == the experts generate_tokens(routing='router') picks;
+  - the memo key: a decision-policy variant shares the main adapters' items, a retrained variant does not.
 """
 import jax
 import numpy as np
@@ -12,7 +14,8 @@ from flax import traverse_util
 from moa_jax.config import DataConfig, ModelConfig, MoAConfig
 from moa_jax.data import load_split
 from moa_jax.evaluate import Method, assign_experts
-from moa_jax.evaluation_run import ItemMemo, build_eval_set, evaluate_method
+from moa_jax.evaluation_run import ItemMemo, MethodSpec, adapters_key, build_eval_set, evaluate_method
+from moa_jax.generate import generate_tokens, left_pad
 from moa_jax.params import init_params, merge_params, split_params
 from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
 
@@ -47,7 +50,7 @@ def _strip(entry):
 def test_memo_shares_items_and_changes_nothing(setup):
     cfg, es, params, kw = setup
     router, oracle = Method("moa_router", MOA, params), Method("moa_oracle", MOA, params)
-    chosen = assign_experts(cfg, router, es.batches)
+    chosen = assign_experts(cfg, router, es.prompts, es.labels, pad_id=kw["pad_id"], batch_size=4)
     wrong = int((chosen != es.labels).sum())
     assert 0 < wrong < len(chosen) and len(set(chosen.tolist())) >= 2, f"vacuous routing {chosen} vs {es.labels}"
 
@@ -70,3 +73,29 @@ def test_memo_shares_items_and_changes_nothing(setup):
     # the two methods really differ on the re-routed items (otherwise sharing proves nothing)
     assert any(r_alone["per_domain"][d]["nll"] != o_alone["per_domain"][d]["nll"] for d in es.domains)
     assert np.asarray(r_memo["confusion"]).trace() == len(chosen) - wrong
+
+
+def test_evaluation_routes_like_generation(setup):
+    cfg, es, params, kw = setup
+    router = Method("moa_router", MOA, params)
+    chosen = assign_experts(cfg, router, es.prompts, es.labels, pad_id=kw["pad_id"], batch_size=4)
+    tokens, mask = left_pad(es.prompts, kw["pad_id"])
+    _, generated, _ = generate_tokens(cfg, MOA, params, tokens, mask, routing="router", max_new_tokens=1,
+                                      eos_ids=kw["eos_ids"])
+    np.testing.assert_array_equal(chosen, generated)
+    oracle = Method("moa_oracle", MOA, params)
+    np.testing.assert_array_equal(assign_experts(cfg, oracle, es.prompts, es.labels, pad_id=0, batch_size=4),
+                                  es.labels)
+
+
+def test_adapters_key_shares_only_identical_adapters(setup):
+    _, _, params, _ = setup
+    vote = MoAConfig(**{**MOA.__dict__, "decision": "vote"})
+    main = adapters_key(MethodSpec("moa_router"), Method("moa_router", MOA, params))
+    assert adapters_key(MethodSpec("moa_oracle"), Method("moa_oracle", MOA, params)) == main
+    assert adapters_key(MethodSpec("moa_router", "moa", vote, "moa_router[vote]"),
+                        Method("moa_router", vote, params)) == main
+    assert adapters_key(MethodSpec("moa_router", "moa[eta0]", MOA, "moa_router[eta0]"),
+                        Method("moa_router", MOA, params)) != main
+    assert adapters_key(MethodSpec("single_lora"), Method("single_lora", MOA, params)) != main
+    assert adapters_key(MethodSpec("base"), Method("base", None, params)) == ("base",)

@@ -76,6 +76,7 @@ def test_smoke_results_are_complete(smoke):
     routed_right = int(np.trace(np.asarray(res["methods"]["moa_router"]["confusion"])))
     assert res["methods"]["moa_router"]["items_computed"] == 10
     assert res["methods"]["moa_oracle"]["items_computed"] == 10 - routed_right
+    assert res["methods"]["moa_router[eta0]"]["items_computed"] == 10      # its own adapters: nothing shared
     # the variant trained its own stage 2 from the shared stage 1, in its own sub-directory
     assert set(res["stages"]) == {"stage1", "stage2", "mixed_lora", "variants/eta0/stage2"}
     variant_dir = os.path.join(workdir, "variants", "eta0", "stage2")
