@@ -136,21 +136,31 @@ def _optimizer(peft_model):
     return params, torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
 
-def single_variant(name, cfg, params, moa, trainable, batches) -> Variant:
-    """One adapter (our expert 0) trained on the whole batch: the standard PEFT LoRA step."""
+def _training_setup(cfg, params, moa, trainable, num_adapters: int, batches):
+    """A PEFT model with `num_adapters` adapters in train mode, AdamW over its LoRA weights, and a cycle over
+    the batches as torch tensors. -> (torch, peft_model, lora_params, optimizer, next_batch)."""
     torch = _torch()
-    peft_model = add_adapters(torch_model(cfg, params), cfg, moa, trainable, 1)
+    peft_model = add_adapters(torch_model(cfg, params), cfg, moa, trainable, num_adapters)
     peft_model.train()
     lora_params, opt = _optimizer(peft_model)
-    nxt = _cycle([torch_batch(b) for b in batches])
+    return torch, peft_model, lora_params, opt, _cycle([torch_batch(b) for b in batches])
+
+
+def _clip_and_step(torch, lora_params, opt) -> None:
+    torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def single_variant(name, cfg, params, moa, trainable, batches) -> Variant:
+    """One adapter (our expert 0) trained on the whole batch: the standard PEFT LoRA step."""
+    torch, peft_model, lora_params, opt, nxt = _training_setup(cfg, params, moa, trainable, 1, batches)
 
     def run():
         b = nxt()
         loss = peft_model(input_ids=b["ids"], labels=b["labels"]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _clip_and_step(torch, lora_params, opt)
         return loss
     return Variant(name, run)
 
@@ -158,11 +168,8 @@ def single_variant(name, cfg, params, moa, trainable, batches) -> Variant:
 def mixed_loop_variant(name, cfg, params, moa, trainable, batches) -> Variant:
     """Mixed-domain training, PEFT's only way: loop over the experts present, set_adapter, fwd/bwd each
     sub-batch; one optimiser step over all adapters."""
-    torch = _torch()
-    peft_model = add_adapters(torch_model(cfg, params), cfg, moa, trainable, moa.num_experts)
-    peft_model.train()
-    lora_params, opt = _optimizer(peft_model)
-    nxt = _cycle([torch_batch(b) for b in batches])
+    torch, peft_model, lora_params, opt, nxt = _training_setup(cfg, params, moa, trainable, moa.num_experts,
+                                                                batches)
 
     def run():
         b = nxt()
@@ -175,9 +182,7 @@ def mixed_loop_variant(name, cfg, params, moa, trainable, batches) -> Variant:
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                      ignore_index=-100, reduction="sum") / total
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _clip_and_step(torch, lora_params, opt)
         return loss
     return Variant(name, run)
 

@@ -3,15 +3,13 @@ different prompts pick different experts):
   - routing consistency: generating with the router == generating with the chosen expert forced;
   - a left-padded mixed-domain batch == the same prompts generated one by one (evaluation's batching path).
 """
-import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.evaluate import Method, generate_answers
 from moa_jax.generate import generate_tokens, left_pad
-from moa_jax.params import init_params, merge_params, split_params
+from tests.train_helpers import randomised_model
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   name="tiny-gen-test")
@@ -24,13 +22,7 @@ LENGTHS = (5, 9, 14, 3, 20, 7, 11, 17)   # padded together to 32; alone to 16 or
 @pytest.fixture(scope="module")
 def params():
     """Random base; lora_b (zero at init) and routers drawn large enough that experts and routes differ."""
-    frozen, trainable = split_params(jax.device_get(init_params(CFG, MOA, jax.random.PRNGKey(0))))
-    rng = np.random.default_rng(0)
-    flat = traverse_util.flatten_dict(trainable)
-    for k, v in flat.items():
-        scale = 0.5 if k[-1] == "lora_b" else 2.0 if "router" in k else 0.3
-        flat[k] = (rng.standard_normal(v.shape) * scale).astype(np.float32)
-    return merge_params(frozen, traverse_util.unflatten_dict(flat))
+    return randomised_model(CFG, MOA, router_scale=2.0)
 
 
 @pytest.fixture(scope="module")

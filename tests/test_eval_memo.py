@@ -6,18 +6,16 @@ experts and routers are randomised (experts differ, the router sends items to se
   - the evaluation's routing decisions == the experts generate_tokens(routing='router') picks;
   - the memo key: a decision-policy variant shares the main adapters' items, a retrained variant does not.
 """
-import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from moa_jax.config import DataConfig, ModelConfig, MoAConfig
 from moa_jax.data import load_split
 from moa_jax.evaluate import Method, assign_experts
 from moa_jax.evaluation_run import ItemMemo, MethodSpec, adapters_key, build_eval_set, evaluate_method
 from moa_jax.generate import generate_tokens, left_pad
-from moa_jax.params import init_params, merge_params, split_params
 from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
+from tests.train_helpers import randomised_model
 
 MOA = MoAConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0)
 
@@ -31,13 +29,7 @@ def setup(tmp_path_factory):
     es = build_eval_set(split, split.domains, items_per_domain=5, batch_size=4, buckets=data.buckets)
     cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, name="tiny-memo-test")
-    frozen, trainable = split_params(jax.device_get(init_params(cfg, MOA, jax.random.PRNGKey(0))))
-    rng = np.random.default_rng(0)
-    flat = traverse_util.flatten_dict(trainable)
-    for k, v in flat.items():
-        scale = 0.5 if k[-1] == "lora_b" else 3.0 if "router" in k else 0.3
-        flat[k] = (rng.standard_normal(v.shape) * scale).astype(np.float32)
-    params = merge_params(frozen, traverse_util.unflatten_dict(flat))
+    params = randomised_model(cfg, MOA, router_scale=3.0)
     kw = dict(pad_id=split.pad_id, eos_ids=(tok.eos_token_id,), max_new_tokens=4, batch_size=4,
               decode=lambda ids: " ".join(map(str, ids)))
     return cfg, es, params, kw

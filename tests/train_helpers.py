@@ -157,3 +157,16 @@ def no_tensorboard() -> None:
     """Make `import tensorboardX` fail in a worker process: the metrics logger then writes JSONL only. tensorboardX
     imports torch when it is installed (~5 s of start-up per process), and TensorBoard output is not under test."""
     sys.modules.setdefault("tensorboardX", None)
+
+
+def randomised_model(cfg, moa, router_scale: float, seed: int = 0):
+    """Full params of a random base whose adapters are drawn large enough that experts differ (lora_b is zero at
+    init) and whose routers (scale `router_scale`) send different inputs to different experts."""
+    from moa_jax.params import init_params, merge_params
+    frozen, trainable = split_params(jax.device_get(init_params(cfg, moa, jax.random.PRNGKey(seed))))
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(trainable)
+    for k, v in flat.items():
+        scale = 0.5 if k[-1] == "lora_b" else router_scale if "router" in k else 0.3
+        flat[k] = (rng.standard_normal(v.shape) * scale).astype(np.float32)
+    return merge_params(frozen, traverse_util.unflatten_dict(flat))
