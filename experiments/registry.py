@@ -103,11 +103,10 @@ def moa_10task_ablations() -> ExperimentConfig:
     vote instead of the last router (re-evaluation only), token-level MoE-LoRA from stage-1 experts and from random
     experts (the paper's MoE-LoRA and MoE-LoRA (naive)). Each trained variant is stage 2's budget on stage 2's
     batches, in <workdir>/variants/<NAME>/; any subset: --set "variants=eta0:stage2.eta=0,vote:moa.decision=vote".
-    CPU (reduced budget, as moa_10task: 100 stage-2 steps at batch 8 per variant, 50 test items per domain):
+    CPU (the moa_10task budget: 40 stage-2 steps at batch 8 per trained variant, 20 test items per domain):
     6 trained variants + 15 evaluated methods; with reuse_from nothing of stage 1 or the main stage 2 is repeated.
-    Runtime not measured end to end yet; estimate on the 2-core CPU: 6 x 100 steps of stage 2 (~30-50 min) + 15
-    evaluations of 500 items (~1-2.5 min each) = about 1-1.5 h. A cheaper pass: --set eval.items_per_domain=20 --set stage2.steps=50
-    (stage2.steps then differs from the main run, so stage 2 is retrained here: reuse_from covers stage 1 only).
+    Measured with reuse_from on an otherwise idle 2-core CPU: 39.8 min (trainings 21.6 min, evaluations 17.8 min);
+    the table is in the README ("Ablations").
     Accelerator: the full moa_10task budget (500 stage-2 steps at batch 32 per variant, 200 items per domain).
     Expected: eta=0 routes at chance (~10%) and moa_router falls towards the worse experts while moa_oracle stays
     close to the main run; routing accuracy rises with eta; random-init experts lose accuracy against stage-1 init
