@@ -10,9 +10,10 @@ A "method" is a trained parameter tree plus how it routes:
 a method keeps the method's name and routing and carries a `label` such as 'moa_router[eta0]'.
 
 Router decisions are made as at inference, once per item: a routing pass over the left-padded prompt tokens, as
-`generate_tokens(routing='router')` does (`assign_experts`), then that expert for the whole sequence, in the PPL pass and in generation alike. So every
-top-1 method is "one expert per item" and the evaluation is a function of (parameters, item, expert): items that
-moa_router and moa_oracle run with the same expert are computed once (evaluation_run memoises them).
+`generate_tokens(routing='router')` does (`assign_experts`), then that expert for the whole sequence, in the PPL
+pass and in generation alike. So every top-1 method is "one expert per item" and the evaluation is a function of
+(parameters, item, expert): items that moa_router and moa_oracle run with the same expert are computed once
+(evaluation_run memoises them).
 
 Shape glossary: B batch, T tokens, K target columns, V vocab, N test items, D domains, E experts, L layers.
 """
@@ -27,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.generate import generate_tokens, left_pad, route_from_prompt
+from moa_jax.generate import forward_moa, generate_tokens, left_pad, route_from_prompt
 from moa_jax.model import MoATransformer
-from moa_jax.train_step import gather_targets, lm_loss_terms
+from moa_jax.train_step import gather_targets, token_nll
 
 ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "forced", "moa_router": "router",
                      "moa_oracle": "oracle", "moe_lora": "router"}
@@ -72,15 +73,21 @@ def assign_experts(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[
         return np.zeros(n, np.int64)
     if method.routing == "oracle":
         return np.asarray(labels, np.int64)
-    longest, out = max(len(p) for p in prompts), []
-    for start in range(0, n, batch_size):
-        chunk = [list(p) for p in prompts[start:start + batch_size]]
-        k = len(chunk)
-        chunk += [chunk[0]] * (batch_size - k)          # one compiled shape
-        tokens, mask = left_pad(chunk, pad_id, length=longest)
+    out = []
+    for _, k, tokens, mask in _prompt_batches(prompts, batch_size, pad_id, max(len(p) for p in prompts)):
         idx, _ = route_from_prompt(cfg, method.moa, method.params, jnp.asarray(tokens), jnp.asarray(mask))
         out.append(np.asarray(jax.device_get(idx), np.int64)[:k])
     return np.concatenate(out)
+
+
+def _prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int, length: int):
+    """Left-padded batches of `batch_size` prompts, all `length` wide, the last one filled with copies of its first
+    prompt: one compiled shape. Yields (start, real rows n, tokens [B, P], attention mask [B, P])."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start:start + batch_size]]
+        n = len(chunk)
+        tokens, mask = left_pad(chunk + [chunk[0]] * (batch_size - n), pad_id, length=length)
+        yield start, n, tokens, mask
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,9 +100,8 @@ def _nll_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
                                 prompt_mask=batch["prompt_mask"], routing=mode,
                                 expert_idx=batch["expert"] if mode == "fixed" else None,
                                 logits_at=batch["target_pos"])                                  # (B, K, V)
-        b = logits.shape[0]
-        nll, w, _, _ = lm_loss_terms(logits, batch["target_tokens"], batch["target_weight"],
-                                     jnp.zeros((b,), jnp.int32), 1)                             # (B, K)
+        nll = token_nll(logits, batch["target_tokens"])                                        # (B, K)
+        w = batch["target_weight"].astype(jnp.float32)
         return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)                                     # (B,), (B,)
     return run
 
@@ -113,8 +119,7 @@ def item_nll(cfg: ModelConfig, method: Method, batches: Sequence[dict],
     """-> (NLL sum [N], target token count [N]) of every valid row of `batches` on its response tokens, each item
     run with its expert from `experts` [N] (None: the method's soft / token-level dispatch)."""
     mode = _forward_mode(method, experts)
-    moa = None if mode == "base" else method.moa if mode != "fixed" else dataclasses.replace(method.moa, decision="last")
-    fn = _nll_fn(cfg, moa, mode)   # the decision policy plays no part in a fixed-expert forward: one compile
+    fn = _nll_fn(cfg, None if mode == "base" else forward_moa(method.moa), mode)
     sums, counts, start = [], [], 0
     for batch in batches:
         valid = np.asarray(batch["valid"]).astype(bool)
@@ -142,22 +147,18 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
     if longer), so decoding compiles once."""
     texts, used = [], []
     longest = max([pad_to] + [len(p) for p in prompts])
-    for start in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[start:start + batch_size]]
-        n = len(chunk)
-        idx = None if experts is None else np.asarray(experts[start:start + batch_size], np.int32)
-        if n < batch_size:  # pad the last batch with copies: one compiled shape
-            chunk += [chunk[0]] * (batch_size - n)
-            idx = None if idx is None else np.concatenate([idx, np.repeat(idx[:1], batch_size - n)])
-        tokens, mask = left_pad(chunk, pad_id, length=longest)
+    for start, n, tokens, mask in _prompt_batches(prompts, batch_size, pad_id, longest):
+        idx = None
+        if experts is not None:   # the copies that fill the last batch run with its first prompt's expert
+            idx = np.asarray(experts[start:start + n], np.int32)
+            idx = np.concatenate([idx, np.repeat(idx[:1], batch_size - n)])
         if method.moa is None or method.routing == "base" or (idx is not None and (idx == BASE).all()):
             routing, domain = "base", None
         elif idx is not None:
             routing, domain = "oracle", idx
         else:
             routing, domain = method.routing, None
-        moa = dataclasses.replace(method.moa, decision="last") if routing == "oracle" else method.moa
-        out, chosen, _ = generate_tokens(cfg, moa, method.params, tokens, mask, routing=routing,
+        out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing,
                                          expert=0 if routing == "forced" else None, domain=domain,
                                          max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
         eos = set(eos_ids)

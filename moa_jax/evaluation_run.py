@@ -29,8 +29,9 @@ import jax
 import numpy as np
 
 from moa_jax import metrics
-from moa_jax.config import MoAConfig, replace
+from moa_jax.config import MoAConfig
 from moa_jax.evaluate import Method, assign_experts, generate_answers, item_nll
+from moa_jax.generate import forward_moa
 from moa_jax.params import merge_params
 
 log = logging.getLogger("moa_jax")
@@ -235,7 +236,7 @@ def adapters_key(spec: MethodSpec, method: Method):
     settings (the decision policy only chooses the expert, so it is left out)."""
     if method.moa is None:
         return ("base",)
-    return (spec.key or TRAINED_KEY[spec.name], replace(method.moa, decision="last"))
+    return (spec.key or TRAINED_KEY[spec.name], forward_moa(method.moa))
 
 
 def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
+from moa_jax.loading.resolve import hub_id
 
 _MODULE_PREFIX = {p: "self_attn" for p in ATTENTION_PROJECTIONS} | {"gate_proj": "mlp", "up_proj": "mlp",
                                                                       "down_proj": "mlp"}
@@ -46,7 +47,6 @@ def peft_state_dict(trainable: dict, cfg: ModelConfig, moa: MoAConfig, expert: i
 
 def adapter_config(moa: MoAConfig, base_model: str) -> dict:
     """PEFT's adapter_config.json; an embedded model's name (e.g. smollm2-135m-instruct) becomes its Hub id."""
-    from moa_jax.loading.resolve import hub_id
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": hub_id(base_model),
             "r": moa.rank, "lora_alpha": moa.alpha, "lora_dropout": moa.dropout, "use_rslora": moa.use_rslora,
             "target_modules": list(moa.targets), "bias": "none", "fan_in_fan_out": False,

@@ -16,6 +16,7 @@ Shape glossary: B batch, P prompt tokens (padded), N new tokens, S = P + N cache
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -42,6 +43,12 @@ def model_routing(moa: Optional[MoAConfig], routing: str) -> str:
     if routing == "router" and moa.dispatch == "token_topk":
         return "token"
     return "fixed"
+
+
+def forward_moa(moa: Optional[MoAConfig]) -> Optional[MoAConfig]:
+    """`moa` without its decision policy, which only the routing pass uses: the key of every other compiled forward
+    (so 'last' and 'vote' share them) and of results that depend on the adapters alone."""
+    return None if moa is None else dataclasses.replace(moa, decision="last")
 
 
 def expert_indices(routing: str, batch: int, *, expert: Optional[int], domain, moa: MoAConfig) -> Optional[Array]:
@@ -143,7 +150,7 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
             idx, router_logits = route_from_prompt(cfg, moa, params, tokens, attention_mask, prompt_mask)
     else:  # soft / token: routing happens inside every forward
         idx = jnp.full((b,), -1, jnp.int32)
-    decode = _decode_fn(cfg, moa, mode, int(max_new_tokens), temperature <= 0.0)
+    decode = _decode_fn(cfg, forward_moa(moa), mode, int(max_new_tokens), temperature <= 0.0)
     out = decode(params, tokens, attention_mask, jnp.maximum(idx, 0), jnp.asarray(eos_ids, jnp.int32),
                  jnp.float32(max(temperature, 1e-6)), jax.random.PRNGKey(seed))
     return np.asarray(out), np.asarray(idx), router_logits

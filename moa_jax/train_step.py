@@ -95,17 +95,22 @@ def make_optimizer(tcfg: TrainConfig, trainable: Params) -> optax.GradientTransf
     return optax.chain(clip, optax.multi_transform(transforms, labels))
 
 
-def lm_loss_terms(logits, targets, weights, domain, num_domains: int):
-    """logits [B, K, V] predicting targets [B, K] with weights [B, K] -> (nll [B, K], weights f32 [B, K],
-    per-domain nll sums [N], per-domain token counts [N]).
+def token_nll(logits, targets):
+    """logits [..., V] predicting targets [...] -> nll [...].
 
     nll = logsumexp(logits) - logits[target], the target logit picked by a compare-and-sum that XLA fuses into one
     pass over the logits (its gradient is elementwise too): no log-softmax array, gather or scatter-into-zeros.
     """
     vocab = logits.shape[-1]
-    lse = jax.nn.logsumexp(logits, axis=-1)                                                  # (B, K)
-    picked = jnp.sum(jnp.where(jnp.arange(vocab) == targets[..., None], logits, 0.0), axis=-1)  # (B, K)
-    nll = lse - picked                                                                       # (B, K)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.sum(jnp.where(jnp.arange(vocab) == targets[..., None], logits, 0.0), axis=-1)
+    return lse - picked
+
+
+def lm_loss_terms(logits, targets, weights, domain, num_domains: int):
+    """logits [B, K, V] predicting targets [B, K] with weights [B, K] -> (nll [B, K], weights f32 [B, K],
+    per-domain nll sums [N], per-domain token counts [N])."""
+    nll = token_nll(logits, targets)                                                         # (B, K)
     w = weights.astype(jnp.float32)
     onehot = jax.nn.one_hot(domain, num_domains, dtype=jnp.float32)                       # (B, N)
     dom_sum = onehot.T @ jnp.sum(nll * w, axis=1)

