@@ -23,6 +23,14 @@ DISPATCH_MODES = ("top1", "soft", "token_topk")
 ROUTER_TYPES = ("linear", "mlp")
 DECISION_POLICIES = ("last", "vote")
 DTYPES = ("float32", "bfloat16", "float16")
+# What each decoder layer keeps for the backward (moa_jax/model.py, REMAT POLICIES); none of them keeps a T^2 tensor.
+REMAT_POLICIES = ("auto", "full", "projections", "none")
+
+
+def check_remat(value: str, where: str) -> None:
+    _check(value in REMAT_POLICIES, f"{where}.remat={value!r} is not one of {REMAT_POLICIES}: 'full' keeps only each "
+           f"layer's input (least memory, ~1 extra forward), 'projections' keeps the projection outputs (faster, "
+           f"~O(L*B*T*(4D+3F)) more memory), 'none' keeps every residual, 'auto' = projections on CPU, full elsewhere")
 
 
 class ConfigError(ValueError):
@@ -67,7 +75,8 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # Mistral: keys further back than this are masked
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the frozen base weights
-    remat: bool = False           # rematerialise each layer in the backward pass
+    remat: str = "auto"           # REMAT_POLICIES: what each layer keeps for the backward (model.py)
+    loss_chunk: int = 1024        # LM loss / NLL: tokens per block of the chunked head (no [B, T, V] logits)
     name: str = "llama"
 
     def __post_init__(self):
@@ -79,6 +88,8 @@ class ModelConfig:
                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         _check(self.dtype in DTYPES, f"ModelConfig.dtype={self.dtype!r} not in {DTYPES}")
         _check(self.param_dtype in DTYPES, f"ModelConfig.param_dtype={self.param_dtype!r} not in {DTYPES}")
+        check_remat(self.remat, "ModelConfig")
+        _check(self.loss_chunk >= 1, f"ModelConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
 
     @property
     def head_dim(self) -> int:
@@ -357,12 +368,16 @@ class ExperimentConfig:
     mesh: MeshConfig = MeshConfig()
     variants: tuple = ()
     reuse_from: str = ""
+    remat: str = "auto"           # ModelConfig.remat of the loaded model (REMAT_POLICIES)
+    loss_chunk: int = 1024        # ModelConfig.loss_chunk of the loaded model
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
         names = [parse_variant(v).name for v in self.variants]
         _check(len(set(names)) == len(names), f"ExperimentConfig.variants: duplicate names in {names}")
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
+        check_remat(self.remat, "ExperimentConfig")
+        _check(self.loss_chunk >= 1, f"ExperimentConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
         _check(self.stage1.stage == "stage1", "ExperimentConfig.stage1.stage must be 'stage1'")
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")

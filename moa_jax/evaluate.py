@@ -30,7 +30,7 @@ import numpy as np
 from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.generate import forward_moa, generate_tokens, left_pad, route_from_prompt
 from moa_jax.model import MoATransformer
-from moa_jax.train_step import gather_targets, token_nll
+from moa_jax.train_step import gather_targets
 
 ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "forced", "moa_router": "router",
                      "moa_oracle": "oracle", "moe_lora": "router"}
@@ -96,11 +96,10 @@ def _nll_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
 
     @jax.jit
     def run(params, batch):
-        logits, _ = model.apply({"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
-                                prompt_mask=batch["prompt_mask"], routing=mode,
-                                expert_idx=batch["expert"] if mode == "fixed" else None,
-                                logits_at=batch["target_pos"])                                  # (B, K, V)
-        nll = token_nll(logits, batch["target_tokens"])                                        # (B, K)
+        nll, _ = model.apply({"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
+                             prompt_mask=batch["prompt_mask"], routing=mode,
+                             expert_idx=batch["expert"] if mode == "fixed" else None, right_padded=True,
+                             logits_at=batch["target_pos"], nll_targets=batch["target_tokens"])   # (B, K)
         w = batch["target_weight"].astype(jnp.float32)
         return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)                                     # (B,), (B,)
     return run

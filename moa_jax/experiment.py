@@ -160,6 +160,7 @@ def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
     mesh = make_mesh(exp.mesh)
     t0 = time.perf_counter()
     cfg, frozen_np, tokenizer = load_base_model(exp.model, dtype)
+    cfg = replace(cfg, remat=exp.remat, loss_chunk=exp.loss_chunk)
     log.info("base model %s loaded in %.1fs: L=%d D=%d V=%d", exp.model, time.perf_counter() - t0,
              cfg.num_layers, cfg.hidden_size, cfg.vocab_size)
     data = {split: load_split(exp.data, tokenizer, split) for split in ("train", "validation", "test")}

@@ -1,13 +1,15 @@
 """Building blocks of the Llama-family decoder, numerically matching Hugging Face transformers: RMSNorm,
 rotary embeddings (incl. `rope_scaling` types llama3 and linear), grouped-query attention with padding masks, a
-sliding window and a KV cache, and the SwiGLU MLP. Every projection is an `AdaptedDense`, so any of them can carry
+sliding window and a KV cache (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU for right-padded rows,
+XLA in query blocks elsewhere; neither keeps [T, S] scores for the backward), and the SwiGLU MLP. Every projection is an `AdaptedDense`, so any of them can carry
 MoA experts.
 
 Shape glossary: B batch, T new tokens, S cache slots (or T without cache), D model width, F MLP width,
-H query heads, K key/value heads, G = H / K query heads per kv head, Dh head width.
+H query heads, K key/value heads, Dh head width, Tq queries per attention block.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -21,7 +23,6 @@ from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
 from moa_jax.lora import AdaptedDense, Route
 
 Array = jax.Array
-NEG_INF = float(np.finfo(np.float32).min)
 
 
 def jnp_dtype(name: str):
@@ -83,25 +84,71 @@ def _projection(cfg: ModelConfig, moa: Optional[MoAConfig], name: str, features:
         adapter_dtype=jnp_dtype(moa.adapter_dtype) if moa is not None else jnp.float32)
 
 
+# Queries per block of the XLA attention: bounds its transient [B, H, Tq, S] f32 scores (a 7B layer at 8 x 2048:
+# 1 GiB per block of 512 instead of 4 GiB for the whole sequence).
+ATTENTION_QUERY_BLOCK = 512
+
+
 def attention_mask(q_slots: Array, kv_slots: Array, kv_valid: Array, window: Optional[int]) -> Array:
-    """Boolean [B, 1, 1, T, S]: causal over slot indices, valid (non-pad) keys, optional sliding window.
+    """Boolean [B, 1, T, S]: causal over slot indices, valid (non-pad) keys, optional sliding window.
 
     q_slots [T] / kv_slots [S]: slot index of each query / key; kv_valid [B, S].
     """
     allowed = kv_slots[None, :] <= q_slots[:, None]                                # (T, S)
     if window is not None:
         allowed &= (q_slots[:, None] - kv_slots[None, :]) < window
-    return allowed[None, None, None] & kv_valid[:, None, None, None, :].astype(bool)
+    return allowed[None, None] & kv_valid[:, None, None, :].astype(bool)
+
+
+def xla_attention(q: Array, k: Array, v: Array, q_slots: Array, kv_valid: Array, window: Optional[int]) -> Array:
+    """q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh] with `jax.nn.dot_product_attention` (XLA), in blocks of
+    ATTENTION_QUERY_BLOCK queries. Each block is a `jax.checkpoint` that keeps only its inputs: whatever remat
+    policy wraps the layer, no [T, S] scores or probabilities are kept for the backward (they are recomputed
+    there, one block at a time)."""
+    kv_slots = jnp.arange(k.shape[1])
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def block(qb, slots):
+        mask = attention_mask(slots, kv_slots, kv_valid, window)                    # (B, 1, Tq, S)
+        return jax.nn.dot_product_attention(qb, k, v, mask=mask, implementation="xla")
+
+    b, t, h, dh = q.shape
+    if t <= ATTENTION_QUERY_BLOCK:
+        return block(q, q_slots)
+    n = -(-t // ATTENTION_QUERY_BLOCK)
+    pad = n * ATTENTION_QUERY_BLOCK - t  # padded queries get slots past the end; their rows are dropped below
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, ATTENTION_QUERY_BLOCK, h, dh)
+    sp = (q_slots[0] + jnp.arange(n * ATTENTION_QUERY_BLOCK)).reshape(n, ATTENTION_QUERY_BLOCK)
+    out = jax.lax.map(lambda xs: block(*xs), (jnp.moveaxis(qp, 1, 0), sp))          # (n, B, Tq, H, Dh)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * ATTENTION_QUERY_BLOCK, h, dh)[:, :t]
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, kv_valid: Array, window: Optional[int]) -> Optional[Array]:
+    """cuDNN flash attention for RIGHT-padded rows without a cache (training, NLL), or None when it does not apply
+    (not a GPU, f32, or shapes cuDNN rejects). Causal + key lengths = the number of valid keys: with right padding
+    no real query can see a pad key. The backward keeps only q, k, v, the output and a [B, H, T] logsumexp."""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    lengths = jnp.sum(kv_valid.astype(jnp.int32), axis=1)                            # (B,)
+    try:
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="cudnn",
+            local_window_size=None if window is None else (window - 1, 0))
+    except (NotImplementedError, ValueError, RuntimeError):  # raised while tracing: unsupported shape or cuDNN
+        return None
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention. With a cache, new k/v are written at slot `cache_index` first."""
+    """Grouped-query self-attention. With a cache, new k/v are written at slot `cache_index` first.
+
+    right_padded: the rows' padding is all at the end (the training / evaluation batches), which lets a GPU use
+    cuDNN flash attention; left-padded rows (prompts, generation) and cached decoding use `xla_attention`."""
     cfg: ModelConfig
     moa: Optional[MoAConfig] = None
 
     @nn.compact
     def __call__(self, x: Array, route: Route, positions: Array, kv_valid: Array, cache_index: Array,
-                 cache_kv: Optional[tuple[Array, Array]], deterministic: bool = True):
+                 cache_kv: Optional[tuple[Array, Array]], deterministic: bool = True, right_padded: bool = False):
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -121,17 +168,13 @@ class Attention(nn.Module):
             new_cache = (kk, v)
         else:
             new_cache = None
-        s = kk.shape[1]
-        q_slots = cache_index + jnp.arange(t)
-        mask = attention_mask(q_slots, jnp.arange(s), kv_valid, cfg.sliding_window)  # (B, 1, 1, T, S)
-
-        qg = q.reshape(b, t, k, h // k, dh)                                          # (B, T, K, G, Dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kk.astype(q.dtype)).astype(jnp.float32)
-        scores = jnp.where(mask, scores / math.sqrt(dh), NEG_INF)                    # (B, K, G, T, S)
-        scores = checkpoint_name(scores, "attn_scores")                             # (model.saved_residuals)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h * dh)
-        out = checkpoint_name(out, "attn_out")  # o_proj's input, for its LoRA's dA (model.saved_residuals)
+        kq, vq = kk.astype(q.dtype), v.astype(q.dtype)                               # (B, S, K, Dh)
+        out = None
+        if right_padded and cache_kv is None:
+            out = cudnn_attention(q, kq, vq, kv_valid, cfg.sliding_window)
+        if out is None:
+            out = xla_attention(q, kq, vq, cache_index + jnp.arange(t), kv_valid, cfg.sliding_window)
+        out = checkpoint_name(out.reshape(b, t, h * dh), "attn_out")  # o_proj's input, for its LoRA's dA
         out = _projection(cfg, self.moa, o_name, cfg.hidden_size)(out, route, deterministic)
         return out, new_cache
 

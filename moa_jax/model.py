@@ -35,25 +35,57 @@ import jax.numpy as jnp
 
 from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.layers import MLP, Attention, RMSNorm, jnp_dtype
+from moa_jax.lm_loss import chunked_token_nll, vocab_logits
 from moa_jax.lora import Route
 from moa_jax.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
 
 Array = jax.Array
 ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 
-# What the backward keeps of each layer's forward (cfg.remat=False): every projection's output ("proj", after
-# its LoRA delta), the attention scores, the attention output (o_proj's input, which only a LoRA's dA needs),
-# the LoRA ranks' activations ("lora_h", [.., R]) and the random bits of dropout masks; norms, rotary, softmax,
-# SwiGLU and the other projections' inputs are recomputed from them. Measured on a cpu-tiny train step
-# (benchmarks/, BENCHMARKS.md): saving every autodiff residual instead cost ~10%; saving the SwiGLU output too
-# cost 3-5%; recomputing the dropout bits (threefry) in the backward cost ~17% of a dropout-0.05 step.
-# cfg.remat=True keeps nothing but the layer input (full recompute, least memory).
-_SAVED_NAMES = jax.checkpoint_policies.save_only_these_names("proj", "attn_scores", "attn_out", "lora_h")
+# REMAT POLICIES (ModelConfig.remat): what the backward keeps of each layer's forward. Attention never keeps its
+# [T, S] scores or probabilities under any policy (cuDNN keeps a [B, H, T] logsumexp; the XLA path recomputes its
+# query blocks, layers.xla_attention), so the memory below is linear in T.
+#   full         only the layer input [B, T, D]: everything is recomputed in the backward (~one extra forward of
+#                each layer, ~20-30% more step time). Least memory: what the default picks on accelerators, where a
+#                7B model at 8 x 2048 needs it (BENCHMARKS.md "Scale").
+#   projections  every projection's output ("proj", after its LoRA delta), the attention output (o_proj's input,
+#                which only a LoRA's dA needs), the LoRA ranks' activations ("lora_h", [.., R]) and the random bits
+#                of dropout masks; norms, rotary, attention, SwiGLU and the other projections' inputs are recomputed.
+#                ~2 (4D + 3F) bytes per token and layer in bf16 (+ 4 bytes per input element with dropout): fastest
+#                on CPU, where the default picks it (measured on cpu-tiny, BENCHMARKS.md "Scale").
+#   none         no rematerialisation: every residual autodiff wants (the most memory).
+#   auto         projections on CPU, full on GPU / TPU.
+_SAVED_NAMES = jax.checkpoint_policies.save_only_these_names("proj", "attn_out", "lora_h")
 
 
 def saved_residuals(prim, *args, **params) -> bool:
-    """jax.checkpoint policy of the scanned layer (see above)."""
+    """jax.checkpoint policy of the scanned layer under remat='projections' (see above)."""
     return prim.name == "random_bits" or _SAVED_NAMES(prim, *args, **params)
+
+
+def resolve_remat(remat: str) -> str:
+    """ModelConfig.remat -> 'full' | 'projections' | 'none' ('auto' by the default backend)."""
+    if remat == "auto":
+        return "projections" if jax.default_backend() == "cpu" else "full"
+    return remat
+
+
+def remat_layer(remat: str):
+    """The decoder layer class wrapped for ModelConfig.remat."""
+    policy = resolve_remat(remat)
+    if policy == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, prevent_cse=False, policy=saved_residuals if policy == "projections" else None)
+
+
+class LMHead(nn.Module):
+    """The untied output projection; returns its kernel [D, V] (applied by lm_loss.vocab_logits)."""
+    features: int
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, width: int) -> Array:
+        return self.param("kernel", nn.initializers.lecun_normal(), (width, self.features), self.param_dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -62,6 +94,7 @@ class DecoderLayer(nn.Module):
     moa: Optional[MoAConfig]
     routing: str
     deterministic: bool = True
+    right_padded: bool = False
 
     def _route(self, x: Array, prompt_mask: Array, expert_idx: Array, token_mask: Array):
         """-> (pooled router logits [B, E] f32, balance loss scalar, Route)."""
@@ -90,7 +123,7 @@ class DecoderLayer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_norm")(h)
         logits, balance, route = self._route(x, prompt_mask, expert_idx, token_mask)
         attn_out, new_cache = Attention(cfg, self.moa, name="attn")(
-            x, route, positions, kv_valid, cache_index, layer_cache, self.deterministic)
+            x, route, positions, kv_valid, cache_index, layer_cache, self.deterministic, self.right_padded)
         h = h + attn_out
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attn_norm")(h)
         h = h + MLP(cfg, self.moa, name="mlp")(x, route, self.deterministic)
@@ -107,7 +140,8 @@ class MoATransformer(nn.Module):
                  positions: Optional[Array] = None, prompt_mask: Optional[Array] = None,
                  routing: str = "fixed", expert_idx: Optional[Array] = None,
                  cache: Optional[dict] = None, deterministic: bool = True,
-                 logits_at: Optional[Array] = None) -> tuple[Array, dict[str, Any]]:
+                 logits_at: Optional[Array] = None, nll_targets: Optional[Array] = None,
+                 right_padded: bool = False) -> tuple[Array, dict[str, Any]]:
         """tokens [B, T] -> (logits [B, T, V] float32, aux).
 
         logits_at [B, K]: compute logits only at these positions -> [B, K, V]. Training needs them only where
@@ -117,6 +151,10 @@ class MoATransformer(nn.Module):
         aux: router_logits [L, B, E] f32, balance_loss scalar (token mode), cache (updated, or None).
         attention_mask [B, T]: 1 on real tokens (default all). prompt_mask [B, T]: tokens the routers pool
         (default: attention_mask). positions [B, T]: default counts real tokens only, so left padding is harmless.
+        nll_targets [B, K] (with logits_at): return the NLL [B, K] f32 of these next tokens instead of logits,
+        `cfg.loss_chunk` tokens at a time, never holding [B, K, V] logits (moa_jax/lm_loss.py).
+        right_padded: every row's padding is at its end (training and evaluation batches); lets a GPU use cuDNN
+        flash attention. Leave it False for left-padded prompts.
         """
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing={routing!r} is not one of {ROUTING_MODES}")
@@ -144,27 +182,30 @@ class MoATransformer(nn.Module):
                          param_dtype=jnp_dtype(cfg.param_dtype), name="embed")
         h = embed(tokens)                                                                     # (B, T, D)
 
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=None if cfg.remat else saved_residuals)
-        scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+        scanned = nn.scan(remat_layer(cfg.remat), variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast, 0), length=cfg.num_layers)
         shared = (positions, kv_valid, cache_index, prompt_mask, expert_idx, attention_mask)
-        h, (router_logits, balance, new_kv) = scanned(cfg, self.moa, routing, deterministic, name="layers")(
-            h, shared, layer_cache)
+        layers = scanned(cfg, self.moa, routing, deterministic, right_padded, name="layers")
+        h, (router_logits, balance, new_kv) = layers(h, shared, layer_cache)
 
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1)                # (B, K, D)
         h = RMSNorm(cfg.rms_norm_eps, jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype), name="final_norm")(h)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(h)                                                          # (B, T, V)
+        tied = cfg.tie_word_embeddings
+        weight = embed.embedding if tied else LMHead(cfg.vocab_size, jnp_dtype(cfg.param_dtype), name="lm_head")(
+            cfg.hidden_size)                                                                   # [V, D] / [D, V]
+        if nll_targets is not None:
+            if logits_at is None:
+                raise ValueError("nll_targets needs logits_at (the positions whose next token they are)")
+            out = chunked_token_nll(h, weight, nll_targets, tied=tied, dtype=jnp_dtype(cfg.dtype),
+                                    chunk=cfg.loss_chunk)                                      # (B, K)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp_dtype(cfg.dtype),
-                              param_dtype=jnp_dtype(cfg.param_dtype), name="lm_head")(h)
+            out = vocab_logits(h, weight, tied=tied, dtype=jnp_dtype(cfg.dtype))               # (B, T, V)
         new_cache = None
         if cache is not None:
             new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid, "index": cache_index + t}
-        return logits.astype(jnp.float32), {"router_logits": router_logits, "balance_loss": jnp.mean(balance),
-                                            "cache": new_cache}
+        return out, {"router_logits": router_logits, "balance_loss": jnp.mean(balance), "cache": new_cache}
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: Optional[str] = None) -> dict[str, Array]:

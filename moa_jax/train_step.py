@@ -25,6 +25,7 @@ import optax
 from flax import traverse_util
 
 from moa_jax.config import MoAConfig, TrainConfig
+from moa_jax.lm_loss import token_nll
 from moa_jax.model import MoATransformer
 from moa_jax.params import merge_params
 from moa_jax.router import router_accuracy, router_ce_loss
@@ -95,22 +96,14 @@ def make_optimizer(tcfg: TrainConfig, trainable: Params) -> optax.GradientTransf
     return optax.chain(clip, optax.multi_transform(transforms, labels))
 
 
-def token_nll(logits, targets):
-    """logits [..., V] predicting targets [...] -> nll [...].
-
-    nll = logsumexp(logits) - logits[target], the target logit picked by a compare-and-sum that XLA fuses into one
-    pass over the logits (its gradient is elementwise too): no log-softmax array, gather or scatter-into-zeros.
-    """
-    vocab = logits.shape[-1]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.sum(jnp.where(jnp.arange(vocab) == targets[..., None], logits, 0.0), axis=-1)
-    return lse - picked
-
-
 def lm_loss_terms(logits, targets, weights, domain, num_domains: int):
     """logits [B, K, V] predicting targets [B, K] with weights [B, K] -> (nll [B, K], weights f32 [B, K],
     per-domain nll sums [N], per-domain token counts [N])."""
-    nll = token_nll(logits, targets)                                                         # (B, K)
+    return nll_loss_terms(token_nll(logits, targets), weights, domain, num_domains)
+
+
+def nll_loss_terms(nll, weights, domain, num_domains: int):
+    """nll [B, K] with weights [B, K] -> (nll, weights f32 [B, K], per-domain nll sums [N], token counts [N])."""
     w = weights.astype(jnp.float32)
     onehot = jax.nn.one_hot(domain, num_domains, dtype=jnp.float32)                       # (B, N)
     dom_sum = onehot.T @ jnp.sum(nll * w, axis=1)
@@ -152,12 +145,13 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
         pos, targets, weights = batch["target_pos"], batch["target_tokens"], batch["target_weight"]
     else:
         pos, targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
-    logits, aux = model.apply(
+    # Batches are right-padded (moa_jax/data/pipeline.py); the NLL comes chunked, without [B, K, V] logits.
+    nll, aux = model.apply(
         {"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
         prompt_mask=batch["prompt_mask"], routing=mode, expert_idx=batch["domain"] if mode == "fixed" else None,
-        deterministic=False, rngs={"dropout": rng}, logits_at=pos)
+        deterministic=False, rngs={"dropout": rng}, logits_at=pos, nll_targets=targets, right_padded=True)
     weights = weights * batch["valid"][:, None]
-    nll, w, dom_sum, dom_cnt = lm_loss_terms(logits, targets, weights, batch["domain"], num_domains)
+    nll, w, dom_sum, dom_cnt = nll_loss_terms(nll, weights, batch["domain"], num_domains)
     if tcfg.normalization == "domain":
         lm = jnp.sum(jnp.where(dom_cnt > 0, dom_sum / jnp.maximum(dom_cnt, 1.0), 0.0))
     else:

@@ -299,10 +299,11 @@ def test_trainable_split_and_gradients():
         assert np.all(g[:, 0] == 0) and np.abs(g[:, 1]).max() > 0 and np.abs(g[:, 2]).max() > 0
 
 
-def test_remat_gives_same_logits_and_grads():
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_remat_policies_give_same_logits_and_grads(remat):
     frozen, trainable = split_params(random_params(UNTIED, MOA, seed=7))
-    (loss, logits), grads = loss_and_grads(trainable, frozen, UNTIED)
-    (loss_r, logits_r), grads_r = loss_and_grads(trainable, frozen, dataclasses.replace(UNTIED, remat=True))
+    (loss, logits), grads = loss_and_grads(trainable, frozen, dataclasses.replace(UNTIED, remat="projections"))
+    (loss_r, logits_r), grads_r = loss_and_grads(trainable, frozen, dataclasses.replace(UNTIED, remat=remat))
     np.testing.assert_allclose(logits_r, logits, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_r, grads)
