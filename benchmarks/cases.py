@@ -208,6 +208,21 @@ def head_group(bc: P.BenchConfig, rounds: int) -> Group:
                                                    "single_head128", "single")], rounds)
 
 
+REMAT_POLICIES = ("projections", "full", "none")
+
+
+def remat_group(bc: P.BenchConfig, rounds: int) -> Group:
+    """The MoA top-1 train step under each ModelConfig.remat policy (model.py REMAT POLICIES), side by side."""
+    def build():
+        bs = P.make_batches(bc, bc.experts, 4)
+        with_remat = lambda r: dataclasses.replace(bc, model=dataclasses.replace(bc.model, remat=r))
+        return build_all([lambda r=r: P.train_variant(with_remat(r), "top1", f"remat_{r}", bs)
+                          for r in REMAT_POLICIES])
+    return Group("remat", bc.name, build, [
+        Ratio("top-1 train step, remat=full / remat=projections", "remat_full", "remat_projections"),
+        Ratio("top-1 train step, remat=none / remat=projections", "remat_none", "remat_projections")], rounds)
+
+
 # ---------------------------------------------------------------- suites
 def suite_groups(suite: str, rounds: Optional[int] = None) -> tuple[list[Group], dict]:
     """-> (groups, extras). Scaling in E lives inside the train and inference groups (E=1 is the single LoRA)."""
@@ -217,13 +232,13 @@ def suite_groups(suite: str, rounds: Optional[int] = None) -> tuple[list[Group],
     if suite == "cpu":
         bc, r = P.cpu_tiny(), rounds or 10
         return ([train_group(bc, SCALING_EXPERTS, SCALING_EXPERTS + (bc.experts,), True, True, r),
-                 infer_group(bc, SCALING_EXPERTS, SCALING_EXPERTS + (bc.experts,), True, r), decode_group(bc, r)],
-                {"recompile": (bc, 50, 4)})
+                 infer_group(bc, SCALING_EXPERTS, SCALING_EXPERTS + (bc.experts,), True, r), decode_group(bc, r),
+                 remat_group(bc, r)], {"recompile": (bc, 50, 4)})
     if suite == "gpu":
         bc, r = P.gpu_1b(), rounds or 10
         return ([train_group(bc, (1, 8, 32), (bc.experts, 32), False, False, r),
-                 infer_group(bc, (1, 8, 32), (bc.experts, 32), False, r), decode_group(bc, r)],
-                {"recompile": (bc, 50, bc.batch), "mfu": True})
+                 infer_group(bc, (1, 8, 32), (bc.experts, 32), False, r), decode_group(bc, r),
+                 remat_group(bc, r)], {"recompile": (bc, 50, bc.batch), "mfu": True})
     if suite == "smollm2":
         return [head_group(P.smollm2(), rounds or 3)], {}
     raise ValueError(f"unknown suite {suite!r}; valid: smoke, cpu, gpu, smollm2")

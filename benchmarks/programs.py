@@ -82,6 +82,18 @@ def gpu_1b() -> BenchConfig:
                        decode_new=64)
 
 
+def llama3_8b() -> ModelConfig:
+    """Meta-Llama-3-8B's config.json (bf16)."""
+    return tiny_llama(128256, 4096, 14336, 32, 32, 8, rope_theta=500000.0, max_position_embeddings=8192,
+                      dtype="bfloat16", param_dtype="bfloat16", name="llama3-8b")
+
+
+def qwen2_7b() -> ModelConfig:
+    """Qwen2-7B's config.json (bf16; q/k/v bias, untied head)."""
+    return tiny_llama(152064, 3584, 18944, 28, 28, 4, attention_bias=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                      max_position_embeddings=32768, dtype="bfloat16", param_dtype="bfloat16", name="qwen2-7b")
+
+
 def moa_config(bc: BenchConfig, kind: str, experts: Optional[int] = None, dropout: Optional[float] = None):
     """The MoAConfig of a variant (None for the frozen base). 'single' is top-1 with E=1: one LoRA, which the
     library runs on its flattened 2-D path (everything else identical to the MoA top-1 step)."""
@@ -286,31 +298,7 @@ def decode_variant(bc: BenchConfig, kind: str, name: str, experts: Optional[int]
 
 
 def small_head_train_variant(bc: BenchConfig, name: str, batches, rows: int = 128) -> Variant:
-    """`train_variant(kind='single')` with the LM head intercepted to score only the first `rows` vocabulary rows
-    (tokens taken mod `rows`): the time it saves is the share of the full head + log-softmax + their backward."""
-    def small_head(fn, args, kwargs, ctx):
-        if isinstance(ctx.module, nn.Embed) and ctx.method_name == "attend":
-            return args[0] @ ctx.module.embedding[:rows].T.astype(args[0].dtype)
-        if isinstance(ctx.module, nn.Dense) and ctx.module.name == "lm_head":
-            return args[0] @ ctx.module.variables["params"]["kernel"][:, :rows].astype(args[0].dtype)
-        return fn(*args, **kwargs)
-
-    moa, tcfg = moa_config(bc, "single"), train_config("single")
-    frozen, trainable = base_params(bc.model), adapter_params(bc, moa)
-    tx = make_optimizer(tcfg, trainable)
-    model = MoATransformer(bc.model, moa)
-
-    def step(state, frozen, batch):
-        with nn.intercept_methods(small_head):
-            return train_step(state, frozen, batch, model=model, tcfg=tcfg, tx=tx, num_domains=1)
-    small = [{**b, "tokens": b["tokens"] % rows} for b in batches]
-    jitted, compiled, cs = compile_aot(step, init_state(trainable, tx, 0), frozen, small[0], donate_argnums=(0,))
-    holder = {"state": init_state(trainable, tx, 0), "i": 0}
-
-    def run():
-        holder["i"] += 1
-        holder["state"], metrics = jitted(holder["state"], frozen, small[holder["i"] % len(small)])
-        return block((holder["state"], metrics))
-    count = lambda cfg: (flops.train_flops(cfg or bc.model, bc.batch * bc.seq, bc.seq, bc.rank, moa.targets, 1)
-                         - 2 * bc.batch * bc.seq * flops.head_flops(bc.model) * (1 - rows / bc.model.vocab_size))
-    return _with_program_info(Variant(name, run, cs, {"jitted": jitted, "cfg": bc.model}), compiled, count)
+    """`train_variant(kind='single')` of the same model with a `rows`-row vocabulary (tokens taken mod `rows`):
+    identical layers, a head of `rows` rows; the time it saves is the share of the full head + loss + backward."""
+    small = dataclasses.replace(bc, model=dataclasses.replace(bc.model, vocab_size=rows))
+    return train_variant(small, "single", name, [{**b, "tokens": b["tokens"] % rows} for b in batches])

@@ -1,7 +1,7 @@
 """Benchmark suite CLI (shared/performance.md):
 
   PYTHONPATH=. python -m benchmarks.run --suite cpu --out bench_cpu.json [--md bench_cpu.md] [--rounds N]
-      [--only train,inference,decode,scaling_train,scaling_infer,recompile]
+      [--only train,inference,decode,remat,recompile]
 
 Suites: smoke (CI-sized), cpu (the target table on cpu-tiny; <= 5 min on 2 idle cores), gpu (gpu-1b bf16 on
 one accelerator, MFU vs 989 TFLOP/s), smollm2 (LM-head share of a SmolLM2-shaped step; slow). Writes the JSON

@@ -31,12 +31,13 @@ def main(argv=None) -> int:
 
     from moa_jax import distributed
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
-    from experiments.registry import get_experiment
+    from experiments.registry import check_runnable, get_experiment
     from moa_jax.config import ConfigError
     from moa_jax.experiment import run_experiment
     from moa_jax.overrides import apply_overrides
     try:
         exp = apply_overrides(get_experiment(args.exp), args.overrides)
+        check_runnable(exp)
     except (KeyError, ConfigError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -62,10 +62,11 @@ def _stack_micro(source: BatchSource, step: int, accum: int, compact_targets: bo
 def _put_micro(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """[A, B_local, ...] host rows -> global [A, B, ...] arrays with B over every device."""
     check_batch_divisible(mesh, local["domain"].shape[1] * jax.process_count())
-    return {k: jax.make_array_from_process_local_data(_micro_sharding(mesh, v.ndim), v) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
 
 
-def _micro_sharding(mesh, ndim):
+def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """Sharding of a [A, B, ...] micro-batch stack: B over every device."""
     return NamedSharding(mesh, P(None, *batch_sharding(mesh, ndim - 1).spec))
 
 
@@ -98,6 +99,15 @@ def state_shardings(mesh, tx: optax.GradientTransformation, trainable: Any) -> t
     return with_sh, shards
 
 
+def jit_train_step(*, model: MoATransformer, tcfg: TrainConfig, tx: optax.GradientTransformation, num_domains: int,
+                   mesh, state_shards: TrainState, frozen_shardings: Any):
+    """The jitted `train_step` of a stage (state donated, explicit shardings); benchmarks.memory compiles this
+    same function against abstract inputs."""
+    return jax.jit(functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, num_domains=num_domains),
+                   in_shardings=(state_shards, frozen_shardings, None), out_shardings=(state_shards, replicated(mesh)),
+                   donate_argnums=(0,))
+
+
 def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, trainable: Any,
                 source: BatchSource, workdir: str, config: dict, domain_names: Sequence[str],
                 frozen_shardings: Any = None, progress: bool = True, desc: str = "train",
@@ -121,9 +131,8 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
         state = jax.jit(functools.partial(init_state, tx=tx, seed=tcfg.seed), out_shardings=shards)(trainable)
     start = int(jax.device_get(state.step))
 
-    step_fn = jax.jit(functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, num_domains=len(domain_names)),
-                      in_shardings=(shards, frozen_shardings, None), out_shardings=(shards, replicated(mesh)),
-                      donate_argnums=(0,))
+    step_fn = jit_train_step(model=model, tcfg=tcfg, tx=tx, num_domains=len(domain_names), mesh=mesh,
+                             state_shards=shards, frozen_shardings=frozen_shardings)
     is_main = jax.process_index() == 0
     logger = MetricsLogger(workdir, enabled=is_main)
     history: list[dict] = []
