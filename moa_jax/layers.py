@@ -129,7 +129,8 @@ def cudnn_attention(q: Array, k: Array, v: Array, kv_valid: Array, window: Optio
     no real query can see a pad key. The backward keeps only q, k, v, the output and a [B, H, T] logsumexp."""
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         return None
-    lengths = jnp.sum(kv_valid.astype(jnp.int32), axis=1)                            # (B,)
+    # >= 1: an all-padding row (the filler rows of a last batch) must attend somewhere, or its softmax is 0/0 = NaN
+    lengths = jnp.maximum(jnp.sum(kv_valid.astype(jnp.int32), axis=1), 1)            # (B,)
     try:
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation="cudnn",
