@@ -23,6 +23,7 @@ DISPATCH_MODES = ("top1", "soft", "token_topk")
 ROUTER_TYPES = ("linear", "mlp")
 DECISION_POLICIES = ("last", "vote")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8")  # storage of the frozen projection kernels (moa_jax/quantize.py)
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # Mistral: keys further back than this are masked
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the frozen base weights
+    quantize: str = "none"        # "int8": projection kernels int8 + per-channel scales (moa_jax/quantize.py)
     remat: bool = False           # rematerialise each layer in the backward pass
     name: str = "llama"
 
@@ -79,6 +81,7 @@ class ModelConfig:
                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         _check(self.dtype in DTYPES, f"ModelConfig.dtype={self.dtype!r} not in {DTYPES}")
         _check(self.param_dtype in DTYPES, f"ModelConfig.param_dtype={self.param_dtype!r} not in {DTYPES}")
+        _check(self.quantize in QUANTIZE_MODES, f"ModelConfig.quantize={self.quantize!r} not in {QUANTIZE_MODES}")
 
     @property
     def head_dim(self) -> int:
@@ -343,6 +346,7 @@ class ExperimentConfig:
     variants: ablation specs (see `Variant`); each trains in `<workdir>/variants/<NAME>/` from the shared stage 1.
     reuse_from: the work directory of an earlier run whose adapters are loaded instead of training a stage when
     that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
+    quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/quantize.py).
     """
     name: str = "custom"
     model: str = "smollm2-135m-instruct"
@@ -357,9 +361,11 @@ class ExperimentConfig:
     mesh: MeshConfig = MeshConfig()
     variants: tuple = ()
     reuse_from: str = ""
+    quantize: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
+        _check(self.quantize in QUANTIZE_MODES, f"ExperimentConfig.quantize={self.quantize!r} not in {QUANTIZE_MODES}")
         names = [parse_variant(v).name for v in self.variants]
         _check(len(set(names)) == len(names), f"ExperimentConfig.variants: duplicate names in {names}")
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
