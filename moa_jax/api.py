@@ -146,7 +146,7 @@ def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     # each leaf goes to the device as soon as it is built, so the host holds at most one leaf of the base
     cfg, frozen, tokenizer = load_base(source, param_dtype=param_dtype or dtype, quantize=quantize,
-                                       place=lambda path, leaf: jnp.asarray(leaf))
+                                       place=lambda path, leaf: jax.block_until_ready(jnp.asarray(leaf)))
     cfg = replace(cfg, dtype=dtype, param_dtype=param_dtype or dtype)
     if moa is None:
         return MoAModel(cfg, None, frozen, tokenizer, source)

@@ -106,7 +106,9 @@ def put_params(params: Any, shardings: Any) -> Any:
 
 def leaf_placer(mesh: Mesh, fsdp: bool = False):
     """place(path, host_leaf) for the loaders (loading/tree.py): each leaf goes to its `param_shardings` sharding
-    as soon as it is built, so the host never holds more than one leaf of the base."""
+    as soon as it is built, so the host never holds more than one leaf of the base. It waits for each transfer:
+    an asynchronous one would keep its host buffer alive while the next leaves are read."""
     def place(path: tuple[str, ...], x: np.ndarray) -> jax.Array:
-        return _put(x, NamedSharding(mesh, logical_to_spec(param_logical_axes(path, np.shape(x), fsdp))))
+        spec = logical_to_spec(param_logical_axes(path, np.shape(x), fsdp))
+        return jax.block_until_ready(_put(x, NamedSharding(mesh, spec)))
     return place

@@ -132,6 +132,7 @@ def main(directory: str, devices: int, fsdp: bool, quantize: str) -> None:
     from moa_jax.config import MeshConfig, replace
     from moa_jax.loading import expected_shapes, load_checkpoint
     from moa_jax.sharding import leaf_placer, make_mesh
+    from transformers import AutoConfig  # noqa: F401  (the config reader's import: ~200 MB, not weights)
     mesh = make_mesh(MeshConfig(data=devices, expert=1))
     with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM, so the peak is the load's own
         f.write("5")
