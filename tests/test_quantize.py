@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 import moa_jax
-from moa_jax.config import PROJECTIONS, ConfigError, ExperimentConfig, MeshConfig, replace
+from moa_jax.config import PROJECTIONS, ConfigError, ExperimentConfig, MeshConfig, ModelConfig, replace
 from moa_jax.generate import generate_tokens
 from moa_jax.loading.tree import expected_shapes
 from moa_jax.model import MoATransformer
@@ -114,6 +114,24 @@ def test_int8_gradients_equal_the_dequantized_float_model(num_experts):
     got, ref = grads(INT8, frozen_q), grads(tiny_cfg(), _dequantized(frozen_q))
     for k, v in flat_np(ref).items():
         np.testing.assert_allclose(flat_np(got)[k], v, atol=1e-5, rtol=1e-4, err_msg=k)
+
+
+def test_no_full_precision_copy_of_the_kernels_is_compiled():
+    """The compiled train-step gradient of an int8 model (bf16 compute, 8 layers) needs temporary memory of a few
+    layers, not the float copy of all kernels that a convert hoisted out of the layer scan would cost."""
+    cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=1024, num_layers=8, num_heads=4,
+                      num_kv_heads=4, dtype="bfloat16", param_dtype="bfloat16", quantize="int8")
+    moa = tiny_moa(num_experts=2, targets=PROJECTIONS)
+    frozen, trainable = split_params(param_shapes(cfg, moa))
+    tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+
+    def loss(tr, fr, tok):
+        return jnp.mean(MoATransformer(cfg, moa).apply({"params": merge_params(fr, tr)}, tok, routing="fixed",
+                                                       expert_idx=jnp.zeros((1,), jnp.int32))[0])
+    temp = jax.jit(jax.grad(loss)).lower(trainable, frozen, tokens).compile().memory_analysis().temp_size_in_bytes
+    kernels = sum(v.size for k, v in traverse_util.flatten_dict(frozen).items() if is_quantized_kernel(k))
+    assert kernels == 8 * (4 * 256 * 256 + 3 * 256 * 1024)
+    assert temp < 0.25 * 4 * kernels, (temp, kernels)     # a float32 copy of all kernels would be 4 * kernels
 
 
 def test_param_bytes_shrink(trees):
