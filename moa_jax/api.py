@@ -24,6 +24,7 @@ from moa_jax.config import ModelConfig, MoAConfig, replace
 from moa_jax.generate import expert_indices, generate_tokens, left_pad, model_routing, route_from_prompt
 from moa_jax.model import MoATransformer
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
+from moa_jax.quantize import check_quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +34,16 @@ class Generation:
     token_ids: tuple
 
 
-def load_base(source: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, Any]:
-    """-> (ModelConfig, frozen base params as numpy, tokenizer). "tiny-random" is the smoke experiment's random
-    tiny Llama (deterministic, so a smoke run's adapters load onto the same base)."""
+def load_base(source: str, *, param_dtype: str = "float32", quantize: str = "none",
+              place=None) -> tuple[ModelConfig, dict, Any]:
+    """-> (ModelConfig, frozen base params, tokenizer); numpy leaves unless `place(path, leaf)` places each as it
+    is built. "tiny-random" is the smoke experiment's random tiny Llama (deterministic, so a smoke run's adapters
+    load onto the same base)."""
     from moa_jax import loading
     if source == "tiny-random":
         from moa_jax.experiment import load_base_model
-        return load_base_model(source, param_dtype)
-    cfg, params = loading.load_checkpoint(source, param_dtype=param_dtype)
+        return load_base_model(source, param_dtype, quantize, place)
+    cfg, params = loading.load_checkpoint(source, param_dtype=param_dtype, quantize=quantize, place=place)
     return cfg, params, loading.load_tokenizer(source)
 
 
@@ -134,14 +137,17 @@ def _forward_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
 
 def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig] = None,
                dtype: Optional[str] = None, param_dtype: Optional[str] = None, adapters: Optional[str] = None,
-               seed: int = 0) -> MoAModel:
+               seed: int = 0, quantize: Optional[str] = None) -> MoAModel:
     """Load a base model (+ fresh or trained MoA experts). dtype: compute dtype (default float32 on CPU,
-    bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype)."""
+    bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype); quantize="int8":
+    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/quantize.py)."""
+    quantize = check_quantize(quantize)
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    cfg, frozen, tokenizer = load_base(source, param_dtype=param_dtype or dtype)
+    # each leaf goes to the device as soon as it is built, so the host holds at most one leaf of the base
+    cfg, frozen, tokenizer = load_base(source, param_dtype=param_dtype or dtype, quantize=quantize,
+                                       place=lambda path, leaf: jax.block_until_ready(jnp.asarray(leaf)))
     cfg = replace(cfg, dtype=dtype, param_dtype=param_dtype or dtype)
-    frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
     if moa is None:
         return MoAModel(cfg, None, frozen, tokenizer, source)
     if adapters is not None:

@@ -23,6 +23,7 @@ DISPATCH_MODES = ("top1", "soft", "token_topk")
 ROUTER_TYPES = ("linear", "mlp")
 DECISION_POLICIES = ("last", "vote")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8")  # storage of the frozen projection kernels (moa_jax/quantize.py)
 # What each decoder layer keeps for the backward (moa_jax/model.py, REMAT POLICIES); none of them keeps a T^2 tensor.
 REMAT_POLICIES = ("auto", "full", "projections", "none")
 
@@ -75,6 +76,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # Mistral: keys further back than this are masked
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the frozen base weights
+    quantize: str = "none"        # "int8": projection kernels int8 + per-channel scales (moa_jax/quantize.py)
     remat: str = "auto"           # REMAT_POLICIES: what each layer keeps for the backward (model.py)
     loss_chunk: int = 1024        # LM loss / NLL: tokens per block of the chunked head (no [B, T, V] logits)
     name: str = "llama"
@@ -90,6 +92,7 @@ class ModelConfig:
         _check(self.param_dtype in DTYPES, f"ModelConfig.param_dtype={self.param_dtype!r} not in {DTYPES}")
         check_remat(self.remat, "ModelConfig")
         _check(self.loss_chunk >= 1, f"ModelConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
+        _check(self.quantize in QUANTIZE_MODES, f"ModelConfig.quantize={self.quantize!r} not in {QUANTIZE_MODES}")
 
     @property
     def head_dim(self) -> int:
@@ -354,6 +357,7 @@ class ExperimentConfig:
     variants: ablation specs (see `Variant`); each trains in `<workdir>/variants/<NAME>/` from the shared stage 1.
     reuse_from: the work directory of an earlier run whose adapters are loaded instead of training a stage when
     that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
+    quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/quantize.py).
     """
     name: str = "custom"
     model: str = "smollm2-135m-instruct"
@@ -370,9 +374,11 @@ class ExperimentConfig:
     reuse_from: str = ""
     remat: str = "auto"           # ModelConfig.remat of the loaded model (REMAT_POLICIES)
     loss_chunk: int = 1024        # ModelConfig.loss_chunk of the loaded model
+    quantize: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
+        _check(self.quantize in QUANTIZE_MODES, f"ExperimentConfig.quantize={self.quantize!r} not in {QUANTIZE_MODES}")
         names = [parse_variant(v).name for v in self.variants]
         _check(len(set(names)) == len(names), f"ExperimentConfig.variants: duplicate names in {names}")
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import jax
+from flax import traverse_util
 
 from moa_jax.checkpoint import load_adapters
 from moa_jax.config import (ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig, Variant,
@@ -36,8 +37,9 @@ from moa_jax.evaluation_run import MethodSpec, evaluate_all
 from moa_jax.evaluation_run import eval_rows, reference_text, score_completion  # noqa: F401  (re-exported)
 from moa_jax.model import MoATransformer
 from moa_jax.params import check_tree, init_params, init_trainable, param_shapes, split_params
-from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, make_mesh, param_shardings,
-                              put_params)
+from moa_jax.quantize import quantize_frozen
+from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
+                              param_shardings)
 from moa_jax.train import train_stage
 
 log = logging.getLogger("moa_jax")
@@ -50,14 +52,20 @@ def tiny_model_config(vocab_size: int) -> ModelConfig:
                        num_kv_heads=2, tie_word_embeddings=True, name="tiny-random")
 
 
-def load_base_model(source: str, dtype: str):
-    """-> (ModelConfig, frozen numpy params, tokenizer)."""
+def load_base_model(source: str, dtype: str, quantize: str = "none", place=None):
+    """-> (ModelConfig, frozen params, tokenizer). Leaves are numpy, or placed leaf by leaf by `place(path, leaf)`
+    (e.g. `sharding.leaf_placer`); quantize="int8" stores the projection kernels as int8 (moa_jax/quantize.py)."""
     from moa_jax import loading
     if source == TINY_RANDOM:
         tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)
-        cfg = replace(tiny_model_config(len(tokenizer)), dtype=dtype, param_dtype=dtype)
-        return cfg, jax.device_get(init_params(cfg, None, jax.random.PRNGKey(1234))), tokenizer
-    cfg, params = loading.load_checkpoint(source, param_dtype=dtype)
+        cfg = replace(tiny_model_config(len(tokenizer)), dtype=dtype, param_dtype=dtype, quantize=quantize)
+        params = jax.device_get(init_params(replace(cfg, quantize="none"), None, jax.random.PRNGKey(1234)))
+        params = quantize_frozen(params) if quantize == "int8" else params
+        if place is not None:
+            params = traverse_util.unflatten_dict({k: place(k, v) for k, v in
+                                                   traverse_util.flatten_dict(params).items()})
+        return cfg, params, tokenizer
+    cfg, params = loading.load_checkpoint(source, param_dtype=dtype, quantize=quantize, place=place)
     return replace(cfg, dtype=dtype, param_dtype=dtype), params, loading.load_tokenizer(source)
 
 
@@ -159,7 +167,8 @@ def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
     dtype = exp.dtype if exp.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     mesh = make_mesh(exp.mesh)
     t0 = time.perf_counter()
-    cfg, frozen_np, tokenizer = load_base_model(exp.model, dtype)
+    # each base leaf goes onto the mesh as soon as it is read: the host never holds the whole base
+    cfg, frozen, tokenizer = load_base_model(exp.model, dtype, exp.quantize, leaf_placer(mesh, exp.mesh.fsdp))
     cfg = replace(cfg, remat=exp.remat, loss_chunk=exp.loss_chunk)
     log.info("base model %s loaded in %.1fs: L=%d D=%d V=%d", exp.model, time.perf_counter() - t0,
              cfg.num_layers, cfg.hidden_size, cfg.vocab_size)
@@ -172,8 +181,7 @@ def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
                           f"{list(domains)}: MoA trains one expert per domain; --set moa.num_experts={len(domains)}")
     check_experts_divisible(mesh, exp.moa.num_experts)
     check_batch_divisible(mesh, exp.data.batch_size)
-    shardings = param_shardings(mesh, frozen_np, exp.mesh.fsdp)
-    frozen = put_params(frozen_np, shardings)
+    shardings = param_shardings(mesh, frozen, exp.mesh.fsdp)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(exp), f, indent=1, default=str)
     return ExperimentContext(exp, workdir, cfg, tokenizer, mesh, frozen, shardings, data, domains)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from moa_jax.quantize import SCALE_LEAF, dequantize, int8_kernel_init, int8_matmul, int8_scale_init
+
 Array = jax.Array
 
 
@@ -173,7 +175,8 @@ def lora_a_init(key, shape, dtype=jnp.float32):
 class AdaptedDense(nn.Module):
     """A frozen projection x @ kernel (+ bias) plus, when `num_experts` > 0, the stacked-expert LoRA delta.
 
-    Params: kernel [Din, Dout] (frozen base), bias [Dout] (optional), lora_a [E, Din, R], lora_b [E, R, Dout].
+    Params: kernel [Din, Dout] (frozen base; with quantize="int8" an int8 kernel plus kernel_scale [Dout] f32,
+    see moa_jax/quantize.py), bias [Dout] (optional), lora_a [E, Din, R], lora_b [E, R, Dout].
     """
     features: int
     use_bias: bool = False
@@ -184,26 +187,35 @@ class AdaptedDense(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     adapter_dtype: jnp.dtype = jnp.float32
+    quantize: str = "none"
 
     @nn.compact
     def __call__(self, x: Array, route: Route, deterministic: bool = True) -> Array:
         d_in = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features), self.param_dtype)
+        if self.quantize == "int8":
+            q = self.param("kernel", int8_kernel_init, (d_in, self.features), jnp.int8)
+            q_scale = self.param(SCALE_LEAF, int8_scale_init(d_in), (self.features,), jnp.float32)
+            base_matmul = functools.partial(int8_matmul, q=q, scale=q_scale)
+            dense_kernel = functools.partial(dequantize, q, q_scale, self.dtype)   # merge path only (one layer)
+        else:
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features),
+                                self.param_dtype).astype(self.dtype)
+            base_matmul = lambda v: v @ kernel                                                # 'btd,do->bto'
+            dense_kernel = lambda: kernel
         bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
                 if self.use_bias else None)
         if self.num_experts > 0:
             lora_a = self.param("lora_a", lora_a_init, (self.num_experts, d_in, self.rank), self.adapter_dtype)
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.num_experts, self.rank, self.features),
                                 self.adapter_dtype)
-        kernel = kernel.astype(self.dtype)
         adapted = self.num_experts > 0 and route.kind != "base"
         dropout = adapted and self.dropout > 0 and not deterministic
         shared = route.kind == "single" or (route.kind == "top1" and self.num_experts == 1)
         if adapted and shared and not dropout and merge_is_cheaper(x.size // d_in, d_in, self.features, self.dtype):
-            y = merged_lora_matmul(x.reshape(-1, d_in), kernel, lora_a[0].astype(self.dtype),   # one GEMM
+            y = merged_lora_matmul(x.reshape(-1, d_in), dense_kernel(), lora_a[0].astype(self.dtype),  # one GEMM
                                    lora_b[0].astype(self.dtype), self.scale).reshape(*x.shape[:-1], -1)
         else:
-            y = x @ kernel                                                                  # 'btd,do->bto'
+            y = base_matmul(x)
             if adapted:
                 x_in = nn.Dropout(self.dropout)(x, deterministic=deterministic) if self.dropout > 0 else x
                 y = y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)

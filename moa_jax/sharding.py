@@ -3,7 +3,8 @@
 Mesh axes ('data', 'expert'). The batch is split over ALL devices (both axes), so every device computes; the
 expert stacks (lora_a / lora_b, and with them their Adam moments) are split along E over 'expert', ZeRO-style:
 each device stores E / n_expert experts and XLA gathers the small weights for compute. The frozen base is
-replicated, or with `fsdp=True` split over 'data' along its largest axis. Model code never names mesh axes: it
+replicated, or with `fsdp=True` split over 'data' along its largest axis (int8 kernels and their
+`kernel_scale` [L, Dout] leaves follow the same rule). Model code never names mesh axes: it
 names logical axes, and `LOGICAL_RULES` maps them here.
 
 Shape glossary: L layers, E experts, D width, R rank, B batch, T tokens.
@@ -93,7 +94,21 @@ def put_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.A
             for k, v in local_batch.items()}
 
 
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """One host array -> a global array; each device receives only its shard."""
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x[idx]))
+
+
 def put_params(params: Any, shardings: Any) -> Any:
     """Place a host (numpy) tree with the given shardings; each device gets only its shard."""
-    return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_callback(
-        np.shape(x), s, lambda idx: np.asarray(x[idx])), params, shardings)
+    return jax.tree_util.tree_map(_put, params, shardings)
+
+
+def leaf_placer(mesh: Mesh, fsdp: bool = False):
+    """place(path, host_leaf) for the loaders (loading/tree.py): each leaf goes to its `param_shardings` sharding
+    as soon as it is built, so the host never holds more than one leaf of the base. It waits for each transfer:
+    an asynchronous one would keep its host buffer alive while the next leaves are read."""
+    def place(path: tuple[str, ...], x: np.ndarray) -> jax.Array:
+        spec = logical_to_spec(param_logical_axes(path, np.shape(x), fsdp))
+        return jax.block_until_ready(_put(x, NamedSharding(mesh, spec)))
+    return place

@@ -8,20 +8,25 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from moa_jax.config import ModelConfig
 from moa_jax.loading.gguf import load_gguf, unpermute_qk
 from moa_jax.loading.hf import load_hf_checkpoint, load_hf_config
 from moa_jax.loading.resolve import (DEFAULT_MODEL, GGUF, CheckpointError, MissingTensorError,
                                      ShapeMismatchError, resolve_source)
 from moa_jax.loading.tokenizer import load_tokenizer
-from moa_jax.loading.tree import build_param_tree, check_param_tree, expected_shapes, numpy_dtype
+from moa_jax.loading.tree import Place, build_param_tree, check_param_tree, expected_shapes, numpy_dtype
 
 
-def load_checkpoint(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
-    """(ModelConfig, numpy params) for a model name, a .gguf file or a Hugging Face checkpoint directory."""
+def load_checkpoint(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32", quantize: str = "none",
+                    place: Optional[Place] = None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) for a model name, a .gguf file or a Hugging Face checkpoint directory. Leaves are
+    numpy unless `place(path, host_leaf)` puts each on devices as soon as it is built (tree.build_param_tree);
+    quantize="int8" stores the projection kernels as int8 + per-channel scales (moa_jax/quantize.py)."""
     kind, path = resolve_source(source)
     loader = load_gguf if kind == GGUF else load_hf_checkpoint
-    return loader(path, param_dtype=param_dtype)
+    return loader(path, param_dtype=param_dtype, quantize=quantize, place=place)
 
 
 __all__ = ["DEFAULT_MODEL", "CheckpointError", "MissingTensorError", "ShapeMismatchError", "build_param_tree",

@@ -22,9 +22,9 @@ from typing import Optional
 
 import numpy as np
 
-from moa_jax.config import ConfigError, ModelConfig, RopeScaling
+from moa_jax.config import ConfigError, ModelConfig, RopeScaling, replace
 from moa_jax.loading.resolve import CheckpointError, MissingTensorError
-from moa_jax.loading.tree import build_param_tree
+from moa_jax.loading.tree import Place, build_param_tree
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp permutes
@@ -141,11 +141,13 @@ def _gguf_name(path: tuple[str, ...], layer: Optional[int]) -> str:
     return f"blk.{layer}.{_LAYER_NAMES[path[-2]]}.{'bias' if path[-1] == 'bias' else 'weight'}"
 
 
-def load_gguf(path: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
-    """Loads a llama/qwen2 GGUF file into (ModelConfig, numpy param tree), dequantising every tensor."""
+def load_gguf(path: str, *, param_dtype: str = "float32", quantize: str = "none",
+              place: Optional[Place] = None) -> tuple[ModelConfig, dict]:
+    """Loads a llama/qwen2 GGUF file into (ModelConfig, param tree), dequantising every tensor (then, with
+    quantize="int8", requantizing the projection kernels per output channel); `place` as in build_param_tree."""
     path = os.fspath(path)
     reader = open_gguf(path)
-    cfg = model_config_from_gguf(reader, path, param_dtype=param_dtype)
+    cfg = replace(model_config_from_gguf(reader, path, param_dtype=param_dtype), quantize=quantize)
     tensors = {t.name: t for t in reader.tensors}
     arch = cfg.name
     used = set()
@@ -162,7 +164,7 @@ def load_gguf(path: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, 
             array = unpermute_qk(array, heads)
         return array, f"{name!r} in {path}"
 
-    params = build_param_tree(cfg, fetch, param_dtype)
+    params = build_param_tree(cfg, fetch, param_dtype, place)
     unused = sorted(set(tensors) - used)
     if unused:
         raise CheckpointError(f"{path} has {len(unused)} tensor(s) the model would ignore, e.g. {unused[:5]}")

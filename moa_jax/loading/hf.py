@@ -20,9 +20,9 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
-from moa_jax.config import ConfigError, ModelConfig, RopeScaling
+from moa_jax.config import ConfigError, ModelConfig, RopeScaling, replace
 from moa_jax.loading.resolve import CheckpointError, MissingTensorError
-from moa_jax.loading.tree import build_param_tree
+from moa_jax.loading.tree import Place, build_param_tree
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 WEIGHTS_FILE = "model.safetensors"
@@ -186,12 +186,14 @@ def _hf_key(path: tuple[str, ...], layer: Optional[int]) -> str:
     return f"{prefix}{module}.{path[2]}.{'weight' if path[3] == 'kernel' else 'bias'}"
 
 
-def load_hf_checkpoint(path: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
-    """Loads a Hugging Face Llama/Mistral/Qwen2 directory into (ModelConfig, numpy param tree)."""
+def load_hf_checkpoint(path: str, *, param_dtype: str = "float32", quantize: str = "none",
+                       place: Optional[Place] = None) -> tuple[ModelConfig, dict]:
+    """Loads a Hugging Face Llama/Mistral/Qwen2 directory into (ModelConfig, param tree): numpy, or whatever
+    `place` makes of each leaf (see tree.build_param_tree); quantize="int8" gives int8 projection kernels."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory: expected a Hugging Face checkpoint directory")
-    cfg = load_hf_config(path, param_dtype=param_dtype)
+    cfg = replace(load_hf_config(path, param_dtype=param_dtype), quantize=quantize)
     reader = _SafetensorsReader(_weight_files(path))
     used = set()
 
@@ -200,7 +202,7 @@ def load_hf_checkpoint(path: str, *, param_dtype: str = "float32") -> tuple[Mode
         used.add(key)
         return reader.get(key)
 
-    params = build_param_tree(cfg, fetch, param_dtype)
+    params = build_param_tree(cfg, fetch, param_dtype, place)
     # A tied checkpoint may still store lm_head.weight (a copy of the embedding); anything else unused means the
     # config and the weights disagree, so refuse rather than silently drop weights.
     unused = sorted(k for k in reader.entries if k not in used and not k.endswith(_IGNORED_SUFFIXES)

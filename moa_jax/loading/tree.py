@@ -2,7 +2,13 @@
 
 Both loaders (hf.py, gguf.py) describe *where* each weight lives in their file format; this module owns *what*
 the tree must look like: the leaf paths, their shapes from `ModelConfig`, the [D_in, D_out] kernel layout, the
-stacking of per-layer weights over a leading L axis (the model scans its layers) and the cast to `param_dtype`.
+stacking of per-layer weights over a leading L axis (the model scans its layers), the cast to `param_dtype` and,
+with `ModelConfig.quantize == "int8"`, the int8 projection kernels with their `kernel_scale` [L, D_out] leaves
+(moa_jax/quantize.py).
+
+Memory: each leaf is built in one preallocated host buffer of its final dtype, filled one source tensor (one
+layer) at a time, then handed to `place` (e.g. onto a device mesh) and dropped, so loading never holds a second
+full-precision copy: the host peak is one leaf plus one source tensor beyond what `place` keeps.
 
 Shape glossary: V vocab, D model width, F MLP width, H query heads, K key/value heads, Dh head width, L layers.
 
@@ -20,18 +26,22 @@ Shape glossary: V vocab, D model width, F MLP width, H query heads, K key/value 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Any, Callable, Optional
 
 import ml_dtypes
 import numpy as np
 
 from moa_jax.config import ATTENTION_PROJECTIONS, DTYPES, PROJECTIONS, ConfigError, ModelConfig
 from moa_jax.loading.resolve import CheckpointError, MissingTensorError, ShapeMismatchError
+from moa_jax.quantize import SCALE_LEAF, is_quantized_kernel, quantize_int8
 
 Path = tuple[str, ...]
 # fetch(path, layer) -> (array in the file's own layout, a description "'key' in /file" for error messages).
 # Kernels come back as [D_out, D_in] (torch Linear and GGUF both store them so); layer is None for global leaves.
 Fetch = Callable[[Path, Optional[int]], tuple[np.ndarray, str]]
+# place(path, finished host leaf) -> what the tree stores (a device array, or the numpy array itself).
+Place = Callable[[Path, np.ndarray], Any]
 
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -60,6 +70,10 @@ def expected_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
     shapes[("final_norm", "scale")] = (D,)
     if not cfg.tie_word_embeddings:
         shapes[("lm_head", "kernel")] = (D, V)
+    if cfg.quantize == "int8":
+        for path, shape in list(shapes.items()):
+            if is_quantized_kernel(path):
+                shapes[path[:-1] + (SCALE_LEAF,)] = shape[:-2] + shape[-1:]
     return shapes
 
 
@@ -94,31 +108,47 @@ def check_param_tree(params: dict, cfg: ModelConfig, where: str = "params") -> N
                                      f"expected {shape}")
 
 
-def build_param_tree(cfg: ModelConfig, fetch: Fetch, param_dtype: str = "float32") -> dict:
+def _set(tree: dict, path: Path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def build_param_tree(cfg: ModelConfig, fetch: Fetch, param_dtype: str = "float32",
+                     place: Optional[Place] = None) -> dict:
     """Assembles the tree from a format-specific `fetch`: checks each source tensor's shape (naming its key and
     file), transposes kernels to [D_in, D_out], stacks layers into preallocated [L, ...] arrays and casts to
-    `param_dtype` on the way (so a bfloat16 load never holds a float32 copy of the whole model)."""
+    `param_dtype` on the way (so a bfloat16 load never holds a float32 copy of the whole model). With
+    cfg.quantize == "int8" each layer's projection kernel is quantized from the source values straight into an
+    int8 buffer (+ its float32 scales). `place` receives every finished leaf (default: keep the numpy array)."""
     dtype = numpy_dtype(param_dtype)
+    place = place or (lambda path, array: array)
+    int8 = cfg.quantize == "int8"
     params: dict = {}
-    for path, shape in expected_shapes(cfg).items():
+    for path, shape in expected_shapes(dataclasses.replace(cfg, quantize="none")).items():
         stacked = path[0] == "layers"
+        quantized = int8 and is_quantized_kernel(path)
         leaf_shape = shape[1:] if stacked else shape
         # torch Linear / GGUF store [D_out, D_in]; the tree wants [D_in, D_out].
         file_shape = leaf_shape[::-1] if path[-1] == "kernel" else leaf_shape
-        out = np.empty(shape, dtype)
+        out = np.empty(shape, np.int8 if quantized else dtype)
+        scale = np.empty(shape[:-2] + shape[-1:], np.float32) if quantized else None
         for layer in range(cfg.num_layers) if stacked else [None]:
             array, desc = fetch(path, layer)
             if tuple(array.shape) != file_shape:
                 raise ShapeMismatchError(f"tensor {desc} has shape {tuple(array.shape)}, expected {file_shape} "
                                          f"(tree leaf {_key(path)}, from the model config)")
             array = array.T if path[-1] == "kernel" else array
-            if stacked:
+            if quantized:
+                out[layer], scale[layer] = quantize_int8(np.asarray(array))
+            elif stacked:
                 out[layer] = array  # assignment casts to dtype
             else:
                 out[...] = array
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = out
+            del array  # releases a memory-mapped source tensor before the next one is read
+        _set(params, path, place(path, out))
+        if quantized:
+            _set(params, path[:-1] + (SCALE_LEAF,), place(path[:-1] + (SCALE_LEAF,), scale))
+        del out, scale  # the host buffer goes once placed (place may keep it: then it IS the stored leaf)
     check_param_tree(params, cfg)
     return params
