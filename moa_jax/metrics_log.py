@@ -65,12 +65,33 @@ class MetricsLogger:
                 self._tb.flush()
         return metrics
 
+    def drop_after(self, step: int) -> int:
+        """Remove metrics.jsonl rows of steps > `step` (atomically); -> how many were removed."""
+        if not self.enabled or not os.path.exists(self.jsonl_path):
+            return 0
+        with open(self.jsonl_path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line if line.endswith("\n") else line + "\n" for line in lines if _step(line) <= step]
+        if len(keep) < len(lines):
+            tmp = self.jsonl_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.jsonl_path)
+        return len(lines) - len(keep)
+
     def start_clock(self) -> None:
         self._last_time = time.perf_counter()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):   # a row cut off by a kill mid-write
+        return float("inf")
 
 
 def read_metrics(path: str) -> list[dict]:
