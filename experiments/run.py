@@ -14,6 +14,16 @@ import logging
 import sys
 
 
+class _Formatter(logging.Formatter):
+    """`12:00:00 moa_jax message`; warnings and errors say so: `12:00:00 moa_jax WARNING: message`."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        if record.levelno < logging.WARNING:
+            return line
+        return line.replace(f" {record.name} ", f" {record.name} {record.levelname}: ", 1)
+
+
 def main(argv=None) -> int:
     from moa_jax.errors import cli_main
     return cli_main(_main, argv)
@@ -32,7 +42,9 @@ def _main(argv=None) -> int:
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter("%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
 
     from moa_jax import distributed

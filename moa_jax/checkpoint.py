@@ -49,7 +49,8 @@ class AdapterNotFoundError(UserError, FileNotFoundError):
     """A directory that should hold adapters (index.json + config.json + .npy files) does not."""
 
 
-def _lookup(cfg: dict, dotted: str):
+def lookup_key(cfg: dict, dotted: str):
+    """cfg['a']['b'] for 'a.b'; None where the path does not exist."""
     node = cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -60,7 +61,7 @@ def _lookup(cfg: dict, dotted: str):
 
 def check_compatible(saved: dict, current: dict, where: str) -> None:
     for key in MUST_MATCH:
-        a, b = _lookup(saved, key), _lookup(current, key)
+        a, b = lookup_key(saved, key), lookup_key(current, key)
         if a is not None and b is not None and _canon(a) != _canon(b):
             raise CheckpointMismatchError(
                 f"{where}: checkpoint has {key}={a!r} but the current config has {key}={b!r}; "

@@ -29,7 +29,7 @@ from typing import Any
 
 import jax
 
-from moa_jax.checkpoint import CheckpointMismatchError, load_adapters
+from moa_jax.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
 from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
                             Variant, parse_variant, replace)
 from moa_jax.data.pipeline import TrainIterator, load_split
@@ -170,7 +170,9 @@ RUN_DIR_KEYS = ("model", "moa.num_experts", "moa.rank", "moa.targets", "moa.rout
 def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
     """A work directory holding checkpoints of another configuration is refused before anything loads."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path) or not glob.glob(os.path.join(workdir, "**", "checkpoints"), recursive=True):
+    stages = [p for pattern in ("*/checkpoints", "variants/*/*/checkpoints")
+              for p in glob.glob(os.path.join(glob.escape(workdir), pattern))]
+    if not os.path.exists(path) or not stages:
         return
     try:
         with open(path) as f:
@@ -179,17 +181,11 @@ def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
         raise ConfigError(f"{path}: unreadable ({e}); use a new --workdir, or delete {workdir}") from None
     current = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
     for key in RUN_DIR_KEYS:
-        a, b = (_lookup(saved, key), _lookup(current, key))
+        a, b = lookup_key(saved, key), lookup_key(current, key)
         if a is not None and a != b:
             raise CheckpointMismatchError(
                 f"{workdir} holds a run with {key}={a!r} ({path}) but this command has {key}={b!r}; use a new "
                 f"--workdir, or --set {key}={','.join(a) if isinstance(a, list) else a} to continue that run")
-
-
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def log_domain_census(text) -> None:
