@@ -31,6 +31,8 @@ class WorkdirError(UserError, OSError):
 
 def check_writable(directory: str, what: str = "--workdir") -> None:
     """Create `directory` if needed and prove a file can be written in it (before any slow work starts)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise WorkdirError(f"{what} {directory}: is a file, not a directory; choose another {what}")
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_"):
@@ -51,3 +53,6 @@ def cli_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
         # the file/field and the fix.
         print("error: " + "\n".join(lines if len(lines) <= 2 else lines[:1]), file=sys.stderr)
         return USER_ERROR_EXIT
+    except BrokenPipeError:   # the reader of our output stopped early (`... | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
