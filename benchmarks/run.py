@@ -3,10 +3,10 @@
   PYTHONPATH=. python -m benchmarks.run --suite cpu --out bench_cpu.json [--md bench_cpu.md] [--rounds N]
       [--only train,inference,decode,scaling_train,scaling_infer,recompile]
 
-A bad --only group or an output path that cannot be written is one `error:` line and exit code 2, before any
-benchmark runs. Suites: smoke (CI-sized), cpu (the target table on cpu-tiny; <= 5 min on 2 idle cores), gpu (gpu-1b bf16 on
+Suites: smoke (CI-sized), cpu (the target table on cpu-tiny; <= 5 min on 2 idle cores), gpu (gpu-1b bf16 on
 one accelerator, MFU vs 989 TFLOP/s), smollm2 (LM-head share of a SmolLM2-shaped step; slow). Writes the JSON
-and a markdown report (default: the JSON path with .md), and prints the target table.
+and a markdown report (default: the JSON path with .md), and prints the target table. An unknown --only group or
+an output path that cannot be written is one `error:` line and exit code 2, before any benchmark runs.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def run_info(workdir: str, stage: str) -> tuple[dict, str, dict]:
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
         raise AdapterNotFoundError(f"{workdir}: not a run directory (no config.json); pass the --workdir of "
-                                f"`python -m experiments.run`")
+                                   f"`python -m experiments.run`")
     with open(cfg_path) as f:
         exp = json.load(f)
     stage_dir = os.path.join(workdir, stage)
@@ -39,9 +39,9 @@ def run_info(workdir: str, stage: str) -> tuple[dict, str, dict]:
         with open(results_path) as f:   # a stage loaded from another run (reuse_from) lives there
             stage_dir = json.load(f).get("stages", {}).get(stage, stage_dir)
     adapters = os.path.join(stage_dir, "adapters")
-    if not os.path.exists(os.path.join(adapters, "config.json")):
-        raise AdapterNotFoundError(f"{workdir}: no adapters for stage {stage!r} at {adapters} (has the run finished "
-                                f"that stage?)")
+    if not all(os.path.exists(os.path.join(adapters, f)) for f in ("config.json", "index.json")):
+        raise AdapterNotFoundError(f"{workdir}: no adapters for stage {stage!r} at {adapters} (has the run "
+                                   f"finished that stage?)")
     with open(os.path.join(adapters, "config.json")) as f:
         return exp, adapters, json.load(f)
 

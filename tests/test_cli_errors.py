@@ -47,6 +47,7 @@ def test_each_cli_reports_a_user_error_in_one_line_with_exit_code_2(tmp_path):
     (run_dir / "stage2" / "adapters" / "config.json").write_text(json.dumps(
         {"moa": dataclasses.asdict(MoAConfig(num_experts=2)), "domains": ["a", "b"],
          "model": {"source": str(tmp_path / "gone.gguf")}}))
+    (run_dir / "stage2" / "adapters" / "index.json").write_text("{}")
     data = bad_jsonl_dir(tmp_path / "data")
     commands = {
         "experiments.run": (["--exp=smoke", f"--workdir={blocker}/run"], ["--workdir", "cannot write there"]),
