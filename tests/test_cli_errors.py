@@ -115,7 +115,7 @@ def test_other_cli_user_errors_in_process(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert_user_error(cli_main(bench._cli, ["--suite", "smoke", "--out", f"{blocker}/b.json"]),
-                      capsys.readouterr().err, f"--out {blocker}: cannot write there")
+                      capsys.readouterr().err, f"--out {blocker}: is a file, not a directory")
     assert_user_error(generate_cli.main(["--workdir", str(tmp_path), "--prompt", "hi"]), capsys.readouterr().err,
                       "not a run directory (no config.json)")
 
