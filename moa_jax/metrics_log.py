@@ -33,9 +33,12 @@ def summarize(acc: dict, count: int, domain_names: Sequence[str]) -> dict[str, f
 
 
 class MetricsLogger:
-    """JSONL (always) + TensorBoard (when tensorboardX is importable) in `directory`; one line per log step."""
+    """JSONL (always) + TensorBoard (when tensorboardX is importable) in `directory`; one line per log step.
 
-    def __init__(self, directory: str, enabled: bool = True):
+    `resume_step`: the step training restarts from. Rows a killed run logged past it are dropped from the JSONL
+    and purged from TensorBoard (they are trained and logged again), so every step appears once."""
+
+    def __init__(self, directory: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.jsonl_path = os.path.join(directory, "metrics.jsonl")
         self._tb = None
@@ -43,9 +46,10 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
+        self.drop_after(resume_step)
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resume_step + 1)
         except ImportError:  # optional dependency: JSONL still has everything
             self._tb = None
 

@@ -130,8 +130,7 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
                       in_shardings=(shards, frozen_shardings, None), out_shardings=(shards, replicated(mesh)),
                       donate_argnums=(0,))
     is_main = jax.process_index() == 0
-    logger = MetricsLogger(workdir, enabled=is_main)
-    logger.drop_after(start)   # rows a killed run logged past its last checkpoint are trained (and logged) again
+    logger = MetricsLogger(workdir, enabled=is_main, resume_step=start)   # drops rows logged past `start`
     history: list[dict] = []
     acc, count = None, 0
     bar = tqdm(total=tcfg.steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)

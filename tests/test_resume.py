@@ -139,3 +139,15 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_p
     assert metric_steps(killed) == [1, 2, 3, 4]
     clean, _ = run_stage(tmp_path / "clean", tcfg, moa, source)
     assert max_abs_diff(resumed, clean) < 1e-6
+
+
+def test_metrics_rows_past_the_resume_step_are_dropped_even_a_torn_one(tmp_path):
+    from moa_jax.metrics_log import MetricsLogger
+    logger = MetricsLogger(str(tmp_path))
+    for step in range(1, 6):
+        logger.log(step, {"loss": float(step)})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')   # a row cut off by a SIGKILL mid-write
+    MetricsLogger(str(tmp_path), resume_step=3).close()
+    assert metric_steps(tmp_path) == [1, 2, 3]
