@@ -1,7 +1,8 @@
 """Command line: `python -m experiments.run --exp=NAME [--workdir=DIR] [--set key=value ...]`.
 
 Logs the resolved config, runs the experiment (resuming from DIR if it holds checkpoints), writes the report
-(results.md, results.json, PNG figures) into DIR and prints its summary.
+(results.md, results.json, PNG figures) into DIR and prints its summary. A user mistake (config, data, model file,
+checkpoint, work directory) is one `error:` line and exit code 2, found before the model loads where it can be.
 Multi-host: pass --coordinator/--num_processes/--process_id (or MOA_* env vars), or --distributed=auto on TPU pods.
 """
 from __future__ import annotations
@@ -13,7 +14,22 @@ import logging
 import sys
 
 
+class _Formatter(logging.Formatter):
+    """`12:00:00 moa_jax message`; warnings and errors say so: `12:00:00 moa_jax WARNING: message`."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        if record.levelno < logging.WARNING:
+            return line
+        return line.replace(f" {record.name} ", f" {record.name} {record.levelname}: ", 1)
+
+
 def main(argv=None) -> int:
+    from moa_jax.errors import cli_main
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
     parser.add_argument("--exp", required=True, help="registered experiment name (see --list)")
     parser.add_argument("--workdir", default=None, help="output directory (default: runs/<exp>)")
@@ -26,7 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--process_id", type=int, default=None)
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter("%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
 
     from moa_jax import distributed
@@ -38,17 +56,12 @@ def main(argv=None) -> int:
     try:
         exp = apply_overrides(get_experiment(args.exp), args.overrides)
         check_runnable(exp)
-    except (KeyError, ConfigError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    except KeyError as e:   # an unknown --exp
+        raise ConfigError(e.args[0]) from None
     workdir = args.workdir or f"runs/{args.exp}"
     logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
                                       json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-    try:
-        results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
-    except ConfigError as e:  # e.g. a mesh that does not divide the batch, found once devices are known
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
     from moa_jax.report import summary
     print(summary(results, workdir))
     return 0

@@ -6,13 +6,21 @@ Restore order for a stage (see train.py): resume from this stage's own checkpoin
 previous stage's final adapters > fresh experts on the frozen base. A checkpoint whose config disagrees with the
 current one on anything that changes the parameter tree (E, rank, targets, base model) is refused, naming the field.
 
+A damaged checkpoint (a file missing, truncated or corrupt: a preempted or disk-full write outside orbax's atomic
+rename) is skipped: restore tries the newest step first, then older ones, logs one WARNING line per broken step
+(which step, what was wrong) and deletes it, so training resumes from the newest intact step and rewrites the rest.
+With no intact checkpoint left, a CheckpointCorruptError (a UserError: exit 2 from the CLIs) says what to do.
+
 Adapter artifacts (`save_adapters` / `load_adapters`): the trainable tree alone plus `config.json` beside it;
 what stage 2 starts from and what export.py turns into PEFT adapters.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -20,16 +28,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from moa_jax.errors import UserError
+
+log = logging.getLogger("moa_jax")
+
 # Config fields that must match between a checkpoint and the run restoring it: "section.field".
 MUST_MATCH = ("model.source", "moa.num_experts", "moa.rank", "moa.targets", "moa.router_type",
               "moa.router_hidden", "model.hidden_size", "model.num_layers", "model.vocab_size")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint was written with a configuration incompatible with the current one."""
 
 
-def _lookup(cfg: dict, dotted: str):
+class CheckpointCorruptError(UserError, ValueError):
+    """No checkpoint of a stage can be read (every step is missing files or corrupt)."""
+
+
+class AdapterNotFoundError(UserError, FileNotFoundError):
+    """A directory that should hold adapters (index.json + config.json + .npy files) does not."""
+
+
+def lookup_key(cfg: dict, dotted: str):
+    """cfg['a']['b'] for 'a.b'; None where the path does not exist."""
     node = cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -40,7 +61,7 @@ def _lookup(cfg: dict, dotted: str):
 
 def check_compatible(saved: dict, current: dict, where: str) -> None:
     for key in MUST_MATCH:
-        a, b = _lookup(saved, key), _lookup(current, key)
+        a, b = lookup_key(saved, key), lookup_key(current, key)
         if a is not None and b is not None and _canon(a) != _canon(b):
             raise CheckpointMismatchError(
                 f"{where}: checkpoint has {key}={a!r} but the current config has {key}={b!r}; "
@@ -68,12 +89,31 @@ class StageCheckpointer:
                                                          meta=ocp.args.JsonSave(meta)))
 
     def restore(self, abstract_state: Any, current_config: dict, step: Optional[int] = None):
-        """-> (state, meta). abstract_state carries the target shardings (ShapeDtypeStruct with .sharding)."""
-        step = self.latest_step() if step is None else step
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        check_compatible(meta.get("config", {}), current_config, f"{self.directory}/{step}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"], meta
+        """-> (state, meta) of `step`, or of the newest intact step when `step` is None (broken newer steps are
+        reported and deleted). abstract_state carries the target shardings (ShapeDtypeStruct with .sharding)."""
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        broken: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                with _quiet_orbax():
+                    meta = self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                    check_compatible(meta.get("config", {}), current_config, f"{self.directory}/{s}")
+                    state = self.manager.restore(
+                        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+            except CheckpointMismatchError:
+                raise   # readable, but from another configuration: not a damaged file
+            except Exception as e:  # orbax/tensorstore raise bare Exception, ValueError, OSError for damaged files
+                _silence_orphaned_reads()
+                broken.append((s, _short_reason(e)))
+                continue
+            for b, reason in broken:
+                log.warning("checkpoint %s/%d is unreadable (%s): deleted it, resuming from step %d",
+                            self.directory, b, reason, s)
+                self.manager.delete(b)
+            return state, meta
+        raise CheckpointCorruptError(
+            f"{self.directory}: no readable checkpoint (" + "; ".join(f"step {b}: {r}" for b, r in broken)
+            + "); delete that directory to train this stage from the start")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -81,6 +121,58 @@ class StageCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _short_reason(e: BaseException) -> str:
+    """The innermost cause's first line (tensorstore's own message), without the multi-page spec dump."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).split("See full TensorStore details")[0].strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs a failed restore at ERROR with the tensorstore spec (hundreds of lines); our one WARNING says it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _orphaned_read_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return text.startswith("Encountered error while reading array index") or text == "Event loop is closed"
+
+
+class _DropOrphanedReads(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] is not None and _orphaned_read_error(record.exc_info[1]))
+
+
+def _silence_orphaned_reads() -> None:
+    """After a failed restore orbax leaves the other arrays' reads pending; when they finish or are collected,
+    asyncio, tensorstore's callbacks and the garbage collector each print their error as a traceback (hundreds of
+    lines for one missing file). Drop exactly those; any other error still prints."""
+    if getattr(sys.unraisablehook, "_moa_quiet", False):
+        return
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable(u):
+        if not _orphaned_read_error(u.exc_value):
+            previous_unraisable(u)
+
+    def excepthook(kind, value, tb):
+        if not _orphaned_read_error(value):
+            previous_except(kind, value, tb)
+
+    unraisable._moa_quiet = True
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    logging.getLogger("asyncio").addFilter(_DropOrphanedReads())
 
 
 def save_adapters(directory: str, trainable: Any, config: dict) -> None:
@@ -107,7 +199,8 @@ def load_adapters(directory: str, current_config: Optional[dict] = None) -> tupl
     """-> (trainable tree of numpy arrays, saved config). Refuses incompatible configs, naming the field."""
     index_path = os.path.join(directory, "index.json")
     if not os.path.exists(index_path):
-        raise FileNotFoundError(f"{directory}: no adapter artifact here (missing index.json)")
+        raise AdapterNotFoundError(f"{directory}: no adapter artifact here (missing index.json); point at the "
+                                   f"adapters/ folder of a finished stage")
     with open(os.path.join(directory, "config.json")) as f:
         saved = json.load(f)
     if current_config is not None:

@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from moa_jax.errors import UserError
+
 # Canonical projection names (Hugging Face / PEFT naming) and the short aliases users may write.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = PROJECTIONS[:4]
@@ -34,7 +36,7 @@ def check_remat(value: str, where: str) -> None:
            f"~O(L*B*T*(4D+3F)) more memory), 'none' keeps every residual, 'auto' = projections on CPU, full elsewhere")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
@@ -211,6 +213,10 @@ class TrainConfig:
         _check(self.grad_accum >= 1, f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
         _check(self.learning_rate > 0, f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.router_lr_mult > 0, f"TrainConfig.router_lr_mult must be > 0, got {self.router_lr_mult}")
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints"):   # step counts: 0 would divide by zero
+            key = "baseline" if self.stage == "mixed_lora" else self.stage   # its ExperimentConfig field
+            _check(getattr(self, name) >= 1, f"TrainConfig.{name} must be >= 1, got "
+                   f"{getattr(self, name)}; e.g. --set {key}.{name}=10")
 
     @property
     def normalization(self) -> str:

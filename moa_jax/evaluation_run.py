@@ -245,7 +245,8 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:
     ev, split = ctx.exp.eval, ctx.data["test"]
     es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets)
     frozen = jax.device_get(ctx.frozen) if jax.process_count() == 1 else ctx.frozen
-    results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {}}
+    results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {},
+               "data": data_counts(ctx.data, dict(zip(ctx.domains, es.per_domain_counts())))}
     memo = ItemMemo()
     for spec in specs:
         if spec.name == "most_common":
@@ -262,6 +263,15 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:
                  entry["mean_accuracy"], _fmt(entry["mean_ppl"]), entry["mean_bleu"], entry["mean_rouge_l"],
                  entry["seconds"], _reuse_note(entry, len(es.rows)))
     return results
+
+
+def data_counts(data: dict, evaluated: dict[str, int]) -> dict:
+    """What the max-length policy did, per split and domain (examples in the source, kept, dropped, truncated),
+    and how many test items each method was evaluated on (at most eval.items_per_domain of the kept ones)."""
+    report = next(iter(data.values())).report
+    return {"max_len": report.max_len, "length_policy": report.policy, "evaluated": evaluated,
+            "splits": {split: {d: {k: r[k] for k in ("total", "kept", "dropped", "truncated")}
+                               for d, r in ts.report.rows.items()} for split, ts in data.items()}}
 
 
 def _reuse_note(entry: dict, n: int) -> str:

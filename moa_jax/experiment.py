@@ -20,6 +20,7 @@ match), so the ablations can start from the main experiment's stage 1 and stage 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -29,10 +30,12 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from moa_jax.checkpoint import load_adapters
-from moa_jax.config import (ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig, Variant,
-                            parse_variant, replace)
+from moa_jax.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
+from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
+                            Variant, parse_variant, replace)
 from moa_jax.data.pipeline import TrainIterator, load_split
+from moa_jax.data.sources import load_text_split
+from moa_jax.errors import check_writable
 from moa_jax.evaluation_run import MethodSpec, evaluate_all
 from moa_jax.evaluation_run import eval_rows, reference_text, score_completion  # noqa: F401  (re-exported)
 from moa_jax.model import MoATransformer
@@ -50,6 +53,12 @@ def tiny_model_config(vocab_size: int) -> ModelConfig:
     """The random tiny Llama used by the smoke experiment (with the embedded tokenizer's vocabulary)."""
     return ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, tie_word_embeddings=True, name="tiny-random")
+
+
+def check_base_model(source: str) -> None:
+    """The cheap part of loading `source` (the path resolves, headers parse): a UserError now, not after minutes."""
+    from moa_jax import loading
+    loading.check_model_source(loading.DEFAULT_MODEL if source == TINY_RANDOM else source)
 
 
 def load_base_model(source: str, dtype: str, quantize: str = "none", place=None):
@@ -161,26 +170,66 @@ def _reuse(other_workdir: str, stage: str, config: dict, cfg: ModelConfig, moa: 
     return trainable
 
 
+# What a work directory's runs must share (config.json keys; checkpoint.MUST_MATCH checks the same per stage).
+RUN_DIR_KEYS = ("model", "moa.num_experts", "moa.rank", "moa.targets", "moa.router_type", "moa.router_hidden",
+                "data.source")
+
+
+def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
+    """A work directory holding checkpoints of another configuration is refused before anything loads."""
+    path = os.path.join(workdir, "config.json")
+    stages = [p for pattern in ("*/checkpoints", "variants/*/*/checkpoints")
+              for p in glob.glob(os.path.join(glob.escape(workdir), pattern))]
+    if not os.path.exists(path) or not stages:
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); use a new --workdir, or delete {workdir}") from None
+    current = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
+    for key in RUN_DIR_KEYS:
+        a, b = lookup_key(saved, key), lookup_key(current, key)
+        if a is not None and a != b:
+            raise CheckpointMismatchError(
+                f"{workdir} holds a run with {key}={a!r} ({path}) but this command has {key}={b!r}; use a new "
+                f"--workdir, or --set {key}={','.join(a) if isinstance(a, list) else a} to continue that run")
+
+
+def log_domain_census(text) -> None:
+    """With line-level JSONL domains: the domain table (name, lines, source files) and typo warnings."""
+    census = text.census
+    if census is not None and census.line_level:
+        log.info("domains of %s (from each line's \"domain\" key):\n%s", text.name, census.table())
+        for warning in census.warnings():
+            log.warning("%s: %s", text.name, warning)
+
+
 def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
-    """Load the base model and the data, build the mesh, place the frozen weights."""
-    os.makedirs(workdir, exist_ok=True)
-    dtype = exp.dtype if exp.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    """Check what is cheap to check (work directory, data files, model file, mesh), then load the base model,
+    tokenise the data, build the mesh and place the frozen weights."""
+    check_writable(workdir)
+    check_run_dir(workdir, exp)
+    texts = {split: load_text_split(exp.data, split) for split in DATA_SPLITS}
+    log_domain_census(texts["train"])
+    domains = tuple(texts["train"].domains)
+    if exp.moa.num_experts != len(domains):
+        raise ConfigError(f"moa.num_experts={exp.moa.num_experts} but the data has {len(domains)} domains "
+                          f"{list(domains)}: MoA trains one expert per domain; --set moa.num_experts={len(domains)}")
     mesh = make_mesh(exp.mesh)
+    check_experts_divisible(mesh, exp.moa.num_experts)
+    check_batch_divisible(mesh, exp.data.batch_size)
+    check_base_model(exp.model)
+    dtype = exp.dtype if exp.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     t0 = time.perf_counter()
     # each base leaf goes onto the mesh as soon as it is read: the host never holds the whole base
     cfg, frozen, tokenizer = load_base_model(exp.model, dtype, exp.quantize, leaf_placer(mesh, exp.mesh.fsdp))
     cfg = replace(cfg, remat=exp.remat, loss_chunk=exp.loss_chunk)
     log.info("base model %s loaded in %.1fs: L=%d D=%d V=%d", exp.model, time.perf_counter() - t0,
              cfg.num_layers, cfg.hidden_size, cfg.vocab_size)
-    data = {split: load_split(exp.data, tokenizer, split) for split in ("train", "validation", "test")}
+    data = {split: load_split(exp.data, tokenizer, split, text) for split, text in texts.items()}
     for split, ts in data.items():
         log.info("%s", ts.report)
-    domains = tuple(data["train"].domains)
-    if exp.moa.num_experts != len(domains):
-        raise ConfigError(f"moa.num_experts={exp.moa.num_experts} but the data has {len(domains)} domains "
-                          f"{list(domains)}: MoA trains one expert per domain; --set moa.num_experts={len(domains)}")
-    check_experts_divisible(mesh, exp.moa.num_experts)
-    check_batch_divisible(mesh, exp.data.batch_size)
     shardings = param_shardings(mesh, frozen, exp.mesh.fsdp)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(exp), f, indent=1, default=str)

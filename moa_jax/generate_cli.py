@@ -9,7 +9,8 @@ experts and routers, RUN/stage2/adapters, or where RUN/results.json says that st
 each prompt exactly as in training (chat template + the run's system prompt, DataConfig.system_prompt), then
 generates: 'router' lets the routers pick one expert per prompt from the prompt (as MoA is used), 'oracle' and
 'forced' use --expert, 'base' turns the adapters off. Prints, per prompt, the expert (id and the domain it was
-trained on) and the answer.
+trained on) and the answer. A user mistake (not a run directory, a missing stage, a bad --expert, a base model that
+is no longer where the run found it) is one `error:` line and exit code 2, found before the model loads.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import os
 import sys
 from typing import Optional
 
+from moa_jax.checkpoint import AdapterNotFoundError
+from moa_jax.errors import UsageError, cli_main
 from moa_jax.generate import API_ROUTINGS
 
 
@@ -26,8 +29,8 @@ def run_info(workdir: str, stage: str) -> tuple[dict, str, dict]:
     """-> (the run's ExperimentConfig as a dict, the stage's adapters directory, the adapters' config)."""
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{workdir}: not a run directory (no config.json); pass the --workdir of "
-                                f"`python -m experiments.run`")
+        raise AdapterNotFoundError(f"{workdir}: not a run directory (no config.json); pass the --workdir of "
+                                   f"`python -m experiments.run`")
     with open(cfg_path) as f:
         exp = json.load(f)
     stage_dir = os.path.join(workdir, stage)
@@ -36,9 +39,9 @@ def run_info(workdir: str, stage: str) -> tuple[dict, str, dict]:
         with open(results_path) as f:   # a stage loaded from another run (reuse_from) lives there
             stage_dir = json.load(f).get("stages", {}).get(stage, stage_dir)
     adapters = os.path.join(stage_dir, "adapters")
-    if not os.path.exists(os.path.join(adapters, "config.json")):
-        raise FileNotFoundError(f"{workdir}: no adapters for stage {stage!r} at {adapters} (has the run finished "
-                                f"that stage?)")
+    if not all(os.path.exists(os.path.join(adapters, f)) for f in ("config.json", "index.json")):
+        raise AdapterNotFoundError(f"{workdir}: no adapters for stage {stage!r} at {adapters} (has the run "
+                                   f"finished that stage?)")
     with open(os.path.join(adapters, "config.json")) as f:
         return exp, adapters, json.load(f)
 
@@ -61,14 +64,18 @@ def expert_id(value: Optional[str], domains: list[str], num_experts: int) -> Opt
     try:
         idx = int(value)
     except ValueError:
-        raise ValueError(f"--expert {value!r}: give an expert id in [0, {num_experts}) or a domain name "
+        raise UsageError(f"--expert {value!r}: give an expert id in [0, {num_experts}) or a domain name "
                          f"{domains}") from None
     if not 0 <= idx < num_experts:
-        raise ValueError(f"--expert {idx}: out of range [0, {num_experts}); domains {domains}")
+        raise UsageError(f"--expert {idx}: out of range [0, {num_experts}); domains {domains}")
     return idx
 
 
 def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moa_jax.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run directory of `python -m experiments.run`")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: one batch)")
@@ -83,16 +90,14 @@ def main(argv=None) -> int:
 
     from moa_jax.api import load_model
     from moa_jax.config import MoAConfig
-    try:
-        exp, adapters, saved = run_info(args.workdir, args.stage)
-        moa = MoAConfig(**saved["moa"])
-        domains = list(saved.get("domains") or [f"expert {i}" for i in range(moa.num_experts)])
-        expert = expert_id(args.expert, domains, moa.num_experts)
-        if args.routing in ("oracle", "forced") and expert is None:
-            raise ValueError(f"--routing {args.routing} needs --expert (an id or one of {domains})")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from moa_jax.experiment import check_base_model
+    exp, adapters, saved = run_info(args.workdir, args.stage)
+    moa = MoAConfig(**saved["moa"])
+    domains = list(saved.get("domains") or [f"expert {i}" for i in range(moa.num_experts)])
+    expert = expert_id(args.expert, domains, moa.num_experts)
+    if args.routing in ("oracle", "forced") and expert is None:
+        raise UsageError(f"--routing {args.routing} needs --expert (an id or one of {domains})")
+    check_base_model(saved["model"]["source"])
     model = load_model(saved["model"]["source"], moa=moa, adapters=adapters,
                        dtype=args.dtype or saved["model"].get("dtype"))
     outs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, routing=args.routing, expert=expert,

@@ -33,9 +33,12 @@ def summarize(acc: dict, count: int, domain_names: Sequence[str]) -> dict[str, f
 
 
 class MetricsLogger:
-    """JSONL (always) + TensorBoard (when tensorboardX is importable) in `directory`; one line per log step."""
+    """JSONL (always) + TensorBoard (when tensorboardX is importable) in `directory`; one line per log step.
 
-    def __init__(self, directory: str, enabled: bool = True):
+    `resume_step`: the step training restarts from. Rows a killed run logged past it are dropped from the JSONL
+    and purged from TensorBoard (they are trained and logged again), so every step appears once."""
+
+    def __init__(self, directory: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.jsonl_path = os.path.join(directory, "metrics.jsonl")
         self._tb = None
@@ -43,9 +46,10 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
+        self.drop_after(resume_step)
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=resume_step + 1)
         except ImportError:  # optional dependency: JSONL still has everything
             self._tb = None
 
@@ -65,12 +69,33 @@ class MetricsLogger:
                 self._tb.flush()
         return metrics
 
+    def drop_after(self, step: int) -> int:
+        """Remove metrics.jsonl rows of steps > `step` (atomically); -> how many were removed."""
+        if not self.enabled or not os.path.exists(self.jsonl_path):
+            return 0
+        with open(self.jsonl_path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line if line.endswith("\n") else line + "\n" for line in lines if _step(line) <= step]
+        if len(keep) < len(lines):
+            tmp = self.jsonl_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.jsonl_path)
+        return len(lines) - len(keep)
+
     def start_clock(self) -> None:
         self._last_time = time.perf_counter()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):   # a row cut off by a kill mid-write
+        return float("inf")
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -2,7 +2,9 @@
 
   results.md    an averages table in the spirit of the paper's Table 2 (accuracy, PPL, BLEU-4, ROUGE-L, routing),
                 where MoA (router) does NOT beat each other method (per domain and metric, computed), per-domain
-                tables of every metric, routing accuracy and the router confusion matrix, the ablation variants
+                tables of every metric, routing accuracy and the router confusion matrix, the ablation variants,
+                and per domain and split the examples the max-length policy dropped or truncated and the number
+                of test items evaluated
   results.json  everything above plus per-item samples and the computed comparisons
   *.png         moa_jax/plots.py: accuracy by method, router confusion, training curves
 and returns the console summary printed at the end of a run. A results dict that lacks a domain for some method is
@@ -129,6 +131,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
         md += ["", "## Ablation variants (each trained from the shared stage 1; reported as `method[NAME]`)", ""]
         md += [f"- `{name}`: " + (", ".join(f"`{s}`" for s in sets) or "the main run's settings")
                for name, sets in results["variants"].items()]
+    md += _data_table(results.get("data"))
     mca = results["methods"].get("most_common", {}).get("answers")
     if mca:
         md += ["", "Most-common-answer baseline (most common TRAIN answer per domain): "
@@ -136,6 +139,41 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
     if figures:
         md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
     return "\n".join(md) + "\n"
+
+
+def _data_table(data: Optional[dict]) -> list[str]:
+    """Per domain and split: kept of total examples (dropped / truncated by the max-length policy); evaluated."""
+    if not data:
+        return []
+    splits = list(data["splits"])
+    lines = ["", "## Data: examples per domain and split", "",
+             f"Examples longer than max_len={data['max_len']} tokens are handled by length_policy="
+             f"`{data['length_policy']}`: `kept of total` per split, with what was dropped or truncated; `evaluated`: "
+             "the test items every method was scored on.", "",
+             _row(["domain"] + splits + ["evaluated"]), _row(["---"] * (len(splits) + 2))]
+    for d, n in data["evaluated"].items():
+        lines.append(_row([d] + [_count_cell(data["splits"][s].get(d)) for s in splits] + [n]))
+    note = _dropped_note(data)
+    return lines + (["", note] if note else [])
+
+
+def _count_cell(r: Optional[dict]) -> str:
+    if r is None:
+        return "-"
+    notes = [f"{r[k]} {k}" for k in ("dropped", "truncated") if r[k]]
+    return f"{r['kept']} of {r['total']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _dropped_note(data: Optional[dict]) -> str:
+    """One line naming the test-split domains that lost or shortened items ('' when none did)."""
+    if not data or "test" not in data["splits"]:
+        return ""
+    test = data["splits"]["test"]
+    hit = {d: r for d, r in test.items() if r["dropped"] or r["truncated"]}
+    if not hit:
+        return ""
+    return ("test split: " + "; ".join(f"{d} {_count_cell(r)}" for d, r in hit.items())
+            + f" (max_len={data['max_len']}, length_policy={data['length_policy']})")
 
 
 def _versus_table(results: dict, comps: list[dict]) -> list[str]:
@@ -180,6 +218,9 @@ def console_summary(results: dict, comps: list[dict], workdir: str, figures: dic
                      f"{_fmt(e['mean_bleu'], '{:7.2f}')} {_fmt(e['mean_rouge_l'], '{:7.2f}')} "
                      f"{_fmt(e.get('mean_routing_accuracy'), '{:8.3f}'):>8}")
     lines += [_in_words(c) for c in comps if c["metric"] == "accuracy"]
+    note = _dropped_note(results.get("data"))
+    if note:
+        lines.append(note)
     lines.append(f"report: {os.path.join(workdir, 'results.md')}")
     lines += [f"figure: {p}" for p in figures.values()]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ Shape glossary: A micro-batches per update, B batch rows, T tokens.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -33,6 +34,7 @@ from moa_jax.sharding import (batch_sharding, check_batch_divisible, check_exper
                               param_logical_axes, param_shardings, replicated)
 from moa_jax.train_step import TrainState, gather_targets, init_state, make_optimizer, train_step
 
+log = logging.getLogger("moa_jax")
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
 
 
@@ -125,16 +127,19 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
         frozen_shardings = param_shardings(mesh, frozen)
     ckpt = StageCheckpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     if ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(abstract, config)
+        state, _ = ckpt.restore(abstract, config)   # the newest intact step (broken newer ones are reported)
+        start = int(jax.device_get(state.step))
+        log.info("resuming %s from step %d of %d (checkpoint %s)", desc, start, tcfg.steps,
+                 os.path.join(ckpt.directory, str(start)))
     else:
         trainable = jax.device_put(trainable, shards.trainable)
         state = jax.jit(functools.partial(init_state, tx=tx, seed=tcfg.seed), out_shardings=shards)(trainable)
-    start = int(jax.device_get(state.step))
+        start = 0
 
     step_fn = jit_train_step(model=model, tcfg=tcfg, tx=tx, num_domains=len(domain_names), mesh=mesh,
                              state_shards=shards, frozen_shardings=frozen_shardings)
     is_main = jax.process_index() == 0
-    logger = MetricsLogger(workdir, enabled=is_main)
+    logger = MetricsLogger(workdir, enabled=is_main, resume_step=start)   # drops rows logged past `start`
     history: list[dict] = []
     acc, count = None, 0
     bar = tqdm(total=tcfg.steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)

@@ -44,6 +44,22 @@ def make_jsonl_dir(root, n_per_domain=(30, 12, 6), long_every=0):
     return str(root)
 
 
+def make_census_dir(root):
+    """Split folders with line-level domains and two typos: train/math.jsonl holds 120 'math' lines and 1 'mth'
+    (< 1% of the 204 lines), train/code.jsonl 60 'code' and 3 'cdoe' (only inside another domain's file), and
+    train/mixed.jsonl 20 'chat' lines (a mixed file: not a typo). validation/ and test/ hold 2 lines per domain."""
+    def rows(domain, n, tag):
+        return [{"domain": domain, "prompt": f"{tag} {domain} question {i}", "response": f"answer {i}"}
+                for i in range(n)]
+    write_jsonl(os.path.join(root, "train", "math.jsonl"), rows("math", 120, "t") + rows("mth", 1, "t"))
+    write_jsonl(os.path.join(root, "train", "code.jsonl"), rows("code", 60, "t") + rows("cdoe", 3, "t"))
+    write_jsonl(os.path.join(root, "train", "mixed.jsonl"), rows("chat", 20, "t"))
+    for split in ("validation", "test"):
+        write_jsonl(os.path.join(root, split, "all.jsonl"),
+                    [r for d in ("math", "mth", "code", "cdoe", "chat") for r in rows(d, 2, split)])
+    return str(root)
+
+
 # A minimal local tfds "catalog" dataset, to test the tfds:NAME source path without TensorFlow or internet.
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402

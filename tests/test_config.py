@@ -56,3 +56,15 @@ def test_soft_dispatch_with_router_evaluation_is_refused_before_training():
         ExperimentConfig(moa=MoAConfig(num_experts=4, dispatch="soft"))
     ok = ExperimentConfig(moa=MoAConfig(num_experts=4, dispatch="soft"), eval=EvalConfig(methods=("base",)))
     assert ok.moa.dispatch == "soft"
+
+
+@pytest.mark.parametrize("assignment", ["stage1.checkpoint_every=0", "stage2.log_every=0", "baseline.log_every=-1",
+                                        "moe_lora.keep_checkpoints=0"])
+def test_every_step_count_must_be_at_least_one(assignment):
+    """0 used to pass and crash mid-stage with ZeroDivisionError; the error names the field and the --set key."""
+    from moa_jax.config import ExperimentConfig
+    from moa_jax.overrides import apply_overrides
+    key = assignment.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"TrainConfig\.{key.split('.')[1]} must be >= 1, got -?\d; e\.g\. "
+                                          rf"--set {key}=10"):
+        apply_overrides(ExperimentConfig(), [assignment])

@@ -12,7 +12,7 @@ from moa_jax.config import ConfigError, DataConfig
 from moa_jax.data import (DOMAIN_NAMES, TASK_SYSTEM_PROMPT, DataError, extract_answer, is_correct, load_split,
                           load_text_split, score, tasks, tokenize_split)
 from moa_jax.data.moa_tasks import moa_tasks_dataset_builder as mtb
-from tests.data_helpers import make_jsonl_dir, tiny_tokenizer, write_jsonl
+from tests.data_helpers import make_census_dir, make_jsonl_dir, tiny_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,39 @@ def test_jsonl_bad_input(tmp_path, lines, match):
     write_jsonl(tmp_path / "x.jsonl", lines)
     with pytest.raises(DataError, match=match):
         load_text_split(DataConfig(source=f"jsonl:{tmp_path}"), "train")
+
+
+def test_jsonl_byte_order_mark_and_cut_off_lines(tmp_path):
+    """A UTF-8 BOM at the start of a file (Windows exports) is accepted; a line cut off at its end is reported as
+    such (not as 'column 1' of the next line), and a mid-line error names its real column."""
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "w.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "p1", "response": "r1"}\r\n'
+                                               b'{"prompt": "p2", "response": "r2"}\r\n')
+    text = load_text_split(DataConfig(source=f"jsonl:{tmp_path / 'bom'}", holdout_fraction=0.0), "train")
+    assert [e["messages"][0]["content"] for e in text.examples["w"]] == ["p1", "p2"]
+    for line, match in (('{"prompt": "a", "response": "b"', r"x\.jsonl:2: malformed JSON: the line ends before the "
+                         r"JSON value is complete \(Expecting ',' delimiter at column 32\)"),
+                        ('{"prompt": "a", "response": "b', r"x\.jsonl:2: malformed JSON: the line ends before"),
+                        ('{"prompt": "a" "response": "b"}', r"x\.jsonl:2: malformed JSON \(Expecting ',' delimiter "
+                         r"at column 16\)")):
+        write_jsonl(tmp_path / "cut" / "x.jsonl", ['{"prompt": "a", "response": "b"}', line])
+        with pytest.raises(DataError, match=match):
+            load_text_split(DataConfig(source=f"jsonl:{tmp_path / 'cut'}"), "train")
+
+
+def test_line_level_domains_get_a_table_and_typo_warnings(tmp_path, capsys):
+    from moa_jax.data import inspect as data_inspect
+    root = make_census_dir(tmp_path / "c")
+    assert data_inspect.main(["--source", f"jsonl:{root}", "--tokenizer", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "domain                    lines  source files\ncdoe                          3  code.jsonl (3)\n" in out
+    assert "chat                         20  mixed.jsonl (20)" in out
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2, warnings   # 'chat' lives in a mixed file, not in another domain's: no warning
+    assert "'cdoe' appears only in ['code.jsonl'], whose lines otherwise belong to domain(s) ['code']" in warnings[0]
+    assert "'mth' has only 1 of 204 lines (< 1%)" in warnings[1]
+    assert load_text_split(DataConfig(source=f"jsonl:{make_jsonl_dir(tmp_path / 'f')}"), "train").census.line_level \
+        is False   # file-stem domains: no table
 
 
 def test_jsonl_non_utf8_empty_dir_unknown_domain(tmp_path):

@@ -126,6 +126,30 @@ def test_report_says_where_moa_loses(tmp_path):
         assert (tmp_path / png).stat().st_size > 5000
 
 
+def test_report_counts_dropped_items_per_domain_and_split(tmp_path):
+    """results.md / results.json say, per domain and split, how many examples the max-length policy dropped or
+    truncated and how many test items were evaluated (counts from the real tokenisation of over-long examples)."""
+    from moa_jax.config import DataConfig
+    from moa_jax.data import load_text_split, tokenize_split
+    from moa_jax.evaluation_run import data_counts
+    from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
+    root = make_jsonl_dir(tmp_path / "d", long_every=5)   # 6 of alpha's 30 examples are over-long
+    text = load_text_split(DataConfig(source=f"jsonl:{root}", holdout_fraction=0.0), "train")
+    data = {split: tokenize_split(text, tiny_tokenizer(), max_len=128, policy="drop") for split in ("train", "test")}
+    results = _results()
+    results["data"] = data_counts(data, {"alpha": 4, "beta": 4, "gamma": 4})
+    summary = report.write_report(results, str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert "## Data: examples per domain and split" in md and "| domain | train | test | evaluated |" in md
+    assert "| alpha | 24 of 30 (6 dropped) | 24 of 30 (6 dropped) | 4 |" in md
+    assert "| beta | 12 of 12 | 12 of 12 | 4 |" in md
+    note = "test split: alpha 24 of 30 (6 dropped) (max_len=128, length_policy=drop)"
+    assert note in md and note in summary
+    saved = json.loads((tmp_path / "results.json").read_text())["data"]
+    assert saved["splits"]["test"]["alpha"] == {"total": 30, "kept": 24, "dropped": 6, "truncated": 0}
+    assert saved["evaluated"] == {"alpha": 4, "beta": 4, "gamma": 4}
+
+
 def test_report_refuses_a_missing_domain(tmp_path):
     results = _results()
     del results["methods"]["single_lora"]["per_domain"]["beta"]

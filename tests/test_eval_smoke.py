@@ -50,7 +50,8 @@ def test_smoke_writes_the_report(smoke):
     for text in ("## Averages over domains", "## Where MoA (moa_router) does not beat another method",
                  "MoA vs single_lora (accuracy):", "MoA vs mixed_lora (accuracy):", "## BLEU-4 per domain",
                  "## ROUGE-L per domain", "## PPL per domain", "### Confusion matrix of `moa_router`",
-                 "- `eta0`: `stage2.eta=0`", "![router confusion](router_confusion.png)"):
+                 "- `eta0`: `stage2.eta=0`", "![router confusion](router_confusion.png)",
+                 "## Data: examples per domain and split", "| chain_sum | 64 of 64 | 16 of 16 | 16 of 16 | 1 |"):
         assert text in md, text
     assert "moa_router[eta0]" in console and "report: " in console and "MoA vs base (accuracy)" in console
 
@@ -72,6 +73,10 @@ def test_smoke_results_are_complete(smoke):
         assert conf.shape == (10, 10) and conf.sum() == 10 and (conf.sum(axis=1) == 1).all()
         assert res["methods"][name]["mean_routing_accuracy"] == pytest.approx(np.trace(conf) / 10)
     assert set(res["methods"]["most_common"]["answers"]) == set(DOMAIN_NAMES)
+    # what the max-length policy did per split and domain, and the test items evaluated (tiny: 16 per split)
+    assert set(res["data"]["splits"]) == {"train", "validation", "test"} and res["data"]["length_policy"] == "drop"
+    assert res["data"]["splits"]["test"]["chain_sum"]["total"] == 16
+    assert res["data"]["evaluated"] == {d: 1 for d in DOMAIN_NAMES}
     # moa_oracle reruns only the items the router sent to another expert (the rest is shared with moa_router)
     routed_right = int(np.trace(np.asarray(res["methods"]["moa_router"]["confusion"])))
     assert res["methods"]["moa_router"]["items_computed"] == 10

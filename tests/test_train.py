@@ -18,7 +18,6 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
 from moa_jax.checkpoint import CheckpointMismatchError, StageCheckpointer, load_adapters, save_adapters
@@ -27,32 +26,9 @@ from moa_jax.model import MoATransformer
 from moa_jax.sharding import check_batch_divisible, check_experts_divisible, make_mesh
 from moa_jax.train import NonFiniteLossError, state_shardings
 from moa_jax.train_step import init_state, make_optimizer, train_step
-from tests.train_helpers import (SyntheticSource, config_dict, flat_np, init_trees, make_train_config, max_abs_diff,
-                                 resume_setup, run_stage, standard_setup, tiny_cfg, tiny_moa)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
-                 "jax_persistent_cache_min_entry_size_bytes": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A fresh persistent compilation cache for this module (also handed to the subprocess workers)."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    old = {k: getattr(jax.config, k) for k in CACHE_OPTIONS}
-    for k, v in {**CACHE_OPTIONS, "jax_compilation_cache_dir": path}.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
-def worker_env(cache_dir, **extra):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT, **extra)
-    return env
+from tests.train_helpers import (ROOT, SyntheticSource, compile_cache, config_dict, finalized_steps,  # noqa: F401
+                                 flat_np, init_trees, make_train_config, max_abs_diff, resume_setup, run_stage,
+                                 standard_setup, tiny_cfg, tiny_moa, worker_env)
 
 
 def restore_latest(workdir, tcfg, moa):
@@ -65,13 +41,6 @@ def restore_latest(workdir, tcfg, moa):
         return ckpt.restore(abstract, config_dict(tiny_cfg(), moa, tcfg))
     finally:
         ckpt.close()
-
-
-def finalized_steps(ckpt_dir):
-    """Checkpoint steps orbax has finished (temporary directories carry a suffix and are not counted)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from typing import Optional
 
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
+from jax.experimental.compilation_cache import compilation_cache
 
 from moa_jax.config import MeshConfig, ModelConfig, MoAConfig, TrainConfig
 from moa_jax.model import MoATransformer
@@ -169,3 +171,36 @@ def randomised_model(cfg, moa, router_scale: float, seed: int = 0):
         scale = 0.5 if k[-1] == "lora_b" else router_scale if "router" in k else 0.3
         flat[k] = (rng.standard_normal(v.shape) * scale).astype(np.float32)
     return merge_params(frozen, traverse_util.unflatten_dict(flat))
+
+
+# ---- subprocess workers and the persistent compilation cache they share with the test module ----
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0.0,
+                 "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A fresh persistent compilation cache for this module (also handed to the subprocess workers)."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    old = {k: getattr(jax.config, k) for k in CACHE_OPTIONS}
+    for k, v in {**CACHE_OPTIONS, "jax_compilation_cache_dir": path}.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+    yield path
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+def worker_env(cache_dir, **extra):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT, **extra)
+    return env
+
+
+def finalized_steps(ckpt_dir):
+    """Checkpoint steps orbax has finished (temporary directories carry a suffix and are not counted)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())

@@ -6,7 +6,9 @@
 
 Tokenizer: "smollm2-135m-instruct" (default: the embedded GGUF), a Hugging Face model directory or hub name, or
 "none" (counts and character lengths only). Rendered examples mark the loss tokens: the prompt as the model sees
-it, then the response between [[ ]] (loss_mask = 1: response + eos).
+it, then the response between [[ ]] (loss_mask = 1: response + eos). JSONL lines that carry their own "domain"
+get a domain table (lines and source files per domain) and a WARNING for a domain that looks like a typo.
+A data, config or tokenizer mistake is one `error:` line and exit code 2.
 Shape glossary: N examples per domain.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from moa_jax.config import DataConfig
 from moa_jax.data.sources import load_text_split
 from moa_jax.data.tokenize import resolve_system_prompt, tokenize_split
+from moa_jax.errors import cli_main
 
 
 def load_tokenizer(name: str):
@@ -43,6 +46,10 @@ def load_tokenizer(name: str):
 
 
 def main(argv=None) -> int:
+    return cli_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moa_jax.data.inspect", description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="moa_tasks", help="moa_tasks | jsonl:DIR | tfds:NAME")
     ap.add_argument("--config", default="default", help="moa_tasks builder config (default|small|tiny)")
@@ -63,6 +70,10 @@ def main(argv=None) -> int:
                      max_len=args.max_len, buckets=tuple(sorted({64, 128, 256, args.max_len})))
     text = load_text_split(cfg, args.split)
     print(f"{text.name}: {sum(text.counts().values())} examples in {len(text.domains)} domains")
+    if text.census is not None and text.census.line_level:
+        print(text.census.table())
+        for warning in text.census.warnings():
+            print(f"WARNING: {warning}")
     tok = load_tokenizer(args.tokenizer)
     if tok is None:
         print(f"{'domain':<24}{'N':>7}{'prompt chars':>14}{'response chars':>16}")

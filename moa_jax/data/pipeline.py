@@ -28,15 +28,15 @@ import grain
 import numpy as np
 
 from moa_jax.config import DataConfig
-from moa_jax.data.sources import load_text_split
+from moa_jax.data.sources import TextSplit, load_text_split
 from moa_jax.data.tasks import DataError
 from moa_jax.data.tokenize import TokenizedSplit, tokenize_split
 
 
-def load_split(cfg: DataConfig, tokenizer, split: str = "train") -> TokenizedSplit:
-    """Reads (building the embedded dataset on first use) and tokenises one split. `.report` holds the
-    length report, which is also logged."""
-    text = load_text_split(cfg, split)
+def load_split(cfg: DataConfig, tokenizer, split: str = "train", text: Optional[TextSplit] = None) -> TokenizedSplit:
+    """Reads (building the embedded dataset on first use; or takes `text`, read earlier) and tokenises one split.
+    `.report` holds the length report, which is also logged."""
+    text = load_text_split(cfg, split) if text is None else text
     return tokenize_split(text, tokenizer, max_len=cfg.max_len, policy=cfg.length_policy,
                           system_prompt=cfg.system_prompt)
 

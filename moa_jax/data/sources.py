@@ -10,7 +10,10 @@ Shape glossary: N examples of one domain in one split.
 
 JSONL layout (docs/data.md): DIR/<split>/*.jsonl, or flat DIR/*.jsonl where each prompt is assigned to
 train/validation/test by a hash of its text (stable, disjoint). Domain = file stem unless a line has "domain".
-Each line: {"prompt": str, "response": str} or {"messages": [{"role", "content"}, ..., assistant last]}.
+Each line: {"prompt": str, "response": str} or {"messages": [{"role", "content"}, ..., assistant last]}; a UTF-8
+byte-order mark at the start of a file (Windows exports) is accepted. With line-level domains a `DomainCensus`
+(domain -> lines per file) backs the domain table that `inspect` and the run log print, and warns about a domain
+that looks like a typo (under 1% of the lines, or found only inside another domain's file).
 """
 from __future__ import annotations
 
@@ -36,9 +39,41 @@ class TextSplit:
     domains: tuple[str, ...]
     examples: dict[str, list[dict]]   # domain -> N examples
     default_system_prompt: Optional[str] = None  # what DataConfig.system_prompt="auto" resolves to
+    census: Optional["DomainCensus"] = None      # JSONL sources: where each domain's lines came from
 
     def counts(self) -> dict[str, int]:
         return {d: len(self.examples[d]) for d in self.domains}
+
+
+@dataclasses.dataclass
+class DomainCensus:
+    """JSONL lines per domain and file of one folder; `line_level`: some line named its domain ("domain" key)."""
+    files: dict[str, dict[str, int]]   # domain -> {file name: lines}
+    line_level: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(sum(f.values()) for f in self.files.values())
+
+    def table(self) -> str:
+        width = max([24] + [len(d) + 2 for d in self.files])
+        rows = [f"{'domain':<{width}}{'lines':>7}  source files"]
+        rows += [f"{d:<{width}}{sum(f.values()):>7}  " + ", ".join(f"{n} ({c})" for n, c in sorted(f.items()))
+                 for d, f in sorted(self.files.items())]
+        return "\n".join(rows)
+
+    def warnings(self) -> list[str]:
+        """Domains that look like a typo in a line's "domain" value (a typo would add an expert)."""
+        out = []
+        for d, files in sorted(self.files.items()):
+            n, stems = sum(files.values()), {f[:-len(".jsonl")] for f in files}
+            if n < 0.01 * self.total:
+                out.append(f"domain {d!r} has only {n} of {self.total} lines (< 1%), in {sorted(files)}: a typo "
+                           f"in a line's \"domain\" value? Each domain trains its own expert")
+            elif d not in stems and stems <= set(self.files):
+                out.append(f"domain {d!r} appears only in {sorted(files)}, whose lines otherwise belong to domain(s) "
+                           f"{sorted(stems)}: a typo in a line's \"domain\" value? Each domain trains its own expert")
+        return out
 
 
 def load_text_split(cfg: DataConfig, split: str) -> TextSplit:
@@ -99,13 +134,13 @@ def _load_jsonl_dir(path: str, split: str, holdout_fraction: float) -> TextSplit
             raise DataError(f"{path}: has split folders {split_dirs} but no {split!r}/ folder")
         # Domain ids must not depend on the split: the universe is every domain of every split folder.
         per_split = {s: _read_jsonl_files(os.path.join(path, s)) for s in split_dirs}
-        universe = sorted(set().union(*per_split.values()))
-        examples = {d: per_split[split].get(d, []) for d in universe}
-        return TextSplit(name, tuple(universe), examples)
-    everything = _read_jsonl_files(path)
+        universe = sorted(set().union(*(exs for exs, _ in per_split.values())))
+        examples = {d: per_split[split][0].get(d, []) for d in universe}
+        return TextSplit(name, tuple(universe), examples, census=per_split[split][1])
+    everything, census = _read_jsonl_files(path)
     # Flat layout: a stable hash of the prompt picks the split, so splits are disjoint and duplicates stay together.
     examples = {d: [e for e in exs if _hash_split(e, holdout_fraction) == split] for d, exs in everything.items()}
-    return TextSplit(name, tuple(sorted(everything)), examples)
+    return TextSplit(name, tuple(sorted(everything)), examples, census=census)
 
 
 def _hash_split(example: dict, holdout_fraction: float) -> str:
@@ -114,11 +149,12 @@ def _hash_split(example: dict, holdout_fraction: float) -> str:
     return "validation" if u < holdout_fraction else "test" if u < 2 * holdout_fraction else "train"
 
 
-def _read_jsonl_files(folder: str) -> dict[str, list[dict]]:
+def _read_jsonl_files(folder: str) -> tuple[dict[str, list[dict]], DomainCensus]:
     files = sorted(f for f in os.listdir(folder) if f.endswith(".jsonl"))
     if not files:
         raise DataError(f"{folder}: no *.jsonl files")
     examples: dict[str, list[dict]] = {}
+    census = DomainCensus({})
     for f in files:
         path = os.path.join(folder, f)
         stem = f[:-len(".jsonl")]
@@ -126,20 +162,32 @@ def _read_jsonl_files(folder: str) -> dict[str, list[dict]]:
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 if not line.strip():
                     continue  # blank lines are allowed
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                obj = _parse_json_line(line, f"{path}:{lineno}")
                 domain, ex = parse_record(obj, where=f"{path}:{lineno}", default_domain=stem)
                 examples.setdefault(domain, []).append(ex)
+                census.files.setdefault(domain, {}).setdefault(f, 0)
+                census.files[domain][f] += 1
+                census.line_level = census.line_level or (isinstance(obj, dict) and "domain" in obj)
         if sum(map(len, examples.values())) == n_before:
             raise DataError(f"{path}: no examples (empty file)")
-    return examples
+    return examples, census
+
+
+def _parse_json_line(line: str, where: str):
+    """json.loads of one line (no line terminator, so columns are the line's own); an error names the column,
+    or says the line stops before the value is complete (a line cut off at its end)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        if e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string"):
+            raise DataError(f"{where}: malformed JSON: the line ends before the JSON value is complete ({e.msg} "
+                            f"at column {e.colno}); is the line cut off?") from None
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
 def parse_record(obj, *, where: str, default_domain: str) -> tuple[str, dict]:

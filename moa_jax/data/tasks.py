@@ -52,13 +52,15 @@ from typing import Any, Iterator, Mapping
 
 import reasoning_gym
 
+from moa_jax.errors import UserError
+
 # Short system message used with the embedded tasks: it replaces SmolLM2's ~17-token default system prompt
 # ("You are a helpful AI assistant named SmolLM, trained by Hugging Face") and asks for the bare answer format
 # the verifiers expect.
 TASK_SYSTEM_PROMPT = "Reply with only the final answer."
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data or a bad data request; the message names the file/line, domain or field."""
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Optional
 
 from moa_jax.config import ModelConfig
-from moa_jax.loading.gguf import load_gguf, unpermute_qk
-from moa_jax.loading.hf import load_hf_checkpoint, load_hf_config
-from moa_jax.loading.resolve import (DEFAULT_MODEL, GGUF, CheckpointError, MissingTensorError,
+from moa_jax.loading.gguf import load_gguf, open_gguf, unpermute_qk
+from moa_jax.loading.hf import _weight_files, load_hf_checkpoint, load_hf_config
+from moa_jax.loading.resolve import (DEFAULT_MODEL, GGUF, CheckpointError, MissingTensorError, ModelSourceError,
                                      ShapeMismatchError, resolve_source)
 from moa_jax.loading.tokenizer import load_tokenizer
 from moa_jax.loading.tree import Place, build_param_tree, check_param_tree, expected_shapes, numpy_dtype
@@ -29,6 +29,23 @@ def load_checkpoint(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32"
     return loader(path, param_dtype=param_dtype, quantize=quantize, place=place)
 
 
-__all__ = ["DEFAULT_MODEL", "CheckpointError", "MissingTensorError", "ShapeMismatchError", "build_param_tree",
-           "check_param_tree", "expected_shapes", "load_gguf", "load_hf_checkpoint", "load_hf_config",
+def check_model_source(source: str) -> None:
+    """Cheap checks that `source` will load, run before anything slow: the name or path resolves, a GGUF header
+    parses (the parse is cached for the real load), an HF directory's config.json parses and its weight files
+    exist. Raises ModelSourceError / CheckpointError (UserErrors) naming the file."""
+    kind, path = resolve_source(source)
+    try:
+        if kind == GGUF:
+            open_gguf(path)
+        else:
+            load_hf_config(path)
+            _weight_files(path)
+    except FileNotFoundError as e:
+        if isinstance(e, ModelSourceError):
+            raise
+        raise ModelSourceError(str(e)) from None
+
+
+__all__ = ["DEFAULT_MODEL", "CheckpointError", "MissingTensorError", "ModelSourceError", "ShapeMismatchError",
+           "build_param_tree", "check_model_source", "check_param_tree", "expected_shapes", "load_gguf", "load_hf_checkpoint", "load_hf_config",
            "load_checkpoint", "load_tokenizer", "numpy_dtype", "resolve_source", "unpermute_qk"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from moa_jax.errors import UserError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # name -> (python package that ships the file, file name inside that package)
@@ -29,7 +31,11 @@ def hub_id(source: str) -> str:
     return HUB_IDS.get(source, source)
 
 
-class CheckpointError(ValueError):
+class ModelSourceError(UserError, FileNotFoundError):
+    """The model name or path does not lead to a model (unknown name, missing file, package not installed)."""
+
+
+class CheckpointError(UserError, ValueError):
     """A model file exists but its contents are unusable (truncated, corrupt, inconsistent)."""
 
 
@@ -47,14 +53,14 @@ def _embedded_path(name: str) -> str:
     # we do not install). For a regular package it returns the spec even though importing it would fail.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelSourceError(
             f"model {name!r} is shipped in the Python package {package!r}, which is not installed; "
             f"install it with: {_INSTALL_HINT[package]}")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, filename)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"model {name!r}: package {package!r} is installed at "
+    raise ModelSourceError(f"model {name!r}: package {package!r} is installed at "
                             f"{list(spec.submodule_search_locations)} but has no file {filename!r}")
 
 
@@ -69,15 +75,15 @@ def resolve_source(source: str) -> tuple[str, str]:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return HF, path
-        raise FileNotFoundError(f"{path} is a directory but has no config.json: expected a Hugging Face "
+        raise ModelSourceError(f"{path} is a directory but has no config.json: expected a Hugging Face "
                                 f"checkpoint directory (config.json + model.safetensors or a sharded index)")
     if path.endswith(".gguf"):
         if os.path.isfile(path):
             return GGUF, path
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
+        raise ModelSourceError(f"GGUF file {path} does not exist")
     if os.path.exists(path):
-        raise ValueError(f"{path} is neither a .gguf file nor a directory with config.json "
+        raise CheckpointError(f"{path} is neither a .gguf file nor a directory with config.json "
                          f"(a Hugging Face checkpoint); cannot tell how to load it")
-    raise FileNotFoundError(f"model {source!r} is not a known model name (known: {sorted(_EMBEDDED)}) and no file "
+    raise ModelSourceError(f"model {source!r} is not a known model name (known: {sorted(_EMBEDDED)}) and no file "
                             f"or directory {path} exists; expected a .gguf file or a Hugging Face checkpoint "
                             f"directory containing config.json")
