@@ -205,3 +205,36 @@ def read_peft_experts(adapter_dirs: Sequence[str], cfg: ModelConfig, *, names: O
     moa = experts_moa(adapters, moa)
     return PeftExperts(moa, names, stack_experts(adapters, cfg, moa),
                        str(adapters[0].config.get("base_model_name_or_path") or ""))
+
+
+def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """["DIR", "name=DIR", ...] -> [(name, DIR)] (name: the directory's base name unless given); checks that each
+    directory holds an adapter, so a typo fails before any model is loaded."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        path = os.path.expanduser(path)
+        for required in (CONFIG_FILE, WEIGHTS_FILE):
+            if not os.path.isfile(os.path.join(path, required)):
+                raise PeftImportError(f"init_from_peft: {os.path.join(path, required)} not found (each entry is a "
+                                      f"PEFT adapter directory, optionally as domain=DIR)")
+        out.append((name.strip(), path))
+    return out
+
+
+def experts_for_domains(specs: Sequence[str], domains: Sequence[str], cfg: ModelConfig,
+                        moa: MoAConfig) -> dict:
+    """The adapters named by `specs`, one per domain, stacked in the domains' order (expert e = domains[e]) for the
+    experiment's MoAConfig -> the lora_a / lora_b leaves (see stack_experts). Names map adapters to domains."""
+    named = dict(parse_adapter_specs(specs))
+    if len(named) != len(specs):
+        raise PeftImportError(f"init_from_peft: two adapters have the same name ({list(named)}); name them "
+                              f"explicitly as domain=DIR")
+    missing, unknown = [d for d in domains if d not in named], [n for n in named if n not in domains]
+    if missing or unknown:
+        raise PeftImportError(f"init_from_peft: adapters are matched to domains by name; domains without an "
+                              f"adapter: {missing}, adapters naming no domain: {unknown} (domains: {list(domains)}; "
+                              f"write domain=DIR to name one)")
+    return read_peft_experts([named[d] for d in domains], cfg, names=domains, moa=moa).lora
