@@ -19,10 +19,12 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from moa_jax.config import ModelConfig, MoAConfig, replace
 from moa_jax.generate import expert_indices, generate_tokens, left_pad, model_routing, route_from_prompt
 from moa_jax.model import MoATransformer
+from moa_jax.peft_import import read_peft_experts
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
 from moa_jax.quantize import check_quantize
 
@@ -54,6 +56,20 @@ class MoAModel:
     params: dict
     tokenizer: Any = None
     source: str = ""
+    domains: tuple = ()  # expert names (domain e <-> expert e), when known
+
+    # ---- export ---------------------------------------------------------------------------------------------
+    def export_merged(self, expert, out_dir: str, *, dtype: Optional[str] = None) -> str:
+        """Base + one expert (index or domain name) merged into a transformers-loadable checkpoint directory."""
+        from moa_jax.export import export_merged
+        if self.moa is None:
+            raise ValueError("export_merged(): this model has no experts (loaded with moa=None)")
+        if isinstance(expert, str):
+            if expert not in self.domains:
+                raise ValueError(f"export_merged(): no expert named {expert!r}; experts: {list(self.domains)}")
+            expert = self.domains.index(expert)
+        return export_merged(self.params, self.config, self.moa, int(expert), out_dir, base_source=self.source,
+                             tokenizer=self.tokenizer, dtype=dtype)
 
     # ---- forward --------------------------------------------------------------------------------------------
     def logits(self, token_ids, *, attention_mask=None, prompt_mask=None, routing: str = "router",
@@ -135,19 +151,25 @@ def _forward_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
     return forward
 
 
-def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig] = None,
-               dtype: Optional[str] = None, param_dtype: Optional[str] = None, adapters: Optional[str] = None,
-               seed: int = 0, quantize: Optional[str] = None) -> MoAModel:
-    """Load a base model (+ fresh or trained MoA experts). dtype: compute dtype (default float32 on CPU,
-    bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype); quantize="int8":
-    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/quantize.py)."""
+def _load_frozen(source: str, dtype: Optional[str], param_dtype: Optional[str], quantize: Optional[str]):
+    """-> (ModelConfig with the compute/storage dtypes, frozen params on device, tokenizer). dtype defaults to
+    float32 on CPU and bfloat16 on accelerators; param_dtype to dtype; quantize: None/"none" or "int8"."""
     quantize = check_quantize(quantize)
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     # each leaf goes to the device as soon as it is built, so the host holds at most one leaf of the base
     cfg, frozen, tokenizer = load_base(source, param_dtype=param_dtype or dtype, quantize=quantize,
                                        place=lambda path, leaf: jax.block_until_ready(jnp.asarray(leaf)))
-    cfg = replace(cfg, dtype=dtype, param_dtype=param_dtype or dtype)
+    return replace(cfg, dtype=dtype, param_dtype=param_dtype or dtype), frozen, tokenizer
+
+
+def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig] = None,
+               dtype: Optional[str] = None, param_dtype: Optional[str] = None, adapters: Optional[str] = None,
+               seed: int = 0, quantize: Optional[str] = None) -> MoAModel:
+    """Load a base model (+ fresh or trained MoA experts). dtype: compute dtype (default float32 on CPU,
+    bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype); quantize="int8":
+    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/quantize.py)."""
+    cfg, frozen, tokenizer = _load_frozen(source, dtype, param_dtype, quantize)
     if moa is None:
         return MoAModel(cfg, None, frozen, tokenizer, source)
     if adapters is not None:
@@ -157,4 +179,19 @@ def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig
     else:
         trainable = init_trainable(cfg, moa, jax.random.PRNGKey(seed))
     return MoAModel(cfg, moa, merge_params(frozen, jax.tree_util.tree_map(jnp.asarray, trainable)), tokenizer, source)
+
+
+def from_peft(source: str, adapter_dirs: Sequence[str], *, names: Optional[Sequence[str]] = None,
+              moa: Optional[MoAConfig] = None, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
+              seed: int = 0, quantize: Optional[str] = None) -> MoAModel:
+    """An MoA model whose experts are existing PEFT LoRA adapters (expert e = adapter_dirs[e], named by `names`
+    or each directory's base name) on the base model `source`; the routers start fresh (train them with
+    stage 2, e.g. `--set stage1.init_from_peft=DIR,DIR`). Rank/scale handling: moa_jax/peft_import.py.
+    quantize="int8": the base as in load_model (QLoRA-style: int8 base, full-precision experts)."""
+    cfg, frozen, tokenizer = _load_frozen(source, dtype, param_dtype, quantize)
+    experts = read_peft_experts(adapter_dirs, cfg, names=names, moa=moa)
+    trainable = traverse_util.flatten_dict(jax.device_get(init_trainable(cfg, experts.moa, jax.random.PRNGKey(seed))))
+    trainable.update(experts.lora)
+    params = merge_params(frozen, jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(trainable)))
+    return MoAModel(cfg, experts.moa, params, tokenizer, source, domains=experts.names)
 

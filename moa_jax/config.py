@@ -196,6 +196,8 @@ class TrainConfig:
     train_routing: str = "label"    # stage 2 forward: label (teacher forcing) | router argmax | soft mixture
     loss_normalization: str = ""    # "token" (mean over all tokens) | "domain" (sum of per-domain means);
                                     # "" = "domain" for stage1 (N independent trainings), else "token"
+    init_from_peft: tuple = ()     # stage 1 only: PEFT LoRA adapter dirs ("DIR" or "domain=DIR") used as the
+                                    # stage-1 experts instead of training them (matched to the domains by name)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
@@ -209,6 +211,9 @@ class TrainConfig:
                f"TrainConfig.expert_init={self.expert_init!r} not in ('stage1', 'random')")
         _check(self.loss_normalization in ("", "token", "domain"),
                f"TrainConfig.loss_normalization={self.loss_normalization!r} not in ('token', 'domain')")
+        object.__setattr__(self, "init_from_peft", tuple(self.init_from_peft))
+        _check(not self.init_from_peft or self.stage == "stage1",
+               f"TrainConfig.init_from_peft is a stage-1 option (stage {self.stage!r}): set stage1.init_from_peft")
         _check(self.steps >= 0, f"TrainConfig.steps must be >= 0, got {self.steps}")
         _check(self.grad_accum >= 1, f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
         _check(self.learning_rate > 0, f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")

@@ -40,6 +40,7 @@ from moa_jax.evaluation_run import MethodSpec, evaluate_all
 from moa_jax.evaluation_run import eval_rows, reference_text, score_completion  # noqa: F401  (re-exported)
 from moa_jax.model import MoATransformer
 from moa_jax.params import check_tree, init_params, init_trainable, param_shapes, split_params
+from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
 from moa_jax.quantize import quantize_frozen
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
                               param_shardings)
@@ -241,7 +242,7 @@ def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[
     exp, moa = ctx.exp, ctx.exp.moa
     methods = set(exp.eval.methods)
     src1 = ctx.source(0, exp.stage1.grad_accum)
-    stage1, _ = ctx.train("stage1", moa, exp.stage1, init_trainable(ctx.cfg, moa, _key(exp)), src1, progress)
+    stage1 = stage1_experts(ctx, src1, progress)
     out: dict[str, tuple[MoAConfig, Any]] = {"single_lora": (moa, stage1)}
     out["moa"] = train_stage2(ctx, exp, stage1, progress)
     if "mixed_lora" in methods:
@@ -258,6 +259,19 @@ def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[
     if "moe_lora" in methods:
         out["moe_lora"] = train_moe_lora(ctx, exp, stage1, progress)
     return out
+
+
+def stage1_experts(ctx: ExperimentContext, source, progress: bool):
+    """Stage 1: trained here, or the PEFT adapters of stage1.init_from_peft (routers stay fresh)."""
+    exp = ctx.exp
+    init = init_trainable(ctx.cfg, exp.moa, _key(exp))
+    if not exp.stage1.init_from_peft:
+        return ctx.train("stage1", exp.moa, exp.stage1, init, source, progress)[0]
+    flat = traverse_util.flatten_dict(jax.device_get(init))
+    flat.update(experts_for_domains(exp.stage1.init_from_peft, ctx.domains, ctx.cfg, exp.moa))
+    log.info("== stage1: %d experts imported from PEFT adapters (not trained): %s", exp.moa.num_experts,
+             ", ".join(exp.stage1.init_from_peft))
+    return traverse_util.unflatten_dict(flat)
 
 
 def _key(exp: ExperimentConfig) -> jax.Array:
@@ -336,6 +350,7 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
     from moa_jax.report import write_report
     t0 = time.perf_counter()
     plans = plan_variants(exp)   # a bad variant fails now, not after hours of training
+    parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory
     ctx = prepare(exp, workdir)
     trained = train_all(ctx, progress)
     specs = [MethodSpec(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)

@@ -1,8 +1,11 @@
-"""Ship trained experts: each expert as a Hugging Face PEFT LoRA adapter, plus a router sidecar.
+"""Ship trained experts: each expert as a Hugging Face PEFT LoRA adapter plus a router sidecar, or one expert
+merged into the base weights as a plain transformers checkpoint.
 
     export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...")
       out_dir/<name>/adapter_config.json + adapter_model.safetensors     (one PEFT adapter per expert)
       out_dir/router.safetensors + router.json                           (router weights [L, D, E], names, policy)
+    export_merged(params, model_cfg, moa, expert, out_dir, base_source=..., tokenizer=...)
+      out_dir/config.json + model.safetensors (or shards + index) + tokenizer files   (W + scale * A[e] B[e])
 
 A server then loads the base model once, every expert with `PeftModel.load_adapter(dir, adapter_name=name)`, and
 routes each request with the router sidecar (or uses `adapter_names=` for mixed batches). Tensors are converted
@@ -21,7 +24,9 @@ import numpy as np
 from flax import traverse_util
 
 from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
-from moa_jax.loading.resolve import hub_id
+from moa_jax.loading.hf import hf_key
+from moa_jax.loading.resolve import HF, hub_id, resolve_source
+from moa_jax.loading.tree import expected_shapes, numpy_dtype
 
 _MODULE_PREFIX = {p: "self_attn" for p in ATTENTION_PROJECTIONS} | {"gate_proj": "mlp", "up_proj": "mlp",
                                                                       "down_proj": "mlp"}
@@ -77,3 +82,137 @@ def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
                    "pooling": "mean of each layer's input RMSNorm output over prompt tokens",
                    "tensors": {k: list(v.shape) for k, v in router.items()}}, f, indent=1)
     return dirs
+
+
+# ---- merged export: base + one expert as a plain transformers checkpoint ------------------------------------------
+SHARD_BYTES = 2 << 30   # tensors per safetensors shard; also bounds the host memory the export needs
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def hf_config_dict(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
+    """A transformers config.json for a ModelConfig (used when the base came from a GGUF file or was built here)."""
+    model_type = cfg.name if cfg.name in ("llama", "mistral", "qwen2") else "llama"
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope = {"rope_theta": cfg.rope_theta, "rope_type": rs.rope_type, "factor": rs.factor}
+        if rs.rope_type == "llama3":
+            rope.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                        original_max_position_embeddings=rs.original_max_position_embeddings)
+    out = {"architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                              "qwen2": "Qwen2ForCausalLM"}[model_type]],
+           "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+           "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+           "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+           "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+           "rope_parameters": rope, "rope_theta": cfg.rope_theta, "dtype": dtype}
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if cfg.sliding_window is not None:
+        out.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
+    if tokenizer is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                out[name] = int(getattr(tokenizer, name))
+    return out
+
+
+def _write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str) -> None:
+    """The safetensors format written directly: safetensors' numpy writer has no bfloat16."""
+    header, offset = {}, 0
+    for key, array in tensors.items():
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(array.shape),
+                       "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)   # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def merged_plan(cfg: ModelConfig) -> list[tuple[tuple, Optional[int], str, tuple]]:
+    """Every tensor of the merged checkpoint in write order: (tree path, layer or None, HF key, HF shape)."""
+    plan = []
+    for path, shape in expected_shapes(cfg).items():
+        stacked = path[0] == "layers"
+        leaf_shape = shape[1:] if stacked else shape
+        hf_shape = leaf_shape[::-1] if path[-1] == "kernel" else leaf_shape   # torch Linear: [Dout, Din]
+        for layer in range(cfg.num_layers) if stacked else [None]:
+            plan.append((path, layer, hf_key(path, layer), tuple(hf_shape)))
+    return plan
+
+
+def merged_tensor(flat: dict, moa: MoAConfig, expert: int, path: tuple, layer: Optional[int]) -> np.ndarray:
+    """One tensor of base + scale * A[expert] B[expert], float32, in the Hugging Face layout."""
+    w = np.asarray(flat[path] if layer is None else flat[path][layer], np.float32)
+    if path[-1] != "kernel":
+        return w
+    if path[0] == "layers" and path[2] in moa.targets:
+        a = np.asarray(flat[path[:-1] + ("lora_a",)][layer, expert], np.float32)    # (Din, R)
+        b = np.asarray(flat[path[:-1] + ("lora_b",)][layer, expert], np.float32)    # (R, Dout)
+        w = w + np.float32(moa.scale) * (a @ b)                                      # (Din, Dout)
+    return w.T
+
+
+def _shard_plan(plan, itemsize: int) -> list[list]:
+    """Consecutive groups of plan entries of at most SHARD_BYTES each (a bigger tensor gets a shard of its own)."""
+    shards, size = [[]], 0
+    for entry in plan:
+        nbytes = int(np.prod(entry[3])) * itemsize
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def export_merged(params: dict, cfg: ModelConfig, moa: MoAConfig, expert: int, out_dir: str, *,
+                  base_source: str = "", tokenizer=None, dtype: Optional[str] = None) -> str:
+    """Write base + expert `expert` merged into a transformers-loadable checkpoint (config.json, safetensors
+    shards of at most SHARD_BYTES with an index when there are several, tokenizer files): a single-domain
+    deployment at the cost of the base model. One shard is held in host memory at a time. A Hugging Face
+    `base_source` directory's config.json is kept (its dtype set to the written one); otherwise (GGUF, built
+    models) config.json is written from the ModelConfig. dtype: of the written weights (default: the base's).
+    -> out_dir."""
+    dtype = dtype or cfg.param_dtype
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"dtype={dtype!r} not in {list(_ST_DTYPES)}")
+    if not 0 <= expert < moa.num_experts:
+        raise ValueError(f"expert {expert} not in [0, {moa.num_experts})")
+    np_dtype = numpy_dtype(dtype)
+    flat = traverse_util.flatten_dict(params)
+    shards = _shard_plan(merged_plan(cfg), np_dtype.itemsize)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    os.makedirs(out_dir, exist_ok=True)
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors = {key: merged_tensor(flat, moa, expert, path, layer).astype(np_dtype)
+                   for path, layer, key, _ in shard}
+        _write_safetensors(os.path.join(out_dir, name), tensors, dtype)
+        weight_map.update({key: name for key in tensors})
+        total += sum(a.nbytes for a in tensors.values())
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    hf_config = None
+    if base_source:
+        try:
+            kind, path = resolve_source(base_source)
+        except (FileNotFoundError, ValueError):
+            kind = None
+        if kind == HF:
+            with open(os.path.join(path, "config.json")) as f:
+                hf_config = json.load(f)
+            hf_config.pop("torch_dtype", None)
+            hf_config["dtype"] = dtype
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config or hf_config_dict(cfg, tokenizer, dtype), f, indent=1)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -144,3 +144,38 @@ def test_reuse_from_takes_matching_stages_and_refuses_a_different_stage1(smoke):
     stage2 = json.load(open(os.path.join(workdir, "stage2", "adapters", "config.json")))
     stage2["train"]["eta"] = 5.0
     assert _reuse(workdir, "stage2", stage2, cfg, moa) is None       # differs: trained, not reused
+
+
+def test_stage1_from_peft_adapters_skips_stage1_and_matches_its_experts(smoke, tmp_path):
+    """stage1.init_from_peft: the smoke run's stage-1 experts, exported as PEFT adapters and imported by domain
+    name (given in reverse order), evaluate exactly as the trained stage 1 did (single_lora); stage 1 is not
+    trained and stage 2 trains the fresh routers."""
+    import contextlib
+    import io
+
+    from experiments import run
+    from moa_jax.checkpoint import load_adapters
+    from moa_jax.config import MoAConfig
+    from moa_jax.export import export_peft
+    from moa_jax.peft_import import PeftImportError, experts_for_domains
+    workdir, _ = smoke
+    trainable, saved = load_adapters(os.path.join(workdir, "stage1", "adapters"))
+    moa = MoAConfig(**saved["moa"])
+    from moa_jax.config import ModelConfig
+    cfg = ModelConfig(**{k: v for k, v in saved["model"].items() if k != "source"})
+    dirs = export_peft(trainable, cfg, moa, str(tmp_path / "peft"), expert_names=list(DOMAIN_NAMES))
+    specs = ",".join(f"{d}={p}" for d, p in reversed(list(zip(DOMAIN_NAMES, dirs))))
+    out_dir = str(tmp_path / "run")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = run.main(["--exp=smoke", f"--workdir={out_dir}", "--no_progress", "--set", "eval.items_per_domain=1",
+                       "--set", f"stage1.init_from_peft={specs}", "--set", "eval.methods=single_lora,moa_router",
+                       "--set", "stage2.steps=1"])
+    assert rc == 0
+    assert not os.path.exists(os.path.join(out_dir, "stage1"))
+    assert os.path.isdir(os.path.join(out_dir, "stage2", "adapters"))
+    ours = json.load(open(os.path.join(out_dir, "results.json")))["methods"]["single_lora"]["per_domain"]
+    trained = json.load(open(os.path.join(workdir, "results.json")))["methods"]["single_lora"]["per_domain"]
+    for d in DOMAIN_NAMES:
+        assert ours[d]["ppl"] == pytest.approx(trained[d]["ppl"], rel=1e-5), d
+    with pytest.raises(PeftImportError, match=r"domains without an adapter: \['chain_sum'\]"):
+        experts_for_domains([f"{d}={p}" for d, p in zip(DOMAIN_NAMES[1:], dirs[1:])], DOMAIN_NAMES, cfg, moa)

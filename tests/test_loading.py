@@ -21,7 +21,7 @@ from moa_jax.config import ConfigError, RopeScaling
 from moa_jax.loading import (DEFAULT_MODEL, CheckpointError, MissingTensorError, ShapeMismatchError,
                              check_param_tree, load_gguf, load_hf_checkpoint, load_hf_config, load_checkpoint,
                              load_tokenizer, resolve_source)
-from moa_jax.loading.hf import _hf_key
+from moa_jax.loading.hf import hf_key
 from moa_jax.loading.tree import expected_shapes
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -44,7 +44,7 @@ def _assert_matches_state_dict(params, cfg, state_dict, atol=0.0):
         for k in path:
             leaf = leaf[k]
         layers = range(cfg.num_layers) if path[0] == "layers" else [None]
-        refs = [state_dict[_hf_key(path, layer)] for layer in layers]
+        refs = [state_dict[hf_key(path, layer)] for layer in layers]
         ref = np.stack([r.T if path[-1] == "kernel" else r for r in refs])
         got = np.asarray(leaf, np.float32).reshape(ref.shape)
         err = float(np.max(np.abs(got - ref)))

@@ -169,7 +169,7 @@ class _SafetensorsReader:
         return array, f"{key!r} in {file}"
 
 
-def _hf_key(path: tuple[str, ...], layer: Optional[int]) -> str:
+def hf_key(path: tuple[str, ...], layer: Optional[int]) -> str:
     """Tree leaf path -> Hugging Face state-dict key."""
     if path[0] == "embed":
         return "model.embed_tokens.weight"
@@ -198,7 +198,7 @@ def load_hf_checkpoint(path: str, *, param_dtype: str = "float32", quantize: str
     used = set()
 
     def fetch(leaf, layer):
-        key = _hf_key(leaf, layer)
+        key = hf_key(leaf, layer)
         used.add(key)
         return reader.get(key)
 
