@@ -16,6 +16,7 @@ Shape glossary: L layers, E experts, D width, Din/Dout projection widths, R rank
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Optional, Sequence
@@ -27,6 +28,7 @@ from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
 from moa_jax.loading.hf import hf_key
 from moa_jax.loading.resolve import HF, hub_id, resolve_source
 from moa_jax.loading.tree import expected_shapes, numpy_dtype
+from moa_jax.quantize import SCALE_LEAF, dequantize
 
 _MODULE_PREFIX = {p: "self_attn" for p in ATTENTION_PROJECTIONS} | {"gate_proj": "mlp", "up_proj": "mlp",
                                                                       "down_proj": "mlp"}
@@ -137,7 +139,7 @@ def _write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str) ->
 def merged_plan(cfg: ModelConfig) -> list[tuple[tuple, Optional[int], str, tuple]]:
     """Every tensor of the merged checkpoint in write order: (tree path, layer or None, HF key, HF shape)."""
     plan = []
-    for path, shape in expected_shapes(cfg).items():
+    for path, shape in expected_shapes(dataclasses.replace(cfg, quantize="none")).items():
         stacked = path[0] == "layers"
         leaf_shape = shape[1:] if stacked else shape
         hf_shape = leaf_shape[::-1] if path[-1] == "kernel" else leaf_shape   # torch Linear: [Dout, Din]
@@ -151,6 +153,9 @@ def merged_tensor(flat: dict, moa: MoAConfig, expert: int, path: tuple, layer: O
     w = np.asarray(flat[path] if layer is None else flat[path][layer], np.float32)
     if path[-1] != "kernel":
         return w
+    scale = flat.get(path[:-1] + (SCALE_LEAF,))
+    if scale is not None:   # an int8 base: the merged checkpoint holds its dequantised values
+        w = dequantize(w, np.asarray(scale[layer], np.float32), np.float32)
     if path[0] == "layers" and path[2] in moa.targets:
         a = np.asarray(flat[path[:-1] + ("lora_a",)][layer, expert], np.float32)    # (Din, R)
         b = np.asarray(flat[path[:-1] + ("lora_b",)][layer, expert], np.float32)    # (R, Dout)
@@ -177,9 +182,9 @@ def export_merged(params: dict, cfg: ModelConfig, moa: MoAConfig, expert: int, o
     shards of at most SHARD_BYTES with an index when there are several, tokenizer files): a single-domain
     deployment at the cost of the base model. One shard is held in host memory at a time. A Hugging Face
     `base_source` directory's config.json is kept (its dtype set to the written one); otherwise (GGUF, built
-    models) config.json is written from the ModelConfig. dtype: of the written weights (default: the base's).
-    -> out_dir."""
-    dtype = dtype or cfg.param_dtype
+    models) config.json is written from the ModelConfig. dtype: of the written weights (default: the base's;
+    an int8 base is written dequantised, in float32 unless dtype says otherwise). -> out_dir."""
+    dtype = dtype or (cfg.param_dtype if cfg.quantize == "none" else "float32")
     if dtype not in _ST_DTYPES:
         raise ValueError(f"dtype={dtype!r} not in {list(_ST_DTYPES)}")
     if not 0 <= expert < moa.num_experts:

@@ -177,3 +177,16 @@ def test_unusable_adapters_are_refused_by_name(peft_setup, tmp_path):
         read_peft_experts([dirs[0], dirs[0]], cfg)
     with pytest.raises(PeftImportError, match="adapter_model.safetensors not found"):
         read_peft_experts([str(tmp_path)], cfg)
+
+
+def test_peft_experts_on_an_int8_base_export_merged_dequantised(peft_setup, tmp_path):
+    """from_peft(quantize="int8"): QLoRA's split (int8 base, float experts); the merged export holds the
+    dequantised base + the expert, and transformers reproduces our int8 model's logits from it."""
+    base_dir, dirs = peft_setup
+    model = moa_jax.from_peft(base_dir, dirs, dtype="float32", quantize="int8")
+    out = model.export_merged("math", str(tmp_path / "merged8"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = merged(torch.from_numpy(TOKENS)).logits.numpy()
+    ours = model.logits(TOKENS, routing="forced", expert=0)
+    assert np.max(np.abs(ours - theirs)) <= 1e-4, float(np.max(np.abs(ours - theirs)))
