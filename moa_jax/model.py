@@ -43,10 +43,10 @@ ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 
 # What the backward keeps of each layer's forward (cfg.remat=False): every projection's output ("proj", after
 # its LoRA delta), the attention scores, the attention output (o_proj's input, which only a LoRA's dA needs),
-# the LoRA ranks' activations ("lora_h", [.., R]) and the random bits of dropout masks; norms, rotary, softmax,
-# SwiGLU and the other projections' inputs are recomputed from them. Measured on a cpu-tiny train step
-# (benchmarks/, BENCHMARKS.md): saving every autodiff residual instead cost ~10%; saving the SwiGLU output too
-# cost 3-5%; recomputing the dropout bits (threefry) in the backward cost ~17% of a dropout-0.05 step.
+# the LoRA ranks' activations ("lora_h", [.., R]) and the 64 key bits of each dropout mask (the masks are
+# recomputed from them by lora.dropout_bits' cheap hash); norms, rotary, softmax, SwiGLU and the other projections'
+# inputs are recomputed from them. Measured on a cpu-tiny train step (benchmarks/, BENCHMARKS.md): saving every
+# autodiff residual instead cost ~10%; saving the SwiGLU output too cost 3-5%.
 # cfg.remat=True keeps nothing but the layer input (full recompute, least memory).
 _SAVED_NAMES = jax.checkpoint_policies.save_only_these_names("proj", "attn_scores", "attn_out", "lora_h")
 
