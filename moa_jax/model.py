@@ -49,9 +49,10 @@ ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 #                each layer, ~20-30% more step time). Least memory: what the default picks on accelerators, where a
 #                7B model at 8 x 2048 needs it (BENCHMARKS.md "Scale").
 #   projections  every projection's output ("proj", after its LoRA delta), the attention output (o_proj's input,
-#                which only a LoRA's dA needs), the LoRA ranks' activations ("lora_h", [.., R]) and the random bits
-#                of dropout masks; norms, rotary, attention, SwiGLU and the other projections' inputs are recomputed.
-#                ~2 (4D + 3F) bytes per token and layer in bf16 (+ 4 bytes per input element with dropout): fastest
+#                which only a LoRA's dA needs), the LoRA ranks' activations ("lora_h", [.., R]) and the 64 key bits
+#                of each dropout mask (lora.dropout_bits rebuilds the mask from them with a cheap hash); norms,
+#                rotary, attention, SwiGLU and the other projections' inputs are recomputed.
+#                ~2 (4D + 3F) bytes per token and layer in bf16: fastest
 #                on CPU, where the default picks it (measured on cpu-tiny, BENCHMARKS.md "Scale").
 #   none         no rematerialisation: every residual autodiff wants (the most memory).
 #   auto         projections on CPU, full on GPU / TPU.

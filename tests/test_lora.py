@@ -157,3 +157,29 @@ def test_adapted_dense_with_zero_lora_b_is_plain_dense():
                                               jnp.float32)}
     np.testing.assert_allclose(layer.apply({"params": params}, x, route) - x @ params["kernel"],
                                lora_top1(x, params["lora_a"], params["lora_b"], route.expert_idx, SCALE), **TOL)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA dropout
+def test_lora_dropout_keeps_the_rate_and_the_mean_with_independent_masks():
+    """lora_dropout (keyed-hash bits): the drop rate is `rate` (within 5 sigma over 2^20 elements), kept elements are
+    scaled so the mean is preserved, the 16-bit numbers are uniform (chi-square over 16 bins), neighbouring
+    elements and different keys are uncorrelated, and the same key reproduces the mask."""
+    from moa_jax.lora import dropout_bits, lora_dropout
+    shape, rate = (4, 256, 1024), 0.05
+    x = jnp.ones(shape, jnp.float32)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    out = np.asarray(jax.jit(lora_dropout, static_argnums=1)(x, rate, k1))
+    n = out.size
+    dropped = (out == 0).mean()
+    assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / n), dropped
+    assert np.allclose(out[out != 0], 1 / (1 - round(rate * 65536) / 65536))
+    assert abs(out.mean() - 1.0) < 5 * np.sqrt(rate / (1 - rate) / n)
+    bits = np.asarray(dropout_bits(k1, shape)).ravel().astype(np.int64)
+    counts = np.bincount(bits >> 12, minlength=16)
+    chi2 = (((counts - n / 16) ** 2) / (n / 16)).sum()
+    assert chi2 < 60, chi2                                # 15 degrees of freedom: p < 1e-6 above 60
+    masks = [(np.asarray(lora_dropout(x, rate, k)) == 0).ravel().astype(np.float64) for k in (k1, k2)]
+    assert abs(np.corrcoef(masks[0][:-1], masks[0][1:])[0, 1]) < 0.01     # neighbours (same 32-bit word too)
+    assert abs(np.corrcoef(masks[0], masks[1])[0, 1]) < 0.01             # two keys
+    np.testing.assert_array_equal(np.asarray(lora_dropout(x, rate, k1)), out)
+    assert lora_dropout(x, 0.0, k1) is x

@@ -345,7 +345,7 @@ def test_dropout_needs_rng_and_changes_outputs():
         return model.apply({"params": params}, TOKENS, routing="fixed", expert_idx=IDX, deterministic=False,
                            rngs={"dropout": key})[0]
 
-    # the same weights without dropout (deterministic=True is that model: AdaptedDense skips nn.Dropout)
+    # the same weights without dropout (deterministic=True is that model: AdaptedDense skips lora_dropout)
     det, _, _ = run_batch(params, UNTIED, MOA, "fixed", attn=jnp.ones((B, T), jnp.int32),
                           prompt=jnp.ones((B, T), jnp.int32))
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
