@@ -170,8 +170,8 @@ def _read_jsonl_files(folder: str) -> tuple[dict[str, list[dict]], DomainCensus]
                 obj = _parse_json_line(line, f"{path}:{lineno}")
                 domain, ex = parse_record(obj, where=f"{path}:{lineno}", default_domain=stem)
                 examples.setdefault(domain, []).append(ex)
-                census.files.setdefault(domain, {}).setdefault(f, 0)
-                census.files[domain][f] += 1
+                per_file = census.files.setdefault(domain, {})
+                per_file[f] = per_file.get(f, 0) + 1
                 census.line_level = census.line_level or (isinstance(obj, dict) and "domain" in obj)
         if sum(map(len, examples.values())) == n_before:
             raise DataError(f"{path}: no examples (empty file)")
