@@ -1,8 +1,8 @@
 """Building blocks of the Llama-family decoder, numerically matching Hugging Face transformers: RMSNorm,
 rotary embeddings (incl. `rope_scaling` types llama3 and linear), grouped-query attention with padding masks, a
 sliding window and a KV cache (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU for right-padded rows,
-XLA in query blocks elsewhere; neither keeps [T, S] scores for the backward), and the SwiGLU MLP. Every projection is an `AdaptedDense`, so any of them can carry
-MoA experts.
+XLA in query blocks elsewhere; neither keeps [T, S] scores for the backward), and the SwiGLU MLP. Every
+projection is an `AdaptedDense`, so any of them can carry MoA experts.
 
 Shape glossary: B batch, T new tokens, S cache slots (or T without cache), D model width, F MLP width,
 H query heads, K key/value heads, Dh head width, Tq queries per attention block.
