@@ -200,6 +200,16 @@ def test_no_t_squared_residuals(remat, monkeypatch):
         assert _square_residuals(cfg, T), "the reference attention should keep T x S probabilities"
 
 
+def test_cudnn_path_only_on_gpu_in_half_precision():
+    """Elsewhere the layer falls back to xla_attention (what every other test here runs)."""
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    valid = jnp.ones((1, 4), bool)
+    if jax.default_backend() != "gpu":
+        assert layers.cudnn_attention(q, q, q, valid, None) is None
+    assert layers.cudnn_attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32), valid,
+                                  None) is None
+
+
 def test_remat_and_loss_chunk_are_validated():
     with pytest.raises(ConfigError, match=r"remat='fast' is not one of \('auto', 'full', 'projections', 'none'\)"):
         ModelConfig(**BASE, remat="fast")
