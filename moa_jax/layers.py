@@ -1,8 +1,8 @@
 """Building blocks of the Llama-family decoder, numerically matching Hugging Face transformers: RMSNorm,
 rotary embeddings (incl. `rope_scaling` types llama3 and linear), grouped-query attention with padding masks, a
 sliding window and a KV cache (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU for right-padded rows,
-XLA in query blocks elsewhere; neither keeps [T, S] scores for the backward), and the SwiGLU MLP. Every projection is an `AdaptedDense`, so any of them can carry
-MoA experts.
+XLA in query blocks elsewhere; neither keeps [T, S] scores for the backward), and the SwiGLU MLP. Every
+projection is an `AdaptedDense`, so any of them can carry MoA experts.
 
 Shape glossary: B batch, T new tokens, S cache slots (or T without cache), D model width, F MLP width,
 H query heads, K key/value heads, Dh head width, Tq queries per attention block.
@@ -101,10 +101,10 @@ def attention_mask(q_slots: Array, kv_slots: Array, kv_valid: Array, window: Opt
 
 
 def xla_attention(q: Array, k: Array, v: Array, q_slots: Array, kv_valid: Array, window: Optional[int]) -> Array:
-    """q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh] with `jax.nn.dot_product_attention` (XLA), in blocks of
-    ATTENTION_QUERY_BLOCK queries. Each block is a `jax.checkpoint` that keeps only its inputs: whatever remat
-    policy wraps the layer, no [T, S] scores or probabilities are kept for the backward (they are recomputed
-    there, one block at a time)."""
+    """q [B, T, H, Dh] at consecutive slots q_slots [T], k/v [B, S, K, Dh] -> [B, T, H, Dh] with
+    `jax.nn.dot_product_attention` (XLA), in blocks of ATTENTION_QUERY_BLOCK queries. Each block is a
+    `jax.checkpoint` that keeps only its inputs: whatever remat policy wraps the layer, no [T, S] scores or
+    probabilities are kept for the backward (they are recomputed there, one block at a time)."""
     kv_slots = jnp.arange(k.shape[1])
 
     @functools.partial(jax.checkpoint, prevent_cse=False)

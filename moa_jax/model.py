@@ -45,15 +45,15 @@ ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 # REMAT POLICIES (ModelConfig.remat): what the backward keeps of each layer's forward. Attention never keeps its
 # [T, S] scores or probabilities under any policy (cuDNN keeps a [B, H, T] logsumexp; the XLA path recomputes its
 # query blocks, layers.xla_attention), so the memory below is linear in T.
-#   full         only the layer input [B, T, D]: everything is recomputed in the backward (~one extra forward of
-#                each layer, ~20-30% more step time). Least memory: what the default picks on accelerators, where a
-#                7B model at 8 x 2048 needs it (BENCHMARKS.md "Scale").
+#   full         only the layer input [B, T, D]: everything is recomputed in the backward (one extra forward of
+#                each layer: +8-13% step time on cpu-tiny). Least memory: what the default picks on accelerators,
+#                where a 7-8B model at 8 x 2048 needs it (38.6 GiB against 152 GiB; BENCHMARKS.md "Scale").
 #   projections  every projection's output ("proj", after its LoRA delta), the attention output (o_proj's input,
 #                which only a LoRA's dA needs), the LoRA ranks' activations ("lora_h", [.., R]) and the 64 key bits
 #                of each dropout mask (lora.dropout_bits rebuilds the mask from them with a cheap hash); norms,
-#                rotary, attention, SwiGLU and the other projections' inputs are recomputed.
-#                ~2 (4D + 3F) bytes per token and layer in bf16: fastest
-#                on CPU, where the default picks it (measured on cpu-tiny, BENCHMARKS.md "Scale").
+#                rotary, attention, SwiGLU and the other projections' inputs are recomputed. ~2 (4D + 3F) bytes per
+#                token and layer in bf16: fastest on CPU, where the default picks it (measured on cpu-tiny,
+#                BENCHMARKS.md).
 #   none         no rematerialisation: every residual autodiff wants (the most memory).
 #   auto         projections on CPU, full on GPU / TPU.
 _SAVED_NAMES = jax.checkpoint_policies.save_only_these_names("proj", "attn_out", "lora_h")

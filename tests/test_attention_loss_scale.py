@@ -80,18 +80,24 @@ def loss_and_grads(cfg, data):
     return loss, grads
 
 
-def logits_of(cfg, data):
-    frozen, trainable = trees(cfg)
-    fwd = jax.jit(lambda p, d: MoATransformer(cfg, MOA).apply(
-        {"params": p}, d["tokens"], attention_mask=d["attention_mask"], prompt_mask=d["prompt_mask"],
-        routing="fixed", expert_idx=d["domain"])[0])
-    out = fwd(merge_params(frozen, trainable), data)
-    return np.asarray(out)
-
-
 def close(a, b, rel):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.max(np.abs(a - b)) <= rel * max(np.max(np.abs(b)), 1e-30), np.max(np.abs(a - b))
+
+
+def forward_and_grads(cfg, right, left):
+    """One compiled program: logits of a right- and a left-padded batch, and the stage-2 loss + its gradients."""
+    frozen, trainable = trees(cfg)
+    model = MoATransformer(cfg, MOA)
+    loss = functools.partial(loss_fn, model=model, tcfg=TCFG, num_domains=3)
+
+    def run(frozen, trainable, right, left):
+        logits = [model.apply({"params": merge_params(frozen, trainable)}, d["tokens"],
+                              attention_mask=d["attention_mask"], prompt_mask=d["prompt_mask"], routing="fixed",
+                              expert_idx=d["domain"])[0] for d in (right, left)]
+        (value, _), grads = jax.value_and_grad(loss, has_aux=True)(trainable, frozen, right, jax.random.PRNGKey(0))
+        return logits, value, grads
+    return jax.jit(run)(frozen, trainable, right, left)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -101,15 +107,15 @@ def test_attention_matches_previous_implementation(arch, monkeypatch):
     cfg = ARCHS[arch]
     monkeypatch.setattr(layers, "ATTENTION_QUERY_BLOCK", 8)
     right, left = batch(0), batch(1, left=True)
-    new = [logits_of(cfg, right), logits_of(cfg, left), *loss_and_grads(cfg, right)]
+    (new_logits, new_loss, new_grads) = forward_and_grads(cfg, right, left)
     monkeypatch.setattr(layers, "xla_attention", old_attention)
-    ref = [logits_of(cfg, right), logits_of(cfg, left), *loss_and_grads(cfg, right)]
-    for got, want, data in zip(new[:2], ref[:2], (right, left)):
+    (ref_logits, ref_loss, ref_grads) = forward_and_grads(cfg, right, left)
+    for got, want, data in zip(new_logits, ref_logits, (right, left)):
         real = np.asarray(data["attention_mask"], bool)
-        close(got[real], want[real], 1e-5)
-    close(new[2], ref[2], 1e-5)
-    jax.tree.map(lambda g, r: close(g, r, 1e-5), new[3], ref[3])
-    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(new[3]))
+        close(np.asarray(got)[real], np.asarray(want)[real], 1e-5)
+    close(new_loss, ref_loss, 1e-5)
+    jax.tree.map(lambda g, r: close(g, r, 1e-5), new_grads, ref_grads)
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(new_grads))
 
 
 @pytest.mark.parametrize("arch", ["mistral_window", "qwen2_bias"])
@@ -155,10 +161,10 @@ def test_chunked_nll_matches_full_logits(tied):
     close(g2[1], g1[1], 1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama_gqa", "smollm2_tied"])
-def test_train_loss_chunked_equals_unchunked(arch):
-    """The stage-2 loss and its gradients with loss_chunk=4 (many blocks) equal one block, <= 1e-5 relative."""
-    cfg, data = ARCHS[arch], batch(4)
+def test_train_loss_chunked_equals_unchunked():
+    """The stage-2 loss and its gradients with loss_chunk=4 (many blocks) equal one block, <= 1e-5 relative (the
+    tied head here; test_chunked_nll_matches_full_logits covers both heads)."""
+    cfg, data = ARCHS["smollm2_tied"], batch(4)
     one, grads_one = loss_and_grads(dataclasses.replace(cfg, loss_chunk=10 ** 6), data)
     many, grads_many = loss_and_grads(dataclasses.replace(cfg, loss_chunk=4), data)
     close(many, one, 1e-5)
@@ -182,15 +188,26 @@ def _square_residuals(cfg, t):
 
 @pytest.mark.parametrize("remat", ["full", "projections", "none"])
 def test_no_t_squared_residuals(remat, monkeypatch):
-    """Under every remat policy the backward keeps nothing of size T^2 (T = 24 > every other axis of this model);
-    the previous attention under remat='none' did keep its [B, K, G, T, S] probabilities, which shows the check
-    can fail."""
+    """Under every remat policy the backward keeps nothing of size T^2 (T = 24 > every other axis of this model;
+    query blocks of 8, so the blocked path runs); the previous attention under remat='none' did keep its
+    [B, K, G, T, S] probabilities, which shows the check can fail."""
+    monkeypatch.setattr(layers, "ATTENTION_QUERY_BLOCK", 8)
     cfg = ModelConfig(vocab_size=20, hidden_size=16, intermediate_size=20, num_layers=2, num_heads=2,
                       num_kv_heads=1, remat=remat)
     assert _square_residuals(cfg, T) == []
     if remat == "none":
         monkeypatch.setattr(layers, "xla_attention", old_attention)
         assert _square_residuals(cfg, T), "the reference attention should keep T x S probabilities"
+
+
+def test_cudnn_path_only_on_gpu_in_half_precision():
+    """Elsewhere the layer falls back to xla_attention (what every other test here runs)."""
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    valid = jnp.ones((1, 4), bool)
+    if jax.default_backend() != "gpu":
+        assert layers.cudnn_attention(q, q, q, valid, None) is None
+    assert layers.cudnn_attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32), valid,
+                                  None) is None
 
 
 def test_remat_and_loss_chunk_are_validated():
