@@ -89,11 +89,10 @@ def activation_estimate(cfg, moa, batch: int, seq: int, targets: int, devices: i
     d, f, h, k, dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     proj_out = h * dh + 2 * k * dh + d + 2 * f + d                      # q, k, v, o, gate, up, down outputs
     lora_h = moa.rank * len(moa.targets) * 4
-    # dropout keeps its u32 random bits, one per element of every adapted projection's input
-    bits = 4 * sum(cfg.projection_shape(p)[0] for p in moa.targets) if moa.dropout > 0 else 0
+    # dropout masks are not kept: only their 8-byte keys (lora.dropout_bits rebuilds them in the backward)
     policy = resolve_remat(cfg.remat)
-    per_layer = {"full": d * dt, "projections": (proj_out + h * dh) * dt + lora_h + bits,
-                 "none": (2 * proj_out + 4 * d + f) * dt + lora_h + bits}[policy]
+    per_layer = {"full": d * dt, "projections": (proj_out + h * dh) * dt + lora_h,
+                 "none": (2 * proj_out + 4 * d + f) * dt + lora_h}[policy]
     saved = cfg.num_layers * tok * (per_layer + d * dt)                 # + the scan's layer inputs
     working = 2 * tok * (proj_out + h * dh + 4 * d + f) * dt            # one layer recomputed + its gradients
     attention = 3 * b * h * min(seq, ATTENTION_QUERY_BLOCK) * seq * 4   # scores, probs, their gradient (f32)
@@ -119,11 +118,8 @@ def plan(args) -> dict:
     tcfg = replace(train_config("top1"), steps=1000)
     frozen, trainable = split_params(param_shapes(cfg, moa))
     if args.quantize != "none":
-        # THE quantize hook: the int8 frozen tree (moa_jax/quantize.py) in place of the bf16 one.
-        try:
-            from moa_jax.quantize import quantize_frozen
-        except ImportError:
-            fail(f"--quantize {args.quantize}: int8 support is not available in this build (no moa_jax.quantize)")
+        # the int8 frozen tree (moa_jax/quantize.py) in place of the bf16 one
+        from moa_jax.quantize import quantize_frozen
         cfg = replace(cfg, quantize=args.quantize)
         frozen = jax.eval_shape(quantize_frozen, frozen)
     fsdp = args.devices > 1
