@@ -47,7 +47,7 @@ ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 # query blocks, layers.xla_attention), so the memory below is linear in T.
 #   full         only the layer input [B, T, D]: everything is recomputed in the backward (one extra forward of
 #                each layer: +8-13% step time on cpu-tiny). Least memory: what the default picks on accelerators,
-#                where a 7-8B model at 8 x 2048 needs it (38.6 GiB against 152 GiB; BENCHMARKS.md "Scale").
+#                where a 7-8B model at 8 x 2048 needs it (33.5 GiB against 75.3 GiB; BENCHMARKS.md "Scale").
 #   projections  every projection's output ("proj", after its LoRA delta), the attention output (o_proj's input,
 #                which only a LoRA's dA needs), the LoRA ranks' activations ("lora_h", [.., R]) and the 64 key bits
 #                of each dropout mask (lora.dropout_bits rebuilds the mask from them with a cheap hash); norms,
