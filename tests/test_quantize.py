@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 
 import moa_jax
+from moa_jax.checkpoint import load_adapters
 from moa_jax.config import PROJECTIONS, ConfigError, ExperimentConfig, MeshConfig, ModelConfig, replace
 from moa_jax.generate import generate_tokens
 from moa_jax.loading.tree import expected_shapes
@@ -164,6 +165,8 @@ def test_train_stage_on_an_int8_base(tmp_path, trees):
     for k, v in flat_np(frozen_q).items():
         np.testing.assert_array_equal(np.asarray(flat_np(frozen_dev)[k]), v)
     assert flat_np(frozen_dev)["layers/attn/q_proj/kernel"].dtype == np.int8
+    saved, _ = load_adapters(str(tmp_path / "adapters"))         # the artifact holds the adapters only
+    assert flat_np(saved).keys() == before.keys()
 
 
 def test_generate_on_an_int8_base_matches_the_dequantized_float_model(trees):
