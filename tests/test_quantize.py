@@ -3,7 +3,6 @@ float model, training, generation, sharding, the HF loader's int8 path, paramete
 
 Tiny models built on the fly: D=32, F=64, L=2, H=4 over K=2, V=64 (tests/train_helpers.py).
 """
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -212,7 +211,7 @@ def test_bad_quantize_values_are_config_errors():
 
 def test_load_model_int8_generates(tmp_path):
     """The API path: load_model(..., quantize='int8') on the smoke experiment's tiny random base."""
-    model = moa_jax.load_model("tiny-random", moa=dataclasses.replace(MOA), quantize="int8")
+    model = moa_jax.load_model("tiny-random", moa=MOA, quantize="int8")
     assert model.config.quantize == "int8"
     assert model.params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.int8
     assert model.params["layers"]["mlp"]["up_proj"][SCALE_LEAF].shape == (2, 128)
