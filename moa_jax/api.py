@@ -3,6 +3,7 @@
     model = moa_jax.load_model("smollm2-135m-instruct", moa=moa_jax.MoAConfig(num_experts=10, rank=16))
     logits = model.logits(ids, routing="forced", expert=3)        # numpy [B, T, V]
     outs = model.generate(["What is 2 + 3?"], max_new_tokens=16)  # text + chosen expert per prompt
+    small = moa_jax.load_model("smollm2-135m-instruct", quantize="int8")  # int8 frozen projections
 
 `source` is the embedded model's name, a Hugging Face checkpoint directory (Llama / Mistral / Qwen2) or a .gguf
 file. `moa=None` gives the plain base model. Experts start fresh (lora_b = 0, so the model equals its base)

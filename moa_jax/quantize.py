@@ -6,13 +6,14 @@
 
 What is quantized: `layers/{attn,mlp}/<proj>/kernel` [L, Din, Dout] becomes int8 [L, Din, Dout] plus a sibling
 leaf `kernel_scale` [L, Dout] (float32). Everything else keeps the base dtype: the embedding (a gather, no matmul
-to fold a scale into; tied models also use it as the LM head), `lm_head` (the logits are what sampling and the
-loss read, and quantizing them moves the answers most), norms and biases (tiny). The experts (`lora_a`, `lora_b`)
+to fold a scale into; tied models also use it as the LM head), `lm_head` (its rounding error would land on the
+logits directly, with nothing after it to absorb it), norms and biases (tiny). The experts (`lora_a`, `lora_b`)
 and routers are trainable and never quantized.
 
 The model dequantizes inside the matmul (`int8_matmul`): x @ q.astype(dtype) * scale. The scale is per output
-column, so it is applied to the [.., Dout] product, never to the weight; XLA fuses the int8 -> dtype convert into
-the dot's operand, so no full-precision copy of the kernels exists (at most one layer's, inside the scan).
+column, so it is applied to the [.., Dout] product, never to the weight; the int8 -> dtype convert happens inside
+the layer scan (fused into the dot where the backend can), so at most one layer's kernels exist in full precision
+(tests/test_quantize.py checks the compiled temporary memory).
 
 Shape glossary: L layers, Din/Dout projection widths, N tokens.
 """

@@ -44,7 +44,8 @@ def llama_tensors(hidden: int, intermediate: int, layers: int, heads: int, kv_he
                        p + "self_attn.k_proj.weight": (kv_heads * dh, hidden),
                        p + "self_attn.v_proj.weight": (kv_heads * dh, hidden),
                        p + "self_attn.o_proj.weight": (hidden, heads * dh),
-                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden),
+                       p + "mlp.up_proj.weight": (intermediate, hidden),
                        p + "mlp.down_proj.weight": (hidden, intermediate)})
     shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     return shapes
@@ -57,7 +58,8 @@ def _write_safetensors(path: str, names: list[str], shapes: dict, dtype: str) ->
     header, offset = {}, 0
     for name in names:
         size = int(np.prod(shapes[name])) * itemsize
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)

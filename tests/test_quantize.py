@@ -3,7 +3,6 @@ float model, training, generation, sharding, the HF loader's int8 path, paramete
 
 Tiny models built on the fly: D=32, F=64, L=2, H=4 over K=2, V=64 (tests/train_helpers.py).
 """
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 from flax import traverse_util
 
 import moa_jax
+from moa_jax.checkpoint import load_adapters
 from moa_jax.config import PROJECTIONS, ConfigError, ExperimentConfig, MeshConfig, ModelConfig, replace
 from moa_jax.generate import generate_tokens
 from moa_jax.loading.tree import expected_shapes
@@ -164,6 +164,8 @@ def test_train_stage_on_an_int8_base(tmp_path, trees):
     for k, v in flat_np(frozen_q).items():
         np.testing.assert_array_equal(np.asarray(flat_np(frozen_dev)[k]), v)
     assert flat_np(frozen_dev)["layers/attn/q_proj/kernel"].dtype == np.int8
+    saved, _ = load_adapters(str(tmp_path / "adapters"))         # the artifact holds the adapters only
+    assert flat_np(saved).keys() == before.keys()
 
 
 def test_generate_on_an_int8_base_matches_the_dequantized_float_model(trees):
@@ -209,7 +211,7 @@ def test_bad_quantize_values_are_config_errors():
 
 def test_load_model_int8_generates(tmp_path):
     """The API path: load_model(..., quantize='int8') on the smoke experiment's tiny random base."""
-    model = moa_jax.load_model("tiny-random", moa=dataclasses.replace(MOA), quantize="int8")
+    model = moa_jax.load_model("tiny-random", moa=MOA, quantize="int8")
     assert model.config.quantize == "int8"
     assert model.params["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.int8
     assert model.params["layers"]["mlp"]["up_proj"][SCALE_LEAF].shape == (2, 128)
