@@ -1,4 +1,5 @@
-"""The moa_jax performance suite (shared/performance.md): `python -m benchmarks.run --suite cpu|gpu|smoke|smollm2`.
+"""The moa_jax performance suite (targets and method: BENCHMARKS.md):
+`python -m benchmarks.run --suite cpu|gpu|smoke|smollm2`.
 
 Importing the package sets OMP_WAIT_POLICY=PASSIVE (unless set) BEFORE anything loads torch: OpenMP threads
 that spin while waiting (the default) collapse on a shared, oversubscribed machine. Measured on the 2-core box

@@ -1,5 +1,5 @@
 """The suites: which variants are timed together (one interleaved group per comparison), the ratios each group
-reports and performance.md's targets for them.
+reports and the project's targets for them (BENCHMARKS.md).
 
 A group builds its variants (compiling each ahead of time), runs them interleaved for `rounds` rounds under a
 `CompileCounter` (any compile in steady state fails the group's cases), and reports per-variant statistics,
@@ -7,7 +7,7 @@ compile time, FLOPs (analytic and XLA's) and memory. A `Ratio` is time(num) / ti
 throughput / "x faster" rows; targets use the median of the per-round paired ratios (timing.ratio), and rows
 "within 15% of the FLOP model" compare that with the analytic FLOP ratio of the same two programs.
 
-Suites: smoke (CI, tiny shapes, 2 rounds), cpu (performance.md's table on cpu-tiny), gpu (gpu-1b bf16, MFU),
+Suites: smoke (CI, tiny shapes, 2 rounds), cpu (the target table on cpu-tiny), gpu (gpu-1b bf16, MFU),
 smollm2 (the LM-head share of a SmolLM2-135M-shaped step; slow, few rounds).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The analytic FLOP model of shared/performance.md, for the programs the suite times (matmuls only).
+"""The analytic FLOP model (BENCHMARKS.md "How to read the numbers"), for the programs the suite times (matmuls only).
 
 Per adapted projection and token the base costs 2*Din*Dout and a LoRA expert 2*R*(Din+Dout). Attention costs
 4*S*H*Dh per token and layer (scores and values over all S key slots: the masked half is computed too), the LM
@@ -6,7 +6,7 @@ head 2*D*V per token. Backward passes:
   frozen fwd+bwd   gradients w.r.t. activations only (what a LoRA step needs besides the LoRA): projections and
                    head 1x their forward (dX), attention 2x (dQ and dK from the scores, dP and dV from the values).
   LoRA             dX, dA and dB: 2x its forward, so a LoRA train step adds 3x its forward: the (1 + 1.5 f) of
-                   performance.md with f = R(Din+Dout)/(Din*Dout).
+                   the target table with f = R(Din+Dout)/(Din*Dout).
   soft mixture     the adapter term times E (rank-concat: x @ [Din, E*R]); top-1 gather: one expert's cost.
 Routers, norms, softmaxes and the optimiser are left out (they are not matmuls; the optimiser is O(params)).
 
@@ -29,7 +29,7 @@ def lora_flops(cfg: ModelConfig, rank: int, targets: tuple[str, ...]) -> float:
 
 
 def lora_fraction(cfg: ModelConfig, rank: int, targets: tuple[str, ...]) -> float:
-    """performance.md's f, over the adapted projections: LoRA FLOPs / base projection FLOPs."""
+    """The cost model's f, over the adapted projections: LoRA FLOPs / base projection FLOPs."""
     base = sum(2.0 * din * dout for din, dout in map(cfg.projection_shape, targets))
     return lora_flops(cfg, rank, targets) / base
 

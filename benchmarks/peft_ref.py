@@ -1,4 +1,4 @@
-"""The PyTorch + PEFT reference, timed in the same process as ours (performance.md "Against PEFT").
+"""The PyTorch + PEFT reference, timed in the same process as ours (the measurement rules in BENCHMARKS.md).
 
 The same tiny Llama is built from a `transformers.LlamaConfig` (nothing downloaded) and OUR random weights are
 copied into it (torch Linear weight = our kernel transposed), so both sides compute the same function: the suite
@@ -31,7 +31,7 @@ from benchmarks.timing import Variant
 
 
 def _torch():
-    """torch, with 2 intra-op threads (performance.md: torch threads = 2)."""
+    """torch, with 2 intra-op threads (the measurement rules: torch threads = 2)."""
     import torch
     torch.set_num_threads(2)
     return torch

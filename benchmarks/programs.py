@@ -1,7 +1,7 @@
 """The JAX programs the suite times, built from the library's real entry points: the benchmark configs, batches,
 the frozen fwd+bwd, `train_step` (optimiser included), forward logits and KV-cache decoding.
 
-"Frozen fwd+bwd" (our definition, from performance.md's "the backward a LoRA step needs minus the LoRA"): the
+"Frozen fwd+bwd" (our definition, from the target table's "the backward a LoRA step needs minus the LoRA"): the
 frozen base model's forward and the masked LM loss, differentiated w.r.t. the hidden activations entering the
 first layer (the embedding output, perturbed by a zero tensor through a Flax method interceptor). That backward
 propagates activation gradients through every layer and the head exactly as a LoRA step must, and computes no
@@ -37,7 +37,7 @@ KINDS = ("frozen", "single", "top1", "soft")   # the frozen base, one LoRA (E=1)
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark configuration (performance.md "Configs")."""
+    """One benchmark configuration (BENCHMARKS.md "Running it")."""
     name: str
     model: ModelConfig
     batch: int

@@ -1,4 +1,4 @@
-"""Benchmark suite CLI (shared/performance.md):
+"""Benchmark suite CLI (targets and method: BENCHMARKS.md):
 
   PYTHONPATH=. python -m benchmarks.run --suite cpu --out bench_cpu.json [--md bench_cpu.md] [--rounds N]
       [--only train,inference,decode,remat,recompile]

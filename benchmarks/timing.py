@@ -1,7 +1,7 @@
 """Timing machinery of the benchmark suite: interleaved rounds, robust statistics, compile timing and counting,
 memory and machine facts.
 
-Rules (shared/performance.md): compile time is measured apart from steady state (`jit(f).lower(...).compile()`);
+Rules (BENCHMARKS.md): compile time is measured apart from steady state (`jit(f).lower(...).compile()`);
 variants of one comparison run interleaved in ONE process (A B C A B C ...) for >= 10 rounds; every output is
 `block_until_ready`-ed; the steady state must not compile anything (routing and domain mixes are data, never
 shapes): `CompileCounter` counts XLA compilations through `jax_log_compiles` and the suite fails a case that

@@ -97,9 +97,10 @@ def read_peft_adapter(path: str, cfg: ModelConfig) -> PeftAdapter:
         raise PeftImportError(f"{config_file} not found: a PEFT adapter directory needs its config") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftImportError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise PeftImportError(f"{config_file}: peft_type {config.get('peft_type') if isinstance(config, dict) else None!r}"
-                              f" is not supported (only LORA adapters can become experts)")
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type != "LORA":
+        raise PeftImportError(f"{config_file}: peft_type {peft_type!r} is not supported (only LORA adapters can "
+                              f"become experts)")
     for key, default in _UNSUPPORTED.items():
         value = config.get(key, default)
         if value and value != default:

@@ -201,7 +201,8 @@ def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *
                            nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
     tokens = jnp.sum(ms["tokens"])
     metrics = {"loss": loss, "lm_loss": jnp.sum(ms["lm_loss_sum"]) / jnp.maximum(tokens, 1.0),
-               "grad_norm": grad_norm, "tokens": tokens, "seq_tokens": jnp.sum(batch["attention_mask"]), "domain_loss_sum": jnp.sum(ms["domain_loss_sum"], 0),
+               "grad_norm": grad_norm, "tokens": tokens, "seq_tokens": jnp.sum(batch["attention_mask"]),
+               "domain_loss_sum": jnp.sum(ms["domain_loss_sum"], 0),
                "domain_tokens": jnp.sum(ms["domain_tokens"], 0), "finite": finite,
                **{k: jnp.mean(ms[k]) for k in ("router_loss", "router_acc", "balance_loss") if k in ms}}
     return new_state, metrics

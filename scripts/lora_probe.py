@@ -2,7 +2,7 @@
 
     python scripts/lora_probe.py --domain spell_backward --steps 60 --n-test 50
 
-Setup as in shared/environment.md: r=16 on all projections, lr 5e-4, batch 8, f32, 2 threads; loss on the
+Setup: r=16 on all projections, lr 5e-4, batch 8, f32, 2 threads; loss on the
 response + eos only; greedy eval (max 16 new tokens) on the first n-test test items (the builder's test head),
 training on later items of the same stream (never the test prompts).
 """

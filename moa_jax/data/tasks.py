@@ -27,7 +27,7 @@ answer; tokens = prompt + answer + eos with SmolLM2's chat template and our syst
 
 The untuned model answers in sentences ("The final answer ... is 84."), hence ~0 exact match everywhere except
 the Yes/No domain. Single-domain LoRA evidence (PyTorch+PEFT, r=16 on all projections, lr 5e-4, batch 8, 100
-steps; shared/environment.md): word_sequence_reversal 0 -> 0.78, chain_sum (this config) 0 -> 0.28,
+steps, measured when this dataset was chosen): word_sequence_reversal 0 -> 0.78, chain_sum (this config) 0 -> 0.28,
 family_relationships 0 -> 0.30 (ours: chain_sum the same config; the other two with fewer words / people than
 the generator defaults, so no harder). Not yet measured after LoRA: the other seven (a spell_backward probe,
 `scripts/lora_probe.py`, was abandoned: the shared 2-core machine ran at load 5-7).

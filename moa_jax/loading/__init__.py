@@ -47,5 +47,6 @@ def check_model_source(source: str) -> None:
 
 
 __all__ = ["DEFAULT_MODEL", "CheckpointError", "MissingTensorError", "ModelSourceError", "ShapeMismatchError",
-           "build_param_tree", "check_model_source", "check_param_tree", "expected_shapes", "load_gguf", "load_hf_checkpoint", "load_hf_config",
+           "build_param_tree", "check_model_source", "check_param_tree", "expected_shapes", "load_gguf",
+           "load_hf_checkpoint", "load_hf_config",
            "load_checkpoint", "load_tokenizer", "numpy_dtype", "resolve_source", "unpermute_qk"]
