@@ -100,7 +100,7 @@ def _status_kib(field: str) -> int:
 
 def _check_values(params, cfg, quantize: str) -> bool:
     """Every loaded leaf equals the regenerated tensors (transposed, stacked; quantized like the loader)."""
-    from moa_jax.loading.hf import _hf_key
+    from moa_jax.loading.hf import hf_key
     from moa_jax.loading.tree import expected_shapes
     from moa_jax.quantize import SCALE_LEAF, is_quantized_kernel, quantize_int8
     for path, shape in expected_shapes(cfg).items():
@@ -113,9 +113,9 @@ def _check_values(params, cfg, quantize: str) -> bool:
         leaf_shape = shape[1:] if path[0] == "layers" else shape
         for layer in range(cfg.num_layers) if path[0] == "layers" else [None]:
             if path[-1] == "kernel":   # the file holds [D_out, D_in]
-                want = tensor_values(_hf_key(path, layer), leaf_shape[::-1], "bfloat16").T
+                want = tensor_values(hf_key(path, layer), leaf_shape[::-1], "bfloat16").T
             else:
-                want = tensor_values(_hf_key(path, layer), leaf_shape, "bfloat16")
+                want = tensor_values(hf_key(path, layer), leaf_shape, "bfloat16")
             got = leaf[layer] if layer is not None else leaf
             if quantize == "int8" and is_quantized_kernel(path):
                 q, s = quantize_int8(np.ascontiguousarray(want))

@@ -95,14 +95,21 @@ def test_imported_experts_match_peft(peft_setup):
         assert np.max(np.abs(ours - base_logits)) > 1e-3   # the adapter really changes the output
 
 
-def test_merged_export_matches_transformers(peft_setup, tmp_path):
-    base_dir, dirs = peft_setup
-    model = moa_jax.from_peft(base_dir, dirs, dtype="float32")
-    out = model.export_merged("code", str(tmp_path / "merged"))
-    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+def _transformers_logits(checkpoint_dir):
+    merged = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        theirs = merged(torch.from_numpy(TOKENS)).logits.numpy()
-    ours = model.logits(TOKENS, routing="forced", expert=1)
+        return merged(torch.from_numpy(TOKENS)).logits.numpy()
+
+
+@pytest.mark.parametrize("quantize,expert", [(None, "code"), ("int8", "math")])
+def test_merged_export_matches_transformers(peft_setup, tmp_path, quantize, expert):
+    """Base + one expert merged, loaded by transformers = ours with that expert forced. With quantize="int8"
+    (QLoRA's split: int8 base, float experts) the export holds the dequantised base + the expert."""
+    base_dir, dirs = peft_setup
+    model = moa_jax.from_peft(base_dir, dirs, dtype="float32", quantize=quantize)
+    out = model.export_merged(expert, str(tmp_path / "merged"))
+    theirs = _transformers_logits(out)
+    ours = model.logits(TOKENS, routing="forced", expert=model.domains.index(expert))
     assert np.max(np.abs(ours - theirs)) <= 1e-4, float(np.max(np.abs(ours - theirs)))
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float32"
 
@@ -118,9 +125,7 @@ def test_merged_export_writes_config_and_shards_without_a_hf_source(peft_setup, 
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 1
     assert load_hf_config(out) == moa_jax.ModelConfig(**{**model.config.__dict__, "param_dtype": "float32"})
-    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = merged(torch.from_numpy(TOKENS)).logits.numpy()
+    theirs = _transformers_logits(out)
     ours = model.logits(TOKENS, routing="forced", expert=2)
     assert np.max(np.abs(ours - theirs)) <= 0.05   # bf16 weights
     assert hf_config_dict(model.config)["num_key_value_heads"] == 2
@@ -178,15 +183,3 @@ def test_unusable_adapters_are_refused_by_name(peft_setup, tmp_path):
     with pytest.raises(PeftImportError, match="adapter_model.safetensors not found"):
         read_peft_experts([str(tmp_path)], cfg)
 
-
-def test_peft_experts_on_an_int8_base_export_merged_dequantised(peft_setup, tmp_path):
-    """from_peft(quantize="int8"): QLoRA's split (int8 base, float experts); the merged export holds the
-    dequantised base + the expert, and transformers reproduces our int8 model's logits from it."""
-    base_dir, dirs = peft_setup
-    model = moa_jax.from_peft(base_dir, dirs, dtype="float32", quantize="int8")
-    out = model.export_merged("math", str(tmp_path / "merged8"))
-    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = merged(torch.from_numpy(TOKENS)).logits.numpy()
-    ours = model.logits(TOKENS, routing="forced", expert=0)
-    assert np.max(np.abs(ours - theirs)) <= 1e-4, float(np.max(np.abs(ours - theirs)))
