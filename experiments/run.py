@@ -1,4 +1,4 @@
-"""Command line: `python -m experiments.run --exp=NAME [--workdir=DIR] [--set key=value ...]`.
+"""Command line: `python -m experiments.run --exp=NAME [--workdir=DIR] [--set key=value ...]`; `--list` names them.
 
 Logs the resolved config, runs the experiment (resuming from DIR if it holds checkpoints), writes the report
 (results.md, results.json, PNG figures) into DIR and prints its summary. A user mistake (config, data, model file,
@@ -29,19 +29,60 @@ def main(argv=None) -> int:
     return cli_main(_main, argv)
 
 
-def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--exp", required=True, help="registered experiment name (see --list)")
-    parser.add_argument("--workdir", default=None, help="output directory (default: runs/<exp>)")
+BUDGET_NOTE = """\
+Budgets: a preset reads the JAX backend when it is built. On a CPU (jax.default_backend() == "cpu") moa_10task and
+moa_10task_ablations take their reduced CPU budget; on a GPU or TPU the full accelerator budget (each preset's
+docstring in experiments/registry.py gives both). smoke and moa_7b have one budget everywhere. --set overrides any
+field either way, e.g. --set stage1.steps=1500 --set data.batch_size=32."""
+
+
+def experiment_summaries() -> dict[str, str]:
+    """Registered experiment name -> the first paragraph of its preset's docstring, on one line."""
+    from experiments.registry import EXPERIMENTS
+    return {name: " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()) for name, fn in
+            sorted(EXPERIMENTS.items())}
+
+
+def experiment_listing() -> str:
+    rows = experiment_summaries()
+    width = max(map(len, rows))
+    return "\n".join(f"  {name:{width}s}  {summary}" for name, summary in rows.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"experiments (--exp):\n{experiment_listing()}\n\n{BUDGET_NOTE}")
+    parser.add_argument("--exp", help="registered experiment name (listed below and by --list)")
+    parser.add_argument("--list", action="store_true", help="print the registered experiments with their summary "
+                        "and exit")
+    parser.add_argument("--workdir", default=None, help="output directory (default: runs/<exp>); a run resumes "
+                        "from the checkpoints it holds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set stage1.steps=50 (repeatable)")
     parser.add_argument("--distributed", choices=("off", "auto"), default="off",
-                        help="auto: jax.distributed.initialize() discovers the cluster (TPU pods, SLURM)")
-    parser.add_argument("--coordinator", default=None)
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
-    parser.add_argument("--no_progress", action="store_true")
+                        help="auto: jax.distributed.initialize() discovers the cluster (TPU pods, SLURM); "
+                        "off (default): single process unless --coordinator is given")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="multi-host: address of process 0 (or env MOA_COORDINATOR)")
+    parser.add_argument("--num_processes", type=int, default=None,
+                        help="multi-host: number of processes (or env MOA_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, default=None,
+                        help="multi-host: this process's rank, 0..num_processes-1 (or env MOA_PROCESS_ID)")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bars (training and evaluation); the log lines stay")
+    return parser
+
+
+def _main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list:
+        print(experiment_listing())
+        return 0
+    if not args.exp:
+        parser.error("--exp is required (see --list)")
     handler = logging.StreamHandler()
     handler.setFormatter(_Formatter("%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
