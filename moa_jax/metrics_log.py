@@ -32,6 +32,17 @@ def summarize(acc: dict, count: int, domain_names: Sequence[str]) -> dict[str, f
     return out
 
 
+# What the progress bar shows, under the names metrics.jsonl uses: the LM loss (mean NLL per response token) and,
+# in stage 2, the router's accuracy on the batch. `loss` is the optimised objective (with per-domain normalisation,
+# as in stage 1, the SUM of the domains' mean losses, ~E x lm_loss; plus eta x router_loss in stage 2): logs only.
+PROGRESS_KEYS = ("lm_loss", "router_acc")
+
+
+def progress_fields(row: dict[str, float]) -> dict[str, str]:
+    """A logged row -> the progress bar's postfix (the PROGRESS_KEYS it has, 3 decimals)."""
+    return {k: f"{row[k]:.3f}" for k in PROGRESS_KEYS if k in row}
+
+
 class MetricsLogger:
     """JSONL (always) + TensorBoard (when tensorboardX is importable) in `directory`; one line per log step.
 

@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 
 from moa_jax.checkpoint import StageCheckpointer, save_adapters
 from moa_jax.config import TrainConfig
-from moa_jax.metrics_log import MetricsLogger, summarize
+from moa_jax.metrics_log import MetricsLogger, progress_fields, summarize
 from moa_jax.model import MoATransformer
 from moa_jax.sharding import (batch_sharding, check_batch_divisible, check_experts_divisible, logical_to_spec,
                               param_logical_axes, param_shardings, replicated)
-from moa_jax.train_step import TrainState, gather_targets, init_state, make_optimizer, train_step
+from moa_jax.train_step import (TrainState, gather_targets, init_state, logged_learning_rates, make_optimizer,
+                               train_step)
 
 log = logging.getLogger("moa_jax")
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
@@ -153,9 +154,9 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
         bar.update(1)
         if done % tcfg.log_every == 0 or done == tcfg.steps:
             _check_finite(state, ckpt, done)
-            row = logger.log(done, summarize(acc, count, domain_names))
+            row = logger.log(done, {**summarize(acc, count, domain_names), **logged_learning_rates(tcfg, done)})
             history.append({"step": done, **row})
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "router_acc") if k in row}, refresh=False)
+            bar.set_postfix(progress_fields(row), refresh=False)
             if on_log is not None:
                 on_log(done, row)
             acc, count = None, 0

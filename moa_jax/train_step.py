@@ -84,6 +84,16 @@ def learning_rate_schedule(tcfg: TrainConfig, mult: float = 1.0) -> optax.Schedu
                                               peak * tcfg.end_lr_frac)
 
 
+def logged_learning_rates(tcfg: TrainConfig, step: int) -> dict[str, float]:
+    """The schedule's learning rate of the update that completed step `step` (1-based; optax counts from 0) per
+    trained group, as make_optimizer builds it: `learning_rate` (experts) and, in stages that train routers,
+    `learning_rate_router` (x router_lr_mult). Host-side, for the logs only."""
+    count = max(step - 1, 0)
+    groups = {_param_group(("lora_a",), tcfg): 1.0, _param_group(("router",), tcfg): tcfg.router_lr_mult}
+    names = {"expert": "learning_rate", "router": "learning_rate_router"}
+    return {names[g]: float(learning_rate_schedule(tcfg, mult)(count)) for g, mult in groups.items() if g in names}
+
+
 def make_optimizer(tcfg: TrainConfig, trainable: Params) -> optax.GradientTransformation:
     """AdamW + warmup-cosine, clipping, and zero updates (no state) for the groups frozen in this stage."""
     clip = clip_per_expert(tcfg.grad_clip) if tcfg.stage == "stage1" else optax.clip_by_global_norm(tcfg.grad_clip)
