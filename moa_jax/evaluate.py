@@ -138,12 +138,12 @@ def item_nll(cfg: ModelConfig, method: Method, batches: Sequence[dict],
 
 def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]],
                      experts: Optional[Sequence[int]], *, pad_id: int, eos_ids: Sequence[int], max_new_tokens: int,
-                     batch_size: int, decode: Callable[[list[int]], str],
-                     pad_to: int = 0) -> tuple[list[str], np.ndarray]:
+                     batch_size: int, decode: Callable[[list[int]], str], pad_to: int = 0,
+                     on_batch: Optional[Callable[[int], None]] = None) -> tuple[list[str], np.ndarray]:
     """Greedy answers for prompt token lists (mixed domains per batch), prompt i run with expert experts[i]
     (None: the method routes itself: router top-1 from the prompt, or soft / token-level dispatch).
     -> (texts, expert used per prompt). Every batch is padded to the same shape (the longest prompt, or `pad_to`
-    if longer), so decoding compiles once."""
+    if longer), so decoding compiles once. `on_batch(n)` is called after each batch of n prompts (progress)."""
     texts, used = [], []
     longest = max([pad_to] + [len(p) for p in prompts])
     for start, n, tokens, mask in _prompt_batches(prompts, batch_size, pad_id, longest):
@@ -166,4 +166,6 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
             cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
             texts.append(decode(ids[:cut]))
         used.extend(int(e) for e in chosen[:n])
+        if on_batch is not None:
+            on_batch(n)
     return texts, np.asarray(used)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from moa_jax import metrics
 from moa_jax.config import MoAConfig
@@ -195,10 +196,12 @@ class ItemMemo:
 
 
 def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, max_new_tokens: int,
-                    batch_size: int, decode, memo: Optional[ItemMemo] = None, memo_key=None) -> dict:
+                    batch_size: int, decode, memo: Optional[ItemMemo] = None, memo_key=None,
+                    on_items: Optional[Callable[[int], None]] = None) -> dict:
     """NLL + greedy generation + scores (+ routing accuracy and confusion for router-routed top-1 MoA) of one
     method. With a `memo` and a `memo_key` naming the method's adapters, items already evaluated with the same
-    adapters and expert are taken from the memo instead of being run again."""
+    adapters and expert are taken from the memo instead of being run again. `on_items(n)` reports progress: n
+    more of the N items are done (generated, or taken from the memo)."""
     t0 = time.perf_counter()
     n_dom, n = len(es.domains), len(es.rows)
     experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size)  # [N]/None
@@ -209,7 +212,9 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
         sums, counts = item_nll(cfg, method, es.subset_batches(todo), sub_experts)
         texts, _ = generate_answers(cfg, method, [es.prompts[i] for i in todo], sub_experts, pad_id=pad_id,
                                     eos_ids=eos_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    decode=decode, pad_to=es.longest_prompt)
+                                    decode=decode, pad_to=es.longest_prompt, on_batch=on_items)
+    if on_items is not None and n > len(todo):
+        on_items(n - len(todo))
     if share:
         if len(todo):
             memo.put(memo_key, todo, experts[todo], sums, counts, texts)
@@ -239,8 +244,9 @@ def adapters_key(spec: MethodSpec, method: Method):
     return (spec.key or TRAINED_KEY[spec.name], forward_moa(method.moa))
 
 
-def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:
-    """Every method spec on the first items_per_domain test items of every domain. -> results dict."""
+def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec], progress: bool = True) -> dict:
+    """Every method spec on the first items_per_domain test items of every domain. -> results dict.
+    `progress`: one bar over methods x items (process 0)."""
     from moa_jax.api import _eos_ids
     ev, split = ctx.exp.eval, ctx.data["test"]
     es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets)
@@ -248,20 +254,25 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec]) -> dict:
     results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {},
                "data": data_counts(ctx.data, dict(zip(ctx.domains, es.per_domain_counts())))}
     memo = ItemMemo()
+    bar = tqdm(total=len(specs) * len(es.rows), desc="eval", unit="item", dynamic_ncols=True,
+               disable=not (progress and jax.process_index() == 0))
     for spec in specs:
+        bar.set_postfix(method=spec.display, refresh=False)
         if spec.name == "most_common":
             entry = most_common_entry(es, ctx.data["train"])
+            bar.update(len(es.rows))
         else:
             method = build_method(frozen, trained, spec)
             entry = evaluate_method(
                 ctx.cfg, es, method, pad_id=split.pad_id,
                 eos_ids=_eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                 decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True),
-                memo=memo, memo_key=adapters_key(spec, method))
+                memo=memo, memo_key=adapters_key(spec, method), on_items=bar.update)
         results["methods"][spec.display] = entry
         log.info("eval %-22s accuracy %.3f  ppl %s  bleu %.1f  rouge-l %.1f  (%.0fs%s)", spec.display,
                  entry["mean_accuracy"], _fmt(entry["mean_ppl"]), entry["mean_bleu"], entry["mean_rouge_l"],
                  entry["seconds"], _reuse_note(entry, len(es.rows)))
+    bar.close()
     return results
 
 

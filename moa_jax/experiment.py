@@ -5,6 +5,7 @@ evaluation -> report.
     workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
     workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
     workdir/results.json  results.md  *.png            the report (moa_jax/report.py)
+    workdir/eval/tensorboard/            the evaluation's averages per method, at stage 2's last step
 
 Every stage resumes from its own checkpoints, so re-running the same command after an interruption continues
 where it stopped and a finished stage is not trained again. Restore order per stage: its own checkpoint > the
@@ -38,6 +39,7 @@ from moa_jax.data.sources import load_text_split
 from moa_jax.errors import check_writable
 from moa_jax.evaluation_run import MethodSpec, evaluate_all
 from moa_jax.evaluation_run import eval_rows, reference_text, score_completion  # noqa: F401  (re-exported)
+from moa_jax.metrics_log import log_eval_scalars
 from moa_jax.model import MoATransformer
 from moa_jax.params import check_tree, init_params, init_trainable, param_shapes, split_params
 from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
@@ -354,7 +356,7 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
     ctx = prepare(exp, workdir)
     trained = train_all(ctx, progress)
     specs = [MethodSpec(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
-    results = evaluate_all(ctx, trained, specs)
+    results = evaluate_all(ctx, trained, specs, progress)
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages=dict(ctx.stage_dirs),
                    variants={v.name: list(v.sets) for v, _ in plans},
@@ -363,4 +365,5 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         write_report(results, workdir)
+        log_eval_scalars(os.path.join(workdir, "eval"), results, step=exp.stage2.steps)
     return results

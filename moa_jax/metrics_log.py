@@ -1,4 +1,5 @@
-"""Training metrics out of the jitted step and onto the console, a JSONL file and TensorBoard.
+"""Training metrics out of the jitted step and onto the console, a JSONL file and TensorBoard; the evaluation's
+averages per method as TensorBoard scalars.
 
 The jitted step returns a flat dict of device scalars (plus per-domain vectors); the loop adds them up on device
 (no host sync) and reads the sums only on logging steps. TensorBoard events are written with tensorboardX, which
@@ -100,6 +101,35 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+EVAL_METRICS = ("accuracy", "score", "ppl", "bleu", "rouge_l", "routing_accuracy")
+
+
+def eval_tag(metric: str, method: str) -> str:
+    """TensorBoard tag of a method's mean metric; a variant's label `moa_router[eta0]` becomes `moa_router.eta0`
+    (TensorBoard tags allow only letters, digits and `_./-`)."""
+    return f"eval_{metric}/{method.replace('[', '.').replace(']', '')}"
+
+
+def log_eval_scalars(directory: str, results: dict, step: int) -> int:
+    """The evaluation's averages over domains as TensorBoard scalars `eval_<metric>/<method>` (eval_tag) at training step
+    `step`, in `directory`/tensorboard (one chart per metric, one line per method). -> scalars written (0 without
+    tensorboardX). Metrics a method does not have (PPL of most_common, routing of non-router methods) are left out."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:   # optional dependency: results.json has everything
+        return 0
+    written = 0
+    # purge_step: TensorBoard drops what an earlier evaluation of this run logged at `step` (a rerun replaces it)
+    with SummaryWriter(os.path.join(directory, "tensorboard"), purge_step=step) as tb:
+        for method, entry in results["methods"].items():
+            for metric in EVAL_METRICS:
+                value = entry.get(f"mean_{metric}")
+                if value is not None:
+                    tb.add_scalar(eval_tag(metric, method), float(value), step)
+                    written += 1
+    return written
 
 
 def _step(line: str) -> float:

@@ -91,3 +91,15 @@ def test_adapters_key_shares_only_identical_adapters(setup):
                         Method("moa_router", MOA, params)) != main
     assert adapters_key(MethodSpec("single_lora"), Method("single_lora", MOA, params)) != main
     assert adapters_key(MethodSpec("base"), Method("base", None, params)) == ("base",)
+
+
+def test_progress_counts_every_item_once_computed_or_shared(setup):
+    """evaluate_method's on_items reports N items per method: batches it generates plus the items the memo gave."""
+    cfg, es, params, kw = setup
+    memo, n = ItemMemo(), len(es.rows)
+    for name in ("moa_router", "moa_oracle"):
+        counts = []
+        entry = evaluate_method(cfg, es, Method(name, MOA, params), memo=memo, memo_key="moa", on_items=counts.append,
+                                **kw)
+        assert sum(counts) == n, (name, counts)
+        assert len(counts) == -(-entry["items_computed"] // kw["batch_size"]) + (entry["items_computed"] < n)

@@ -4,10 +4,13 @@ per module through the experiment runner's own entry point, with one ablation va
   - every method x domain has every metric; the router's confusion matrix; the variant's own stage-2 run;
   - the generate CLI on that work directory prints an expert (with its domain) and an answer;
   - the CLI formats prompts exactly as training did (chat template + the run's system prompt);
-  - reuse_from: matching stage adapters are taken, a different stage-1 config is refused naming the field.
+  - reuse_from: matching stage adapters are taken, a different stage-1 config is refused naming the field;
+  - TensorBoard: each stage's LM loss and learning rate per logged step, the evaluation's averages per method.
 """
+import glob
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -88,6 +91,43 @@ def test_smoke_results_are_complete(smoke):
     assert os.path.isdir(os.path.join(variant_dir, "adapters"))
     assert json.load(open(os.path.join(variant_dir, "adapters", "config.json")))["train"]["eta"] == 0.0
     assert not os.path.exists(os.path.join(workdir, "variants", "eta0", "stage1"))
+
+
+def _tb_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of `directory`: tag -> [(step, value)], read from the TFRecord
+    framing (u64 length, u32 crc, Event proto, u32 crc) with tensorboardX's own protos."""
+    from tensorboardX.proto.event_pb2 import Event
+    out: dict = {}
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        data, pos = open(path, "rb").read(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_has_losses_learning_rates_and_evaluation(smoke):
+    from moa_jax.metrics_log import EVAL_METRICS, eval_tag
+    workdir, _ = smoke
+    res = json.load(open(os.path.join(workdir, "results.json")))
+    for stage, router in (("stage1", False), ("stage2", True)):
+        tb = _tb_scalars(os.path.join(workdir, stage, "tensorboard"))
+        rows = [json.loads(line) for line in open(os.path.join(workdir, stage, "metrics.jsonl"))]
+        assert [r["step"] for r in rows] == [1, 2]
+        for key in ("loss", "lm_loss", "learning_rate") + (("router_acc", "learning_rate_router") if router else ()):
+            assert tb[key] == [(r["step"], pytest.approx(r[key])) for r in rows], (stage, key)
+        assert ("learning_rate_router" in tb) == router
+    eval_tb = _tb_scalars(os.path.join(workdir, "eval", "tensorboard"))
+    final = res["steps"]["stage2"]
+    for method, entry in res["methods"].items():
+        assert eval_tb[eval_tag("accuracy", method)] == [(final, pytest.approx(entry["mean_accuracy"]))]
+        assert (eval_tag("ppl", method) in eval_tb) == (method != "most_common")
+        assert (eval_tag("routing_accuracy", method) in eval_tb) == method.startswith("moa_router")
+    assert eval_tag("bleu", "moa_router[eta0]") == "eval_bleu/moa_router.eta0"
+    assert len(eval_tb) == sum(e[f"mean_{m}"] is not None for e in res["methods"].values() for m in EVAL_METRICS)
 
 
 def test_generate_cli_prints_expert_and_answer(smoke, capsys):
