@@ -79,11 +79,13 @@ def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moa_jax.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run directory of `python -m experiments.run`")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: one batch)")
-    parser.add_argument("--routing", choices=API_ROUTINGS, default="router")
+    parser.add_argument("--routing", choices=API_ROUTINGS, default="router",
+                        help="router (default): the routers pick the expert from the prompt; oracle / forced: "
+                        "--expert picks it; base: no adapters")
     parser.add_argument("--expert", default=None, help="expert id or domain name (routing oracle / forced)")
-    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     parser.add_argument("--stage", default="stage2", help="whose adapters: stage2 (MoA), stage1, variants/NAME/stage2")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
     args = parser.parse_args(argv)

@@ -1,10 +1,14 @@
 """`python -m experiments.run --list` and `--help`: every registered experiment with its one-line summary, the
-budget note, and help text on every flag."""
+budget note, and help text on every flag (also on the generate and data.inspect CLIs)."""
+import argparse
 import contextlib
+import importlib
 import io
 import os
 import subprocess
 import sys
+
+import pytest
 
 from experiments import run
 from experiments.registry import EXPERIMENTS
@@ -51,3 +55,20 @@ def test_list_as_a_module_has_no_warning():
                           timeout=120, cwd=root)
     assert proc.returncode == 0 and "smoke" in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("module", ["moa_jax.generate_cli", "moa_jax.data.inspect"])
+def test_other_clis_explain_every_flag(module, monkeypatch):
+    """The parser each CLI builds (caught at parse_args) has help text on every option."""
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        importlib.import_module(module)._main(["--help"])
+    assert e.value.code == 0 and len(parsers) == 1
+    actions = parsers[0]._actions
+    assert len(actions) >= 8 and [a.dest for a in actions if not a.help] == []
