@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.generate import forward_moa, generate_tokens, left_pad, route_from_prompt
+from moa_jax.generate.decode import forward_moa, generate_tokens, left_pad, route_from_prompt, until_eos
 from moa_jax.model import MoATransformer
 from moa_jax.train_step import gather_targets
 
@@ -160,10 +160,6 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
         out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing,
                                          expert=0 if routing == "forced" else None, domain=domain,
                                          max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
-        eos = set(eos_ids)
-        for row in out[:n]:
-            ids = [int(t) for t in row]
-            cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-            texts.append(decode(ids[:cut]))
+        texts.extend(decode(until_eos(row, eos_ids)) for row in out[:n])
         used.extend(int(e) for e in chosen[:n])
     return texts, np.asarray(used)

@@ -13,7 +13,7 @@ from moa_jax.config import DataConfig, ModelConfig, MoAConfig
 from moa_jax.data import load_split
 from moa_jax.evaluate import Method, assign_experts
 from moa_jax.evaluation_run import ItemMemo, MethodSpec, adapters_key, build_eval_set, evaluate_method
-from moa_jax.generate import generate_tokens, left_pad
+from moa_jax.generate.decode import generate_tokens, left_pad
 from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
 from tests.train_helpers import randomised_model
 

@@ -91,7 +91,7 @@ def test_smoke_results_are_complete(smoke):
 
 
 def test_generate_cli_prints_expert_and_answer(smoke, capsys):
-    from moa_jax.generate_cli import main
+    from moa_jax.cli.generate import main
     workdir, _ = smoke
     assert main(["--workdir", workdir, "--prompt", "What is 2 + 3?", "--prompt", "Spell 'cat' backward",
                  "--max_new_tokens", "4"]) == 0
@@ -115,7 +115,7 @@ def test_cli_prompt_format_matches_training(smoke):
     from moa_jax import loading
     from moa_jax.api import MoAModel
     from moa_jax.data.pipeline import load_split
-    from moa_jax.generate_cli import system_prompt_of
+    from moa_jax.cli.generate import system_prompt_of
     exp = get_experiment("smoke")
     tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)
     split = load_split(exp.data, tokenizer, "test")

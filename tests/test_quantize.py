@@ -13,7 +13,7 @@ from flax import traverse_util
 import moa_jax
 from moa_jax.checkpoint import load_adapters
 from moa_jax.config import PROJECTIONS, ConfigError, ExperimentConfig, MeshConfig, ModelConfig, replace
-from moa_jax.generate import generate_tokens
+from moa_jax.generate.decode import generate_tokens
 from moa_jax.loading.tree import expected_shapes
 from moa_jax.model import MoATransformer
 from moa_jax.overrides import apply_overrides
