@@ -77,9 +77,9 @@ def main(argv=None) -> dict:
     from moa_jax.generate.decode import eos_ids
     from moa_jax.data import tasks
     from moa_jax.data.pipeline import load_split
-    from moa_jax.evaluate import Method, generate_answers
-    from moa_jax.evaluation_run import build_eval_set
-    from moa_jax.quantize import param_bytes
+    from moa_jax.eval.evaluate import Method, generate_answers
+    from moa_jax.eval.suite import build_eval_set
+    from moa_jax.nn.quantize import param_bytes
 
     exp = get_experiment("moa_10task")
     t0 = time.perf_counter()

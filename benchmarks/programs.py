@@ -28,9 +28,9 @@ from benchmarks import flops
 from benchmarks.timing import Variant, block, compile_aot, memory_info, xla_flops
 from moa_jax.config import PROJECTIONS, ModelConfig, MoAConfig, TrainConfig
 from moa_jax.generate.decode import decode_fn
-from moa_jax.model import MoATransformer
+from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params, param_shapes, split_params
-from moa_jax.train_step import init_state, lm_loss_terms, make_optimizer, train_step
+from moa_jax.train.step import init_state, lm_loss_terms, make_optimizer, train_step
 
 KINDS = ("frozen", "single", "top1", "soft")   # the frozen base, one LoRA (E=1), MoA top-1, MoA soft
 

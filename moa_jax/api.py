@@ -26,10 +26,10 @@ from moa_jax.config import ModelConfig, MoAConfig, replace
 from moa_jax.generate.decode import (eos_ids, expert_indices, generate_tokens, left_pad, model_routing,
                                      route_from_prompt, until_eos)
 from moa_jax.loading.base import load_base_model
-from moa_jax.model import MoATransformer
+from moa_jax.nn.model import MoATransformer
 from moa_jax.peft_import import read_peft_experts
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
-from moa_jax.quantize import check_quantize
+from moa_jax.nn.quantize import check_quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +146,12 @@ def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig
                seed: int = 0, quantize: Optional[str] = None) -> MoAModel:
     """Load a base model (+ fresh or trained MoA experts). dtype: compute dtype (default float32 on CPU,
     bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype); quantize="int8":
-    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/quantize.py)."""
+    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/nn/quantize.py)."""
     cfg, frozen, tokenizer = _load_frozen(source, dtype, param_dtype, quantize)
     if moa is None:
         return MoAModel(cfg, None, frozen, tokenizer, source)
     if adapters is not None:
-        from moa_jax.checkpoint import load_adapters
+        from moa_jax.train.checkpoint import load_adapters
         trainable, _ = load_adapters(adapters, {"moa": dataclasses.asdict(moa)})
         check_tree(split_params(param_shapes(cfg, moa))[1], trainable, adapters)
     else:

@@ -4,7 +4,7 @@ evaluation -> report.
     workdir/config.json                  the resolved ExperimentConfig
     workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
     workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
-    workdir/results.json  results.md  *.png            the report (moa_jax/report.py)
+    workdir/results.json  results.md  *.png            the report (moa_jax/eval/report.py)
 
 Every stage resumes from its own checkpoints, so re-running the same command after an interruption continues
 where it stopped and a finished stage is not trained again. Restore order per stage: its own checkpoint > the
@@ -30,20 +30,20 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from moa_jax.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
+from moa_jax.train.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
 from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
                             Variant, parse_variant, replace)
 from moa_jax.data.pipeline import TrainIterator, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.errors import check_writable
 from moa_jax.loading.base import check_base_model, load_base_model
-from moa_jax.evaluation_run import MethodSpec, evaluate_all
-from moa_jax.model import MoATransformer
+from moa_jax.eval.suite import MethodSpec, evaluate_all
+from moa_jax.nn.model import MoATransformer
 from moa_jax.params import check_tree, init_trainable, param_shapes, split_params
 from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
                               param_shardings)
-from moa_jax.train import train_stage
+from moa_jax.train.loop import train_stage
 
 log = logging.getLogger("moa_jax")
 class _Concat:
@@ -314,7 +314,7 @@ def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool 
 
 def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -> dict:
     """The whole experiment; writes results.json and the report (results.md, plots) and returns the results."""
-    from moa_jax.report import write_report
+    from moa_jax.eval.report import write_report
     t0 = time.perf_counter()
     plans = plan_variants(exp)   # a bad variant fails now, not after hours of training
     parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory

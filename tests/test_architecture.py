@@ -1,5 +1,6 @@
 """The package's import graph: no import cycle among moa_jax's modules, counting imports inside functions and
-`if __name__ == "__main__":` blocks (they run too, just later)."""
+`if __name__ == "__main__":` blocks (they run too, just later), and no module imports from a layer above its own
+(the layer order in README.md "Layout")."""
 from __future__ import annotations
 
 import ast
@@ -100,12 +101,63 @@ def test_moa_jax_has_no_import_cycle():
         " -> ".join(c) for c in cycles)
 
 
-def _write_package(tmp_path, files: dict[str, str]) -> str:
+# Lowest first; a module belongs to the first layer with a prefix that names it or a package above it.
+LAYERS = [
+    ("config", "errors", "overrides", "distributed"),
+    ("nn", "params", "sharding"),
+    ("loading", "data", "peft_import"),
+    ("train", "generate"),
+    ("eval",),
+    ("experiment",),
+    ("api", "export"),
+    ("cli",),
+]
+
+
+def layer_of(module: str) -> int:
+    """moa_jax.<name>... -> its layer index; `python -m` entry points (__main__) belong to the command lines."""
+    parts = module.split(".")
+    if parts[-1] == "__main__":
+        return len(LAYERS) - 1
+    for i, names in enumerate(LAYERS):
+        if len(parts) > 1 and parts[1] in names:
+            return i
+    raise AssertionError(f"{module}: in no layer; add it to LAYERS in tests/test_architecture.py and README Layout")
+
+
+def upward_imports(package_dir: str) -> list[str]:
+    """Every import edge "a -> b" with b in a higher layer than a (the package's own __init__ is the top)."""
+    modules = package_modules(package_dir)
+    return [f"{m} -> {d}" for m, p in sorted(modules.items()) if "." in m
+            for d in sorted(imported_modules(m, p, modules)) if "." in d and layer_of(d) > layer_of(m)]
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = upward_imports(PACKAGE_DIR)
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_layer_check_sees_an_upward_import(tmp_path):
+    pkg = _write_package(tmp_path, {
+        "__init__.py": "from moa_jax.api import load_model\n",
+        "config.py": "",
+        "api.py": "from moa_jax.nn.model import M\n",                         # down: fine
+        "nn/__init__.py": "",
+        "nn/model.py": "def f():\n    from moa_jax.train import loop\n",    # up, inside a function
+        "train/__init__.py": "",
+        "train/loop.py": "from moa_jax import config\n",
+        "generate/__main__.py": "from moa_jax.cli.generate import main\n",   # entry point: top layer
+        "cli/generate.py": "",
+    }, name="moa_jax")
+    assert upward_imports(pkg) == ["moa_jax.nn.model -> moa_jax.train", "moa_jax.nn.model -> moa_jax.train.loop"]
+
+
+def _write_package(tmp_path, files: dict[str, str], name: str = "pkg") -> str:
     for rel, text in files.items():
-        path = tmp_path / "pkg" / rel
+        path = tmp_path / name / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
-    return str(tmp_path / "pkg")
+    return str(tmp_path / name)
 
 
 def test_checker_finds_a_cycle_hidden_in_a_function_and_a_main_block(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.evaluate import Method, generate_answers
+from moa_jax.eval.evaluate import Method, generate_answers
 from moa_jax.generate.decode import generate_tokens, left_pad
 from tests.train_helpers import randomised_model
 

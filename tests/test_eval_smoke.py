@@ -154,7 +154,7 @@ def test_stage1_from_peft_adapters_skips_stage1_and_matches_its_experts(smoke, t
     import io
 
     from experiments import run
-    from moa_jax.checkpoint import load_adapters
+    from moa_jax.train.checkpoint import load_adapters
     from moa_jax.config import MoAConfig
     from moa_jax.export import export_peft
     from moa_jax.peft_import import PeftImportError, experts_for_domains

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Optional
 
-from moa_jax.checkpoint import AdapterNotFoundError
+from moa_jax.train.checkpoint import AdapterNotFoundError
 from moa_jax.errors import UsageError, cli_main
 from moa_jax.generate.decode import API_ROUTINGS
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.model import MoATransformer, init_cache
-from moa_jax.router import decide
+from moa_jax.nn.model import MoATransformer, init_cache
+from moa_jax.nn.router import decide
 
 Array = jax.Array
 API_ROUTINGS = ("router", "oracle", "forced", "base")

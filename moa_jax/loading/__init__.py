@@ -23,7 +23,7 @@ def load_checkpoint(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32"
                     place: Optional[Place] = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) for a model name, a .gguf file or a Hugging Face checkpoint directory. Leaves are
     numpy unless `place(path, host_leaf)` puts each on devices as soon as it is built (tree.build_param_tree);
-    quantize="int8" stores the projection kernels as int8 + per-channel scales (moa_jax/quantize.py)."""
+    quantize="int8" stores the projection kernels as int8 + per-channel scales (moa_jax/nn/quantize.py)."""
     kind, path = resolve_source(source)
     loader = load_gguf if kind == GGUF else load_hf_checkpoint
     return loader(path, param_dtype=param_dtype, quantize=quantize, place=place)

@@ -11,7 +11,7 @@ import jax
 from flax import traverse_util
 
 from moa_jax.config import ModelConfig, replace
-from moa_jax.quantize import quantize_frozen
+from moa_jax.nn.quantize import quantize_frozen
 from moa_jax.params import init_params
 
 TINY_RANDOM = "tiny-random"
@@ -32,7 +32,7 @@ def check_base_model(source: str) -> None:
 def load_base_model(source: str, dtype: str, quantize: str = "none", place=None):
     """-> (ModelConfig, frozen params, tokenizer), the config's compute and storage dtype both `dtype`. Leaves are
     numpy, or placed leaf by leaf by `place(path, leaf)` (e.g. `sharding.leaf_placer`, or straight to the device);
-    quantize="int8" stores the projection kernels as int8 (moa_jax/quantize.py)."""
+    quantize="int8" stores the projection kernels as int8 (moa_jax/nn/quantize.py)."""
     from moa_jax import loading   # deferred: the loaders pull in safetensors / gguf readers
     if source == TINY_RANDOM:
         tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)

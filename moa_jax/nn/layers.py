@@ -20,7 +20,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
-from moa_jax.lora import AdaptedDense, Route
+from moa_jax.nn.lora import AdaptedDense, Route
 
 Array = jax.Array
 

@@ -26,13 +26,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from moa_jax.checkpoint import StageCheckpointer, save_adapters
+from moa_jax.train.checkpoint import StageCheckpointer, save_adapters
 from moa_jax.config import TrainConfig
-from moa_jax.metrics_log import MetricsLogger, summarize
-from moa_jax.model import MoATransformer
+from moa_jax.train.metrics_log import MetricsLogger, summarize
+from moa_jax.nn.model import MoATransformer
 from moa_jax.sharding import (batch_sharding, check_batch_divisible, check_experts_divisible, logical_to_spec,
                               param_logical_axes, param_shardings, replicated)
-from moa_jax.train_step import TrainState, gather_targets, init_state, make_optimizer, train_step
+from moa_jax.train.step import TrainState, gather_targets, init_state, make_optimizer, train_step
 
 log = logging.getLogger("moa_jax")
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.layers import MLP, Attention, RMSNorm, jnp_dtype
-from moa_jax.lm_loss import chunked_token_nll, vocab_logits
-from moa_jax.lora import Route
-from moa_jax.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
+from moa_jax.nn.layers import MLP, Attention, RMSNorm, jnp_dtype
+from moa_jax.nn.lm_loss import chunked_token_nll, vocab_logits
+from moa_jax.nn.lora import Route
+from moa_jax.nn.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
 
 Array = jax.Array
 ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
@@ -153,7 +153,7 @@ class MoATransformer(nn.Module):
         attention_mask [B, T]: 1 on real tokens (default all). prompt_mask [B, T]: tokens the routers pool
         (default: attention_mask). positions [B, T]: default counts real tokens only, so left padding is harmless.
         nll_targets [B, K] (with logits_at): return the NLL [B, K] f32 of these next tokens instead of logits,
-        `cfg.loss_chunk` tokens at a time, never holding [B, K, V] logits (moa_jax/lm_loss.py).
+        `cfg.loss_chunk` tokens at a time, never holding [B, K, V] logits (moa_jax/nn/lm_loss.py).
         right_padded: every row's padding is at its end (training and evaluation batches); lets a GPU use cuDNN
         flash attention. Leave it False for left-padded prompts.
         """

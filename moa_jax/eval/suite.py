@@ -1,6 +1,6 @@
 """The evaluation stage of an experiment: every method (and ablation variant) on the same test items of every domain.
 
-Per method and domain (moa_jax.evaluate routes, computes NLL and generates per item; moa_jax.metrics scores):
+Per method and domain (moa_jax.eval.evaluate routes, computes NLL and generates per item; moa_jax.eval.metrics scores):
   accuracy        share of items whose greedy answer the domain's verifier gives full marks (exact)
   score           mean verifier score (some verifiers give partial credit)
   ppl, nll        perplexity / mean NLL on the response tokens (teacher forcing; routed as the method routes)
@@ -28,9 +28,9 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from moa_jax import metrics
+from moa_jax.eval import metrics
 from moa_jax.config import MoAConfig
-from moa_jax.evaluate import Method, assign_experts, generate_answers, item_nll
+from moa_jax.eval.evaluate import Method, assign_experts, generate_answers, item_nll
 from moa_jax.generate.decode import eos_ids, forward_moa
 from moa_jax.params import merge_params
 
