@@ -228,11 +228,6 @@ class TrainConfig:
         return self.loss_normalization or ("domain" if self.stage == "stage1" else "token")
 
 
-def paper_train_config(**overrides) -> TrainConfig:
-    """The paper's optimiser settings: AdamW, lr 1e-5, 10% warmup + cosine, grad clip 0.1, accumulation 4."""
-    return TrainConfig(**{"learning_rate": 1e-5, "warmup_frac": 0.1, "grad_clip": 0.1, "grad_accum": 4,
-                          **overrides})
-
 def replace(cfg, **changes):
     """dataclasses.replace that re-runs validation (frozen dataclasses)."""
     return dataclasses.replace(cfg, **changes)

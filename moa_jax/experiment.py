@@ -33,7 +33,7 @@ from flax import traverse_util
 from moa_jax.train.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
 from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
                             Variant, parse_variant, replace)
-from moa_jax.data.pipeline import TrainIterator, load_split
+from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.errors import check_writable
 from moa_jax.loading.base import check_base_model, load_base_model
@@ -76,9 +76,9 @@ class ExperimentContext:
                 **dataclasses.asdict(self.cfg)}, "moa": dataclasses.asdict(moa), "train": dataclasses.asdict(tcfg),
                 "data": dataclasses.asdict(self.exp.data), "domains": list(self.domains)}
 
-    def source(self, seed_offset: int, accum: int) -> TrainIterator:
+    def source(self, seed_offset: int, accum: int) -> TrainBatches:
         data_cfg = replace(self.exp.data, seed=self.exp.data.seed + seed_offset)
-        return TrainIterator(self.data["train"], data_cfg, process_index=jax.process_index(),
+        return TrainBatches(self.data["train"], data_cfg, process_index=jax.process_index(),
                              process_count=jax.process_count(), micro_batches=accum)
 
     def train(self, stage: str, moa: MoAConfig, tcfg: TrainConfig, init: Any, source, progress: bool,

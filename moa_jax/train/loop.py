@@ -161,7 +161,7 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
             acc, count = None, 0
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
             _check_finite(state, ckpt, done)
-            ckpt.save(done, state, {"config": config, "data": {"next_micro_batch": done * tcfg.grad_accum}})
+            ckpt.save(done, state, {"config": config})
     bar.close()
     ckpt.close()
     logger.close()
