@@ -12,7 +12,7 @@ from typing import Optional
 
 from moa_jax.config import ModelConfig
 from moa_jax.loading.gguf import load_gguf, open_gguf, unpermute_qk
-from moa_jax.loading.hf import weight_files, load_hf_checkpoint, load_hf_config
+from moa_jax.loading.hf import load_hf_checkpoint, load_hf_config, weight_files
 from moa_jax.loading.resolve import (DEFAULT_MODEL, GGUF, CheckpointError, MissingTensorError, ModelSourceError,
                                      ShapeMismatchError, resolve_source)
 from moa_jax.loading.tokenizer import load_tokenizer
