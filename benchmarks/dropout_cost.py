@@ -6,7 +6,7 @@ Builds four single-LoRA train steps with `benchmarks.programs.train_variant` and
 process (A B C D A B C D ...), printing the median step time of each and its ratio to the dropout-free step:
   none            dropout 0 (the merged single-expert GEMM: the suite's `single`)
   none_unmerged   dropout 0 with the two-GEMM LoRA path that dropout forces (the floor for any dropout)
-  hashed          dropout 0.05, `moa_jax.lora.lora_dropout` (keyed counter hash, 16 bits per element)
+  hashed          dropout 0.05, `moa_jax.nn.lora.lora_dropout` (keyed counter hash, 16 bits per element)
   nn_dropout      dropout 0.05 with flax's nn.Dropout in its place (32 threefry bits per element)
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import flax.linen as nn
 
 from benchmarks import programs as P
-from moa_jax import lora
+from moa_jax.nn import lora
 
 CONFIGS = {"cpu-tiny": P.cpu_tiny, "smoke": P.smoke}
 

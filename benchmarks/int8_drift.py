@@ -74,12 +74,12 @@ def main(argv=None) -> dict:
 
     import moa_jax
     from experiments.registry import get_experiment
-    from moa_jax.api import _eos_ids
+    from moa_jax.generate.decode import eos_ids
     from moa_jax.data import tasks
     from moa_jax.data.pipeline import load_split
-    from moa_jax.evaluate import Method, generate_answers
-    from moa_jax.evaluation_run import build_eval_set
-    from moa_jax.quantize import param_bytes
+    from moa_jax.eval.evaluate import Method, generate_answers
+    from moa_jax.eval.suite import build_eval_set
+    from moa_jax.nn.quantize import param_bytes
 
     exp = get_experiment("moa_10task")
     t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     for s, m in models.items():
         t = time.perf_counter()
         texts[s], _ = generate_answers(m.config, Method("base", None, m.params), es.prompts, None, pad_id=split.pad_id,
-                                       eos_ids=_eos_ids(tok), max_new_tokens=args.max_new_tokens,
+                                       eos_ids=eos_ids(tok), max_new_tokens=args.max_new_tokens,
                                        batch_size=exp.eval.batch_size,
                                        decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
         seconds[s] = round(time.perf_counter() - t, 1)

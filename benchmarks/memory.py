@@ -5,7 +5,7 @@
 
 It builds the abstract trees (`jax.eval_shape` of the model's init, the optimiser state, a [1, B, T] micro-batch
 with compact targets at T/2 positions, as `jax.ShapeDtypeStruct`s with their shardings), lowers and compiles
-`moa_jax.train.jit_train_step` (the function training runs: state donated, the stage-2 loss, AdamW) and prints ONE
+`moa_jax.train.loop.jit_train_step` (the function training runs: state donated, the stage-2 loss, AdamW) and prints ONE
 JSON line:
   argument_bytes, output_bytes, temp_bytes, alias_bytes  from `compiled.memory_analysis()` (per device);
   peak_bytes = argument + output + temp - alias: everything alive at once if the donated state's outputs reuse
@@ -81,8 +81,8 @@ def model_config(name: str, dtype: str, remat: str, loss_chunk: int):
 def activation_estimate(cfg, moa, batch: int, seq: int, targets: int, devices: int) -> int:
     """Bytes of activations per device (module docstring): saved per layer + one layer's working set + one
     attention block's scores + one LM-head chunk, each with its gradient."""
-    from moa_jax.layers import ATTENTION_QUERY_BLOCK
-    from moa_jax.model import resolve_remat
+    from moa_jax.nn.layers import ATTENTION_QUERY_BLOCK
+    from moa_jax.nn.model import resolve_remat
     b = batch // devices
     tok = b * seq
     dt = 2 if cfg.dtype in ("bfloat16", "float16") else 4
@@ -105,11 +105,11 @@ def plan(args) -> dict:
     import jax.numpy as jnp
     from benchmarks.programs import train_config
     from moa_jax.config import MeshConfig, MoAConfig, replace
-    from moa_jax.model import MoATransformer
+    from moa_jax.nn.model import MoATransformer
     from moa_jax.params import param_shapes, split_params
     from moa_jax.sharding import make_mesh, param_shardings
-    from moa_jax.train import jit_train_step, micro_batch_sharding, state_shardings
-    from moa_jax.train_step import make_optimizer
+    from moa_jax.train.loop import jit_train_step, micro_batch_sharding, state_shardings
+    from moa_jax.train.step import make_optimizer
 
     cfg = model_config(args.shape, args.dtype, args.remat, args.loss_chunk)
     if args.layers:
@@ -118,8 +118,8 @@ def plan(args) -> dict:
     tcfg = replace(train_config("top1"), steps=1000)
     frozen, trainable = split_params(param_shapes(cfg, moa))
     if args.quantize != "none":
-        # the int8 frozen tree (moa_jax/quantize.py) in place of the bf16 one
-        from moa_jax.quantize import quantize_frozen
+        # the int8 frozen tree (moa_jax/nn/quantize.py) in place of the bf16 one
+        from moa_jax.nn.quantize import quantize_frozen
         cfg = replace(cfg, quantize=args.quantize)
         frozen = jax.eval_shape(quantize_frozen, frozen)
     fsdp = args.devices > 1

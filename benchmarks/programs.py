@@ -27,10 +27,10 @@ import numpy as np
 from benchmarks import flops
 from benchmarks.timing import Variant, block, compile_aot, memory_info, xla_flops
 from moa_jax.config import PROJECTIONS, ModelConfig, MoAConfig, TrainConfig
-from moa_jax.generate import _decode_fn
-from moa_jax.model import MoATransformer
+from moa_jax.generate.decode import decode_fn
+from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params, param_shapes, split_params
-from moa_jax.train_step import init_state, lm_loss_terms, make_optimizer, train_step
+from moa_jax.train.step import init_state, lm_loss_terms, make_optimizer, train_step
 
 KINDS = ("frozen", "single", "top1", "soft")   # the frozen base, one LoRA (E=1), MoA top-1, MoA soft
 
@@ -279,7 +279,7 @@ def decode_variant(bc: BenchConfig, kind: str, name: str, experts: Optional[int]
     num_e = 1 if moa is None else moa.num_experts
     idxs = [jnp.asarray(rng.integers(0, num_e, (b,), dtype=np.int32)) for _ in range(4)]
     mode = "base" if moa is None else ("soft" if kind == "soft" else "fixed")
-    decode = _decode_fn(bc.model, moa, mode, n, True)
+    decode = decode_fn(bc.model, moa, mode, n, True)
     rest = (jnp.asarray([-1], jnp.int32), jnp.float32(1.0), jax.random.PRNGKey(0))
     t0 = time.perf_counter()
     compiled = decode.lower(params, tokens, mask, idxs[0], *rest).compile()

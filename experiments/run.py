@@ -103,7 +103,7 @@ def _main(argv=None) -> int:
     logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
                                       json.dumps(dataclasses.asdict(exp), indent=1, default=str))
     results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
-    from moa_jax.report import summary
+    from moa_jax.eval.report import summary
     print(summary(results, workdir))
     return 0
 

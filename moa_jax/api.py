@@ -23,11 +23,13 @@ import numpy as np
 from flax import traverse_util
 
 from moa_jax.config import ModelConfig, MoAConfig, replace
-from moa_jax.generate import expert_indices, generate_tokens, left_pad, model_routing, route_from_prompt
-from moa_jax.model import MoATransformer
+from moa_jax.generate.decode import (eos_ids, expert_indices, generate_tokens, left_pad, model_routing,
+                                     route_from_prompt, until_eos)
+from moa_jax.loading.base import load_base_model
+from moa_jax.nn.model import MoATransformer
 from moa_jax.peft_import import read_peft_experts
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
-from moa_jax.quantize import check_quantize
+from moa_jax.nn.quantize import check_quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +37,6 @@ class Generation:
     text: str
     expert: int          # the expert used for this prompt (-1: base model / token-level routing)
     token_ids: tuple
-
-
-def load_base(source: str, *, param_dtype: str = "float32", quantize: str = "none",
-              place=None) -> tuple[ModelConfig, dict, Any]:
-    """-> (ModelConfig, frozen base params, tokenizer); numpy leaves unless `place(path, leaf)` places each as it
-    is built. "tiny-random" is the smoke experiment's random tiny Llama (deterministic, so a smoke run's adapters
-    load onto the same base)."""
-    from moa_jax import loading
-    if source == "tiny-random":
-        from moa_jax.experiment import load_base_model
-        return load_base_model(source, param_dtype, quantize, place)
-    cfg, params = loading.load_checkpoint(source, param_dtype=param_dtype, quantize=quantize, place=place)
-    return cfg, params, loading.load_tokenizer(source)
 
 
 @dataclasses.dataclass
@@ -114,31 +103,19 @@ class MoAModel:
         seqs = [p if _is_token_list(p) else self.encode_prompt(p, system_prompt) for p in prompts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         tokens, mask = left_pad(seqs, pad)
+        eos = eos_ids(self.tokenizer)
         out, idx, _ = generate_tokens(self.config, self.moa, self.params, tokens, mask, routing=routing,
                                       expert=expert, domain=domain, max_new_tokens=max_new_tokens,
-                                      eos_ids=_eos_ids(self.tokenizer), temperature=temperature, seed=seed)
-        eos = set(_eos_ids(self.tokenizer))
+                                      eos_ids=eos, temperature=temperature, seed=seed)
         results = []
         for row, e in zip(out, idx):
-            ids = [int(t) for t in row]
-            cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-            results.append(Generation(self.tokenizer.decode(ids[:cut], skip_special_tokens=True), int(e),
-                                      tuple(ids[:cut])))
+            ids = until_eos(row, eos)
+            results.append(Generation(self.tokenizer.decode(ids, skip_special_tokens=True), int(e), tuple(ids)))
         return results
 
 
 def _is_token_list(p) -> bool:
     return isinstance(p, (list, tuple, np.ndarray)) and len(p) > 0 and isinstance(p[0], (int, np.integer))
-
-
-def _eos_ids(tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    # chat models often end a turn with a different token than EOS (e.g. <|im_end|>)
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
-        if tid is not None:
-            ids.add(tid)
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,8 +136,8 @@ def _load_frozen(source: str, dtype: Optional[str], param_dtype: Optional[str], 
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     # each leaf goes to the device as soon as it is built, so the host holds at most one leaf of the base
-    cfg, frozen, tokenizer = load_base(source, param_dtype=param_dtype or dtype, quantize=quantize,
-                                       place=lambda path, leaf: jax.block_until_ready(jnp.asarray(leaf)))
+    cfg, frozen, tokenizer = load_base_model(source, param_dtype or dtype, quantize,
+                                             place=lambda path, leaf: jax.block_until_ready(jnp.asarray(leaf)))
     return replace(cfg, dtype=dtype, param_dtype=param_dtype or dtype), frozen, tokenizer
 
 
@@ -169,12 +146,12 @@ def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig
                seed: int = 0, quantize: Optional[str] = None) -> MoAModel:
     """Load a base model (+ fresh or trained MoA experts). dtype: compute dtype (default float32 on CPU,
     bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype); quantize="int8":
-    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/quantize.py)."""
+    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/nn/quantize.py)."""
     cfg, frozen, tokenizer = _load_frozen(source, dtype, param_dtype, quantize)
     if moa is None:
         return MoAModel(cfg, None, frozen, tokenizer, source)
     if adapters is not None:
-        from moa_jax.checkpoint import load_adapters
+        from moa_jax.train.checkpoint import load_adapters
         trainable, _ = load_adapters(adapters, {"moa": dataclasses.asdict(moa)})
         check_tree(split_params(param_shapes(cfg, moa))[1], trainable, adapters)
     else:

@@ -25,8 +25,8 @@ DISPATCH_MODES = ("top1", "soft", "token_topk")
 ROUTER_TYPES = ("linear", "mlp")
 DECISION_POLICIES = ("last", "vote")
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE_MODES = ("none", "int8")  # storage of the frozen projection kernels (moa_jax/quantize.py)
-# What each decoder layer keeps for the backward (moa_jax/model.py, REMAT POLICIES); none of them keeps a T^2 tensor.
+QUANTIZE_MODES = ("none", "int8")  # storage of the frozen projection kernels (moa_jax/nn/quantize.py)
+# What each decoder layer keeps for the backward (moa_jax/nn/model.py, REMAT POLICIES); none of them keeps a T^2 tensor.
 REMAT_POLICIES = ("auto", "full", "projections", "none")
 
 
@@ -78,7 +78,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # Mistral: keys further back than this are masked
     dtype: str = "float32"        # compute dtype
     param_dtype: str = "float32"  # storage dtype of the frozen base weights
-    quantize: str = "none"        # "int8": projection kernels int8 + per-channel scales (moa_jax/quantize.py)
+    quantize: str = "none"        # "int8": projection kernels int8 + per-channel scales (moa_jax/nn/quantize.py)
     remat: str = "auto"           # REMAT_POLICIES: what each layer keeps for the backward (model.py)
     loss_chunk: int = 1024        # LM loss / NLL: tokens per block of the chunked head (no [B, T, V] logits)
     name: str = "llama"
@@ -228,11 +228,6 @@ class TrainConfig:
         return self.loss_normalization or ("domain" if self.stage == "stage1" else "token")
 
 
-def paper_train_config(**overrides) -> TrainConfig:
-    """The paper's optimiser settings: AdamW, lr 1e-5, 10% warmup + cosine, grad clip 0.1, accumulation 4."""
-    return TrainConfig(**{"learning_rate": 1e-5, "warmup_frac": 0.1, "grad_clip": 0.1, "grad_accum": 4,
-                          **overrides})
-
 def replace(cfg, **changes):
     """dataclasses.replace that re-runs validation (frozen dataclasses)."""
     return dataclasses.replace(cfg, **changes)
@@ -301,7 +296,7 @@ EVAL_METHODS = ("most_common", "base", "single_lora", "mixed_lora", "moa_router"
 @dataclass(frozen=True)
 class EvalConfig:
     """Test-split evaluation: perplexity, greedy-generation metrics (verifier accuracy, BLEU-4, ROUGE-L) and
-    routing, per domain. Methods (moa_jax/evaluate.py): most_common = the most common TRAIN answer of the domain
+    routing, per domain. Methods (moa_jax/eval/evaluate.py): most_common = the most common TRAIN answer of the domain
     (a floor), base, single_lora (stage-1 experts, domain given), mixed_lora, moa_router, moa_oracle, moe_lora."""
     items_per_domain: int = 200     # test items per domain (>= 200 for claims; at 50, < ~0.1 apart is noise)
     max_new_tokens: int = 32
@@ -368,7 +363,7 @@ class ExperimentConfig:
     variants: ablation specs (see `Variant`); each trains in `<workdir>/variants/<NAME>/` from the shared stage 1.
     reuse_from: the work directory of an earlier run whose adapters are loaded instead of training a stage when
     that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
-    quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/quantize.py).
+    quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/nn/quantize.py).
     """
     name: str = "custom"
     model: str = "smollm2-135m-instruct"

@@ -4,7 +4,7 @@ evaluation -> report.
     workdir/config.json                  the resolved ExperimentConfig
     workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
     workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
-    workdir/results.json  results.md  *.png            the report (moa_jax/report.py)
+    workdir/results.json  results.md  *.png            the report (moa_jax/eval/report.py)
     workdir/eval/tensorboard/            the evaluation's averages per method, at stage 2's last step
 
 Every stage resumes from its own checkpoints, so re-running the same command after an interruption continues
@@ -31,56 +31,23 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from moa_jax.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
+from moa_jax.train.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
 from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
                             Variant, parse_variant, replace)
-from moa_jax.data.pipeline import TrainIterator, load_split
+from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.errors import check_writable
-from moa_jax.evaluation_run import MethodSpec, evaluate_all
-from moa_jax.evaluation_run import eval_rows, reference_text, score_completion  # noqa: F401  (re-exported)
-from moa_jax.metrics_log import log_eval_scalars
-from moa_jax.model import MoATransformer
-from moa_jax.params import check_tree, init_params, init_trainable, param_shapes, split_params
+from moa_jax.loading.base import check_base_model, load_base_model
+from moa_jax.eval.suite import MethodSpec, evaluate_all
+from moa_jax.train.metrics_log import log_eval_scalars
+from moa_jax.nn.model import MoATransformer
+from moa_jax.params import check_tree, init_trainable, param_shapes, split_params
 from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
-from moa_jax.quantize import quantize_frozen
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
                               param_shardings)
-from moa_jax.train import train_stage
+from moa_jax.train.loop import train_stage
 
 log = logging.getLogger("moa_jax")
-TINY_RANDOM = "tiny-random"
-
-
-def tiny_model_config(vocab_size: int) -> ModelConfig:
-    """The random tiny Llama used by the smoke experiment (with the embedded tokenizer's vocabulary)."""
-    return ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, tie_word_embeddings=True, name="tiny-random")
-
-
-def check_base_model(source: str) -> None:
-    """The cheap part of loading `source` (the path resolves, headers parse): a UserError now, not after minutes."""
-    from moa_jax import loading
-    loading.check_model_source(loading.DEFAULT_MODEL if source == TINY_RANDOM else source)
-
-
-def load_base_model(source: str, dtype: str, quantize: str = "none", place=None):
-    """-> (ModelConfig, frozen params, tokenizer). Leaves are numpy, or placed leaf by leaf by `place(path, leaf)`
-    (e.g. `sharding.leaf_placer`); quantize="int8" stores the projection kernels as int8 (moa_jax/quantize.py)."""
-    from moa_jax import loading
-    if source == TINY_RANDOM:
-        tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)
-        cfg = replace(tiny_model_config(len(tokenizer)), dtype=dtype, param_dtype=dtype, quantize=quantize)
-        params = jax.device_get(init_params(replace(cfg, quantize="none"), None, jax.random.PRNGKey(1234)))
-        params = quantize_frozen(params) if quantize == "int8" else params
-        if place is not None:
-            params = traverse_util.unflatten_dict({k: place(k, v) for k, v in
-                                                   traverse_util.flatten_dict(params).items()})
-        return cfg, params, tokenizer
-    cfg, params = loading.load_checkpoint(source, param_dtype=dtype, quantize=quantize, place=place)
-    return replace(cfg, dtype=dtype, param_dtype=dtype), params, loading.load_tokenizer(source)
-
-
 class _Concat:
     """Micro-batch stream that replays stage 1's batches, then stage 2's (the mixed-LoRA baseline sees the same
     examples as MoA)."""
@@ -111,9 +78,9 @@ class ExperimentContext:
                 **dataclasses.asdict(self.cfg)}, "moa": dataclasses.asdict(moa), "train": dataclasses.asdict(tcfg),
                 "data": dataclasses.asdict(self.exp.data), "domains": list(self.domains)}
 
-    def source(self, seed_offset: int, accum: int) -> TrainIterator:
+    def source(self, seed_offset: int, accum: int) -> TrainBatches:
         data_cfg = replace(self.exp.data, seed=self.exp.data.seed + seed_offset)
-        return TrainIterator(self.data["train"], data_cfg, process_index=jax.process_index(),
+        return TrainBatches(self.data["train"], data_cfg, process_index=jax.process_index(),
                              process_count=jax.process_count(), micro_batches=accum)
 
     def train(self, stage: str, moa: MoAConfig, tcfg: TrainConfig, init: Any, source, progress: bool,
@@ -349,7 +316,7 @@ def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool 
 
 def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -> dict:
     """The whole experiment; writes results.json and the report (results.md, plots) and returns the results."""
-    from moa_jax.report import write_report
+    from moa_jax.eval.report import write_report
     t0 = time.perf_counter()
     plans = plan_variants(exp)   # a bad variant fails now, not after hours of training
     parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory

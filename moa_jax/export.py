@@ -28,7 +28,7 @@ from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
 from moa_jax.loading.hf import hf_key
 from moa_jax.loading.resolve import HF, hub_id, resolve_source
 from moa_jax.loading.tree import expected_shapes, numpy_dtype
-from moa_jax.quantize import SCALE_LEAF, dequantize
+from moa_jax.nn.quantize import SCALE_LEAF, dequantize
 
 _MODULE_PREFIX = {p: "self_attn" for p in ATTENTION_PROJECTIONS} | {"gate_proj": "mlp", "up_proj": "mlp",
                                                                       "down_proj": "mlp"}

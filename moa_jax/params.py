@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.model import MoATransformer
+from moa_jax.nn.model import MoATransformer
 
 Params = dict[str, Any]
 TRAINABLE_LEAVES = ("lora_a", "lora_b")

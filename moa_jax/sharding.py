@@ -88,12 +88,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host-local batch rows -> global arrays sharded over the batch axis (multi-process safe)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-            for k, v in local_batch.items()}
-
-
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     """One host array -> a global array; each device receives only its shard."""
     return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x[idx]))

@@ -102,7 +102,7 @@ def _check_values(params, cfg, quantize: str) -> bool:
     """Every loaded leaf equals the regenerated tensors (transposed, stacked; quantized like the loader)."""
     from moa_jax.loading.hf import hf_key
     from moa_jax.loading.tree import expected_shapes
-    from moa_jax.quantize import SCALE_LEAF, is_quantized_kernel, quantize_int8
+    from moa_jax.nn.quantize import SCALE_LEAF, is_quantized_kernel, quantize_int8
     for path, shape in expected_shapes(cfg).items():
         if path[-1] == SCALE_LEAF:
             continue

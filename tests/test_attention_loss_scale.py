@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from moa_jax import layers
+from moa_jax.nn import layers
 from moa_jax.config import ConfigError, ModelConfig, MoAConfig, TrainConfig
-from moa_jax.lm_loss import chunked_token_nll, token_nll, vocab_logits
-from moa_jax.model import MoATransformer, init_cache
+from moa_jax.nn.lm_loss import chunked_token_nll, token_nll, vocab_logits
+from moa_jax.nn.model import MoATransformer, init_cache
 from moa_jax.params import merge_params
-from moa_jax.train_step import loss_fn
+from moa_jax.train.step import loss_fn
 from tests.train_helpers import init_trees
 
 B, T, V = 3, 24, 64

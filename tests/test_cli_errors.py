@@ -111,7 +111,7 @@ def test_experiment_cli_user_errors_are_found_before_the_model_loads(tmp_path, c
 
 def test_other_cli_user_errors_in_process(tmp_path, capsys):
     from benchmarks import run as bench
-    from moa_jax import generate_cli
+    from moa_jax.cli import generate as generate_cli
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert_user_error(cli_main(bench._cli, ["--suite", "smoke", "--out", f"{blocker}/b.json"]),

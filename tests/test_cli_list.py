@@ -57,7 +57,7 @@ def test_list_as_a_module_has_no_warning():
     assert "Warning" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("module", ["moa_jax.generate_cli", "moa_jax.data.inspect"])
+@pytest.mark.parametrize("module", ["moa_jax.cli.generate", "moa_jax.data.inspect"])
 def test_other_clis_explain_every_flag(module, monkeypatch):
     """The parser each CLI builds (caught at parse_args) has help text on every option."""
     parsers = []

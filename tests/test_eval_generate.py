@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.evaluate import Method, generate_answers
-from moa_jax.generate import generate_tokens, left_pad
+from moa_jax.eval.evaluate import Method, generate_answers
+from moa_jax.generate.decode import generate_tokens, left_pad
 from tests.train_helpers import randomised_model
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -1,4 +1,4 @@
-"""Evaluation shares one-expert-per-item work between methods (evaluation_run.ItemMemo): on a tiny random MoA whose
+"""Evaluation shares one-expert-per-item work between methods (moa_jax.eval.suite.ItemMemo): on a tiny random MoA whose
 experts and routers are randomised (experts differ, the router sends items to several experts),
   - moa_router then moa_oracle with a memo == each evaluated alone from scratch (NLL, PPL, answers, scores);
   - moa_oracle recomputes exactly the items the router sent to another expert than their label;
@@ -11,9 +11,9 @@ import pytest
 
 from moa_jax.config import DataConfig, ModelConfig, MoAConfig
 from moa_jax.data import load_split
-from moa_jax.evaluate import Method, assign_experts
-from moa_jax.evaluation_run import ItemMemo, MethodSpec, adapters_key, build_eval_set, evaluate_method
-from moa_jax.generate import generate_tokens, left_pad
+from moa_jax.eval.evaluate import Method, assign_experts
+from moa_jax.eval.suite import ItemMemo, MethodSpec, adapters_key, build_eval_set, evaluate_method
+from moa_jax.generate.decode import generate_tokens, left_pad
 from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
 from tests.train_helpers import randomised_model
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from moa_jax import metrics, report
+from moa_jax.eval import metrics, report
 from moa_jax.config import ConfigError, ExperimentConfig, parse_variant, replace
 
 
@@ -131,7 +131,7 @@ def test_report_counts_dropped_items_per_domain_and_split(tmp_path):
     truncated and how many test items were evaluated (counts from the real tokenisation of over-long examples)."""
     from moa_jax.config import DataConfig
     from moa_jax.data import load_text_split, tokenize_split
-    from moa_jax.evaluation_run import data_counts
+    from moa_jax.eval.suite import data_counts
     from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
     root = make_jsonl_dir(tmp_path / "d", long_every=5)   # 6 of alpha's 30 examples are over-long
     text = load_text_split(DataConfig(source=f"jsonl:{root}", holdout_fraction=0.0), "train")

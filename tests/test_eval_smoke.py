@@ -110,7 +110,7 @@ def _tb_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_has_losses_learning_rates_and_evaluation(smoke):
-    from moa_jax.metrics_log import EVAL_METRICS, eval_tag
+    from moa_jax.train.metrics_log import EVAL_METRICS, eval_tag
     workdir, _ = smoke
     res = json.load(open(os.path.join(workdir, "results.json")))
     for stage, router in (("stage1", False), ("stage2", True)):
@@ -131,7 +131,7 @@ def test_tensorboard_has_losses_learning_rates_and_evaluation(smoke):
 
 
 def test_generate_cli_prints_expert_and_answer(smoke, capsys):
-    from moa_jax.generate_cli import main
+    from moa_jax.cli.generate import main
     workdir, _ = smoke
     assert main(["--workdir", workdir, "--prompt", "What is 2 + 3?", "--prompt", "Spell 'cat' backward",
                  "--max_new_tokens", "4"]) == 0
@@ -155,7 +155,7 @@ def test_cli_prompt_format_matches_training(smoke):
     from moa_jax import loading
     from moa_jax.api import MoAModel
     from moa_jax.data.pipeline import load_split
-    from moa_jax.generate_cli import system_prompt_of
+    from moa_jax.cli.generate import system_prompt_of
     exp = get_experiment("smoke")
     tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)
     split = load_split(exp.data, tokenizer, "test")
@@ -194,7 +194,7 @@ def test_stage1_from_peft_adapters_skips_stage1_and_matches_its_experts(smoke, t
     import io
 
     from experiments import run
-    from moa_jax.checkpoint import load_adapters
+    from moa_jax.train.checkpoint import load_adapters
     from moa_jax.config import MoAConfig
     from moa_jax.export import export_peft
     from moa_jax.peft_import import PeftImportError, experts_for_domains

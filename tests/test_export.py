@@ -14,7 +14,7 @@ import transformers  # noqa: E402
 from moa_jax.config import MoAConfig  # noqa: E402
 from moa_jax.export import export_peft  # noqa: E402
 from moa_jax.loading import load_hf_checkpoint  # noqa: E402
-from moa_jax.model import MoATransformer  # noqa: E402
+from moa_jax.nn.model import MoATransformer  # noqa: E402
 from moa_jax.params import init_trainable, merge_params  # noqa: E402
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moa_jax.lora import (AdaptedDense, Route, lora_delta, lora_loop_reference, lora_mixture, lora_single,
+from moa_jax.nn.lora import (AdaptedDense, Route, lora_delta, lora_loop_reference, lora_mixture, lora_single,
                           lora_top1)
 
 B, T, DIN, DOUT, E, R = 3, 5, 8, 6, 4, 2
@@ -164,7 +164,7 @@ def test_lora_dropout_keeps_the_rate_and_the_mean_with_independent_masks():
     """lora_dropout (keyed-hash bits): the drop rate is `rate` (within 5 sigma over 2^20 elements), kept elements are
     scaled so the mean is preserved, the 16-bit numbers are uniform (chi-square over 16 bins), neighbouring
     elements and different keys are uncorrelated, and the same key reproduces the mask."""
-    from moa_jax.lora import dropout_bits, lora_dropout
+    from moa_jax.nn.lora import dropout_bits, lora_dropout
     shape, rate = (4, 256, 1024), 0.05
     x = jnp.ones(shape, jnp.float32)
     k1, k2 = jax.random.split(jax.random.PRNGKey(3))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moa_jax.lora import low_rank
+from moa_jax.nn.lora import low_rank
 
 G, N, DIN, K, DOUT = 2, 5, 6, 3, 4
 
@@ -35,7 +35,7 @@ def test_low_rank_matches_autodiff(gate_shape):
 
 
 def test_merged_lora_matmul_matches_autodiff_including_kernel_grad():
-    from moa_jax.lora import merged_lora_matmul
+    from moa_jax.nn.lora import merged_lora_matmul
     rng = np.random.default_rng(1)
     x, w, a, b, proj = (jnp.asarray(rng.normal(size=s), jnp.float32)
                         for s in ((N, DIN), (DIN, DOUT), (DIN, K), (K, DOUT), (N, DOUT)))
@@ -57,7 +57,7 @@ def test_merged_lora_matmul_matches_autodiff_including_kernel_grad():
 def test_adapted_dense_merged_path_equals_two_gemm_path(monkeypatch):
     """Enough tokens take the merged single-expert GEMM; forcing the two-GEMM path gives the same output and
     gradients (E=1 top-1 and 'single' routes)."""
-    import moa_jax.lora as lora
+    import moa_jax.nn.lora as lora
     layer = lora.AdaptedDense(features=DOUT, num_experts=1, rank=K, scale=2.0, use_bias=True)
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(3, 16, DIN)), jnp.float32)

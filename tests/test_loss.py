@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moa_jax.train_step import lm_loss_terms
+from moa_jax.train.step import lm_loss_terms
 
 
 def _reference(logits, tokens, loss_mask):

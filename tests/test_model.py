@@ -15,10 +15,10 @@ from flax import traverse_util
 from flax.errors import InvalidRngError
 
 from moa_jax.config import MoAConfig
-from moa_jax.model import ROUTING_MODES, MoATransformer, init_cache
+from moa_jax.nn.model import ROUTING_MODES, MoATransformer, init_cache
 from moa_jax.params import (check_tree, count_params, init_trainable, merge_params, param_shapes,
                             split_params)
-from moa_jax.router import router_ce_loss
+from moa_jax.nn.router import router_ce_loss
 from tests import reference
 from tests.conftest import make_tiny_cfg, make_tiny_moa
 

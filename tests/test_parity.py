@@ -32,7 +32,7 @@ from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig, L
 from moa_jax import MoAConfig, load_model
 from moa_jax.config import replace
 from moa_jax.loading import DEFAULT_MODEL, load_hf_checkpoint, resolve_source
-from moa_jax.model import MoATransformer, init_cache
+from moa_jax.nn.model import MoATransformer, init_cache
 from moa_jax.params import init_trainable, merge_params
 
 torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""int8 frozen base (moa_jax/quantize.py): quantization error bound, the abstract tree, model logits against the
+"""int8 frozen base (moa_jax/nn/quantize.py): quantization error bound, the abstract tree, model logits against the
 float model, training, generation, sharding, the HF loader's int8 path, parameter bytes and bad settings.
 
 Tiny models built on the fly: D=32, F=64, L=2, H=4 over K=2, V=64 (tests/train_helpers.py).
@@ -11,17 +11,17 @@ import pytest
 from flax import traverse_util
 
 import moa_jax
-from moa_jax.checkpoint import load_adapters
+from moa_jax.train.checkpoint import load_adapters
 from moa_jax.config import PROJECTIONS, ConfigError, ExperimentConfig, MeshConfig, ModelConfig, replace
-from moa_jax.generate import generate_tokens
+from moa_jax.generate.decode import generate_tokens
 from moa_jax.loading.tree import expected_shapes
-from moa_jax.model import MoATransformer
+from moa_jax.nn.model import MoATransformer
 from moa_jax.overrides import apply_overrides
 from moa_jax.params import merge_params, param_shapes, split_params
-from moa_jax.quantize import (SCALE_LEAF, dequantize, int8_matmul, is_quantized_kernel, param_bytes,
+from moa_jax.nn.quantize import (SCALE_LEAF, dequantize, int8_matmul, is_quantized_kernel, param_bytes,
                               quantize_frozen, quantize_int8)
 from moa_jax.sharding import leaf_placer, make_mesh, param_shardings, put_params
-from moa_jax.train import train_stage
+from moa_jax.train.loop import train_stage
 from tests.train_helpers import (SyntheticSource, config_dict, flat_np, init_trees, make_train_config, tiny_cfg,
                                  tiny_moa)
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from moa_jax.checkpoint import CheckpointCorruptError
+from moa_jax.train.checkpoint import CheckpointCorruptError
 from tests.train_helpers import (ROOT, compile_cache, finalized_steps, max_abs_diff, resume_setup,  # noqa: F401
                                  run_stage, worker_env)
 
@@ -142,7 +142,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_p
 
 
 def test_metrics_rows_past_the_resume_step_are_dropped_even_a_torn_one(tmp_path):
-    from moa_jax.metrics_log import MetricsLogger
+    from moa_jax.train.metrics_log import MetricsLogger
     logger = MetricsLogger(str(tmp_path))
     for step in range(1, 6):
         logger.log(step, {"loss": float(step)})

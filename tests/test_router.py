@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moa_jax.router import (Router, decide, load_balancing_loss, masked_mean_pool, router_accuracy,
+from moa_jax.nn.router import (Router, decide, load_balancing_loss, masked_mean_pool, router_accuracy,
                             router_ce_loss, top_k_gates)
 
 LN2 = math.log(2.0)

@@ -20,12 +20,12 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from moa_jax.checkpoint import CheckpointMismatchError, StageCheckpointer, load_adapters, save_adapters
+from moa_jax.train.checkpoint import CheckpointMismatchError, StageCheckpointer, load_adapters, save_adapters
 from moa_jax.config import ConfigError, MeshConfig
-from moa_jax.model import MoATransformer
+from moa_jax.nn.model import MoATransformer
 from moa_jax.sharding import check_batch_divisible, check_experts_divisible, make_mesh
-from moa_jax.train import NonFiniteLossError, state_shardings
-from moa_jax.train_step import init_state, make_optimizer, train_step
+from moa_jax.train.loop import NonFiniteLossError, state_shardings
+from moa_jax.train.step import init_state, make_optimizer, train_step
 from tests.train_helpers import (ROOT, SyntheticSource, compile_cache, config_dict, finalized_steps,  # noqa: F401
                                  flat_np, init_trees, make_train_config, max_abs_diff, resume_setup, run_stage,
                                  standard_setup, tiny_cfg, tiny_moa, worker_env)

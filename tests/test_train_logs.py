@@ -7,8 +7,8 @@ import optax
 import pytest
 
 from moa_jax.config import TrainConfig
-from moa_jax.metrics_log import progress_fields
-from moa_jax.train_step import logged_learning_rates, make_optimizer
+from moa_jax.train.metrics_log import progress_fields
+from moa_jax.train.step import logged_learning_rates, make_optimizer
 
 
 def _applied_rates(tcfg: TrainConfig, steps: int) -> dict[str, list[float]]:

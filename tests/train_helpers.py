@@ -17,10 +17,10 @@ from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
 from moa_jax.config import MeshConfig, ModelConfig, MoAConfig, TrainConfig
-from moa_jax.model import MoATransformer
+from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_params, merge_params, param_shapes, split_params
 from moa_jax.sharding import make_mesh, param_shardings, put_params
-from moa_jax.train import train_stage
+from moa_jax.train.loop import train_stage
 
 VOCAB, SEQ = 64, 16
 

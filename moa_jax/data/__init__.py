@@ -2,13 +2,12 @@
 deterministic domain-balanced batch pipeline. See docs/data.md.
 
     data = load_split(cfg, tokenizer, "train")                # TokenizedSplit (+ .report of lengths)
-    it = train_iterator(data, cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    batch = next(it); state = it.get_state()                  # resume: train_iterator(..., state=state)
+    batches = TrainBatches(data, cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    batch = batches.batch(s)                                  # global batch s, this host's rows (resume: same s)
     for batch in eval_batches(load_split(cfg, tokenizer, "validation"), cfg): ...
 """
 from moa_jax.config import DataConfig
-from moa_jax.data.pipeline import (TrainIterator, bucket_for, collate, domain_weights, eval_batches, load_split,
-                                   train_iterator)
+from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, domain_weights, eval_batches, load_split
 from moa_jax.data.sources import TextSplit, load_text_split, parse_record
 from moa_jax.data.tasks import (DOMAIN_NAMES, DOMAINS, TASK_SYSTEM_PROMPT, DataError, extract_answer, is_correct,
                                 score)
@@ -16,6 +15,6 @@ from moa_jax.data.tokenize import LengthReport, TokenizedSplit, tokenize_split
 
 __all__ = [
     "DOMAINS", "DOMAIN_NAMES", "DataConfig", "DataError", "LengthReport", "TASK_SYSTEM_PROMPT", "TextSplit",
-    "TokenizedSplit", "TrainIterator", "bucket_for", "collate", "domain_weights", "eval_batches", "extract_answer",
-    "is_correct", "load_split", "load_text_split", "parse_record", "score", "tokenize_split", "train_iterator",
+    "TokenizedSplit", "TrainBatches", "bucket_for", "collate", "domain_weights", "eval_batches", "extract_answer",
+    "is_correct", "load_split", "load_text_split", "parse_record", "score", "tokenize_split",
 ]

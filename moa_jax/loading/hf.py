@@ -115,7 +115,8 @@ def load_hf_config(path: str, *, param_dtype: str = "float32") -> ModelConfig:
 
 # --------------------------------------------------------------------------------------------- weights
 
-def _weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (one file, or the shards its index names)."""
     single, index = os.path.join(path, WEIGHTS_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
         try:
@@ -194,7 +195,7 @@ def load_hf_checkpoint(path: str, *, param_dtype: str = "float32", quantize: str
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory: expected a Hugging Face checkpoint directory")
     cfg = replace(load_hf_config(path, param_dtype=param_dtype), quantize=quantize)
-    reader = _SafetensorsReader(_weight_files(path))
+    reader = _SafetensorsReader(weight_files(path))
     used = set()
 
     def fetch(leaf, layer):

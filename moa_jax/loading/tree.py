@@ -4,7 +4,7 @@ Both loaders (hf.py, gguf.py) describe *where* each weight lives in their file f
 the tree must look like: the leaf paths, their shapes from `ModelConfig`, the [D_in, D_out] kernel layout, the
 stacking of per-layer weights over a leading L axis (the model scans its layers), the cast to `param_dtype` and,
 with `ModelConfig.quantize == "int8"`, the int8 projection kernels with their `kernel_scale` [L, D_out] leaves
-(moa_jax/quantize.py).
+(moa_jax/nn/quantize.py).
 
 Memory: each leaf is built in one preallocated host buffer of its final dtype, filled one source tensor (one
 layer) at a time, then handed to `place` (e.g. onto a device mesh) and dropped, so loading never holds a second
@@ -34,7 +34,7 @@ import numpy as np
 
 from moa_jax.config import ATTENTION_PROJECTIONS, DTYPES, PROJECTIONS, ConfigError, ModelConfig
 from moa_jax.loading.resolve import CheckpointError, MissingTensorError, ShapeMismatchError
-from moa_jax.quantize import SCALE_LEAF, is_quantized_kernel, quantize_int8
+from moa_jax.nn.quantize import SCALE_LEAF, is_quantized_kernel, quantize_int8
 
 Path = tuple[str, ...]
 # fetch(path, layer) -> (array in the file's own layout, a description "'key' in /file" for error messages).

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.model import MoATransformer, init_cache
-from moa_jax.router import decide
+from moa_jax.nn.model import MoATransformer, init_cache
+from moa_jax.nn.router import decide
 
 Array = jax.Array
 API_ROUTINGS = ("router", "oracle", "forced", "base")
@@ -87,7 +87,8 @@ def route_from_prompt(cfg: ModelConfig, moa: MoAConfig, params, tokens, attentio
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tokens: int, greedy: bool):
+def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tokens: int, greedy: bool):
+    """The jitted decode program for (cfg, moa, routing mode, length, greedy or sampled), compiled once per key."""
     model = MoATransformer(cfg, moa)
 
     @jax.jit
@@ -150,7 +151,7 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
             idx, router_logits = route_from_prompt(cfg, moa, params, tokens, attention_mask, prompt_mask)
     else:  # soft / token: routing happens inside every forward
         idx = jnp.full((b,), -1, jnp.int32)
-    decode = _decode_fn(cfg, forward_moa(moa), mode, int(max_new_tokens), temperature <= 0.0)
+    decode = decode_fn(cfg, forward_moa(moa), mode, int(max_new_tokens), temperature <= 0.0)
     out = decode(params, tokens, attention_mask, jnp.maximum(idx, 0), jnp.asarray(eos_ids, jnp.int32),
                  jnp.float32(max(temperature, 1e-6)), jax.random.PRNGKey(seed))
     return np.asarray(out), np.asarray(idx), router_logits
@@ -171,7 +172,18 @@ def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 16,
     return tokens, mask
 
 
-if __name__ == "__main__":   # python -m moa_jax.generate --workdir RUN --prompt "..."  (see generate_cli.py)
-    import sys
-    from moa_jax.generate_cli import main
-    sys.exit(main())
+def eos_ids(tokenizer) -> tuple[int, ...]:
+    """The token ids that end an answer: EOS, and the end-of-turn tokens chat models emit instead of it."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def until_eos(row, eos: Sequence[int]) -> list[int]:
+    """A generated row [T] -> its token ids up to (not including) the first of `eos` (finished rows repeat EOS)."""
+    ids = [int(t) for t in row]
+    stop = set(eos)
+    return ids[:next((i for i, t in enumerate(ids) if t in stop), len(ids))]

@@ -6,7 +6,7 @@
                 and per domain and split the examples the max-length policy dropped or truncated and the number
                 of test items evaluated
   results.json  everything above plus per-item samples and the computed comparisons
-  *.png         moa_jax/plots.py: accuracy by method, router confusion, training curves
+  *.png         moa_jax/eval/plots.py: accuracy by method, router confusion, training curves
 and returns the console summary printed at the end of a run. A results dict that lacks a domain for some method is
 refused with an error naming the method and the domain(s), so a report never averages over different domain sets.
 """
@@ -17,7 +17,7 @@ import math
 import os
 from typing import Optional
 
-from moa_jax import metrics, plots
+from moa_jax.eval import metrics, plots
 
 # (key in per_domain, column title, format, higher is better)
 METRICS = (("accuracy", "accuracy", "{:.3f}", True), ("ppl", "PPL", "{:.3f}", False),

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.layers import MLP, Attention, RMSNorm, jnp_dtype
-from moa_jax.lm_loss import chunked_token_nll, vocab_logits
-from moa_jax.lora import Route
-from moa_jax.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
+from moa_jax.nn.layers import MLP, Attention, RMSNorm
+from moa_jax.nn.lm_loss import chunked_token_nll, vocab_logits
+from moa_jax.nn.lora import Route
+from moa_jax.nn.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
 
 Array = jax.Array
 ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
@@ -104,7 +104,7 @@ class DecoderLayer(nn.Module):
             num_experts = 1 if self.moa is None else self.moa.num_experts
             return jnp.zeros((b, num_experts), jnp.float32), jnp.zeros((), jnp.float32), Route("base")
         router = Router(self.moa.num_experts, self.moa.router_type, self.moa.router_hidden,
-                        param_dtype=jnp_dtype(self.moa.adapter_dtype), name="router")
+                        param_dtype=jnp.dtype(self.moa.adapter_dtype), name="router")
         logits = router(masked_mean_pool(x, prompt_mask))                        # (B, E)
         zero = jnp.zeros((), jnp.float32)
         if self.routing == "fixed":
@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h: Array, shared: tuple, layer_cache: Optional[tuple[Array, Array]]):
         positions, kv_valid, cache_index, prompt_mask, expert_idx, token_mask = shared
-        cfg, dt, pdt = self.cfg, jnp_dtype(self.cfg.dtype), jnp_dtype(self.cfg.param_dtype)
+        cfg, dt, pdt = self.cfg, jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_norm")(h)
         logits, balance, route = self._route(x, prompt_mask, expert_idx, token_mask)
         attn_out, new_cache = Attention(cfg, self.moa, name="attn")(
@@ -153,7 +153,7 @@ class MoATransformer(nn.Module):
         attention_mask [B, T]: 1 on real tokens (default all). prompt_mask [B, T]: tokens the routers pool
         (default: attention_mask). positions [B, T]: default counts real tokens only, so left padding is harmless.
         nll_targets [B, K] (with logits_at): return the NLL [B, K] f32 of these next tokens instead of logits,
-        `cfg.loss_chunk` tokens at a time, never holding [B, K, V] logits (moa_jax/lm_loss.py).
+        `cfg.loss_chunk` tokens at a time, never holding [B, K, V] logits (moa_jax/nn/lm_loss.py).
         right_padded: every row's padding is at its end (training and evaluation batches); lets a GPU use cuDNN
         flash attention. Leave it False for left-padded prompts.
         """
@@ -179,8 +179,8 @@ class MoATransformer(nn.Module):
         if positions is None:
             positions = jnp.maximum(past + jnp.cumsum(attention_mask, axis=1) - 1, 0)
 
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp_dtype(cfg.dtype),
-                         param_dtype=jnp_dtype(cfg.param_dtype), name="embed")
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                         param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
         h = embed(tokens)                                                                     # (B, T, D)
 
         scanned = nn.scan(remat_layer(cfg.remat), variable_axes={"params": 0},
@@ -192,17 +192,17 @@ class MoATransformer(nn.Module):
 
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1)                # (B, K, D)
-        h = RMSNorm(cfg.rms_norm_eps, jnp_dtype(cfg.dtype), jnp_dtype(cfg.param_dtype), name="final_norm")(h)
+        h = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(h)
         tied = cfg.tie_word_embeddings
-        weight = embed.embedding if tied else LMHead(cfg.vocab_size, jnp_dtype(cfg.param_dtype), name="lm_head")(
+        weight = embed.embedding if tied else LMHead(cfg.vocab_size, jnp.dtype(cfg.param_dtype), name="lm_head")(
             cfg.hidden_size)                                                                   # [V, D] / [D, V]
         if nll_targets is not None:
             if logits_at is None:
                 raise ValueError("nll_targets needs logits_at (the positions whose next token they are)")
-            out = chunked_token_nll(h, weight, nll_targets, tied=tied, dtype=jnp_dtype(cfg.dtype),
+            out = chunked_token_nll(h, weight, nll_targets, tied=tied, dtype=jnp.dtype(cfg.dtype),
                                     chunk=cfg.loss_chunk)                                      # (B, K)
         else:
-            out = vocab_logits(h, weight, tied=tied, dtype=jnp_dtype(cfg.dtype))               # (B, T, V)
+            out = vocab_logits(h, weight, tied=tied, dtype=jnp.dtype(cfg.dtype))               # (B, T, V)
         new_cache = None
         if cache is not None:
             new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid, "index": cache_index + t}
@@ -212,6 +212,6 @@ class MoATransformer(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: Optional[str] = None) -> dict[str, Array]:
     """An empty KV cache with `slots` positions per sequence."""
     shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    dt = jnp_dtype(dtype or cfg.dtype)
+    dt = jnp.dtype(dtype or cfg.dtype)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt), "valid": jnp.zeros((batch, slots), bool),
             "index": jnp.zeros((), jnp.int32)}

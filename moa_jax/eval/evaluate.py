@@ -1,19 +1,19 @@
 """Per-item evaluation of one method: the expert each test item runs with, its NLL on the response tokens
-(teacher forcing) and its greedy answer. moa_jax.evaluation_run aggregates per domain and scores the answers
-(each domain's verifier, BLEU-4 and ROUGE-L from moa_jax.metrics).
+(teacher forcing) and its greedy answer. moa_jax.eval.suite aggregates per domain and scores the answers
+(each domain's verifier, BLEU-4 and ROUGE-L from moa_jax.eval.metrics).
 
 A "method" is a trained parameter tree plus how it routes:
   base         adapters off                    single_lora  stage-1 experts, the domain label picks the expert
   mixed_lora   one LoRA (E=1) for everything   moa_router   stage-2 experts, the routers decide from the prompt
   moa_oracle   stage-2 experts, label given    moe_lora     token-level top-k routing (no labels)
-(The most_common baseline has no parameters: moa_jax.evaluation_run scores it directly.) An ablation variant of
+(The most_common baseline has no parameters: moa_jax.eval.suite scores it directly.) An ablation variant of
 a method keeps the method's name and routing and carries a `label` such as 'moa_router[eta0]'.
 
 Router decisions are made as at inference, once per item: a routing pass over the left-padded prompt tokens, as
 `generate_tokens(routing='router')` does (`assign_experts`), then that expert for the whole sequence, in the PPL
 pass and in generation alike. So every top-1 method is "one expert per item" and the evaluation is a function of
 (parameters, item, expert): items that moa_router and moa_oracle run with the same expert are computed once
-(evaluation_run memoises them).
+(eval/suite.py memoises them).
 
 Shape glossary: B batch, T tokens, K target columns, V vocab, N test items, D domains, E experts, L layers.
 """
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.generate import forward_moa, generate_tokens, left_pad, route_from_prompt
-from moa_jax.model import MoATransformer
-from moa_jax.train_step import gather_targets
+from moa_jax.generate.decode import forward_moa, generate_tokens, left_pad, route_from_prompt, until_eos
+from moa_jax.nn.model import MoATransformer
+from moa_jax.train.step import gather_targets
 
 ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "forced", "moa_router": "router",
                      "moa_oracle": "oracle", "moe_lora": "router"}
@@ -160,11 +160,7 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
         out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing,
                                          expert=0 if routing == "forced" else None, domain=domain,
                                          max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
-        eos = set(eos_ids)
-        for row in out[:n]:
-            ids = [int(t) for t in row]
-            cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-            texts.append(decode(ids[:cut]))
+        texts.extend(decode(until_eos(row, eos_ids)) for row in out[:n])
         used.extend(int(e) for e in chosen[:n])
         if on_batch is not None:
             on_batch(n)

@@ -84,7 +84,7 @@ def confusion_heatmaps(results: dict, path: str) -> Optional[str]:
 
 def training_curves(stages: dict[str, str], domains: list[str], path: str) -> Optional[str]:
     """stages: label -> stage directory holding metrics.jsonl. None when no stage has logged metrics."""
-    from moa_jax.metrics_log import read_metrics
+    from moa_jax.train.metrics_log import read_metrics
     logs = {label: read_metrics(os.path.join(d, "metrics.jsonl")) for label, d in stages.items()}
     logs = {k: v for k, v in logs.items() if v}
     if not logs:

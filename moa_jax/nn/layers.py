@@ -20,13 +20,9 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
-from moa_jax.lora import AdaptedDense, Route
+from moa_jax.nn.lora import AdaptedDense, Route
 
 Array = jax.Array
-
-
-def jnp_dtype(name: str):
-    return jnp.dtype(name)
 
 
 class RMSNorm(nn.Module):
@@ -80,8 +76,8 @@ def _projection(cfg: ModelConfig, moa: Optional[MoAConfig], name: str, features:
         features=features, use_bias=use_bias, name=name,
         num_experts=moa.num_experts if adapted else 0, rank=moa.rank if adapted else 0,
         scale=moa.scale if adapted else 1.0, dropout=moa.dropout if adapted else 0.0,
-        dtype=jnp_dtype(cfg.dtype), param_dtype=jnp_dtype(cfg.param_dtype),
-        adapter_dtype=jnp_dtype(moa.adapter_dtype) if moa is not None else jnp.float32, quantize=cfg.quantize)
+        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        adapter_dtype=jnp.dtype(moa.adapter_dtype) if moa is not None else jnp.float32, quantize=cfg.quantize)
 
 
 # Queries per block of the XLA attention: bounds its transient [B, H, Tq, S] f32 scores (a 7B layer at 8 x 2048:

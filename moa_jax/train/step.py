@@ -25,10 +25,10 @@ import optax
 from flax import traverse_util
 
 from moa_jax.config import MoAConfig, TrainConfig
-from moa_jax.lm_loss import token_nll
-from moa_jax.model import MoATransformer
+from moa_jax.nn.lm_loss import token_nll
+from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
-from moa_jax.router import router_accuracy, router_ce_loss
+from moa_jax.nn.router import router_accuracy, router_ce_loss
 
 Params = dict[str, Any]
 

@@ -26,14 +26,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from moa_jax.checkpoint import StageCheckpointer, save_adapters
+from moa_jax.train.checkpoint import StageCheckpointer, save_adapters
 from moa_jax.config import TrainConfig
-from moa_jax.metrics_log import MetricsLogger, progress_fields, summarize
-from moa_jax.model import MoATransformer
+from moa_jax.train.metrics_log import MetricsLogger, progress_fields, summarize
+from moa_jax.nn.model import MoATransformer
 from moa_jax.sharding import (batch_sharding, check_batch_divisible, check_experts_divisible, logical_to_spec,
                               param_logical_axes, param_shardings, replicated)
-from moa_jax.train_step import (TrainState, gather_targets, init_state, logged_learning_rates, make_optimizer,
-                               train_step)
+from moa_jax.train.step import (TrainState, gather_targets, init_state, logged_learning_rates, make_optimizer,
+                                 train_step)
 
 log = logging.getLogger("moa_jax")
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
@@ -162,7 +162,7 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
             acc, count = None, 0
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
             _check_finite(state, ckpt, done)
-            ckpt.save(done, state, {"config": config, "data": {"next_micro_batch": done * tcfg.grad_accum}})
+            ckpt.save(done, state, {"config": config})
     bar.close()
     ckpt.close()
     logger.close()

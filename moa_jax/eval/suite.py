@@ -1,6 +1,6 @@
 """The evaluation stage of an experiment: every method (and ablation variant) on the same test items of every domain.
 
-Per method and domain (moa_jax.evaluate routes, computes NLL and generates per item; moa_jax.metrics scores):
+Per method and domain (moa_jax.eval.evaluate routes, computes NLL and generates per item; moa_jax.eval.metrics scores):
   accuracy        share of items whose greedy answer the domain's verifier gives full marks (exact)
   score           mean verifier score (some verifiers give partial credit)
   ppl, nll        perplexity / mean NLL on the response tokens (teacher forcing; routed as the method routes)
@@ -29,10 +29,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from moa_jax import metrics
+from moa_jax.eval import metrics
 from moa_jax.config import MoAConfig
-from moa_jax.evaluate import Method, assign_experts, generate_answers, item_nll
-from moa_jax.generate import forward_moa
+from moa_jax.eval.evaluate import Method, assign_experts, generate_answers, item_nll
+from moa_jax.generate.decode import eos_ids, forward_moa
 from moa_jax.params import merge_params
 
 log = logging.getLogger("moa_jax")
@@ -247,7 +247,6 @@ def adapters_key(spec: MethodSpec, method: Method):
 def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec], progress: bool = True) -> dict:
     """Every method spec on the first items_per_domain test items of every domain. -> results dict.
     `progress`: one bar over methods x items (process 0)."""
-    from moa_jax.api import _eos_ids
     ev, split = ctx.exp.eval, ctx.data["test"]
     es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets)
     frozen = jax.device_get(ctx.frozen) if jax.process_count() == 1 else ctx.frozen
@@ -265,7 +264,7 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec], progress: bool
             method = build_method(frozen, trained, spec)
             entry = evaluate_method(
                 ctx.cfg, es, method, pad_id=split.pad_id,
-                eos_ids=_eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                eos_ids=eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                 decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True),
                 memo=memo, memo_key=adapters_key(spec, method), on_items=bar.update)
         results["methods"][spec.display] = entry

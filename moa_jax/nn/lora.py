@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from moa_jax.quantize import SCALE_LEAF, dequantize, int8_kernel_init, int8_matmul, int8_scale_init
+from moa_jax.nn.quantize import SCALE_LEAF, dequantize, int8_kernel_init, int8_matmul, int8_scale_init
 
 Array = jax.Array
 
@@ -210,7 +210,7 @@ class AdaptedDense(nn.Module):
     """A frozen projection x @ kernel (+ bias) plus, when `num_experts` > 0, the stacked-expert LoRA delta.
 
     Params: kernel [Din, Dout] (frozen base; with quantize="int8" an int8 kernel plus kernel_scale [Dout] f32,
-    see moa_jax/quantize.py), bias [Dout] (optional), lora_a [E, Din, R], lora_b [E, R, Dout].
+    see moa_jax/nn/quantize.py), bias [Dout] (optional), lora_a [E, Din, R], lora_b [E, R, Dout].
     """
     features: int
     use_bias: bool = False

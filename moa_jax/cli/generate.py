@@ -20,9 +20,9 @@ import os
 import sys
 from typing import Optional
 
-from moa_jax.checkpoint import AdapterNotFoundError
+from moa_jax.train.checkpoint import AdapterNotFoundError
 from moa_jax.errors import UsageError, cli_main
-from moa_jax.generate import API_ROUTINGS
+from moa_jax.generate.decode import API_ROUTINGS
 
 
 def run_info(workdir: str, stage: str) -> tuple[dict, str, dict]:
@@ -92,7 +92,7 @@ def _main(argv=None) -> int:
 
     from moa_jax.api import load_model
     from moa_jax.config import MoAConfig
-    from moa_jax.experiment import check_base_model
+    from moa_jax.loading.base import check_base_model
     exp, adapters, saved = run_info(args.workdir, args.stage)
     moa = MoAConfig(**saved["moa"])
     domains = list(saved.get("domains") or [f"expert {i}" for i in range(moa.num_experts)])

@@ -1,0 +1,2 @@
+"""Training: the pure train step (step.py), the loop with shardings, resume and logging (loop.py), adapter and
+resume checkpoints (checkpoint.py), metrics.jsonl + TensorBoard (metrics_log.py)."""
