@@ -10,6 +10,7 @@ from moa_jax.data.pipeline import load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.data.tasks import DataError
 from tests.data_helpers import tiny_tokenizer
+from tests.test_cli_errors import assert_user_error, run_experiment_cli
 from tests.test_hub_model import cache_repo
 
 TOPICS = ("math", "code", "chat")
@@ -112,11 +113,18 @@ def test_hub_dataset_from_the_offline_hub_cache_with_config_and_class_labels(tmp
         load_text_split(DataConfig(source="hf:org/qa:nope", field_map=cfg.field_map), "train")
 
 
-def test_hf_source_errors_name_the_dataset(tmp_path):
+def test_hf_source_errors_name_the_dataset(tmp_path, capsys, caplog):
     with pytest.raises(DataError, match=r"hf:org/missing: dataset 'org/missing' is neither a local directory nor "
                                         r"in the Hugging Face caches and HF_HUB_OFFLINE=1"):
         load_text_split(DataConfig(source="hf:org/missing", field_map="prompt=q,response=a"), "train")
     with pytest.raises(DataError, match="does not map 'response'"):
         load_text_split(DataConfig(source="hf:org/missing", field_map="prompt=q"), "train")
+    (tmp_path / "bad" / "data").mkdir(parents=True)
+    (tmp_path / "bad" / "data" / "train.jsonl").write_text('{"q": "a", "a": "b"}\n{"q": "x"\n')
+    with pytest.raises(DataError, match=r"hf:bad: its data files cannot be read \(.*JSON parse error"):
+        load_text_split(DataConfig(source="hf:bad", field_map="prompt=q,response=a"), "train")
     with pytest.raises(ConfigError, match=r"'hf:NAME\[:CONFIG\]'"):
         DataConfig(source="hf:")
+    rc, err = run_experiment_cli(capsys, caplog, f"--workdir={tmp_path / 'w'}", "--set", "data.source=hf:org/missing",
+                                 "--set", "data.field_map=prompt=q,response=a")
+    assert_user_error(rc, err, "hf:org/missing: dataset 'org/missing' is neither a local directory")

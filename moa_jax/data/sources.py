@@ -376,6 +376,9 @@ def _hf_dataset_dict(name: str, config: Optional[str]):
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:
         raise DataError(f"{where}: no such dataset: not a local directory, and the Hub says: "
                         f"{str(e).splitlines()[0]}") from None
+    except datasets.exceptions.DatasetGenerationError as e:   # a malformed data file
+        cause = str(e.__cause__ or e).splitlines()[0]
+        raise DataError(f"{where}: its data files cannot be read ({cause})") from None
     except ConnectionError as e:
         raise DataError(f"{where}: the Hub cannot be reached ({e}); check the network, or set HF_HUB_OFFLINE=1 "
                         f"to read the caches") from None
