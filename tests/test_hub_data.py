@@ -123,6 +123,10 @@ def test_hf_source_errors_name_the_dataset(tmp_path, capsys, caplog):
     (tmp_path / "bad" / "data" / "train.jsonl").write_text('{"q": "a", "a": "b"}\n{"q": "x"\n')
     with pytest.raises(DataError, match=r"hf:bad: its data files cannot be read \(.*JSON parse error"):
         load_text_split(DataConfig(source="hf:bad", field_map="prompt=q,response=a"), "train")
+    (tmp_path / "nulls" / "data").mkdir(parents=True)
+    (tmp_path / "nulls" / "data" / "train.jsonl").write_text('{"q": "a", "a": "b"}\n{"q": "x", "a": null}\n')
+    with pytest.raises(DataError, match=r"hf:nulls\[train\]\[1\]: field 'response' must be a string, got NoneType"):
+        load_text_split(DataConfig(source="hf:nulls", field_map="prompt=q,response=a"), "train")
     with pytest.raises(ConfigError, match=r"'hf:NAME\[:CONFIG\]'"):
         DataConfig(source="hf:")
     rc, err = run_experiment_cli(capsys, caplog, f"--workdir={tmp_path / 'w'}", "--set", "data.source=hf:org/missing",

@@ -300,8 +300,11 @@ def _mapped_examples(rows, fields: dict[str, str], label_names, universe: list, 
 
 
 def _text(value, label_names):
+    """A cell as text; None (a missing value, or class label -1) stays None so parse_record names the row."""
+    if value is None:
+        return None
     if label_names is not None and not isinstance(value, (bytes, str)):
-        return label_names[int(value)]
+        return label_names[int(value)] if 0 <= int(value) < len(label_names) else None
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -331,7 +334,7 @@ def _load_hf_dataset(spec: str, split: str, field_map: str, holdout_fraction: fl
     if label_names is not None:
         universe = list(label_names)
     elif "domain" in fields:
-        universe = sorted({str(v) for part in ds.values() for v in part.unique(fields["domain"])})
+        universe = sorted({str(v) for part in ds.values() for v in part.unique(fields["domain"]) if v is not None})
     else:
         universe = [default_domain]
     source = found["train"] if split in carved else found[split]
