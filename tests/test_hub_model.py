@@ -19,7 +19,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 import moa_jax
 from moa_jax.loading import check_model_source, load_checkpoint, resolve_source
-from moa_jax.loading.resolve import HUB_META_FILES, ModelSourceError
+from moa_jax.loading.resolve import HUB_META_FILES, ModelSourceError, hub_id
 from tests.test_cli_errors import ROOT, assert_user_error, run_experiment_cli
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -148,6 +148,9 @@ def test_online_download_fetches_only_config_tokenizer_and_indexed_shards(tmp_pa
     assert revisions == ["v1", COMMIT]
     assert sorted(fetched) == sorted(REMOTE[2:13])
     assert set(filter_repo_objects(REMOTE, allow_patterns=HUB_META_FILES)) == set(REMOTE[2:11])
+    # what an exported adapter names as its base model
+    assert hub_id("org/big@v1") == "org/big"
+    assert hub_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_hub_id_from_the_environment_and_the_experiment_cli(tiny_dir, tmp_path, monkeypatch, capsys, caplog):

@@ -44,8 +44,11 @@ PICKLE_HINT = ("pickle checkpoints (pytorch_model.bin) are never loaded; convert
 
 
 def hub_id(source: str) -> str:
-    """The Hub id for an embedded model's name; any other source (a Hub id, a directory) unchanged."""
-    return HUB_IDS.get(source, source)
+    """The Hub id for an embedded model's name or an `ORG/NAME@REVISION` source (without the revision, which
+    PEFT's base_model_name_or_path cannot hold); any other source (a Hub id, a directory) unchanged."""
+    if source in HUB_IDS:
+        return HUB_IDS[source]
+    return source.partition("@")[0] if _HUB_ID.fullmatch(source) and not os.path.exists(source) else source
 
 
 class ModelSourceError(UserError, FileNotFoundError):
