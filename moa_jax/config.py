@@ -244,15 +244,18 @@ class DataConfig:
     """Where examples come from, how they are tokenised and how they are mixed into fixed-shape batches.
 
     source: "moa_tasks" (the embedded 10-task tfds dataset; `builder_config` picks its size),
-            "jsonl:DIR" (your JSONL files, see docs/data.md) or "tfds:NAME[/CONFIG][:VERSION]" (a tfds catalog
-            dataset read with `field_map`; needs the dataset prepared in `data_dir`).
+            "jsonl:DIR" (your JSONL files, see docs/data.md), "tfds:NAME[/CONFIG][:VERSION]" (a tfds catalog
+            dataset read with `field_map`; needs the dataset prepared in `data_dir`) or "hf:NAME[:CONFIG]" (a
+            Hugging Face dataset, a Hub id or a local dataset directory, read with `field_map`; a missing
+            validation/test split is carved from train with `holdout_fraction`).
     """
     source: str = "moa_tasks"
     builder_config: str = "default"   # moa_tasks only: default (2000/200/200 per domain) | small | tiny | large
     data_dir: Optional[str] = None    # tfds data dir; None -> $MOA_JAX_DATA_DIR or ~/.cache/moa_jax/tfds
     domains: tuple = ()               # subset and order of domains (expert ids follow it); () = all of the source
-    field_map: str = ""               # tfds source: "prompt=question,response=answer[,domain=label]"
-    holdout_fraction: float = 0.05    # flat JSONL dirs: share of prompts hashed to each of validation and test
+    field_map: str = ""               # tfds/hf source: "prompt=question,response=answer[,domain=label]"
+    holdout_fraction: float = 0.05    # flat JSONL dirs, hf datasets without validation/test: share of prompts
+                                      # hashed to each of validation and test
     system_prompt: Optional[str] = "auto"  # "auto": short task prompt for moa_tasks, template default otherwise;
                                            # None: template default; any string (even ""): that system message
     max_len: int = 256                # longest tokenised example kept (prompt + response + eos)
@@ -267,8 +270,10 @@ class DataConfig:
     def __post_init__(self):
         object.__setattr__(self, "domains", tuple(self.domains))
         object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
-        _check(self.source == "moa_tasks" or self.source.startswith(("jsonl:", "tfds:")),
-               f"DataConfig.source={self.source!r}: use 'moa_tasks', 'jsonl:DIR' or 'tfds:NAME'")
+        _check(self.source == "moa_tasks" or (self.source.startswith(("jsonl:", "tfds:", "hf:"))
+                                               and len(self.source.split(":", 1)[1]) > 0),
+               f"DataConfig.source={self.source!r}: use 'moa_tasks', 'jsonl:DIR', 'tfds:NAME' or "
+               f"'hf:NAME[:CONFIG]'")
         _check(self.mixing in DATA_MIXING, f"DataConfig.mixing={self.mixing!r} not in {DATA_MIXING}")
         _check(self.temperature > 0, f"DataConfig.temperature must be > 0, got {self.temperature}")
         _check(self.length_policy in LENGTH_POLICIES,

@@ -39,10 +39,10 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moa_jax.data.inspect", description=__doc__.split("\n")[0])
-    ap.add_argument("--source", default="moa_tasks", help="moa_tasks | jsonl:DIR | tfds:NAME")
+    ap.add_argument("--source", default="moa_tasks", help="moa_tasks | jsonl:DIR | tfds:NAME | hf:NAME[:CONFIG]")
     ap.add_argument("--config", default="default", help="moa_tasks builder config (default|small|tiny)")
     ap.add_argument("--data-dir", default=None, help="tfds data directory (default: tfds's own)")
-    ap.add_argument("--field-map", default="", help="tfds source: prompt=F,response=F[,domain=F]")
+    ap.add_argument("--field-map", default="", help="tfds and hf sources: prompt=F,response=F[,domain=F]")
     ap.add_argument("--split", default="train", choices=("train", "validation", "test"), help="split to inspect")
     ap.add_argument("--domains", default="", help="comma-separated subset")
     ap.add_argument("--tokenizer", default="smollm2-135m-instruct",

@@ -1,4 +1,5 @@
-"""Where text examples come from: the embedded moa_tasks builder, a directory of JSONL files, a tfds catalog dataset.
+"""Where text examples come from: the embedded moa_tasks builder, a directory of JSONL files, a tfds catalog dataset,
+a Hugging Face dataset (`hf:NAME[:CONFIG]`, a Hub id or a local dataset directory).
 
 Every source returns a `TextSplit`: for each domain (in a fixed order that defines the domain ids = expert ids)
 the list of examples of one split. An example is a dict with
@@ -7,6 +8,9 @@ the list of examples of one split. An example is a dict with
   answer    str: reference answer for generation-based scoring ("" when unknown; = response for JSONL)
   metadata  str: JSON for the domain's verifier ("" when none)
 Shape glossary: N examples of one domain in one split.
+
+tfds and hf sources map their columns with DataConfig.field_map ("prompt=COL,response=COL[,domain=COL]", one rule:
+`parse_field_map` + `_mapped_examples`); without a domain column the whole dataset is one domain named after it.
 
 JSONL layout (docs/data.md): DIR/<split>/*.jsonl, or flat DIR/*.jsonl where each prompt is assigned to
 train/validation/test by a hash of its text (stable, disjoint). Domain = file stem unless a line has "domain".
@@ -84,6 +88,8 @@ def load_text_split(cfg: DataConfig, split: str) -> TextSplit:
         out = _load_moa_tasks(cfg, split)
     elif cfg.source.startswith("jsonl:"):
         out = _load_jsonl_dir(cfg.source[len("jsonl:"):], split, cfg.holdout_fraction)
+    elif cfg.source.startswith("hf:"):
+        out = _load_hf_dataset(cfg.source[len("hf:"):], split, cfg.field_map, cfg.holdout_fraction)
     else:
         out = _load_tfds_catalog(cfg.source[len("tfds:"):], split, cfg.field_map, cfg.data_dir, cfg.domains)
     return _select_domains(out, cfg.domains)
@@ -262,9 +268,7 @@ def _load_tfds_catalog(name: str, split: str, field_map: str, data_dir: Optional
         raise DataError(f"tfds:{name} has splits {sorted(sources)}, not {split!r}")
     source = sources[split]
     features = builder.info.features
-    for key, field in fields.items():
-        if field not in features:
-            raise DataError(f"tfds:{name}: field_map {key}={field!r}, but its features are {sorted(features)}")
+    _check_fields(f"tfds:{name}", fields, features)
     label_names = getattr(features[fields["domain"]], "names", None) if "domain" in fields else None
     if "domain" in fields and label_names is None and not wanted_domains:
         # A free-text domain field could hold different domains in different splits, shifting expert ids.
@@ -272,15 +276,114 @@ def _load_tfds_catalog(name: str, split: str, field_map: str, data_dir: Optional
                         f"DataConfig.domains to fix the domain (expert) order")
     default_domain = name.split(":")[0].replace("/", "_")
     universe = list(label_names) if label_names is not None else list(wanted_domains) or [default_domain]
-    examples: dict[str, list[dict]] = {d: [] for d in universe}
-    for i, row in enumerate(source.__getitems__(range(len(source)))):
-        obj = {k: _text(row[f], label_names if k == "domain" else None) for k, f in fields.items()}
-        domain, ex = parse_record(obj, where=f"tfds:{name}[{split}][{i}]", default_domain=default_domain)
-        examples.setdefault(domain, []).append(ex)
+    examples = _mapped_examples(source.__getitems__(range(len(source))), fields, label_names, universe,
+                                default_domain, f"tfds:{name}[{split}]")
     return TextSplit(f"tfds:{name}:{split}", tuple(universe), examples)
 
 
+def _check_fields(where: str, fields: dict[str, str], columns) -> None:
+    for key, field in fields.items():
+        if field not in columns:
+            raise DataError(f"{where}: field_map {key}={field!r}, but its features are {sorted(columns)}")
+
+
+def _mapped_examples(rows, fields: dict[str, str], label_names, universe: list, default_domain: str,
+                     where: str) -> dict[str, list[dict]]:
+    """Rows of a tfds/hf split -> domain -> examples, through the field map (a class-label domain column holds
+    indices into `label_names`)."""
+    examples: dict[str, list[dict]] = {d: [] for d in universe}
+    for i, row in enumerate(rows):
+        obj = {k: _text(row[f], label_names if k == "domain" else None) for k, f in fields.items()}
+        domain, ex = parse_record(obj, where=f"{where}[{i}]", default_domain=default_domain)
+        examples.setdefault(domain, []).append(ex)
+    return examples
+
+
 def _text(value, label_names):
+    """A cell as text; None (a missing value, or class label -1) stays None so parse_record names the row."""
+    if value is None:
+        return None
     if label_names is not None and not isinstance(value, (bytes, str)):
-        return label_names[int(value)]
+        return label_names[int(value)] if 0 <= int(value) < len(label_names) else None
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ---- Hugging Face datasets ----
+# Our split -> the names datasets use for it, in order of preference.
+_HF_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+
+
+def _load_hf_dataset(spec: str, split: str, field_map: str, holdout_fraction: float) -> TextSplit:
+    """`hf:NAME[:CONFIG]`: a Hub dataset id or a local dataset directory, read with `datasets.load_dataset`.
+    A split the dataset lacks (validation or test) is carved out of its train split by the prompt hash, like a flat
+    JSONL directory (`holdout_fraction` each; those examples leave train). Domain ids come from a class-label
+    column's names, or the sorted values of a text column over all splits, so they do not depend on the split."""
+    name, _, config = spec.partition(":")
+    fields = parse_field_map(field_map)
+    ds = _hf_dataset_dict(name, config or None)
+    where = f"hf:{spec}"
+    found = {ours: next((s for s in names if s in ds), None) for ours, names in _HF_SPLIT_NAMES.items()}
+    carved = {s for s in ("validation", "test") if found[s] is None}
+    if found["train"] is None or (split in carved and holdout_fraction <= 0):
+        missing = "train" if found["train"] is None else sorted(carved)[0]
+        raise DataError(f"{where} has splits {sorted(ds)}, none named {list(_HF_SPLIT_NAMES[missing])}"
+                        + ("" if missing == "train" else "; set data.holdout_fraction > 0 to carve it from train"))
+    _check_fields(where, fields, ds[found["train"]].column_names)
+    label_names = getattr(ds[found["train"]].features[fields["domain"]], "names", None) if "domain" in fields else None
+    default_domain = os.path.basename(name.rstrip("/"))
+    if label_names is not None:
+        universe = list(label_names)
+    elif "domain" in fields:
+        universe = sorted({str(v) for part in ds.values() for v in part.unique(fields["domain"]) if v is not None})
+    else:
+        universe = [default_domain]
+    source = found["train"] if split in carved else found[split]
+    rows = ds[source].select_columns(sorted(set(fields.values()))).to_list()
+    examples = _mapped_examples(rows, fields, label_names, universe, default_domain, f"{where}[{source}]")
+    if split in carved or (split == "train" and carved):   # train keeps what no carved split takes
+        if split != "train":
+            log.info("%s has no %s split: using %.0f%% of train, chosen by a hash of the prompt", where, split,
+                     100 * holdout_fraction)
+        keep = {split} if split in carved else {"train"} | ({"validation", "test"} - carved)
+        examples = {d: [e for e in exs if _hash_split(e, holdout_fraction) in keep] for d, exs in examples.items()}
+    return TextSplit(f"{where}:{split}", tuple(universe), examples)
+
+
+def _hf_dataset_dict(name: str, config: Optional[str]):
+    """datasets.DatasetDict of a local dataset directory or a Hub id. The Hub honours HF_HUB_OFFLINE: offline, the
+    datasets cache (a dataset loaded once online) is read, else a Hub-cache snapshot (`hf download --repo-type
+    dataset NAME`)."""
+    import datasets
+    from huggingface_hub import constants as hub_constants
+    where = f"hf:{name}" + (f":{config}" if config else "")
+    path = os.path.expanduser(name)
+    try:
+        if os.path.isdir(path):
+            return datasets.load_dataset(path, config)
+        try:
+            return datasets.load_dataset(name, config)
+        except ConnectionError:
+            if not hub_constants.is_offline_mode():
+                raise
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
+            try:
+                snapshot = snapshot_download(name, repo_type="dataset", local_files_only=True)
+            except LocalEntryNotFoundError:
+                raise DataError(f"{where}: dataset {name!r} is neither a local directory nor in the Hugging Face "
+                                f"caches and HF_HUB_OFFLINE=1; load it once with network access (same HF_HOME) "
+                                f"or unset HF_HUB_OFFLINE") from None
+            return datasets.load_dataset(snapshot, config)
+    except DataError:
+        raise
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:
+        raise DataError(f"{where}: no such dataset: not a local directory, and the Hub says: "
+                        f"{str(e).splitlines()[0]}") from None
+    except datasets.exceptions.DatasetGenerationError as e:   # a malformed data file
+        cause = str(e.__cause__ or e).splitlines()[0]
+        raise DataError(f"{where}: its data files cannot be read ({cause})") from None
+    except ConnectionError as e:
+        raise DataError(f"{where}: the Hub cannot be reached ({e}); check the network, or set HF_HUB_OFFLINE=1 "
+                        f"to read the caches") from None
+    except ValueError as e:   # e.g. an unknown config: "BuilderConfig 'x' not found. Available: [...]"
+        raise DataError(f"{where}: {str(e).splitlines()[0]}") from None

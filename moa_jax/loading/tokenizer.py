@@ -104,8 +104,9 @@ def gguf_tokenizer(path: str, reader=None):
 
 
 def load_tokenizer(source: str):
-    """transformers.PreTrainedTokenizerFast for a model name, a .gguf file or a Hugging Face directory."""
-    kind, path = resolve_source(source)
+    """transformers.PreTrainedTokenizerFast for a model name, a .gguf file, a Hugging Face directory or Hub id
+    (whose weight files are not fetched for this)."""
+    kind, path = resolve_source(source, weights=False)
     if kind == GGUF:
         tok = gguf_tokenizer(path)
     else:
