@@ -25,7 +25,7 @@ from flax import traverse_util
 from moa_jax.config import ModelConfig, MoAConfig, replace
 from moa_jax.generate.decode import (eos_ids, expert_indices, generate_tokens, left_pad, model_routing,
                                      route_from_prompt, until_eos)
-from moa_jax.loading.base import load_base_model
+from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn.model import MoATransformer
 from moa_jax.peft_import import read_peft_experts
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
@@ -133,8 +133,7 @@ def _load_frozen(source: str, dtype: Optional[str], param_dtype: Optional[str], 
     """-> (ModelConfig with the compute/storage dtypes, frozen params on device, tokenizer). dtype defaults to
     float32 on CPU and bfloat16 on accelerators; param_dtype to dtype; quantize: None/"none" or "int8"."""
     quantize = check_quantize(quantize)
-    if dtype is None:
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = default_dtype(dtype)
     # each leaf goes to the device as soon as it is built, so the host holds at most one leaf of the base
     cfg, frozen, tokenizer = load_base_model(source, param_dtype or dtype, quantize,
                                              place=lambda path, leaf: jax.block_until_ready(jnp.asarray(leaf)))

@@ -37,7 +37,7 @@ from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelCon
 from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.errors import check_writable
-from moa_jax.loading.base import check_base_model, load_base_model
+from moa_jax.loading.base import check_base_model, default_dtype, load_base_model
 from moa_jax.eval.suite import MethodSpec, evaluate_all
 from moa_jax.train.metrics_log import log_eval_scalars
 from moa_jax.nn.model import MoATransformer
@@ -190,7 +190,7 @@ def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
     check_experts_divisible(mesh, exp.moa.num_experts)
     check_batch_divisible(mesh, exp.data.batch_size)
     check_base_model(exp.model)
-    dtype = exp.dtype if exp.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = default_dtype(exp.dtype)
     t0 = time.perf_counter()
     # each base leaf goes onto the mesh as soon as it is read: the host never holds the whole base
     cfg, frozen, tokenizer = load_base_model(exp.model, dtype, exp.quantize, leaf_placer(mesh, exp.mesh.fsdp))

@@ -23,6 +23,14 @@ def tiny_model_config(vocab_size: int) -> ModelConfig:
                        num_kv_heads=2, tie_word_embeddings=True, name="tiny-random")
 
 
+def default_dtype(dtype=None) -> str:
+    """The compute dtype: `dtype` itself, or for None / "auto" float32 on CPU (bf16 is not faster there) and
+    bfloat16 on accelerators."""
+    if dtype not in (None, "auto"):
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def check_base_model(source: str) -> None:
     """The cheap part of loading `source` (the path resolves, headers parse): a UserError now, not after minutes."""
     from moa_jax import loading
