@@ -23,13 +23,14 @@ import numpy as np
 from flax import traverse_util
 
 from moa_jax.config import ModelConfig, MoAConfig, replace
-from moa_jax.generate.decode import (eos_ids, expert_indices, generate_tokens, left_pad, model_routing,
-                                     route_from_prompt, until_eos)
+from moa_jax.generate.decode import (eos_ids, expert_indices, generate_tokens, left_pad, route_from_prompt,
+                                     until_eos)
 from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn.model import MoATransformer
 from moa_jax.peft_import import read_peft_experts
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
 from moa_jax.nn.quantize import check_quantize
+from moa_jax.routing import model_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ class MoAModel:
         tokens = jnp.asarray(np.atleast_2d(np.asarray(token_ids)), jnp.int32)
         mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         pmask = mask if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
-        mode = model_routing(self.moa, routing)
+        mode = model_mode(self.moa, routing)
         idx = None
         if mode == "fixed":
             idx = expert_indices(routing, tokens.shape[0], expert=expert, domain=domain, moa=self.moa)

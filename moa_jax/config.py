@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from moa_jax.errors import UserError
+from moa_jax.methods import EVAL_METHODS, VARIANT_METHODS, unknown_methods
+from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, TRAIN_ROUTINGS
 
 # Canonical projection names (Hugging Face / PEFT naming) and the short aliases users may write.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = PROJECTIONS[:4]
 _PROJECTION_ALIASES = {p.removesuffix("_proj"): p for p in PROJECTIONS}
 
-DISPATCH_MODES = ("top1", "soft", "token_topk")
 ROUTER_TYPES = ("linear", "mlp")
-DECISION_POLICIES = ("last", "vote")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_MODES = ("none", "int8")  # storage of the frozen projection kernels (moa_jax/nn/quantize.py)
 # What each decoder layer keeps for the backward (moa_jax/nn/model.py, REMAT POLICIES); none of them keeps a T^2 tensor.
@@ -167,7 +167,6 @@ class MeshConfig:
 
 
 STAGES = ("stage1", "stage2", "mixed_lora", "moe_lora")
-TRAIN_ROUTINGS = ("label", "router", "soft")
 
 
 @dataclass(frozen=True)
@@ -294,15 +293,15 @@ class DataConfig:
         return self.eval_batch_size or self.batch_size
 
 
-# ---- evaluation and experiments ----
-EVAL_METHODS = ("most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle", "moe_lora")
+# ---- evaluation and experiments (the methods: moa_jax/methods.py) ----
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Test-split evaluation: perplexity, greedy-generation metrics (verifier accuracy, BLEU-4, ROUGE-L) and
-    routing, per domain. Methods (moa_jax/eval/evaluate.py): most_common = the most common TRAIN answer of the domain
-    (a floor), base, single_lora (stage-1 experts, domain given), mixed_lora, moa_router, moa_oracle, moe_lora."""
+    routing, per domain. `methods`: names of moa_jax/methods.py METHODS (most_common = the most common TRAIN answer of
+    the domain, a floor; base; single_lora = stage-1 experts, domain given; mixed_lora; moa_router; moa_oracle;
+    moe_lora)."""
     items_per_domain: int = 200     # test items per domain (>= 200 for claims; at 50, < ~0.1 apart is noise)
     max_new_tokens: int = 32
     batch_size: int = 32
@@ -310,7 +309,7 @@ class EvalConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
-        bad = [m for m in self.methods if m not in EVAL_METHODS]
+        bad = unknown_methods(self.methods)
         _check(not bad, f"EvalConfig.methods: unknown {bad}; valid: {EVAL_METHODS}")
         _check(self.items_per_domain >= 1, f"EvalConfig.items_per_domain must be >= 1, got {self.items_per_domain}")
         _check(self.max_new_tokens >= 1, f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -318,7 +317,6 @@ class EvalConfig:
 
 # Ablation variants change only what comes after stage 1, so every variant shares the experiment's stage 1.
 VARIANT_KEY_PREFIXES = ("stage2.", "moe_lora.", "moa.decision", "moa.top_k")
-VARIANT_METHODS = ("moa_router", "moa_oracle", "moe_lora")
 
 
 @dataclass(frozen=True)
@@ -348,7 +346,7 @@ def parse_variant(spec: str) -> Variant:
         _check(bool(eq) and bool(key), f"variant {name!r}: {part!r} is not key=value")
         if key == "methods":
             methods = tuple(m.strip() for m in value.split("+") if m.strip())
-            bad = [m for m in methods if m not in VARIANT_METHODS]
+            bad = unknown_methods(methods, VARIANT_METHODS)
             _check(bool(methods) and not bad, f"variant {name!r}: methods {list(methods)}: each must be one of "
                    f"{VARIANT_METHODS} (joined with '+')")
             continue

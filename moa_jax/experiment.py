@@ -37,8 +37,10 @@ from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelCon
 from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.errors import check_writable
+from moa_jax.methods import METHODS
 from moa_jax.loading.base import check_base_model, default_dtype, load_base_model
-from moa_jax.eval.suite import MethodSpec, evaluate_all
+from moa_jax.eval.evaluate import Method
+from moa_jax.eval.suite import evaluate_all
 from moa_jax.train.metrics_log import log_eval_scalars
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import check_tree, init_trainable, param_shapes, split_params
@@ -209,12 +211,12 @@ def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
 def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[MoAConfig, Any]]:
     """Stage 1, stage 2 and the baselines the evaluation asks for. -> {name: (MoAConfig, trainable tree)}."""
     exp, moa = ctx.exp, ctx.exp.moa
-    methods = set(exp.eval.methods)
+    needed = {METHODS[m].trained for m in exp.eval.methods}   # the adapters the evaluated methods use
     src1 = ctx.source(0, exp.stage1.grad_accum)
     stage1 = stage1_experts(ctx, src1, progress)
     out: dict[str, tuple[MoAConfig, Any]] = {"single_lora": (moa, stage1)}
     out["moa"] = train_stage2(ctx, exp, stage1, progress)
-    if "mixed_lora" in methods:
+    if "mixed_lora" in needed:
         moa1 = replace(moa, num_experts=1)
         first = exp.stage1.steps * exp.stage1.grad_accum
         total = first + exp.stage2.steps * exp.stage2.grad_accum
@@ -225,7 +227,7 @@ def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[
         mixed, _ = ctx.train("mixed_lora", moa1, tcfg, init_trainable(ctx.cfg, moa1, jax.random.fold_in(_key(exp), 3)),
                              _Concat(src1, first, src2), progress)
         out["mixed_lora"] = (moa1, mixed)
-    if "moe_lora" in methods:
+    if "moe_lora" in needed:
         out["moe_lora"] = train_moe_lora(ctx, exp, stage1, progress)
     return out
 
@@ -291,7 +293,7 @@ def _training_key(exp: ExperimentConfig, method: str) -> tuple:
     return ("stage2", exp.stage2, replace(exp.moa, decision="last"))
 
 
-def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool = True) -> list[MethodSpec]:
+def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool = True) -> list[Method]:
     """Train what the ablation variants need (sharing where settings match) -> their method specs."""
     exp = ctx.exp
     done = {_training_key(exp, "moa_router"): "moa"}
@@ -310,7 +312,7 @@ def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool 
             else:
                 log.info("variant %s/%s: reuses the adapters of %s", variant.name, method, done[tkey])
             moa = replace(trained[done[tkey]][0], decision=vexp.moa.decision)
-            specs.append(MethodSpec(method, done[tkey], moa, f"{method}[{variant.name}]"))
+            specs.append(Method(method, moa, label=f"{method}[{variant.name}]", key=done[tkey]))
     return specs
 
 
@@ -322,7 +324,7 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
     parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory
     ctx = prepare(exp, workdir)
     trained = train_all(ctx, progress)
-    specs = [MethodSpec(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
+    specs = [Method(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
     results = evaluate_all(ctx, trained, specs, progress)
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages=dict(ctx.stage_dirs),

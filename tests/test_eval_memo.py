@@ -12,7 +12,7 @@ import pytest
 from moa_jax.config import DataConfig, ModelConfig, MoAConfig
 from moa_jax.data import load_split
 from moa_jax.eval.evaluate import Method, assign_experts
-from moa_jax.eval.suite import ItemMemo, MethodSpec, adapters_key, build_eval_set, evaluate_method
+from moa_jax.eval.suite import ItemMemo, adapters_key, build_eval_set, evaluate_method
 from moa_jax.generate.decode import generate_tokens, left_pad
 from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
 from tests.train_helpers import randomised_model
@@ -83,14 +83,12 @@ def test_evaluation_routes_like_generation(setup):
 def test_adapters_key_shares_only_identical_adapters(setup):
     _, _, params, _ = setup
     vote = MoAConfig(**{**MOA.__dict__, "decision": "vote"})
-    main = adapters_key(MethodSpec("moa_router"), Method("moa_router", MOA, params))
-    assert adapters_key(MethodSpec("moa_oracle"), Method("moa_oracle", MOA, params)) == main
-    assert adapters_key(MethodSpec("moa_router", "moa", vote, "moa_router[vote]"),
-                        Method("moa_router", vote, params)) == main
-    assert adapters_key(MethodSpec("moa_router", "moa[eta0]", MOA, "moa_router[eta0]"),
-                        Method("moa_router", MOA, params)) != main
-    assert adapters_key(MethodSpec("single_lora"), Method("single_lora", MOA, params)) != main
-    assert adapters_key(MethodSpec("base"), Method("base", None, params)) == ("base",)
+    main = adapters_key(Method("moa_router", MOA, params))
+    assert adapters_key(Method("moa_oracle", MOA, params)) == main
+    assert adapters_key(Method("moa_router", vote, params, "moa_router[vote]", key="moa")) == main
+    assert adapters_key(Method("moa_router", MOA, params, "moa_router[eta0]", key="moa[eta0]")) != main
+    assert adapters_key(Method("single_lora", MOA, params)) != main
+    assert adapters_key(Method("base", None, params)) == ("base",)
 
 
 def test_progress_counts_every_item_once_computed_or_shared(setup):

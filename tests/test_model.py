@@ -15,7 +15,8 @@ from flax import traverse_util
 from flax.errors import InvalidRngError
 
 from moa_jax.config import MoAConfig
-from moa_jax.nn.model import ROUTING_MODES, MoATransformer, init_cache
+from moa_jax.nn.model import MoATransformer, init_cache
+from moa_jax.routing import MODES as ROUTING_MODES
 from moa_jax.params import (check_tree, count_params, init_trainable, merge_params, param_shapes,
                             split_params)
 from moa_jax.nn.router import router_ce_loss

@@ -22,7 +22,7 @@ from typing import Optional
 
 from moa_jax.train.checkpoint import AdapterNotFoundError
 from moa_jax.errors import UsageError, cli_main
-from moa_jax.generate.decode import API_ROUTINGS
+from moa_jax.routing import ROUTINGS
 
 
 def run_info(workdir: str, stage: str) -> tuple[dict, str, dict]:
@@ -79,7 +79,7 @@ def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moa_jax.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run directory of `python -m experiments.run`")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: one batch)")
-    parser.add_argument("--routing", choices=API_ROUTINGS, default="router",
+    parser.add_argument("--routing", choices=ROUTINGS, default="router",
                         help="router (default): the routers pick the expert from the prompt; oracle / forced: "
                         "--expert picks it; base: no adapters")
     parser.add_argument("--expert", default=None, help="expert id or domain name (routing oracle / forced)")

@@ -2,12 +2,9 @@
 (teacher forcing) and its greedy answer. moa_jax.eval.suite aggregates per domain and scores the answers
 (each domain's verifier, BLEU-4 and ROUGE-L from moa_jax.eval.metrics).
 
-A "method" is a trained parameter tree plus how it routes:
-  base         adapters off                    single_lora  stage-1 experts, the domain label picks the expert
-  mixed_lora   one LoRA (E=1) for everything   moa_router   stage-2 experts, the routers decide from the prompt
-  moa_oracle   stage-2 experts, label given    moe_lora     token-level top-k routing (no labels)
-(The most_common baseline has no parameters: moa_jax.eval.suite scores it directly.) An ablation variant of
-a method keeps the method's name and routing and carries a `label` such as 'moa_router[eta0]'.
+A `Method` is a registered method (moa_jax/methods.py: its routing and which trained adapters it uses) with its
+parameter tree. (The most_common baseline has no parameters: moa_jax.eval.suite scores it directly.) An ablation
+variant of a method keeps the method's name and routing and carries a `label` such as 'moa_router[eta0]'.
 
 Router decisions are made as at inference, once per item: a routing pass over the left-padded prompt tokens, as
 `generate_tokens(routing='router')` does (`assign_experts`), then that expert for the whole sequence, in the PPL
@@ -29,34 +26,61 @@ import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.generate.decode import forward_moa, generate_tokens, left_pad, route_from_prompt, until_eos
+from moa_jax.methods import MethodInfo, method_info
 from moa_jax.nn.model import MoATransformer
+from moa_jax.params import merge_params
+from moa_jax.routing import model_mode, routes_per_item
 from moa_jax.train.step import gather_targets
 
-ROUTING_OF_METHOD = {"base": "base", "single_lora": "oracle", "mixed_lora": "forced", "moa_router": "router",
-                     "moa_oracle": "oracle", "moe_lora": "router"}
 BASE = -1   # expert id of "adapters off"
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    name: str                 # one of ROUTING_OF_METHOD
-    moa: Optional[MoAConfig]
-    params: Any               # full tree (frozen base merged with this method's adapters)
-    label: str = ""           # how reports name it (default: name)
+    """A method to evaluate (a name of moa_jax/methods.py METHODS, which gives its routing and adapters).
+
+    moa     the MoAConfig it runs with (None: the base model, or the trained one until `resolve` fills it in; an
+            ablation of the decision policy passes its own)
+    params  the full tree (frozen base merged with its adapters); None until `resolve`
+    label   how reports name it (default: name); an ablation variant is `name[VARIANT]`
+    key     the trained tree its adapters come from (default: the registry's `trained`); a variant's own training
+            is `moa[VARIANT]` or `moe_lora[VARIANT]`
+    """
+    name: str
+    moa: Optional[MoAConfig] = None
+    params: Any = None
+    label: str = ""
+    key: Optional[str] = None
+
+    @property
+    def info(self) -> MethodInfo:
+        return method_info(self.name)
 
     @property
     def routing(self) -> str:
-        return ROUTING_OF_METHOD[self.name]
+        return self.info.routing
 
     @property
     def display(self) -> str:
         return self.label or self.name
 
     @property
+    def trained_key(self) -> Optional[str]:
+        return self.key or self.info.trained
+
+    @property
     def per_item_expert(self) -> bool:
         """True when every item runs with one expert (or the base) for its whole sequence; False for soft and
         token-level dispatch, which mix experts inside every forward."""
-        return self.moa is None or self.routing != "router" or self.moa.dispatch == "top1"
+        return routes_per_item(self.moa, self.routing)
+
+    def resolve(self, frozen: Any, trained: dict) -> "Method":
+        """This method with its parameters: the frozen base merged with its adapters from `trained`
+        ({key: (MoAConfig, trainable tree)}, moa_jax/experiment.py train_all)."""
+        if self.trained_key is None:
+            return dataclasses.replace(self, moa=None, params=frozen)
+        moa, trainable = trained[self.trained_key]
+        return dataclasses.replace(self, moa=self.moa or moa, params=merge_params(frozen, trainable))
 
 
 def assign_experts(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]], labels: Sequence[int], *,
@@ -105,19 +129,11 @@ def _nll_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
     return run
 
 
-def _forward_mode(method: Method, experts: Optional[np.ndarray]) -> str:
-    if method.moa is None or method.routing == "base":
-        return "base"
-    if experts is not None:
-        return "fixed"
-    return "soft" if method.moa.dispatch == "soft" else "token"
-
-
 def item_nll(cfg: ModelConfig, method: Method, batches: Sequence[dict],
              experts: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """-> (NLL sum [N], target token count [N]) of every valid row of `batches` on its response tokens, each item
     run with its expert from `experts` [N] (None: the method's soft / token-level dispatch)."""
-    mode = _forward_mode(method, experts)
+    mode = model_mode(method.moa, method.routing)   # base / fixed when `experts` is given, else soft / token
     fn = _nll_fn(cfg, None if mode == "base" else forward_moa(method.moa), mode)
     sums, counts, start = [], [], 0
     for batch in batches:

@@ -18,22 +18,11 @@ import os
 from typing import Optional
 
 from moa_jax.eval import metrics, plots
+from moa_jax.methods import METHODS, MOA
 
 # (key in per_domain, column title, format, higher is better)
 METRICS = (("accuracy", "accuracy", "{:.3f}", True), ("ppl", "PPL", "{:.3f}", False),
            ("bleu", "BLEU-4", "{:.2f}", True), ("rouge_l", "ROUGE-L", "{:.2f}", True))
-MOA = "moa_router"
-DESCRIPTIONS = {
-    "most_common": "the domain's most common TRAIN answer for every test item (a floor; no PPL)",
-    "base": "the base model, adapters off",
-    "single_lora": "stage-1 experts, the domain given (paper: Single-LoRA)",
-    "mixed_lora": "one LoRA on all domains mixed, the same examples as stage 1 + stage 2 (paper: Single-LoRA (mixed))",
-    "moa_router": "MoA: stage-2 experts, the routers pick one expert per prompt (paper: MoA)",
-    "moa_oracle": "MoA's stage-2 experts with the domain given (each expert used alone after joint training)",
-    "moe_lora": "token-level top-k MoE-LoRA over the experts, no domain labels (paper: MoE-LoRA)",
-}
-
-
 class ReportError(ValueError):
     """The results cannot be reported as they are (e.g. a method lacks a domain)."""
 
@@ -99,7 +88,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
           f"a standard error up to 0.5/sqrt(n) = {0.5 / math.sqrt(max(min(n_items), 1)):.3f}: smaller per-domain "
           "differences are noise.", ""]
     kinds = list(dict.fromkeys(results["methods"][m].get("kind", m) for m in methods))
-    md += [f"- `{k}`: {DESCRIPTIONS[k]}" for k in kinds if k in DESCRIPTIONS]
+    md += [f"- `{k}`: {METHODS[k].description}" for k in kinds if k in METHODS]
     md += ["", "## Averages over domains (cf. the paper's Table 2)", "",
           _row(["method"] + [t for _, t, _, _ in METRICS] + ["routing accuracy"]), _row(["---"] * (len(METRICS) + 2))]
     for m in methods:

@@ -6,7 +6,8 @@ Per method and domain (moa_jax.eval.evaluate routes, computes NLL and generates 
   ppl, nll        perplexity / mean NLL on the response tokens (teacher forcing; routed as the method routes)
   bleu, rouge_l   mean sentence BLEU-4 and ROUGE-L F of the completion against the reference answer (0-100);
   corpus_bleu     pooled-count BLEU-4 of the domain's completions
-  routing_accuracy  (router-routed MoA methods) share of items routed to the domain's own expert
+  routing_accuracy  (methods whose registry record says so: moa_router) share of items routed to the domain's own
+                  expert
 Averages are unweighted means over domains (`mean_<metric>`). The `most_common` baseline answers every test item
 of a domain with the domain's most common TRAIN answer (no model, no PPL): the floor any method must beat.
 
@@ -30,38 +31,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moa_jax.eval import metrics
-from moa_jax.config import MoAConfig
 from moa_jax.eval.evaluate import Method, assign_experts, generate_answers, item_nll
 from moa_jax.generate.decode import eos_ids, forward_moa
-from moa_jax.params import merge_params
 
 log = logging.getLogger("moa_jax")
-# trained-tree key (experiment.train_all) of each method that has parameters
-TRAINED_KEY = {"single_lora": "single_lora", "mixed_lora": "mixed_lora", "moa_router": "moa", "moa_oracle": "moa",
-               "moe_lora": "moe_lora"}
 SAMPLES_PER_METHOD = 20
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """A method to evaluate: `name` (its routing), the `trained` key of its parameters, the MoAConfig to use (None:
-    the trained one; an ablation of the decision policy passes its own) and the label the report shows."""
-    name: str
-    key: Optional[str] = None
-    moa: Optional[MoAConfig] = None
-    label: str = ""
-
-    @property
-    def display(self) -> str:
-        return self.label or self.name
-
-
-def build_method(frozen: Any, trained: dict, spec: MethodSpec) -> Method:
-    """-> evaluate.Method (frozen base merged with the method's adapters)."""
-    if spec.name == "base":
-        return Method("base", None, frozen, spec.label)
-    moa, trainable = trained[spec.key or TRAINED_KEY[spec.name]]
-    return Method(spec.name, spec.moa or moa, merge_params(frozen, trainable), spec.label)
 
 
 def eval_rows(split, items_per_domain: int) -> np.ndarray:
@@ -225,7 +199,7 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
         nll = float(sums[sel].sum() / max(counts[sel].sum(), 1.0))
         per_domain[name].update(ppl=float(np.exp(nll)), nll=nll)
     confusion = None
-    if method.routing == "router" and experts is not None:
+    if method.info.routing_accuracy and experts is not None:
         confusion = metrics.confusion_matrix(es.labels, experts, n_dom, method.moa.num_experts)
         for name, acc in zip(es.domains, metrics.routing_accuracy(confusion)):
             per_domain[name]["routing_accuracy"] = float(acc)
@@ -236,17 +210,17 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
     return entry
 
 
-def adapters_key(spec: MethodSpec, method: Method):
+def adapters_key(method: Method):
     """What an item's one-expert evaluation depends on besides (item, expert): the adapters, and the adapter
     settings (the decision policy only chooses the expert, so it is left out)."""
     if method.moa is None:
         return ("base",)
-    return (spec.key or TRAINED_KEY[spec.name], forward_moa(method.moa))
+    return (method.trained_key, forward_moa(method.moa))
 
 
-def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec], progress: bool = True) -> dict:
-    """Every method spec on the first items_per_domain test items of every domain. -> results dict.
-    `progress`: one bar over methods x items (process 0)."""
+def evaluate_all(ctx, trained: dict, specs: Sequence[Method], progress: bool = True) -> dict:
+    """Every method (without parameters: `Method.resolve` takes them from `trained`) on the first items_per_domain
+    test items of every domain. -> results dict. `progress`: one bar over methods x items (process 0)."""
     ev, split = ctx.exp.eval, ctx.data["test"]
     es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets)
     frozen = jax.device_get(ctx.frozen) if jax.process_count() == 1 else ctx.frozen
@@ -257,16 +231,16 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[MethodSpec], progress: bool
                disable=not (progress and jax.process_index() == 0))
     for spec in specs:
         bar.set_postfix(method=spec.display, refresh=False)
-        if spec.name == "most_common":
+        if spec.routing is None:   # no model: the most common train answer
             entry = most_common_entry(es, ctx.data["train"])
             bar.update(len(es.rows))
         else:
-            method = build_method(frozen, trained, spec)
+            method = spec.resolve(frozen, trained)
             entry = evaluate_method(
                 ctx.cfg, es, method, pad_id=split.pad_id,
                 eos_ids=eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                 decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True),
-                memo=memo, memo_key=adapters_key(spec, method), on_items=bar.update)
+                memo=memo, memo_key=adapters_key(method), on_items=bar.update)
         results["methods"][spec.display] = entry
         log.info("eval %-22s accuracy %.3f  ppl %s  bleu %.1f  rouge-l %.1f  (%.0fs%s)", spec.display,
                  entry["mean_accuracy"], _fmt(entry["mean_ppl"]), entry["mean_bleu"], entry["mean_rouge_l"],

@@ -5,8 +5,9 @@ MoA inference routes once per sequence, from the prompt, and keeps that expert f
      decision policy (last router, or a vote) picks one expert per sequence;
   2. prefill the cache with that expert forced at every layer ('fixed' mode), then decode token by token with it.
 So generating with the router equals generating with the chosen expert forced (a test checks exactly that).
-Other routing: 'oracle' (domain label given), 'forced' (one expert for all), 'base' (adapters off), and for the
-token-level MoE-LoRA baseline each token routes itself ('token' mode) during prefill and decoding alike.
+Other routing (moa_jax.routing.ROUTINGS): 'oracle' (domain label given), 'forced' (one expert for all), 'base'
+(adapters off), and for the token-level MoE-LoRA baseline each token routes itself ('token' mode) during prefill
+and decoding alike; moa_jax.routing.model_mode gives the mode of each.
 
 Prompts are LEFT-padded so every sequence's next token sits in the last column; positions count real tokens
 only, so padding changes nothing. Decoding runs as one jitted `lax.while_loop` that stops when every row has
@@ -27,24 +28,9 @@ import numpy as np
 from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.nn.model import MoATransformer, init_cache
 from moa_jax.nn.router import decide
+from moa_jax.routing import model_mode
 
 Array = jax.Array
-API_ROUTINGS = ("router", "oracle", "forced", "base")
-
-
-def model_routing(moa: Optional[MoAConfig], routing: str) -> str:
-    """Public routing name -> the model's routing mode for the (second) forward pass."""
-    if routing not in API_ROUTINGS:
-        raise ValueError(f"routing={routing!r} is not one of {API_ROUTINGS}")
-    if moa is None or routing == "base":
-        return "base"
-    if routing == "router" and moa.dispatch == "soft":
-        return "soft"
-    if routing == "router" and moa.dispatch == "token_topk":
-        return "token"
-    return "fixed"
-
-
 def forward_moa(moa: Optional[MoAConfig]) -> Optional[MoAConfig]:
     """`moa` without its decision policy, which only the routing pass uses: the key of every other compiled forward
     (so 'last' and 'vote' share them) and of results that depend on the adapters alone."""
@@ -136,7 +122,7 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
     tokens = jnp.asarray(tokens, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     b = tokens.shape[0]
-    mode = model_routing(moa, routing)
+    mode = model_mode(moa, routing)
     if mode == "soft":
         # The per-sequence gates come from pooling the prompt; a cached decode step sees only its new token and
         # would re-pool over it alone. Soft MoA is evaluated by perplexity (full forward) instead.

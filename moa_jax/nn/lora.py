@@ -26,6 +26,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.nn.quantize import SCALE_LEAF, dequantize, int8_kernel_init, int8_matmul, int8_scale_init
+from moa_jax.routing import ROUTE_KINDS
 
 Array = jax.Array
 
@@ -33,8 +34,8 @@ Array = jax.Array
 class Route(NamedTuple):
     """How one layer's adapters pick experts. `kind` is static; the arrays are data (never shapes).
 
-    kind: "base" (no adapter), "single" (expert 0 for every token), "top1" (expert_idx [B]),
-          "mixture" (gates [B, E] or [B, T, E]).
+    kind (moa_jax.routing.ROUTE_KINDS): "base" (no adapter), "single" (expert 0 for every token), "top1"
+          (expert_idx [B]), "mixture" (gates [B, E] or [B, T, E]).
     """
     kind: str
     expert_idx: Optional[Array] = None
@@ -164,7 +165,7 @@ def lora_delta(x: Array, lora_a: Array, lora_b: Array, route: Route, scale: floa
         return lora_top1(x, lora_a, lora_b, route.expert_idx, scale)
     if route.kind == "mixture":
         return lora_mixture(x, lora_a, lora_b, route.gates, scale)
-    raise ValueError(f"unknown route kind {route.kind!r}")
+    raise ValueError(f"route kind {route.kind!r} is not one of {ROUTE_KINDS}")
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):

@@ -11,7 +11,8 @@ Param tree (kernels are [Din, Dout]; `lora_*` and `router` exist only with a MoA
   layers/router/kernel [L, D, E]              (mlp router: layers/router/{hidden,out}/kernel)
   final_norm/scale [D]                        lm_head/kernel [D, V] (absent with tied embeddings)
 
-Routing modes (static `routing` argument of __call__):
+Routing modes (static `routing` argument of __call__; moa_jax.routing.MODES, translated from the user's and the
+training stage's routings by moa_jax.routing.model_mode):
   base    the frozen base model, adapters off.
   fixed   top-1 per sequence with a given expert_idx [B]: domain labels in training (teacher forcing), the
           oracle / a forced expert / the decided expert at inference.
@@ -38,9 +39,9 @@ from moa_jax.nn.layers import MLP, Attention, RMSNorm
 from moa_jax.nn.lm_loss import chunked_token_nll, vocab_logits
 from moa_jax.nn.lora import Route
 from moa_jax.nn.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
+from moa_jax.routing import MODES
 
 Array = jax.Array
-ROUTING_MODES = ("base", "fixed", "self", "soft", "token")
 
 # REMAT POLICIES (ModelConfig.remat): what the backward keeps of each layer's forward. Attention never keeps its
 # [T, S] scores or probabilities under any policy (cuDNN keeps a [B, H, T] logsumexp; the XLA path recomputes its
@@ -157,8 +158,8 @@ class MoATransformer(nn.Module):
         right_padded: every row's padding is at its end (training and evaluation batches); lets a GPU use cuDNN
         flash attention. Leave it False for left-padded prompts.
         """
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"routing={routing!r} is not one of {ROUTING_MODES}")
+        if routing not in MODES:
+            raise ValueError(f"routing={routing!r} is not one of {MODES}")
         if routing == "token" and self.moa is not None and self.moa.top_k > self.moa.num_experts:
             raise ValueError(f"routing='token' needs MoAConfig.top_k={self.moa.top_k} <= "
                              f"num_experts={self.moa.num_experts}")

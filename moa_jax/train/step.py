@@ -29,6 +29,7 @@ from moa_jax.nn.lm_loss import token_nll
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
 from moa_jax.nn.router import router_accuracy, router_ce_loss
+from moa_jax.routing import model_mode, stage_routing
 
 Params = dict[str, Any]
 
@@ -40,15 +41,6 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array
     nonfinite: jax.Array  # number of updates skipped: loss, gradients or updated params not finite
-
-
-def routing_mode(tcfg: TrainConfig) -> str:
-    """The model's routing mode during training for this stage."""
-    if tcfg.stage == "moe_lora":
-        return "token"
-    if tcfg.stage == "stage2":
-        return {"label": "fixed", "router": "self", "soft": "soft"}[tcfg.train_routing]
-    return "fixed"
 
 
 def _param_group(path: tuple[str, ...], tcfg: TrainConfig) -> str:
@@ -149,7 +141,7 @@ def gather_targets(tokens: np.ndarray, loss_mask: np.ndarray, buckets=(0.25, 0.5
 def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: TrainConfig, num_domains: int):
     """One micro-batch [B, T] -> (loss, aux metrics)."""
     params = merge_params(frozen, trainable)
-    mode = routing_mode(tcfg)
+    mode = model_mode(model.moa, stage_routing(tcfg.stage, tcfg.train_routing), training=True)
     valid = batch["valid"].astype(jnp.float32)
     if "target_pos" in batch:   # compact: logits only where the next token is a target
         pos, targets, weights = batch["target_pos"], batch["target_tokens"], batch["target_weight"]
