@@ -1,12 +1,12 @@
 """Named experiments. Each preset's docstring states its command, expected runtime and expected result.
 
 A preset is a function returning an ExperimentConfig; `--set key=value` adjusts any field from the command line.
+A preset gives the same config on every backend: the 10-task job has a CPU-budget preset (`moa_10task`) and an
+accelerator-budget one (`moa_10task_accel`), chosen by name (BUDGETS).
 """
 from __future__ import annotations
 
 from typing import Callable
-
-import jax
 
 from moa_jax.config import (ConfigError, DataConfig, EvalConfig, ExperimentConfig, MeshConfig, MoAConfig, TrainConfig,
                             replace)
@@ -35,8 +35,9 @@ def get_experiment(name: str) -> ExperimentConfig:
     return EXPERIMENTS[name]()
 
 
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+# The training and evaluation budget of the 10-task presets: stage-1 steps, stage-2 steps, global batch,
+# test items per domain, evaluation batch.
+BUDGETS = {"cpu": (120, 40, 8, 20, 50), "accelerator": (1500, 500, 32, 200, 100)}
 
 
 @register
@@ -60,35 +61,50 @@ def smoke() -> ExperimentConfig:
         mesh=MeshConfig())
 
 
-@register
-def moa_10task() -> ExperimentConfig:
-    """The main job: MoA on SmolLM2-135M-Instruct over the 10 embedded reasoning-gym domains, with the baselines.
-
-    Command: python -m experiments.run --exp=moa_10task
-    CPU (2 cores, reduced budget): stage 1 = 120 steps and stage 2 = 40 steps at batch 8 (~96 + 32 examples per
-    domain), the mixed-LoRA baseline on the same 1,280 examples, evaluation on 20 test items per domain (too few
-    for claims under ~0.15 accuracy difference). Runtime measured 29.6 min on an otherwise idle 2-core CPU
-    (stage 1 9.1, stage 2 3.1, mixed LoRA 11.1, evaluation 5.9 min; ~2x that when the machine is shared).
-    See README for the table.
-    Accelerator (full budget): 1500 + 500 steps at batch 32, 200 test items per domain.
-    Methods reported (results.md): most_common (each domain's most common train answer: the floor), base,
-    single_lora (stage-1 experts, domain given), mixed_lora (one LoRA, same examples as stage 1 + 2), moa_router,
-    moa_oracle; per domain accuracy, PPL, BLEU-4, ROUGE-L, routing accuracy + confusion, and where MoA loses.
-    Expected: every domain's loss falls in both stages; MoA-router close to MoA-oracle (routing accuracy near 100%);
-    MoA above the base model and on par with or above single-LoRA and mixed-LoRA on most domains.
-    """
-    cpu = _on_cpu()
-    s1, s2, batch = (120, 40, 8) if cpu else (1500, 500, 32)
+def _moa_10task(name: str, budget: str) -> ExperimentConfig:
+    s1, s2, batch, items, eval_batch = BUDGETS[budget]
     return ExperimentConfig(
-        name="moa_10task",
+        name=name,
         moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05),
         data=DataConfig(batch_size=batch, buckets=(64, 96, 128), max_len=128),
         stage1=TrainConfig(stage="stage1", steps=s1, learning_rate=1e-3, log_every=10, checkpoint_every=40),
         stage2=TrainConfig(stage="stage2", steps=s2, learning_rate=5e-4, eta=1.0, router_lr_mult=10.0,
                            log_every=10, checkpoint_every=40),
         baseline=TrainConfig(stage="mixed_lora", steps=0, learning_rate=1e-3, log_every=10, checkpoint_every=40),
-        eval=EvalConfig(items_per_domain=20 if cpu else 200, max_new_tokens=20, batch_size=50 if cpu else 100),
+        eval=EvalConfig(items_per_domain=items, max_new_tokens=20, batch_size=eval_batch),
         mesh=MeshConfig())
+
+
+@register
+def moa_10task() -> ExperimentConfig:
+    """The main job at the CPU budget: MoA on SmolLM2-135M-Instruct over the 10 embedded reasoning-gym domains,
+    with the baselines (moa_10task_accel is the same job at the accelerator budget).
+
+    Command: python -m experiments.run --exp=moa_10task
+    Budget (BUDGETS["cpu"], the same on every backend): stage 1 = 120 steps and stage 2 = 40 steps at batch 8
+    (~96 + 32 examples per domain), the mixed-LoRA baseline on the same 1,280 examples, evaluation on 20 test
+    items per domain (too few for claims under ~0.15 accuracy difference). Runtime: 29.6 min on an idle 2-core
+    CPU (stage 1 9.1, stage 2 3.1, mixed LoRA 11.1, evaluation 5.9 min). See README for the table.
+    Methods reported (results.md): most_common (each domain's most common train answer: the floor), base,
+    single_lora (stage-1 experts, domain given), mixed_lora (one LoRA, same examples as stage 1 + 2), moa_router,
+    moa_oracle; per domain accuracy, PPL, BLEU-4, ROUGE-L, routing accuracy + confusion, and where MoA loses.
+    Expected: every domain's loss falls in both stages; MoA-router close to MoA-oracle (routing accuracy near 100%);
+    MoA above the base model and on par with or above single-LoRA and mixed-LoRA on most domains.
+    """
+    return _moa_10task("moa_10task", "cpu")
+
+
+@register
+def moa_10task_accel() -> ExperimentConfig:
+    """The main job at the accelerator budget (a GPU or TPU): moa_10task with 1500 + 500 steps at batch 32 and 200
+    test items per domain.
+
+    Command: python -m experiments.run --exp=moa_10task_accel
+    Budget (BUDGETS["accelerator"]): stage 1 = 1500 steps and stage 2 = 500 steps at batch 32, the mixed-LoRA
+    baseline on the same examples, 200 test items per domain (evaluation batch 100). On a CPU this takes many hours:
+    use moa_10task there. Methods and expected result: as moa_10task, with tighter per-domain figures.
+    """
+    return _moa_10task("moa_10task_accel", "accelerator")
 
 
 # Ablations of moa_10task (ExperimentConfig.variants): each variant trains only what it changes, from the shared stage 1.
@@ -103,9 +119,16 @@ ABLATIONS = (
 )
 
 
+def _ablations(name: str, base: ExperimentConfig) -> ExperimentConfig:
+    return replace(base, name=name,
+                   eval=replace(base.eval, methods=("most_common", "base", "single_lora", "moa_router", "moa_oracle")),
+                   variants=ABLATIONS)
+
+
 @register
 def moa_10task_ablations() -> ExperimentConfig:
-    """The ablations of moa_10task, in the same report format (one column per variant, `method[NAME]`).
+    """The ablations of moa_10task at the CPU budget, in the same report format (one column per variant,
+    `method[NAME]`); moa_10task_ablations_accel is the same at the accelerator budget.
 
     Command, after moa_10task (loads its stage 1 and stage 2 instead of training them again):
         python -m experiments.run --exp=moa_10task_ablations --set reuse_from=runs/moa_10task
@@ -114,20 +137,28 @@ def moa_10task_ablations() -> ExperimentConfig:
     vote instead of the last router (re-evaluation only), token-level MoE-LoRA from stage-1 experts and from random
     experts (the paper's MoE-LoRA and MoE-LoRA (naive)). Each trained variant is stage 2's budget on stage 2's
     batches, in <workdir>/variants/<NAME>/; any subset: --set "variants=eta0:stage2.eta=0,vote:moa.decision=vote".
-    CPU (the moa_10task budget: 40 stage-2 steps at batch 8 per trained variant, 20 test items per domain):
+    Budget: moa_10task's (40 stage-2 steps at batch 8 per trained variant, 20 test items per domain):
     6 trained variants + 15 evaluated methods; with reuse_from nothing of stage 1 or the main stage 2 is repeated.
-    Measured with reuse_from on an otherwise idle 2-core CPU: 39.8 min (trainings 21.6 min, evaluations 17.8 min);
+    Runtime with reuse_from on an idle 2-core CPU: 39.8 min (trainings 21.6 min, evaluations 17.8 min);
     the table is in the README ("Ablations").
-    Accelerator: the full moa_10task budget (500 stage-2 steps at batch 32 per variant, 200 items per domain).
     Expected: eta=0 routes at chance (~10%) and moa_router falls towards the worse experts while moa_oracle stays
     close to the main run; routing accuracy rises with eta; random-init experts lose accuracy against stage-1 init
     at this small stage-2 budget; vote ~ last; token-level MoE-LoRA below MoA on the domains that need their own
     expert, the naive one lowest.
     """
-    base = moa_10task()
-    return replace(base, name="moa_10task_ablations",
-                   eval=replace(base.eval, methods=("most_common", "base", "single_lora", "moa_router", "moa_oracle")),
-                   variants=ABLATIONS)
+    return _ablations("moa_10task_ablations", moa_10task())
+
+
+@register
+def moa_10task_ablations_accel() -> ExperimentConfig:
+    """The ablations of moa_10task_accel at the accelerator budget (500 stage-2 steps at batch 32 per trained
+    variant, 200 test items per domain).
+
+    Command, after moa_10task_accel:
+        python -m experiments.run --exp=moa_10task_ablations_accel --set reuse_from=runs/moa_10task_accel
+    Variants and expected result: as moa_10task_ablations.
+    """
+    return _ablations("moa_10task_ablations_accel", moa_10task_accel())
 
 
 @register
@@ -141,7 +172,7 @@ def moa_7b() -> ExperimentConfig:
     bf16 base, remat='full' (each layer keeps only its input for the backward) and the LM loss in blocks of
     loss_chunk=1024 tokens (never [B, T, V] logits) keep a Llama-3-8B step at 8 x 2048 under 64 GiB; the 10-task
     data here is far shorter (max_len 512).
-    Budget [ours]: stage 1 1500 steps and stage 2 500 steps at batch 32 (as moa_10task on an accelerator),
+    Budget [ours]: stage 1 1500 steps and stage 2 500 steps at batch 32 (as moa_10task_accel),
     learning rates 2e-4 / 1e-4 (a 7B LoRA's usual range), 200 test items per domain.
     Expected: as moa_10task, with a stronger base model: MoA-router close to MoA-oracle, above base and on par with
     or above single-LoRA and mixed-LoRA on most domains.
