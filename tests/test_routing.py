@@ -1,0 +1,139 @@
+"""The routing vocabulary (moa_jax/routing.py), its one translation into model modes, the evaluation method
+registry (moa_jax/methods.py) and the budget presets of experiments/registry.py."""
+import pytest
+
+from moa_jax import routing
+from moa_jax.config import ConfigError, EvalConfig, ExperimentConfig, MoAConfig, parse_variant
+from moa_jax.eval.evaluate import Method
+from moa_jax.methods import EVAL_METHODS, METHODS, VARIANT_METHODS, method_info
+
+# Every (dispatch, routing) pair: inference routings, then training routings.
+EXPECTED = {
+    ("top1", "router"): "fixed", ("soft", "router"): "soft", ("token_topk", "router"): "token",
+    ("top1", "oracle"): "fixed", ("soft", "oracle"): "fixed", ("token_topk", "oracle"): "fixed",
+    ("top1", "forced"): "fixed", ("soft", "forced"): "fixed", ("token_topk", "forced"): "fixed",
+    ("top1", "base"): "base", ("soft", "base"): "base", ("token_topk", "base"): "base",
+}
+EXPECTED_TRAINING = {
+    ("top1", "label"): "fixed", ("soft", "label"): "fixed", ("token_topk", "label"): "fixed",
+    ("top1", "router"): "self", ("soft", "router"): "self", ("token_topk", "router"): "token",
+    ("top1", "soft"): "soft", ("soft", "soft"): "soft", ("token_topk", "soft"): "soft",
+}
+
+
+def _moa(dispatch):
+    return MoAConfig(num_experts=4, dispatch=dispatch, top_k=2)
+
+
+@pytest.mark.parametrize("dispatch, name", sorted(EXPECTED))
+def test_every_inference_routing_translates_to_its_mode(dispatch, name):
+    assert routing.model_mode(_moa(dispatch), name) == EXPECTED[dispatch, name]
+    assert routing.model_mode(None, name) == "base"          # no experts: always the base model
+
+
+@pytest.mark.parametrize("dispatch, name", sorted(EXPECTED_TRAINING))
+def test_every_training_routing_translates_to_its_mode(dispatch, name):
+    assert routing.model_mode(_moa(dispatch), name, training=True) == EXPECTED_TRAINING[dispatch, name]
+
+
+def test_the_tables_cover_every_dispatch_and_routing_and_only_model_modes():
+    assert set(EXPECTED) == {(d, r) for d in routing.DISPATCH_MODES for r in routing.ROUTINGS}
+    assert set(EXPECTED_TRAINING) == {(d, r) for d in routing.DISPATCH_MODES for r in routing.TRAIN_ROUTINGS}
+    assert {m for modes in routing.MODE_TABLE.values() for m in modes} == set(routing.MODES)
+
+
+def test_unknown_routing_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"routing='label' is not one of \('router', 'oracle', 'forced', 'base'\)"):
+        routing.model_mode(_moa("top1"), "label")
+    with pytest.raises(ValueError, match=r"routing='oracle' is not one of \('label', 'router', 'soft'\)"):
+        routing.model_mode(_moa("top1"), "oracle", training=True)
+
+
+@pytest.mark.parametrize("stage, train_routing, dispatch, mode", [
+    ("stage1", "router", "top1", "fixed"),          # stage 1 follows the labels whatever train_routing says
+    ("mixed_lora", "label", "top1", "fixed"),
+    ("stage2", "label", "top1", "fixed"), ("stage2", "router", "top1", "self"), ("stage2", "soft", "top1", "soft"),
+    ("moe_lora", "label", "token_topk", "token"),   # the token-level baseline routes itself
+])
+def test_each_training_stage_runs_its_mode(stage, train_routing, dispatch, mode):
+    name = routing.stage_routing(stage, train_routing)
+    assert routing.model_mode(_moa(dispatch), name, training=True) == mode
+
+
+def test_routes_per_item_only_for_one_expert_per_sequence():
+    assert routing.routes_per_item(_moa("top1"), "router")
+    assert not routing.routes_per_item(_moa("soft"), "router")
+    assert not routing.routes_per_item(_moa("token_topk"), "router")
+    assert routing.routes_per_item(_moa("token_topk"), "oracle") and routing.routes_per_item(None, "router")
+
+
+# ---- the method registry ----
+def test_every_eval_method_resolves_to_one_record():
+    assert EVAL_METHODS == tuple(METHODS) and set(EvalConfig().methods) <= set(EVAL_METHODS)
+    for name in EVAL_METHODS:
+        info = method_info(name)
+        assert info.name == name and (info.routing is None or info.routing in routing.ROUTINGS)
+        assert info.description
+    assert set(VARIANT_METHODS) == {"moa_router", "moa_oracle", "moe_lora"}
+    assert [n for n in EVAL_METHODS if METHODS[n].routing_accuracy] == ["moa_router"]
+    # the trained adapters each method uses: what moa_jax/experiment.py train_all builds
+    assert {n: METHODS[n].trained for n in EVAL_METHODS} == {
+        "most_common": None, "base": None, "single_lora": "single_lora", "mixed_lora": "mixed_lora",
+        "moa_router": "moa", "moa_oracle": "moa", "moe_lora": "moe_lora"}
+
+
+def test_a_method_takes_its_routing_and_adapters_from_the_registry():
+    assert Method("moa_router").routing == "router" and Method("moa_router").trained_key == "moa"
+    assert Method("single_lora").routing == "oracle" and Method("mixed_lora").routing == "forced"
+    assert Method("moa_router", key="moa[eta0]", label="moa_router[eta0]").trained_key == "moa[eta0]"
+    assert Method("moa_router", label="moa_router[eta0]").display == "moa_router[eta0]"
+    frozen, trained = {"w": 1}, {"moa": (_moa("top1"), {"lora": 2})}
+    resolved = Method("moa_oracle").resolve(frozen, trained)
+    assert resolved.moa == _moa("top1") and resolved.params == {"w": 1, "lora": 2}
+    base = Method("base").resolve(frozen, trained)
+    assert base.moa is None and base.params is frozen
+
+
+def test_unknown_method_names_error_listing_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"EvalConfig.methods: unknown \['moa'\]; valid: \('most_common', "
+                                          r"'base', 'single_lora', 'mixed_lora', 'moa_router', 'moa_oracle', "
+                                          r"'moe_lora'\)"):
+        EvalConfig(methods=("base", "moa"))
+    with pytest.raises(ConfigError, match=r"each must be one of \('moa_router', 'moa_oracle', 'moe_lora'\)"):
+        parse_variant("v: stage2.eta=0; methods=moa_router+base")
+    with pytest.raises(KeyError, match=r"unknown evaluation method 'moa'; valid: \('most_common'"):
+        method_info("moa")
+    with pytest.raises(KeyError, match="valid"):
+        Method("moa").routing
+
+
+# ---- budgets: chosen by the preset's name, never by the backend ----
+CPU = (120, 40, 8, 20)
+ACCELERATOR = (1500, 500, 32, 200)
+
+
+def _budget(exp: ExperimentConfig) -> tuple:
+    return exp.stage1.steps, exp.stage2.steps, exp.data.batch_size, exp.eval.items_per_domain
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_presets_choose_their_budget_on_every_backend(backend, monkeypatch):
+    import jax
+    from experiments.registry import get_experiment
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert _budget(get_experiment("moa_10task")) == CPU
+    assert _budget(get_experiment("moa_10task_ablations")) == CPU
+    assert _budget(get_experiment("moa_10task_accel")) == ACCELERATOR
+    assert _budget(get_experiment("moa_10task_ablations_accel")) == ACCELERATOR
+
+
+def test_cpu_and_accelerator_presets_differ_only_in_budget_and_name():
+    import dataclasses
+    from experiments.registry import get_experiment
+    cpu, accel = get_experiment("moa_10task"), get_experiment("moa_10task_accel")
+    same = dataclasses.replace(accel, name=cpu.name, data=cpu.data, stage1=cpu.stage1, stage2=cpu.stage2,
+                               eval=cpu.eval)
+    assert same == cpu
+    assert accel.eval.batch_size == 100 and cpu.eval.batch_size == 50
+    ablations = get_experiment("moa_10task_ablations_accel")
+    assert ablations.variants == get_experiment("moa_10task_ablations").variants and ablations.variants
