@@ -8,7 +8,7 @@ so `score(domain, prediction, example)` can call the generator's own verifier (`
 Why these ten. Measured with `scripts/measure_domains.py` (SmolLM2-135M-Instruct Q4_1 GGUF loaded by
 transformers+torch, f32, greedy, 32 new tokens, 2 threads, system prompt `TASK_SYSTEM_PROMPT`; the prediction is the
 first non-empty line of the completion, stripped, see `extract_answer`). base = untuned model on the first test
-items (n=100 for chain_sum, n=50 for the others: the machine was shared and CPU-bound); exact = verifier score
+items (n=100 for chain_sum, n=50 for the others); exact = verifier score
 1.0, score = mean verifier score (partial credit); MCA = share of the most common answer in the 200-item default
 test split; train-MCA = accuracy on that test split of always answering the default train split's most common
 answer; tokens = prompt + answer + eos with SmolLM2's chat template and our system prompt, on the 200 test items.
@@ -27,10 +27,9 @@ answer; tokens = prompt + answer + eos with SmolLM2's chat template and our syst
 
 The untuned model answers in sentences ("The final answer ... is 84."), hence ~0 exact match everywhere except
 the Yes/No domain. Single-domain LoRA evidence (PyTorch+PEFT, r=16 on all projections, lr 5e-4, batch 8, 100
-steps, measured when this dataset was chosen): word_sequence_reversal 0 -> 0.78, chain_sum (this config) 0 -> 0.28,
+steps): word_sequence_reversal 0 -> 0.78, chain_sum (this config) 0 -> 0.28,
 family_relationships 0 -> 0.30 (ours: chain_sum the same config; the other two with fewer words / people than
-the generator defaults, so no harder). Not yet measured after LoRA: the other seven (a spell_backward probe,
-`scripts/lora_probe.py`, was abandoned: the shared 2-core machine ran at load 5-7).
+the generator defaults, so no harder). The other seven have no single-domain LoRA measurement.
 Configuration choices made from the numbers: syllogism uses invalid_ratio=0.5 (the default 0.3 makes "Yes" the
 answer 70% of the time); letter_counting uses 4-8 words (MCA 0.51; the default 5-15 words gives 0.42 at ~15 more
 tokens); word_sorting is lowercase (plain alphabetical order) with 3-4 words, the longest domain (max 125).
