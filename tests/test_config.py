@@ -35,7 +35,7 @@ def test_bad_model_config(kwargs, match):
 
 
 def test_single_expert_is_a_valid_plain_lora():
-    """Regression: E=1 used to be rejected by the default top_k=2, which only token_topk dispatch uses."""
+    """E=1 with the default top_k=2 is valid: top_k is checked only for token_topk dispatch, which uses it."""
     moa = MoAConfig(num_experts=1)
     assert moa.num_experts == 1 and moa.top_k == 2
     MoAConfig(num_experts=1, dispatch="soft")
@@ -61,7 +61,7 @@ def test_soft_dispatch_with_router_evaluation_is_refused_before_training():
 @pytest.mark.parametrize("assignment", ["stage1.checkpoint_every=0", "stage2.log_every=0", "baseline.log_every=-1",
                                         "moe_lora.keep_checkpoints=0"])
 def test_every_step_count_must_be_at_least_one(assignment):
-    """0 used to pass and crash mid-stage with ZeroDivisionError; the error names the field and the --set key."""
+    """0 would divide by zero mid-stage, so it is refused up front; the error names the field and the --set key."""
     from moa_jax.config import ExperimentConfig
     from moa_jax.overrides import apply_overrides
     key = assignment.split("=")[0]
