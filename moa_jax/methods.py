@@ -4,7 +4,7 @@ EvalConfig.methods and a variant's `methods=` are validated against it (moa_jax/
 each method's parameters and routing from it (moa_jax/eval/suite.py, moa_jax/eval/evaluate.py), and the report
 describes each method with it (moa_jax/eval/report.py).
 
-Imports only moa_jax.routing, so moa_jax.config can use it.
+Imports only moa_jax.routing, so moa_jax.config can use it. No arrays here (no shape glossary).
 """
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ MoAConfig.decision (DECISION_POLICIES) says which routers decide a top-1 expert 
 or a vote over layers.
 
 This module imports nothing from moa_jax, so every layer can use it.
+
+Shape glossary: B batch (sequences), T tokens, E experts.
 """
 from __future__ import annotations
 
