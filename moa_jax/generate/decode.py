@@ -31,6 +31,8 @@ from moa_jax.nn.router import decide
 from moa_jax.routing import model_mode
 
 Array = jax.Array
+
+
 def forward_moa(moa: Optional[MoAConfig]) -> Optional[MoAConfig]:
     """`moa` without its decision policy, which only the routing pass uses: the key of every other compiled forward
     (so 'last' and 'vote' share them) and of results that depend on the adapters alone."""
