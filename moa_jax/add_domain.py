@@ -20,6 +20,9 @@ Steps (OUT = the work directory):
      "add_domain" section: routing accuracy over all domains, old domains now vs the base run, the new domains vs
      their single LoRA, and the cost (steps, training seconds) against retraining stage 1 + stage 2 on N + N_new
      domains (the base run's measured stage times scaled by (N + N_new) / N, the same examples per domain).
+The grown adapters are OUT/refit/adapters (`python -m moa_jax.generate --workdir OUT --stage refit`).
+
+Shape glossary: N old domains, N_new new domains, E = N + N_new experts, L layers.
 """
 from __future__ import annotations
 
