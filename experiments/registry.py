@@ -187,3 +187,18 @@ def moa_7b() -> ExperimentConfig:
         baseline=TrainConfig(stage="mixed_lora", steps=0, learning_rate=2e-4, log_every=10, checkpoint_every=250),
         eval=EvalConfig(items_per_domain=200, max_new_tokens=32, batch_size=64),
         mesh=MeshConfig(fsdp=True))
+
+
+@register
+def add_domain() -> ExperimentConfig:
+    """Add domains to a finished run: one new expert per new domain and a short router re-fit, old experts untouched.
+
+    Command: python -m experiments.run --exp=add_domain --set base_run=DIR --set new_domains=SPEC [--workdir=OUT]
+    DIR: a finished run of any preset (smoke included). SPEC: a reasoning-gym generator (e.g. basic_arithmetic,
+    generated like the embedded dataset) or jsonl:PATH (one domain per file, docs/data.md); NAME=SPEC names the
+    domain; several: comma-separated. The model, rank, data and budgets come from DIR's config; other --set keys
+    apply on top of it (stage1.steps = new-expert steps, stage2.steps = re-fit steps, eval.*). Pipeline and report:
+    moa_jax/add_domain.py. Runtime from a smoke run: ~45 s of CPU time (mostly compiling); from a reduced moa_10task
+    run: README "Add a domain".
+    """
+    return ExperimentConfig(name="add_domain")

@@ -101,6 +101,12 @@ def _main(argv=None) -> int:
     except KeyError as e:   # an unknown --exp
         raise ConfigError(e.args[0]) from None
     workdir = args.workdir or f"runs/{args.exp}"
+    if args.exp == "add_domain":
+        from moa_jax.add_domain import run_add_domain
+        results = run_add_domain(exp.base_run, exp.new_domains, workdir, args.overrides, progress=not args.no_progress)
+        from moa_jax.eval.report import summary
+        print(summary(results, workdir))
+        return 0
     logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
                                       json.dumps(dataclasses.asdict(exp), indent=1, default=str))
     results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report

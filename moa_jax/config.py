@@ -367,6 +367,8 @@ class ExperimentConfig:
     reuse_from: the work directory of an earlier run whose adapters are loaded instead of training a stage when
     that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
     quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/nn/quantize.py).
+    base_run, new_domains: the `add_domain` experiment (moa_jax/add_domain.py): the finished run to extend and the
+    specs of the domains to add (moa_jax/data/new_domains.py); empty for every other experiment.
     """
     name: str = "custom"
     model: str = "smollm2-135m-instruct"
@@ -384,9 +386,12 @@ class ExperimentConfig:
     remat: str = "auto"           # ModelConfig.remat of the loaded model (REMAT_POLICIES)
     loss_chunk: int = 1024        # ModelConfig.loss_chunk of the loaded model
     quantize: str = "none"
+    base_run: str = ""
+    new_domains: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "new_domains", tuple(self.new_domains))
         _check(self.quantize in QUANTIZE_MODES, f"ExperimentConfig.quantize={self.quantize!r} not in {QUANTIZE_MODES}")
         names = [parse_variant(v).name for v in self.variants]
         _check(len(set(names)) == len(names), f"ExperimentConfig.variants: duplicate names in {names}")

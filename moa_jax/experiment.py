@@ -177,12 +177,13 @@ def log_domain_census(text) -> None:
             log.warning("%s: %s", text.name, warning)
 
 
-def prepare(exp: ExperimentConfig, workdir: str) -> ExperimentContext:
+def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None) -> ExperimentContext:
     """Check what is cheap to check (work directory, data files, model file, mesh), then load the base model,
-    tokenise the data, build the mesh and place the frozen weights."""
+    tokenise the data, build the mesh and place the frozen weights. `texts`: split -> TextSplit read already
+    (default: read from exp.data)."""
     check_writable(workdir)
     check_run_dir(workdir, exp)
-    texts = {split: load_text_split(exp.data, split) for split in DATA_SPLITS}
+    texts = texts or {split: load_text_split(exp.data, split) for split in DATA_SPLITS}
     log_domain_census(texts["train"])
     domains = tuple(texts["train"].domains)
     if exp.moa.num_experts != len(domains):
@@ -319,6 +320,9 @@ def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool 
 def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -> dict:
     """The whole experiment; writes results.json and the report (results.md, plots) and returns the results."""
     from moa_jax.eval.report import write_report
+    if exp.base_run or exp.new_domains:
+        raise ConfigError("base_run / new_domains belong to the add_domain experiment: python -m experiments.run "
+                          "--exp=add_domain --set base_run=DIR --set new_domains=SPEC (moa_jax.add_domain)")
     t0 = time.perf_counter()
     plans = plan_variants(exp)   # a bad variant fails now, not after hours of training
     parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory

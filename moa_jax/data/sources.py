@@ -165,23 +165,29 @@ def _read_jsonl_files(folder: str) -> tuple[dict[str, list[dict]], DomainCensus]
         path = os.path.join(folder, f)
         stem = f[:-len(".jsonl")]
         n_before = sum(map(len, examples.values()))
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                if not line.strip():
-                    continue  # blank lines are allowed
-                obj = _parse_json_line(line, f"{path}:{lineno}")
-                domain, ex = parse_record(obj, where=f"{path}:{lineno}", default_domain=stem)
-                examples.setdefault(domain, []).append(ex)
-                per_file = census.files.setdefault(domain, {})
-                per_file[f] = per_file.get(f, 0) + 1
-                census.line_level = census.line_level or (isinstance(obj, dict) and "domain" in obj)
+        for obj, domain, ex in read_jsonl_file(path, stem):
+            examples.setdefault(domain, []).append(ex)
+            per_file = census.files.setdefault(domain, {})
+            per_file[f] = per_file.get(f, 0) + 1
+            census.line_level = census.line_level or (isinstance(obj, dict) and "domain" in obj)
         if sum(map(len, examples.values())) == n_before:
             raise DataError(f"{path}: no examples (empty file)")
     return examples, census
+
+
+def read_jsonl_file(path: str, default_domain: str):
+    """Yields (JSON object, domain, example) for every non-blank line of one JSONL file; errors name file:line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue  # blank lines are allowed
+            obj = _parse_json_line(line, f"{path}:{lineno}")
+            domain, ex = parse_record(obj, where=f"{path}:{lineno}", default_domain=default_domain)
+            yield obj, domain, ex
 
 
 def _parse_json_line(line: str, where: str):

@@ -130,13 +130,14 @@ def resolve_domains(names) -> tuple[str, ...]:
     return names
 
 
-def generate(domain: str, n: int, *, exclude: set[str] | None = None) -> Iterator[dict]:
-    """Yields the first `n` examples of `domain` with distinct prompts (skipping any prompt in `exclude`).
+def generate(domain: "str | Domain", n: int, *, exclude: set[str] | None = None) -> Iterator[dict]:
+    """Yields the first `n` examples of `domain` (an embedded domain's name, or any `Domain`) with distinct prompts
+    (skipping any prompt in `exclude`).
 
     Deterministic: the stream is reasoning-gym items 0, 1, 2, ... of the domain's fixed seed, duplicates skipped.
     Raises DataError if the generator cannot produce `n` distinct prompts within 50*n draws.
     """
-    d = get_domain(domain)
+    d = domain if isinstance(domain, Domain) else get_domain(domain)
     limit = 50 * n + 100
     ds = d.dataset(size=limit)
     seen = set(exclude or ())
@@ -147,12 +148,12 @@ def generate(domain: str, n: int, *, exclude: set[str] | None = None) -> Iterato
         if q in seen:
             continue
         seen.add(q)
-        yield {"domain": domain, "prompt": q, "answer": str(item["answer"]),
+        yield {"domain": d.name, "prompt": q, "answer": str(item["answer"]),
                "metadata": json.dumps(item["metadata"], sort_keys=True, default=str)}
         made += 1
         if made == n:
             return
-    raise DataError(f"domain {domain!r}: only {made} distinct prompts in {limit} draws (wanted {n}); "
+    raise DataError(f"domain {d.name!r}: only {made} distinct prompts in {limit} draws (wanted {n}); "
                     f"its generator options {dict(d.options)} are too narrow")
 
 

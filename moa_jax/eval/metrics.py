@@ -75,7 +75,9 @@ def routing_accuracy(confusion: np.ndarray) -> np.ndarray:
     """Per-domain share of items routed to their own domain's expert [D] (diagonal / row sum; NaN for an empty row)."""
     confusion = np.asarray(confusion, np.float64)
     rows = confusion.sum(axis=1)
-    diag = np.diagonal(confusion)[:confusion.shape[0]]
+    diag = np.zeros(confusion.shape[0])   # more domains than experts (a domain added since): no own expert, 0
+    k = min(confusion.shape)
+    diag[:k] = np.diagonal(confusion)[:k]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(rows > 0, diag / np.maximum(rows, 1), np.nan)
 

@@ -114,15 +114,17 @@ def jit_train_step(*, model: MoATransformer, tcfg: TrainConfig, tx: optax.Gradie
 def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, trainable: Any,
                 source: BatchSource, workdir: str, config: dict, domain_names: Sequence[str],
                 frozen_shardings: Any = None, progress: bool = True, desc: str = "train",
-                on_log: Optional[Callable[[int, dict], None]] = None) -> tuple[Any, list[dict]]:
+                on_log: Optional[Callable[[int, dict], None]] = None,
+                tx: Optional[optax.GradientTransformation] = None) -> tuple[Any, list[dict]]:
     """Train one stage in `workdir` (resuming if it holds checkpoints). -> (final trainable tree, log history).
 
     frozen: the base weights, already placed on the mesh. trainable: the initial experts/routers (host or device).
+    tx: the optimiser (default make_optimizer(tcfg, trainable); add_domain wraps it to freeze the old experts).
     """
     if model.moa is not None:
         check_experts_divisible(mesh, model.moa.num_experts)
     os.makedirs(workdir, exist_ok=True)
-    tx = make_optimizer(tcfg, trainable)
+    tx = make_optimizer(tcfg, trainable) if tx is None else tx
     abstract, shards = state_shardings(mesh, tx, trainable)
     if frozen_shardings is None:
         frozen_shardings = param_shardings(mesh, frozen)

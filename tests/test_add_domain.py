@@ -1,0 +1,119 @@
+"""add_domain end to end from a smoke run (tiny random Llama, tiny data), through `python -m experiments.run`:
+  - one JSONL domain written on the fly is added: 11 experts, the new one last, trained (non-zero lora_b);
+  - the base run's 10 experts are bit-identical in the grown adapters (np.array_equal on every leaf);
+  - results.json reports routing accuracy and confusion over all 11 domains, old vs base run, new vs single LoRA,
+    and the cost against retraining; results.md has the "Add a domain" section;
+  - user mistakes (no/unfinished base run, a name clash, another rank, a bad spec, a bad JSONL line) are one
+    `error:` line and exit code 2, before any model loads.
+"""
+import contextlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from experiments import run
+from moa_jax.data.tasks import DOMAIN_NAMES
+from moa_jax.train.checkpoint import load_adapters
+
+
+def _run(args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = run.main(args + ["--no_progress"])
+    return rc, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """-> (base workdir, add_domain workdir, JSONL path): smoke with 3 methods, then add_domain from it."""
+    root = tmp_path_factory.mktemp("add_domain")
+    base, grown = str(root / "smoke"), str(root / "grown")
+    rc, _ = _run(["--exp=smoke", f"--workdir={base}", "--set", "eval.items_per_domain=1",
+                  "--set", "eval.methods=single_lora,moa_router,moa_oracle"])
+    assert rc == 0
+    jsonl = root / "adding.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 3}.", "response": str(2 * i + 3)}) + "\n"
+                             for i in range(120)))
+    rc, console = _run(["--exp=add_domain", f"--workdir={grown}", "--set", f"base_run={base}",
+                        "--set", f"new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3",
+                        "--set", "stage2.steps=2", "--set", "eval.items_per_domain=1"])
+    assert rc == 0 and "moa_router[base_run]" in console
+    return base, grown, str(jsonl)
+
+
+def test_old_experts_bit_identical_and_new_expert_trained(runs):
+    base, grown, _ = runs
+    old = traverse_util.flatten_dict(load_adapters(os.path.join(base, "stage2", "adapters"))[0])
+    new, cfg = load_adapters(os.path.join(grown, "refit", "adapters"))
+    new = traverse_util.flatten_dict(new)
+    assert cfg["domains"] == list(DOMAIN_NAMES) + ["sums"] and cfg["moa"]["num_experts"] == 11
+    experts = [k for k in old if k[-1] in ("lora_a", "lora_b")]
+    assert experts and set(old) == set(new)
+    for k in experts:
+        assert new[k].shape[1] == 11 and new[k].dtype == old[k].dtype
+        assert np.array_equal(new[k][:, :10], old[k]), k
+    assert any(new[k][:, 10].any() for k in experts if k[-1] == "lora_b"), "the new expert did not train"
+    routers = [k for k in old if "router" in k]
+    assert all(new[k].shape[-1] == 11 for k in routers)
+    assert any(not np.array_equal(new[k][..., :10], old[k]) for k in routers), "the routers were not re-fitted"
+
+
+def test_report_over_all_domains(runs):
+    base, grown, _ = runs
+    res = json.load(open(os.path.join(grown, "results.json")))
+    assert res["domains"] == list(DOMAIN_NAMES) + ["sums"]
+    assert set(res["methods"]) == {"single_lora", "moa_router", "moa_oracle", "moa_router[base_run]"}
+    conf = np.asarray(res["methods"]["moa_router"]["confusion"])
+    assert conf.shape == (11, 11) and conf.sum() == 11
+    assert np.asarray(res["methods"]["moa_router[base_run]"]["confusion"]).shape == (11, 10)
+    section = res["add_domain"]
+    assert section["old_experts_bit_identical"] is True and section["new_domains"] == ["sums"]
+    assert section["routing_accuracy"] == pytest.approx(np.trace(conf) / 11)
+    assert set(section["old_vs_base_run"]) == set(DOMAIN_NAMES)
+    assert set(section["new_vs_single_lora"]["sums"]) == {"single_lora", "moa_oracle", "moa_router"}
+    cost = section["cost"]
+    assert cost["add_domain"]["total"]["steps"] == 5 and cost["retrain_estimate"]["steps"] == 3 + 3
+    assert cost["add_domain"]["total"]["seconds"] > 0 and cost["retrain_estimate"]["seconds"] > 0
+    # the base run's MoA on an old domain: same experts and items, so the oracle PPL is the base run's own
+    base_res = json.load(open(os.path.join(base, "results.json")))
+    for d in DOMAIN_NAMES:
+        assert res["methods"]["moa_oracle"]["per_domain"][d]["ppl"] == pytest.approx(
+            base_res["methods"]["moa_oracle"]["per_domain"][d]["ppl"], rel=1e-5), d
+    md = open(os.path.join(grown, "results.md")).read()
+    assert "## Add a domain" in md and "retrain stage 1 + stage 2 (estimate)" in md and "| sums |" in md
+
+
+def _error(capsys, args) -> str:
+    rc, _ = _run(["--exp=add_domain"] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and len(err.splitlines()) <= 2 and "Traceback" not in err, err
+    return err
+
+
+def test_user_errors(runs, tmp_path, capsys):
+    base, _, jsonl = runs
+    out = f"--workdir={tmp_path / 'out'}"
+    assert "--set base_run=DIR" in _error(capsys, [out, "--set", "new_domains=basic_arithmetic"])
+    assert "no such directory" in _error(capsys, [out, "--set", f"base_run={tmp_path}/nope",
+                                                  "--set", "new_domains=basic_arithmetic"])
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(os.path.join(base, "config.json"), unfinished)
+    assert "unfinished" in _error(capsys, [out, "--set", f"base_run={unfinished}",
+                                           "--set", "new_domains=basic_arithmetic"])
+    good = [out, "--set", f"base_run={base}"]
+    assert "already exist" in _error(capsys, good + ["--set", "new_domains=chain_sum"])
+    assert "moa.rank=4, not 8" in _error(capsys, good + ["--set", "new_domains=basic_arithmetic",
+                                                         "--set", "moa.rank=8"])
+    assert "model='tiny-random'" in _error(capsys, good + ["--set", "new_domains=basic_arithmetic",
+                                                           "--set", "model=smollm2-135m-instruct"])
+    assert "reasoning-gym generator" in _error(capsys, good + ["--set", "new_domains=not_a_generator"])
+    assert "is not a file" in _error(capsys, good + ["--set", f"new_domains=jsonl:{tmp_path}/none.jsonl"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(jsonl).readline() + '{"prompt": "x"}\n')
+    assert f"{bad}:2: missing field 'response'" in _error(capsys, good + ["--set", f"new_domains=jsonl:{bad}"])
