@@ -40,7 +40,8 @@ from moa_jax.config import DATA_SPLITS, ConfigError, ExperimentConfig, replace
 from moa_jax.data.new_domains import extend_split, new_domain_examples, only, parse_new_domains
 from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.sources import load_text_split
-from moa_jax.eval.suite import MethodSpec, evaluate_all
+from moa_jax.eval.evaluate import Method
+from moa_jax.eval.suite import evaluate_all
 from moa_jax.experiment import ExperimentContext, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
@@ -281,11 +282,11 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     if changed:   # the update mask failed: a bug, not a user mistake
         raise AssertionError(f"add_domain: old experts changed in {changed[:4]}")
     trained = {"moa": (exp.moa, refit), "base_run_moa": (base.exp.moa, moa_old)}
-    specs_eval = [MethodSpec("moa_router"), MethodSpec("moa_oracle"),
-                  MethodSpec("moa_router", "base_run_moa", base.exp.moa, "moa_router[base_run]")]
+    specs_eval = [Method("moa_router"), Method("moa_oracle"),
+                  Method("moa_router", base.exp.moa, label="moa_router[base_run]", key="base_run_moa")]
     if base.stage1 is not None:
         trained["single_lora"] = (exp.moa, grow_trainable(load_adapters(base.stage1)[0], experts, n_old))
-        specs_eval.insert(0, MethodSpec("single_lora"))
+        specs_eval.insert(0, Method("single_lora"))
     else:
         log.info("add_domain: the base run has no stage-1 adapters; single_lora is not evaluated")
     results = evaluate_all(ctx, trained, specs_eval, progress)
