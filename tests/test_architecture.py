@@ -106,7 +106,7 @@ LAYERS = [
     ("config", "errors", "overrides", "distributed"),
     ("nn", "params", "sharding"),
     ("loading", "data", "peft_import"),
-    ("train", "generate"),
+    ("train", "generate", "run_artifacts"),
     ("eval",),
     ("experiment",),
     ("api", "export"),
