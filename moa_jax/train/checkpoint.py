@@ -87,8 +87,8 @@ def config_mismatches(saved: dict, current: dict, keys=MUST_MATCH) -> list[tuple
     return out
 
 
-def check_compatible(saved: dict, current: dict, where: str, keys=MUST_MATCH) -> None:
-    for key, a, b in config_mismatches(saved, current, keys)[:1]:
+def check_compatible(saved: dict, current: dict, where: str) -> None:
+    for key, a, b in config_mismatches(saved, current)[:1]:
         raise CheckpointMismatchError(
             f"{where}: checkpoint has {key}={a!r} but the current config has {key}={b!r}; "
             f"use a new --workdir, or set {key} to match the checkpoint")
