@@ -52,6 +52,8 @@ class Generation:
 
 @dataclasses.dataclass
 class MoAModel:
+    """A base model with its experts and routers in one parameter tree (`params`), ready for logits, routing,
+    generation and export; `trainable` is the experts + routers part, `domains` names the experts."""
     config: ModelConfig
     moa: Optional[MoAConfig]
     params: dict
