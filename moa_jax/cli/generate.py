@@ -53,7 +53,8 @@ def _main(argv=None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
-    parser.add_argument("--stage", default="stage2", help="whose adapters: stage2 (MoA), stage1, variants/NAME/stage2")
+    parser.add_argument("--stage", default="stage2", help="whose adapters: stage2 (MoA), stage1, mixed_lora, moe_lora, "
+                        "variants/NAME/stage2")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
     parser.add_argument("--source", default=None, help="the run's base model, where it is now (default: where the "
                         "run found it)")
