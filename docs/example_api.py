@@ -4,7 +4,7 @@ routings, and generate for two prompts with the routers choosing the expert.
     python docs/example_api.py        # about half a minute on 2 CPU cores; no download
 
 Fresh experts start with lora_b = 0, so every routing gives the base model's logits (printed as 0.0) and the
-text is the base model's; after training (`experiments/run.py`) pass `adapters=<workdir>/<stage>/adapters`.
+text is the base model's; a trained run loads with `moa_jax.load_run(<workdir>)` (README, "Use a finished run").
 """
 import numpy as np
 

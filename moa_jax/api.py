@@ -4,10 +4,17 @@
     logits = model.logits(ids, routing="forced", expert=3)        # numpy [B, T, V]
     outs = model.generate(["What is 2 + 3?"], max_new_tokens=16)  # text + chosen expert per prompt
     small = moa_jax.load_model("smollm2-135m-instruct", quantize="int8")  # int8 frozen projections
+    run = moa_jax.load_run("runs/moa_10task")                     # a finished run's stage 2, ready to generate
+    run.export_peft("export/")                                    # one PEFT adapter per domain + the routers
 
-`source` is the embedded model's name, a Hugging Face checkpoint directory (Llama / Mistral / Qwen2) or a .gguf
-file. `moa=None` gives the plain base model. Experts start fresh (lora_b = 0, so the model equals its base)
-unless `adapters=` names a directory written by training (`<workdir>/<stage>/adapters`).
+`source` is the embedded model's name, a Hugging Face checkpoint directory (Llama / Mistral / Qwen2), a .gguf
+file or a Hub id. `moa=None` gives the plain base model. Experts start fresh (lora_b = 0, so the model equals its
+base) unless `adapters=` names a directory written by training (`<workdir>/<stage>/adapters`): then the MoA
+config, the expert (domain) names and the system prompt come from that artifact (moa_jax/run_artifacts.py).
+
+System prompts: `encode_prompt` and `generate` take system_prompt="auto" (default: the model's own
+`system_prompt`, i.e. the one the run trained with, None for a plain base model), None (no system turn: the chat
+template's default applies) or any string (even "", an empty system turn), as DataConfig.system_prompt does.
 
 Shape glossary: B batch, T tokens, V vocab, L layers, E experts.
 """
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -23,11 +32,13 @@ import numpy as np
 from flax import traverse_util
 
 from moa_jax.config import ModelConfig, MoAConfig, replace
+from moa_jax.errors import UserError
 from moa_jax.generate.decode import (eos_ids, expert_indices, generate_tokens, left_pad, route_from_prompt,
                                      until_eos)
 from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn.model import MoATransformer
 from moa_jax.peft_import import read_peft_experts
+from moa_jax.run_artifacts import adapter_moa, check_adapter_dir, expert_names, read_run, training_system_prompt
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
 from moa_jax.nn.quantize import check_quantize
 from moa_jax.routing import model_mode
@@ -42,14 +53,31 @@ class Generation:
 
 @dataclasses.dataclass
 class MoAModel:
+    """A base model with its experts and routers in one parameter tree (`params`), ready for logits, routing,
+    generation and export; `trainable` is the experts + routers part, `domains` names the experts."""
     config: ModelConfig
     moa: Optional[MoAConfig]
     params: dict
     tokenizer: Any = None
     source: str = ""
     domains: tuple = ()  # expert names (domain e <-> expert e), when known
+    system_prompt: Optional[str] = None  # what system_prompt="auto" means: the run's training system prompt
+
+    @property
+    def trainable(self) -> dict:
+        """The experts and routers (the tree training updates, without the frozen base)."""
+        return split_params(self.params)[1]
 
     # ---- export ---------------------------------------------------------------------------------------------
+    def export_peft(self, out_dir: str) -> list[str]:
+        """One PEFT LoRA adapter per expert (named by `domains`) + the router sidecar (moa_jax/export.py).
+        -> the adapter directories."""
+        from moa_jax.export import export_peft
+        if self.moa is None:
+            raise ValueError("export_peft(): this model has no experts (loaded with moa=None)")
+        return export_peft(self.trainable, self.config, self.moa, out_dir, expert_names=self.domains or None,
+                           base_model=self.source)
+
     def export_merged(self, expert, out_dir: str, *, dtype: Optional[str] = None) -> str:
         """Base + one expert (index or domain name) merged into a transformers-loadable checkpoint directory."""
         from moa_jax.export import export_merged
@@ -87,18 +115,21 @@ class MoAModel:
         return np.asarray(idx)
 
     # ---- generation -----------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt, system_prompt: Optional[str] = None) -> list[int]:
-        """A user message (str) or a chat `messages` list -> token ids with the chat template's generation cue."""
+    def encode_prompt(self, prompt, system_prompt: Optional[str] = "auto") -> list[int]:
+        """A user message (str) or a chat `messages` list -> token ids with the chat template's generation cue,
+        formatted as training formats prompts (a system turn in `messages` wins over `system_prompt`)."""
+        from moa_jax.data.tokenize import conversation
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system_prompt is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
+        system = self.system_prompt if system_prompt == "auto" else system_prompt
+        messages = conversation({"messages": messages}, system)
         ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def generate(self, prompts: Sequence, *, max_new_tokens: int = 64, routing: str = "router",
                  expert: Optional[int] = None, domain=None, temperature: float = 0.0, seed: int = 0,
-                 system_prompt: Optional[str] = None) -> list[Generation]:
-        """Batched generation; each prompt is routed once and keeps its expert for every token."""
+                 system_prompt: Optional[str] = "auto") -> list[Generation]:
+        """Batched generation; each prompt is routed once and keeps its expert for every token. Prompts are
+        strings, `messages` lists or token-id lists; system_prompt as in encode_prompt ("auto": the run's)."""
         if self.tokenizer is None:
             raise ValueError("generate(): this model has no tokenizer; use generate_tokens() with token ids")
         seqs = [p if _is_token_list(p) else self.encode_prompt(p, system_prompt) for p in prompts]
@@ -146,17 +177,70 @@ def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig
                seed: int = 0, quantize: Optional[str] = None) -> MoAModel:
     """Load a base model (+ fresh or trained MoA experts). dtype: compute dtype (default float32 on CPU,
     bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype); quantize="int8":
-    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/nn/quantize.py)."""
+    the frozen projection kernels as int8 with per-output-channel scales (moa_jax/nn/quantize.py).
+    adapters=DIR (`<workdir>/<stage>/adapters`): trained experts and routers with the MoA config recorded beside
+    them; a `moa` given too must agree with it on every field that changes the function (MOA_FUNCTION_FIELDS:
+    experts, rank, alpha, rsLoRA, targets, dispatch, router; it may change `decision`)."""
+    trained = _read_adapters(os.fspath(adapters), moa) if adapters is not None else None
     cfg, frozen, tokenizer = _load_frozen(source, dtype, param_dtype, quantize)
+    if trained is not None:
+        return _with_adapters(cfg, frozen, tokenizer, source, os.fspath(adapters), *trained)
     if moa is None:
         return MoAModel(cfg, None, frozen, tokenizer, source)
-    if adapters is not None:
-        from moa_jax.train.checkpoint import load_adapters
-        trainable, _ = load_adapters(adapters, {"moa": dataclasses.asdict(moa)})
-        check_tree(split_params(param_shapes(cfg, moa))[1], trainable, adapters)
-    else:
-        trainable = init_trainable(cfg, moa, jax.random.PRNGKey(seed))
-    return MoAModel(cfg, moa, merge_params(frozen, jax.tree_util.tree_map(jnp.asarray, trainable)), tokenizer, source)
+    trainable = init_trainable(cfg, moa, jax.random.PRNGKey(seed))
+    return MoAModel(cfg, moa, merge_params(frozen, trainable), tokenizer, source)
+
+
+class AdapterConfigError(UserError, ValueError):
+    """load_model(adapters=...) without a usable MoA config, or with one the adapters were not trained with."""
+
+
+def _read_adapters(adapters: str, moa: Optional[MoAConfig]) -> tuple[dict, dict, MoAConfig]:
+    """-> (trainable tree, the artifact's config, the MoA config to use), checked before the base model loads."""
+    from moa_jax.train.checkpoint import MOA_FUNCTION_FIELDS, config_mismatches, load_adapters  # orbax: deferred
+    check_adapter_dir(adapters, "point at the adapters/ folder of a finished stage (<workdir>/<stage>/adapters)")
+    trainable, saved = load_adapters(adapters)
+    recorded = adapter_moa(saved, adapters)
+    if recorded is None and moa is None:
+        raise AdapterConfigError(f"{adapters}/config.json records no MoA config: pass the one the adapters were "
+                                 f"trained with as load_model(..., moa=MoAConfig(...))")
+    if recorded is not None and moa is not None:
+        diff = config_mismatches(saved, {"moa": json.loads(json.dumps(dataclasses.asdict(moa)))},
+                                 tuple(f"moa.{f}" for f in MOA_FUNCTION_FIELDS))
+        if diff:
+            raise AdapterConfigError(
+                f"{adapters}: moa= differs from the MoA config these adapters were trained with ("
+                + ", ".join(f"{k[4:]}={b!r} given, {a!r} trained" for k, a, b in diff)
+                + "); leave out moa= to use the recorded one")
+    return trainable, saved, moa or recorded
+
+
+def _with_adapters(cfg: ModelConfig, frozen, tokenizer, source: str, adapters: str, trainable: dict, saved: dict,
+                   moa: MoAConfig) -> MoAModel:
+    from moa_jax.train.checkpoint import MODEL_SHAPE_FIELDS, CheckpointMismatchError, config_mismatches
+    diff = config_mismatches(saved, {"model": dataclasses.asdict(cfg)},
+                             tuple(f"model.{f}" for f in MODEL_SHAPE_FIELDS))
+    if diff:
+        raise CheckpointMismatchError(f"{adapters}: trained on a base model with "
+                                      + ", ".join(f"{k}={a!r}" for k, a, _ in diff)
+                                      + f", but {source!r} has " + ", ".join(f"{k}={b!r}" for k, _, b in diff)
+                                      + f"; load the base model {saved['model'].get('source')!r}")
+    check_tree(split_params(param_shapes(cfg, moa))[1], trainable, adapters)
+    params = merge_params(frozen, jax.tree_util.tree_map(jnp.asarray, trainable))
+    return MoAModel(cfg, moa, params, tokenizer, source, domains=expert_names(saved, moa.num_experts),
+                    system_prompt=training_system_prompt(saved.get("data")))
+
+
+def load_run(workdir: str, stage: str = "stage2", *, source: Optional[str] = None, dtype: Optional[str] = None,
+             quantize: Optional[str] = None) -> MoAModel:
+    """A finished run's model, ready to `.generate()`: the base model the run trained on (or `source=` where it
+    moved), the `stage`'s experts and routers with their MoA config, the domain names as `.domains` and the
+    training system prompt as `.system_prompt` (generate's default). Stages: stage2 (MoA, default), stage1,
+    mixed_lora, moe_lora, variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's."""
+    run = read_run(workdir, stage, source)
+    model = load_model(run.source, adapters=run.adapters, dtype=dtype or run.dtype,
+                       quantize=quantize or run.quantize)
+    return dataclasses.replace(model, domains=run.domains, system_prompt=run.system_prompt)
 
 
 def from_peft(source: str, adapter_dirs: Sequence[str], *, names: Optional[Sequence[str]] = None,

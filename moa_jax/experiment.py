@@ -31,7 +31,7 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from moa_jax.train.checkpoint import CheckpointMismatchError, load_adapters, lookup_key
+from moa_jax.train.checkpoint import MOA_FUNCTION_FIELDS, CheckpointMismatchError, config_mismatches, load_adapters
 from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
                             Variant, parse_variant, replace)
 from moa_jax.data.pipeline import TrainBatches, load_split
@@ -143,8 +143,7 @@ def _reuse(other_workdir: str, stage: str, config: dict, cfg: ModelConfig, moa: 
 
 
 # What a work directory's runs must share (config.json keys; checkpoint.MUST_MATCH checks the same per stage).
-RUN_DIR_KEYS = ("model", "moa.num_experts", "moa.rank", "moa.targets", "moa.router_type", "moa.router_hidden",
-                "data.source")
+RUN_DIR_KEYS = ("model", "data.source") + tuple(f"moa.{f}" for f in MOA_FUNCTION_FIELDS)
 
 
 def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
@@ -160,12 +159,10 @@ def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable ({e}); use a new --workdir, or delete {workdir}") from None
     current = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
-    for key in RUN_DIR_KEYS:
-        a, b = lookup_key(saved, key), lookup_key(current, key)
-        if a is not None and a != b:
-            raise CheckpointMismatchError(
-                f"{workdir} holds a run with {key}={a!r} ({path}) but this command has {key}={b!r}; use a new "
-                f"--workdir, or --set {key}={','.join(a) if isinstance(a, list) else a} to continue that run")
+    for key, a, b in config_mismatches(saved, current, RUN_DIR_KEYS)[:1]:
+        raise CheckpointMismatchError(
+            f"{workdir} holds a run with {key}={a!r} ({path}) but this command has {key}={b!r}; use a new "
+            f"--workdir, or --set {key}={','.join(a) if isinstance(a, list) else a} to continue that run")
 
 
 def log_domain_census(text) -> None:

@@ -1,4 +1,5 @@
-"""Shared pytest setup: 8 forced CPU devices (for sharding tests) and tiny model / MoA configs.
+"""Shared pytest setup: 8 forced CPU devices (for sharding tests), tiny model / MoA configs and one smoke run per
+session (the experiment runner end to end; its tests only read the work directory).
 
 XLA_FLAGS must be set before jax is first imported, so it comes first in this file.
 """
@@ -44,3 +45,23 @@ def tiny_cfg_variant(request) -> ModelConfig:
 @pytest.fixture
 def tiny_moa() -> MoAConfig:
     return make_tiny_moa()
+
+
+SMOKE_VARIANT = "eta0:stage2.eta=0;methods=moa_router"
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """The smoke experiment run once per session through `python -m experiments.run`'s entry point, with 1 test
+    item per domain and one ablation variant (eta = 0). -> (workdir, console output). Read only."""
+    import contextlib
+    import io
+
+    from experiments import run
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "eval.items_per_domain=1",
+                       "--set", f"variants={SMOKE_VARIANT}"])
+    assert rc == 0
+    return workdir, out.getvalue()

@@ -106,7 +106,7 @@ LAYERS = [
     ("config", "errors", "overrides", "distributed", "routing", "methods"),
     ("nn", "params", "sharding", "grow"),
     ("loading", "data", "peft_import"),
-    ("train", "generate"),
+    ("train", "generate", "run_artifacts"),
     ("eval",),
     ("experiment", "add_domain"),
     ("api", "export"),

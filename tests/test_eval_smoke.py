@@ -1,5 +1,5 @@
-"""End to end on the smoke experiment (random tiny Llama, tiny data, 2+2 steps, 1 test item per domain), run once
-per module through the experiment runner's own entry point, with one ablation variant (eta = 0):
+"""End to end on the smoke experiment (the session's `smoke` run, tests/conftest.py: random tiny Llama, tiny data,
+2+2 steps, 1 test item per domain, through the experiment runner's own entry point, one ablation variant eta = 0):
   - the report files: results.md, results.json, the three PNG figures (non-trivial images);
   - every method x domain has every metric; the router's confusion matrix; the variant's own stage-2 run;
   - the generate CLI on that work directory prints an expert (with its domain) and an answer;
@@ -17,24 +17,7 @@ import pytest
 
 from moa_jax.data.tasks import DOMAIN_NAMES
 
-VARIANT = "eta0:stage2.eta=0;methods=moa_router"
 METHODS = ["most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle", "moa_router[eta0]"]
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """-> (workdir, console output of `python -m experiments.run`)."""
-    import contextlib
-    import io
-
-    from experiments import run
-    workdir = str(tmp_path_factory.mktemp("smoke"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "eval.items_per_domain=1",
-                       "--set", f"variants={VARIANT}"])
-    assert rc == 0
-    return workdir, out.getvalue()
 
 
 def test_smoke_writes_the_report(smoke):
@@ -155,13 +138,14 @@ def test_cli_prompt_format_matches_training(smoke):
     from moa_jax import loading
     from moa_jax.api import MoAModel
     from moa_jax.data.pipeline import load_split
-    from moa_jax.cli.generate import system_prompt_of
+    from moa_jax.data.sources import resolve_system_prompt
     exp = get_experiment("smoke")
     tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)
     split = load_split(exp.data, tokenizer, "test")
     model = MoAModel(None, None, None, tokenizer)
     workdir, _ = smoke
-    system = system_prompt_of(json.load(open(os.path.join(workdir, "config.json")))["data"])
+    data = json.load(open(os.path.join(workdir, "config.json")))["data"]
+    system = resolve_system_prompt(data["system_prompt"], data["source"])
     assert system is not None
     for row in (0, len(split) - 1):
         question = split.example(row)["messages"][-1]["content"]

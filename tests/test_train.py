@@ -5,6 +5,7 @@ Tiny model (D=32, L=2, V=64) and a synthetic BatchSource (tests/train_helpers.py
 function of index. A persistent compilation cache in a temporary directory (this module and its subprocess workers)
 lets tests that run the same program (same config, same mesh) compile it once; each still traces and lowers it.
 """
+import dataclasses
 import functools
 import logging
 import os
@@ -323,11 +324,13 @@ def test_overflowing_learning_rate_never_checkpoints_poisoned_parameters(tmp_pat
     ("moa.num_experts", dict(num_experts=4)),
     ("moa.rank", dict(rank=2)),
     ("moa.targets", dict(targets=("q_proj", "k_proj"))),
-], ids=["num_experts", "rank", "targets"])
+    ("moa.alpha", dict(alpha=3.0)),            # the same tree, but another LoRA scale
+    ("moa.use_rslora", dict(use_rslora=True)),
+], ids=["num_experts", "rank", "targets", "alpha", "use_rslora"])
 def test_resume_with_changed_adapter_config_names_the_field(standard_run, field, change):
     workdir, _, _ = standard_run
     tcfg, moa = standard_setup()
-    other = tiny_moa(**{"num_experts": moa.num_experts, "rank": moa.rank, "targets": moa.targets, **change})
+    other = dataclasses.replace(moa, **change)
     with pytest.raises(CheckpointMismatchError, match=rf"checkpoint has {field}=.* current config has {field}="):
         run_stage(workdir, tcfg, other, SyntheticSource(num_domains=other.num_experts))
 

@@ -20,8 +20,8 @@ import sys
 import numpy as np
 
 from moa_jax.config import DataConfig
-from moa_jax.data.sources import load_text_split
-from moa_jax.data.tokenize import resolve_system_prompt, tokenize_split
+from moa_jax.data.sources import load_text_split, resolve_system_prompt
+from moa_jax.data.tokenize import tokenize_split
 from moa_jax.errors import cli_main
 
 
@@ -72,9 +72,9 @@ def _main(argv=None) -> int:
             r = np.mean([len(e["response"]) for e in exs])
             print(f"{d:<24}{len(exs):>7}{p:>14.1f}{r:>16.1f}")
         return 0
-    data = tokenize_split(text, tok, max_len=cfg.max_len, policy=cfg.length_policy,
-                          system_prompt=cfg.system_prompt)
-    print(f"system prompt: {resolve_system_prompt(cfg.system_prompt, text)!r}")
+    system = resolve_system_prompt(cfg.system_prompt, cfg.source)
+    data = tokenize_split(text, tok, max_len=cfg.max_len, policy=cfg.length_policy, system_prompt=system)
+    print(f"system prompt: {system!r}")
     print(data.report)
     for d, name in enumerate(data.domains):
         for i in data.domain_rows(d)[:args.examples]:

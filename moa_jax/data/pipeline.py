@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from moa_jax.config import DataConfig
-from moa_jax.data.sources import TextSplit, load_text_split
+from moa_jax.data.sources import TextSplit, load_text_split, resolve_system_prompt
 from moa_jax.data.tasks import DataError
 from moa_jax.data.tokenize import TokenizedSplit, tokenize_split
 
@@ -36,7 +36,7 @@ def load_split(cfg: DataConfig, tokenizer, split: str = "train", text: Optional[
     `.report` holds the length report, which is also logged."""
     text = load_text_split(cfg, split) if text is None else text
     return tokenize_split(text, tokenizer, max_len=cfg.max_len, policy=cfg.length_policy,
-                          system_prompt=cfg.system_prompt)
+                          system_prompt=resolve_system_prompt(cfg.system_prompt, cfg.source))
 
 
 def domain_weights(sizes: Sequence[int], mixing: str = "uniform", temperature: float = 2.0) -> np.ndarray:

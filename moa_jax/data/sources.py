@@ -42,7 +42,6 @@ class TextSplit:
     name: str                         # e.g. "moa_tasks/default:train"
     domains: tuple[str, ...]
     examples: dict[str, list[dict]]   # domain -> N examples
-    default_system_prompt: Optional[str] = None  # what DataConfig.system_prompt="auto" resolves to
     census: Optional["DomainCensus"] = None      # JSONL sources: where each domain's lines came from
 
     def counts(self) -> dict[str, int]:
@@ -78,6 +77,16 @@ class DomainCensus:
                 out.append(f"domain {d!r} appears only in {sorted(files)}, whose lines otherwise belong to domain(s) "
                            f"{sorted(stems)}: a typo in a line's \"domain\" value? Each domain trains its own expert")
         return out
+
+
+def resolve_system_prompt(setting: Optional[str], source: str) -> Optional[str]:
+    """DataConfig.system_prompt for data from `source` -> the system message put before each prompt, or None
+    for none (the chat template's own default then applies). The one rule, used by tokenisation, `inspect`,
+    `moa_jax.generate` and `moa_jax.load_run`: "auto" is the short task prompt for the embedded moa_tasks (its
+    answers are bare values) and none for any other source; any other string (even "") is used as is."""
+    if setting != "auto":
+        return setting
+    return tasks.TASK_SYSTEM_PROMPT if source == "moa_tasks" else None
 
 
 def load_text_split(cfg: DataConfig, split: str) -> TextSplit:
@@ -126,7 +135,7 @@ def _load_moa_tasks(cfg: DataConfig, split: str) -> TextSplit:
         examples[names[r["domain"]]].append({
             "messages": [{"role": "user", "content": r["prompt"].decode()}], "response": answer,
             "answer": answer, "metadata": r["metadata"].decode()})
-    return TextSplit(f"moa_tasks/{cfg.builder_config}:{split}", tuple(names), examples, tasks.TASK_SYSTEM_PROMPT)
+    return TextSplit(f"moa_tasks/{cfg.builder_config}:{split}", tuple(names), examples)
 
 
 # ---- JSONL ----

@@ -96,27 +96,25 @@ def conversation(example: dict, system_prompt: Optional[str]) -> list[dict]:
     return list(msgs)
 
 
-def resolve_system_prompt(setting: Optional[str], text: TextSplit) -> Optional[str]:
-    """DataConfig.system_prompt: "auto" -> the source's default (a short task prompt for moa_tasks, None
-    otherwise); None -> none added (the template's default applies); any other string -> used as is."""
-    return text.default_system_prompt if setting == "auto" else setting
-
-
 def tokenize_split(text: TextSplit, tokenizer, *, max_len: int, policy: str = "drop",
-                   system_prompt: Optional[str] = "auto") -> TokenizedSplit:
-    """Tokenises every example of `text` with `tokenizer` (a transformers tokenizer with a `chat_template`)."""
+                   system_prompt: Optional[str] = None) -> TokenizedSplit:
+    """Tokenises every example of `text` with `tokenizer` (a transformers tokenizer with a `chat_template`).
+    system_prompt: the system message to add (None: none), i.e. DataConfig.system_prompt already resolved with
+    sources.resolve_system_prompt."""
+    if system_prompt == "auto":
+        raise ValueError('tokenize_split(system_prompt="auto"): resolve the setting first with '
+                         'moa_jax.data.sources.resolve_system_prompt(setting, source)')
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the tokenizer has no chat_template; give one (tokenizer.chat_template = '...jinja...')")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos_token_id: the response must end with an end-of-turn token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    system = resolve_system_prompt(system_prompt, text)
 
     seqs, plens, doms, srcs, rows = [], [], [], [], {}
     for d, name in enumerate(text.domains):
         exs = text.examples[name]
-        prompts = tokenizer.apply_chat_template([conversation(e, system) for e in exs], tokenize=False,
+        prompts = tokenizer.apply_chat_template([conversation(e, system_prompt) for e in exs], tokenize=False,
                                                 add_generation_prompt=True)
         # Templates carry their own special tokens (bos, turn markers): never add them again.
         p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]

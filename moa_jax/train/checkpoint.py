@@ -4,7 +4,8 @@ temporary directory and renames it), so a killed run always leaves its last comp
 
 Restore order for a stage (see train.py): resume from this stage's own checkpoints > initialise experts from the
 previous stage's final adapters > fresh experts on the frozen base. A checkpoint whose config disagrees with the
-current one on anything that changes the parameter tree (E, rank, targets, base model) is refused, naming the field.
+current one on anything that changes the parameter tree or the function the adapters compute (MUST_MATCH: base
+model, E, rank, alpha, rsLoRA, targets, dispatch, router) is refused, naming the field.
 
 A damaged checkpoint (a file missing, truncated or corrupt: a preempted or disk-full write outside orbax's atomic
 rename) is skipped: restore tries the newest step first, then older ones, logs one WARNING line per broken step
@@ -32,9 +33,17 @@ from moa_jax.errors import UserError
 
 log = logging.getLogger("moa_jax")
 
-# Config fields that must match between a checkpoint and the run restoring it: "section.field".
-MUST_MATCH = ("model.source", "moa.num_experts", "moa.rank", "moa.targets", "moa.router_type",
-              "moa.router_hidden", "model.hidden_size", "model.num_layers", "model.vocab_size")
+# MoAConfig fields that change the function trained adapters compute. `decision` (an inference policy), `dropout`
+# (training only) and `adapter_dtype` (storage) may differ; top_k counts only with token_topk dispatch and
+# router_hidden only with the mlp router (`_applies`).
+MOA_FUNCTION_FIELDS = ("num_experts", "rank", "alpha", "use_rslora", "targets", "dispatch", "top_k", "router_type",
+                       "router_hidden")
+# The base-model fields adapters are tied to (their shapes).
+MODEL_SHAPE_FIELDS = ("hidden_size", "num_layers", "vocab_size")
+# Config fields that must match between a checkpoint and the run restoring it (resume) or the model loading it:
+# "section.field".
+MUST_MATCH = (("model.source",) + tuple(f"model.{f}" for f in MODEL_SHAPE_FIELDS)
+              + tuple(f"moa.{f}" for f in MOA_FUNCTION_FIELDS))
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -59,13 +68,30 @@ def lookup_key(cfg: dict, dotted: str):
     return node
 
 
-def check_compatible(saved: dict, current: dict, where: str) -> None:
-    for key in MUST_MATCH:
+def _applies(key: str, cfg: dict) -> bool:
+    if key == "moa.top_k":
+        return lookup_key(cfg, "moa.dispatch") == "token_topk"
+    if key == "moa.router_hidden":
+        return lookup_key(cfg, "moa.router_type") == "mlp"
+    return True
+
+
+def config_mismatches(saved: dict, current: dict, keys=MUST_MATCH) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for each of `keys` recorded in both configs with different values."""
+    out = []
+    for key in keys:
         a, b = lookup_key(saved, key), lookup_key(current, key)
-        if a is not None and b is not None and _canon(a) != _canon(b):
-            raise CheckpointMismatchError(
-                f"{where}: checkpoint has {key}={a!r} but the current config has {key}={b!r}; "
-                f"use a new --workdir, or set {key} to match the checkpoint")
+        if (a is not None and b is not None and _applies(key, saved) and _applies(key, current)
+                and _canon(a) != _canon(b)):
+            out.append((key, a, b))
+    return out
+
+
+def check_compatible(saved: dict, current: dict, where: str) -> None:
+    for key, a, b in config_mismatches(saved, current)[:1]:
+        raise CheckpointMismatchError(
+            f"{where}: checkpoint has {key}={a!r} but the current config has {key}={b!r}; "
+            f"use a new --workdir, or set {key} to match the checkpoint")
 
 
 def _canon(v):
