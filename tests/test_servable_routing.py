@@ -110,3 +110,22 @@ def test_stage2_router_loss_is_taken_on_the_base_pass():
     a1, *_ = _grads(adapted, eta=1.0)
     a0, *_ = _grads(adapted, eta=0.0)
     assert np.max(np.abs(_expert_grads(a1) - _expert_grads(a0))) > 1e-6
+
+
+def test_stage2_router_routing_uses_the_base_pass_decision():
+    """train_routing=router with route_on=base: the LM forward runs each sequence with the expert the base pass
+    decides (as inference will), i.e. label routing with those experts as labels."""
+    cfg, moa = tiny_cfg(), replace(tiny_moa(), route_on="base")
+    frozen, trainable = init_trees(cfg, moa)
+    batch = _batch()
+    probe = _router_logits(cfg, moa, merge_params(frozen, trainable), batch, "probe")
+    decided = decide(jnp.asarray(probe), moa.decision)
+    model = MoATransformer(cfg, moa)
+
+    def lm_sum(tcfg, b):
+        _, m = loss_fn(trainable, frozen, b, jax.random.PRNGKey(0), model=model, tcfg=tcfg, num_domains=2)
+        return float(m["lm_loss_sum"])
+    routed = lm_sum(TrainConfig(stage="stage2", train_routing="router"), batch)
+    assert routed == pytest.approx(lm_sum(TrainConfig(stage="stage2"), {**batch, "domain": decided}), rel=1e-6)
+    flipped = {**batch, "domain": 1 - decided}
+    assert abs(routed - lm_sum(TrainConfig(stage="stage2"), flipped)) > 1e-4 * abs(routed)
