@@ -4,15 +4,16 @@ model (no adapters; its backward reaches only the routers) to the LM forward + b
     python -m benchmarks.route_on_cost [--config cpu-tiny] [--rounds 10]
 
 Builds two MoA top-1 stage-2 train steps (label routing) with `benchmarks.programs.train_variant` and times them
-interleaved in one process (A B A B ...), printing the median step time of each and its ratio to 'adapted'.
+interleaved in one process (A B A B ...), printing the median step time of each and its ratio to 'adapted'
+(wall, the per-round paired wall ratio, and process CPU time: benchmarks.timing).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from benchmarks import programs as P
+from benchmarks.timing import interleave, ratio
 from moa_jax.config import replace
 
 CONFIGS = {"cpu-tiny": P.cpu_tiny, "smoke": P.smoke}
@@ -36,18 +37,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args(argv)
     variants = build(CONFIGS[args.config]())
-    for v in variants.values():   # warm-up
-        v.run()
-        v.run()
-    times = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for k, v in variants.items():
-            t = time.perf_counter()
-            v.run()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(x) for k, x in times.items()}
-    for k, m in med.items():
-        print(f"route_on={k:8s} {1000 * m:8.1f} ms   / adapted {m / med['adapted']:.3f}")
+    wall, cpu = interleave(list(variants.values()), args.rounds, warmup=2)
+    for k in variants:
+        r_wall, r_cpu = ratio(wall, k, "adapted"), ratio(cpu, k, "adapted")
+        print(f"route_on={k:8s} median {1000 * statistics.median(wall[k]):8.1f} ms   / adapted: wall "
+              f"{r_wall['median']:.3f} (paired {r_wall['paired']:.3f}), cpu {r_cpu['median']:.3f}")
     return 0
 
 

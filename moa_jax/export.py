@@ -72,7 +72,7 @@ def adapter_config(moa: MoAConfig, base_model: str) -> dict:
 def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
                 expert_names: Optional[Sequence[str]] = None, base_model: str = "", *, tokenizer=None,
                 system_prompt: Any = NOT_GIVEN) -> list[str]:
-    """Write one PEFT adapter directory per expert and the router sidecar (router_sidecar). -> the adapter
+    """Write one PEFT adapter directory per expert and the router sidecar (moa_jax/export_router.py). -> the adapter
     directories. tokenizer: the one training used (its chat template is recorded and it is saved to tokenizer/);
     system_prompt: the system message training added to every prompt (None: none). A servable export
     (moa.route_on='base') needs both, since routing reads the formatted prompt."""
