@@ -3,7 +3,7 @@ forward of the plain base model, with transformers, torch and numpy only (no jax
 `moa_jax.export.export_peft` copies this file into a servable export directory, so a server needs that directory
 and the base model alone:
 
-    import reference_router                      # the copy in the export directory (or moa_jax.reference_router)
+    import reference_router    # the copy in the export directory (moa_jax.reference_router needs moa_jax's deps)
     router = reference_router.load("export/")    # router.json + router.safetensors + tokenizer/, base model
     router.route("What is 2 + 3?")               # -> "chain_sum": generate with the adapter of that name
     router.route([{"role": "user", "content": "Spell 'cat' backward"}])
