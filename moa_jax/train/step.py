@@ -3,10 +3,10 @@
 Loss = masked LM cross-entropy on response tokens + eta * mean over layers of the router CE against the domain
 label (stage 2) [+ balance_coef * load-balancing loss for the token-level MoE-LoRA baseline]. With
 MoAConfig.route_on='base' the router CE is taken on a second, adapter-free forward of the base model (the servable
-routing pass, `base_router_logits`); the LM forward is unchanged (label routing, or that pass's decision). Only the trainable
-tree (experts + routers) gets gradients and optimiser state. Stage 1 is N independent single-domain trainings done
-at once: the LM loss is the sum over domains of each domain's mean token loss, and gradients are clipped per
-expert, so expert e's update depends on its own domain's samples only.
+routing pass, `base_router_logits`); the LM forward is unchanged (label routing, or that pass's decision).
+Only the trainable tree (experts + routers) gets gradients and optimiser state. Stage 1 is N independent
+single-domain trainings done at once: the LM loss is the sum over domains of each domain's mean token loss, and
+gradients are clipped per expert, so expert e's update depends on its own domain's samples only.
 
 Batches carry a leading micro-batch axis A (gradient accumulation, a lax.scan):
   tokens, loss_mask, prompt_mask, attention_mask [A, B, T] int32;  domain [A, B] int32;  valid [A, B] (0 = pad row);
