@@ -40,6 +40,10 @@ def get_experiment(name: str) -> ExperimentConfig:
 BUDGETS = {"cpu": (120, 40, 8, 20, 50), "accelerator": (1500, 500, 32, 200, 100)}
 
 
+# The servable routing policy (routers on one plain base-model forward, docs/method.md) as a variant: its own stage 2.
+SERVABLE = "servable: moa.route_on=base; methods=moa_router"
+
+
 @register
 def smoke() -> ExperimentConfig:
     """Seconds-long end-to-end check of the whole pipeline (tests use it).
@@ -47,7 +51,8 @@ def smoke() -> ExperimentConfig:
     Command: python -m experiments.run --exp=smoke --workdir=/tmp/moa_smoke
     Runtime: ~1.5 min of CPU time on a 2-core CPU (mostly compiling). Result: meaningless numbers, every stage
     and every report file (results.md, results.json, accuracy_by_method.png, router_confusion.png,
-    training_curves.png).
+    training_curves.png), and the servable routing policy (variant `servable`: moa.route_on=base, its own stage 2)
+    next to the paper's in the report's "Routing accuracy by routing policy" table.
     Model: a random 2-layer Llama with the embedded tokenizer; data: the tiny builder config of the 10 tasks.
     """
     return ExperimentConfig(
@@ -58,7 +63,7 @@ def smoke() -> ExperimentConfig:
         stage2=TrainConfig(stage="stage2", steps=2, log_every=1, checkpoint_every=1),
         baseline=TrainConfig(stage="mixed_lora", steps=0, log_every=1, checkpoint_every=2),
         eval=EvalConfig(items_per_domain=2, max_new_tokens=4, batch_size=8),
-        mesh=MeshConfig())
+        mesh=MeshConfig(), variants=(SERVABLE,))
 
 
 def _moa_10task(name: str, budget: str) -> ExperimentConfig:
@@ -116,6 +121,7 @@ ABLATIONS = (
     "vote: moa.decision=vote; methods=moa_router",  # vote over all routers instead of the last (no training)
     "moe_lora: methods=moe_lora",                 # token-level top-2 MoE-LoRA, experts from stage 1, no labels
     "moe_lora_naive: moe_lora.expert_init=random; methods=moe_lora",  # the same from random experts
+    SERVABLE,                                     # routers trained and evaluated on the plain base model's forward
 )
 
 
@@ -135,12 +141,14 @@ def moa_10task_ablations() -> ExperimentConfig:
     Standalone (trains its own stage 1 and stage 2 first): python -m experiments.run --exp=moa_10task_ablations
     Variants (ABLATIONS above): eta = 0 / 0.1 / 10 (eta = 1 is the main stage 2), random-init experts in stage 2,
     vote instead of the last router (re-evaluation only), token-level MoE-LoRA from stage-1 experts and from random
-    experts (the paper's MoE-LoRA and MoE-LoRA (naive)). Each trained variant is stage 2's budget on stage 2's
+    experts (the paper's MoE-LoRA and MoE-LoRA (naive)), and the servable routing policy (moa.route_on=base: the
+    routers read one forward of the plain base model). Each trained variant is stage 2's budget on stage 2's
     batches, in <workdir>/variants/<NAME>/; any subset: --set "variants=eta0:stage2.eta=0,vote:moa.decision=vote".
     Budget: moa_10task's (40 stage-2 steps at batch 8 per trained variant, 20 test items per domain):
-    6 trained variants + 15 evaluated methods; with reuse_from nothing of stage 1 or the main stage 2 is repeated.
+    7 trained variants + 16 evaluated methods; with reuse_from nothing of stage 1 or the main stage 2 is repeated.
     Runtime with reuse_from on an idle 2-core CPU: 39.8 min (trainings 21.6 min, evaluations 17.8 min);
-    the table is in the README ("Ablations").
+    the table is in the README ("Ablations"), measured before the `servable` variant was added;
+    `servable` adds one stage-2 training with a second, adapter-free forward per step and one moa_router evaluation.
     Expected: eta=0 routes at chance (~10%) and moa_router falls towards the worse experts while moa_oracle stays
     close to the main run; routing accuracy rises with eta; random-init experts lose accuracy against stage-1 init
     at this small stage-2 budget; vote ~ last; token-level MoE-LoRA below MoA on the domains that need their own

@@ -16,7 +16,7 @@ from typing import Optional
 
 from moa_jax.errors import UserError
 from moa_jax.methods import EVAL_METHODS, VARIANT_METHODS, unknown_methods
-from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, TRAIN_ROUTINGS
+from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, ROUTE_ON, TRAIN_ROUTINGS
 
 # Canonical projection names (Hugging Face / PEFT naming) and the short aliases users may write.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -136,6 +136,8 @@ class MoAConfig:
     router_type: str = "linear"   # [ours] bias-free linear; 'mlp' = two-layer MLP
     router_hidden: int = 256      # mlp router only
     decision: str = "last"        # inference policy: last router (paper) | vote over layers
+    route_on: str = "adapted"     # ROUTE_ON: the routers read the adapted routing pass (paper) | the plain base
+                                  # model's hidden states (servable; stage 2 trains the routers on those)
     adapter_dtype: str = "float32"  # storage dtype of experts and routers (master weights)
 
     def __post_init__(self):
@@ -147,6 +149,11 @@ class MoAConfig:
         _check(self.router_type in ROUTER_TYPES, f"MoAConfig.router_type={self.router_type!r} not in {ROUTER_TYPES}")
         _check(self.decision in DECISION_POLICIES,
                f"MoAConfig.decision={self.decision!r} not in {DECISION_POLICIES}")
+        _check(self.route_on in ROUTE_ON, f"MoAConfig.route_on={self.route_on!r} not in {ROUTE_ON}: 'adapted' routes "
+               f"with the adapted model's routing pass, 'base' with one forward of the plain base model (servable)")
+        _check(self.route_on == "adapted" or self.dispatch == "top1",
+               f"MoAConfig.route_on='base' needs dispatch='top1' (got {self.dispatch!r}): soft and token-level "
+               f"dispatch route inside every forward of the adapted model")
         _check(self.top_k >= 1, f"MoAConfig.top_k must be >= 1, got {self.top_k}")
         # top_k is used only by token_topk; checking it otherwise would reject E=1 (a plain LoRA) at top_k=2.
         _check(self.dispatch != "token_topk" or self.top_k <= self.num_experts,
@@ -316,7 +323,7 @@ class EvalConfig:
 
 
 # Ablation variants change only what comes after stage 1, so every variant shares the experiment's stage 1.
-VARIANT_KEY_PREFIXES = ("stage2.", "moe_lora.", "moa.decision", "moa.top_k")
+VARIANT_KEY_PREFIXES = ("stage2.", "moe_lora.", "moa.decision", "moa.top_k", "moa.route_on")
 
 
 @dataclass(frozen=True)
@@ -406,3 +413,6 @@ class ExperimentConfig:
                "ExperimentConfig: moa.dispatch='soft' with eval.methods containing 'moa_router': the evaluation "
                "generates answers, and cached decoding cannot re-pool soft gates over new tokens; use "
                "moa.dispatch=top1 (MoA as in the paper) or drop moa_router from eval.methods")
+        _check(self.moa.route_on == "adapted" or self.stage2.train_routing != "soft",
+               "ExperimentConfig: moa.route_on='base' with stage2.train_routing='soft': a soft mixture has no single "
+               "expert to take from the base model's routers; use stage2.train_routing=label (default) or router")

@@ -116,8 +116,12 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
     a, b = flat(json.loads(json.dumps(saved, default=str))), flat(json.loads(json.dumps(current, default=str)))
+    if "moa.rank" in a:   # configs written before route_on existed routed on the adapted pass
+        a.setdefault("moa.route_on", "adapted")
+    # route_on changes how stage 2 trains the routers; no other stage reads it
+    ignored = _REUSE_IGNORED + (() if current.get("stage") == "stage2" else ("moa.route_on",))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in _REUSE_IGNORED and a.get(k) != b.get(k)]
+            if k not in ignored and a.get(k) != b.get(k)]
 
 
 def _reuse(other_workdir: str, stage: str, config: dict, cfg: ModelConfig, moa: MoAConfig):
@@ -258,7 +262,7 @@ def train_stage2(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, pro
 
 def _moe_setup(exp: ExperimentConfig) -> tuple[MoAConfig, TrainConfig]:
     tcfg = exp.moe_lora if exp.moe_lora.steps else replace(exp.moe_lora, steps=exp.stage2.steps)
-    return replace(exp.moa, dispatch="token_topk", decision="last"), tcfg
+    return replace(exp.moa, dispatch="token_topk", decision="last", route_on="adapted"), tcfg
 
 
 def train_moe_lora(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, progress: bool, subdir: str = ""):

@@ -3,12 +3,20 @@ merged into the base weights as a plain transformers checkpoint.
 
     export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...")
       out_dir/<name>/adapter_config.json + adapter_model.safetensors     (one PEFT adapter per expert)
-      out_dir/router.safetensors + router.json                           (router weights [L, D, E], names, policy)
+      out_dir/router.safetensors + router.json                           (router weights [L, D, E] and how to route)
+      out_dir/tokenizer/ + reference_router.py                           (servable export: moa.route_on='base')
     export_merged(params, model_cfg, moa, expert, out_dir, base_source=..., tokenizer=...)
       out_dir/config.json + model.safetensors (or shards + index) + tokenizer files   (W + scale * A[e] B[e])
 
 A server then loads the base model once, every expert with `PeftModel.load_adapter(dir, adapter_name=name)`, and
-routes each request with the router sidecar (or uses `adapter_names=` for mixed batches). Tensors are converted
+routes each request with the router sidecar (or uses `adapter_names=` for mixed batches). Routers trained with
+MoAConfig.route_on='base' are servable: one forward of the plain base model over the prompt picks the adapter;
+router.json records everything that takes (moa_jax/export_router.py) and moa_jax/reference_router.py, copied into
+the export, does it with transformers + torch only. Routers of route_on='adapted' (the paper's routing pass, each
+layer routed by its own router on the adapted model) are exported with `"servable": false`. The experts hold
+deltas for the base weights they were trained on: experts trained on the embedded Q4_1 GGUF are exported for the
+full-precision Hub id, whose weights differ slightly, so a server's routing and outputs can differ from moa_jax's
+(check with the reference router on your prompts). Tensors are converted
 from our layout (lora_a [L, E, Din, R], lora_b [L, E, R, Dout]) to PEFT's torch Linear layout
 (lora_A.weight [R, Din], lora_B.weight [Dout, R]); scaling = lora_alpha / r in PEFT equals our scale.
 
@@ -19,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -29,6 +37,7 @@ from moa_jax.loading.hf import hf_key
 from moa_jax.loading.resolve import HF, hub_id, resolve_source
 from moa_jax.loading.tree import expected_shapes, numpy_dtype
 from moa_jax.nn.quantize import SCALE_LEAF, dequantize
+from moa_jax.export_router import NOT_GIVEN, write_router_sidecar
 
 _MODULE_PREFIX = {p: "self_attn" for p in ATTENTION_PROJECTIONS} | {"gate_proj": "mlp", "up_proj": "mlp",
                                                                       "down_proj": "mlp"}
@@ -61,8 +70,12 @@ def adapter_config(moa: MoAConfig, base_model: str) -> dict:
 
 
 def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
-                expert_names: Optional[Sequence[str]] = None, base_model: str = "") -> list[str]:
-    """Write one PEFT adapter directory per expert and the router sidecar. -> the adapter directories."""
+                expert_names: Optional[Sequence[str]] = None, base_model: str = "", *, tokenizer=None,
+                system_prompt: Any = NOT_GIVEN) -> list[str]:
+    """Write one PEFT adapter directory per expert and the router sidecar (moa_jax/export_router.py). -> the adapter
+    directories. tokenizer: the one training used (its chat template is recorded and it is saved to tokenizer/);
+    system_prompt: the system message training added to every prompt (None: none). A servable export
+    (moa.route_on='base') needs both, since routing reads the formatted prompt."""
     from safetensors.numpy import save_file
     names = list(expert_names or [f"expert_{e}" for e in range(moa.num_experts)])
     if len(names) != moa.num_experts:
@@ -79,10 +92,7 @@ def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
     router = traverse_util.flatten_dict(trainable)
     router = {"/".join(k[2:]): np.asarray(v, np.float32) for k, v in router.items() if k[:2] == ("layers", "router")}
     save_file(router, os.path.join(out_dir, "router.safetensors"))
-    with open(os.path.join(out_dir, "router.json"), "w") as f:
-        json.dump({"experts": names, "router_type": moa.router_type, "decision": moa.decision,
-                   "pooling": "mean of each layer's input RMSNorm output over prompt tokens",
-                   "tensors": {k: list(v.shape) for k, v in router.items()}}, f, indent=1)
+    write_router_sidecar(out_dir, router, cfg, moa, names, base_model, tokenizer, system_prompt)
     return dirs
 
 

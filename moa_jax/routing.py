@@ -12,10 +12,13 @@ Three vocabularies name who picks the experts, each at its own level:
                   soft    the per-sequence mixture softmax(router logits)
   MODES           the model's static `routing` argument (moa_jax/nn/model.py):
                   base (adapters off), fixed (top-1 with a given expert [B]), self (each layer's own argmax),
-                  soft (per-sequence mixture), token (token-level top-k with a balance loss)
+                  soft (per-sequence mixture), token (token-level top-k with a balance loss),
+                  probe (adapters off, every router read on the base hidden state: the servable routing pass)
 `model_mode` is the only translation from the first two to the third; `MODE_TABLE` spells it out per dispatch.
+The routing pass that decides a top-1 expert from the prompt runs `routing_pass_mode(moa)`: 'self' (the adapted
+model, MoAConfig.route_on='adapted', the paper's) or 'probe' (the plain base model, route_on='base', servable).
 Inside a layer each mode becomes a ROUTE_KINDS kind of moa_jax/nn/lora.Route (how the LoRA delta is computed):
-base -> base; fixed, self -> top1 (single when E = 1); soft, token -> mixture; single is also one expert shared
+base, probe -> base; fixed, self -> top1 (single when E = 1); soft, token -> mixture; single is also one expert shared
 by the whole batch.
 
 MoAConfig.dispatch (DISPATCH_MODES) says how the routers pick when they decide: top1 (one expert per sequence,
@@ -31,9 +34,13 @@ from __future__ import annotations
 
 DISPATCH_MODES = ("top1", "soft", "token_topk")
 DECISION_POLICIES = ("last", "vote")
+# Where the routers read at inference (MoAConfig.route_on): "adapted" = the routing pass of the adapted model (each
+# layer routed by its own router), "base" = one plain forward of the base model, no adapters (servable: a server
+# routes with its base model, then names the PEFT adapter; moa_jax/reference_router.py).
+ROUTE_ON = ("adapted", "base")
 ROUTINGS = ("router", "oracle", "forced", "base")
 TRAIN_ROUTINGS = ("label", "router", "soft")
-MODES = ("base", "fixed", "self", "soft", "token")
+MODES = ("base", "fixed", "self", "probe", "soft", "token")
 ROUTE_KINDS = ("base", "single", "top1", "mixture")
 
 # (routing, training?) -> model mode under each dispatch, in DISPATCH_MODES order (top1, soft, token_topk).
@@ -72,3 +79,7 @@ def routes_per_item(moa, routing: str) -> bool:
     token-level dispatch, which mix experts inside every forward."""
     return model_mode(moa, routing) in ("base", "fixed")
 
+
+def routing_pass_mode(moa) -> str:
+    """The model's mode for the routing pass over a prompt (MoAConfig.route_on -> 'self' | 'probe')."""
+    return "probe" if moa.route_on == "base" else "self"

@@ -49,6 +49,8 @@ def expert_weights(moa, routing, x, router_kernel, prompt_mask, token_mask, expe
         margin = _margin(logits, 1, True)
     elif routing == "soft":
         w = _softmax(logits)
+    elif routing == "probe":   # adapters off; the routers only read the base hidden states
+        w = np.zeros_like(logits)
     elif routing == "token":
         token_logits = x @ router_kernel                                              # (B, T, E)
         probs = _softmax(token_logits)

@@ -19,7 +19,7 @@ from moa_jax.overrides import apply_overrides, valid_keys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHRINK = ["data.domains=chain_sum,spell_backward", "moa.num_experts=2", "data.batch_size=2",
           "data.buckets=64,128", "data.max_len=128", "eval.methods=moa_oracle", "eval.items_per_domain=1",
-          "eval.max_new_tokens=2", "eval.batch_size=2"]
+          "eval.max_new_tokens=2", "eval.batch_size=2", "variants="]
 STAGES = ("stage1", "stage2")
 
 

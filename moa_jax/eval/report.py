@@ -109,6 +109,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
     if routed:
         md += ["", "## Routing accuracy per domain (router decision from the prompt vs the domain label)", ""]
         md += _per_domain_table(results, "routing_accuracy", "{:.3f}", routed)
+        md += _policy_table(results, routed)
     for m in routed:
         conf = results["methods"][m].get("confusion")
         if conf:
@@ -128,6 +129,24 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
     if figures:
         md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
     return "\n".join(md) + "\n"
+
+
+ROUTE_ON_TEXT = {"adapted": "the adapted routing pass (each layer routed by its own router)",
+                 "base": "one forward of the plain base model (servable)"}
+
+
+def _policy_table(results: dict, routed: list[str]) -> list[str]:
+    """Routing accuracy per routing policy: where the routers read (MoAConfig.route_on) and the decision."""
+    rows = [(m, results["methods"][m]) for m in routed if results["methods"][m].get("routing_policy")]
+    if not rows:
+        return []
+    lines = ["", "### Routing accuracy by routing policy", "",
+             _row(["method", "routers read", "decision", "routing accuracy"]), _row(["---"] * 4)]
+    for m, e in rows:
+        p = e["routing_policy"]
+        lines.append(_row([m, ROUTE_ON_TEXT.get(p["route_on"], p["route_on"]), p["decision"],
+                           _fmt(e.get("mean_routing_accuracy"), "{:.3f}")]))
+    return lines
 
 
 def _data_table(data: Optional[dict]) -> list[str]:

@@ -7,7 +7,8 @@ Per method and domain (moa_jax.eval.evaluate routes, computes NLL and generates 
   bleu, rouge_l   mean sentence BLEU-4 and ROUGE-L F of the completion against the reference answer (0-100);
   corpus_bleu     pooled-count BLEU-4 of the domain's completions
   routing_accuracy  (methods whose registry record says so: moa_router) share of items routed to the domain's own
-                  expert
+                  expert; the entry's `routing_policy` says where the routers read (MoAConfig.route_on) and the
+                  decision policy
 Averages are unweighted means over domains (`mean_<metric>`). The `most_common` baseline answers every test item
 of a domain with the domain's most common TRAIN answer (no model, no PPL): the floor any method must beat.
 
@@ -207,6 +208,7 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
     entry["items_computed"] = int(len(todo))   # the rest came from the memo
     if confusion is not None:
         entry["confusion"] = confusion.tolist()
+        entry["routing_policy"] = {"route_on": method.moa.route_on, "decision": method.moa.decision}
     return entry
 
 

@@ -1,8 +1,9 @@
 """Routed, batched decoding with a KV cache.
 
 MoA inference routes once per sequence, from the prompt, and keeps that expert for every generated token:
-  1. routing pass over the (left-padded) prompt: every layer routes with its own router ('self' mode) and the
-     decision policy (last router, or a vote) picks one expert per sequence;
+  1. routing pass over the (left-padded) prompt: every layer routes with its own router ('self' mode; with
+     MoAConfig.route_on='base' one forward of the plain base model, its routers read the base hidden states:
+     'probe' mode) and the decision policy (last router, or a vote) picks one expert per sequence;
   2. prefill the cache with that expert forced at every layer ('fixed' mode), then decode token by token with it.
 So generating with the router equals generating with the chosen expert forced (a test checks exactly that).
 Other routing (moa_jax.routing.ROUTINGS): 'oracle' (domain label given), 'forced' (one expert for all), 'base'
@@ -28,15 +29,16 @@ import numpy as np
 from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.nn.model import MoATransformer, init_cache
 from moa_jax.nn.router import decide
-from moa_jax.routing import model_mode
+from moa_jax.routing import model_mode, routing_pass_mode
 
 Array = jax.Array
 
 
 def forward_moa(moa: Optional[MoAConfig]) -> Optional[MoAConfig]:
-    """`moa` without its decision policy, which only the routing pass uses: the key of every other compiled forward
-    (so 'last' and 'vote' share them) and of results that depend on the adapters alone."""
-    return None if moa is None else dataclasses.replace(moa, decision="last")
+    """`moa` without its decision policy and routing source, which only the routing pass uses: the key of every
+    other compiled forward (so 'last' and 'vote', 'adapted' and 'base' share them) and of results that depend on
+    the adapters alone."""
+    return None if moa is None else dataclasses.replace(moa, decision="last", route_on="adapted")
 
 
 def expert_indices(routing: str, batch: int, *, expert: Optional[int], domain, moa: MoAConfig) -> Optional[Array]:
@@ -58,11 +60,13 @@ def expert_indices(routing: str, batch: int, *, expert: Optional[int], domain, m
 @functools.lru_cache(maxsize=None)
 def _route_fn(cfg: ModelConfig, moa: MoAConfig):
     model = MoATransformer(cfg, moa)
+    mode = routing_pass_mode(moa)
 
     @jax.jit
     def route(params, tokens, attention_mask, prompt_mask):
+        # only the last position's logits: the routing pass needs the router logits, not the LM head's
         _, aux = model.apply({"params": params}, tokens, attention_mask=attention_mask, prompt_mask=prompt_mask,
-                             routing="self")
+                             routing=mode, logits_at=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1))
         logits = aux["router_logits"]                                                   # (L, B, E)
         return decide(logits, moa.decision), logits
     return route

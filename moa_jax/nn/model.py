@@ -17,6 +17,8 @@ training stage's routings by moa_jax.routing.model_mode):
   fixed   top-1 per sequence with a given expert_idx [B]: domain labels in training (teacher forcing), the
           oracle / a forced expert / the decided expert at inference.
   self    top-1 per sequence, each layer using its own router's argmax (the routing pass over a prompt).
+  probe   the frozen base model, adapters off, with every layer's router read on the base hidden state entering
+          it (normalised, pooled as always): the servable routing pass of MoAConfig.route_on='base'.
   soft    per-sequence mixture with each layer's softmax(router) as gates.
   token   token-level top-k MoE-LoRA baseline with a load-balancing loss.
 Router logits are computed in every mode but `base` (pooled over prompt tokens) and returned per layer.
@@ -108,6 +110,8 @@ class DecoderLayer(nn.Module):
                         param_dtype=jnp.dtype(self.moa.adapter_dtype), name="router")
         logits = router(masked_mean_pool(x, prompt_mask))                        # (B, E)
         zero = jnp.zeros((), jnp.float32)
+        if self.routing == "probe":
+            return logits, zero, Route("base")
         if self.routing == "fixed":
             return logits, zero, Route("top1", expert_idx=expert_idx)
         if self.routing == "self":

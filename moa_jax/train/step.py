@@ -1,10 +1,12 @@
 """The pure training step: TrainState, the MoA loss, the optimiser, and `train_step(state, frozen, batch)`.
 
 Loss = masked LM cross-entropy on response tokens + eta * mean over layers of the router CE against the domain
-label (stage 2) [+ balance_coef * load-balancing loss for the token-level MoE-LoRA baseline]. Only the trainable
-tree (experts + routers) gets gradients and optimiser state. Stage 1 is N independent single-domain trainings done
-at once: the LM loss is the sum over domains of each domain's mean token loss, and gradients are clipped per
-expert, so expert e's update depends on its own domain's samples only.
+label (stage 2) [+ balance_coef * load-balancing loss for the token-level MoE-LoRA baseline]. With
+MoAConfig.route_on='base' the router CE is taken on a second, adapter-free forward of the base model (the servable
+routing pass, `base_router_logits`); the LM forward is unchanged (label routing, or that pass's decision).
+Only the trainable tree (experts + routers) gets gradients and optimiser state. Stage 1 is N independent
+single-domain trainings done at once: the LM loss is the sum over domains of each domain's mean token loss, and
+gradients are clipped per expert, so expert e's update depends on its own domain's samples only.
 
 Batches carry a leading micro-batch axis A (gradient accumulation, a lax.scan):
   tokens, loss_mask, prompt_mask, attention_mask [A, B, T] int32;  domain [A, B] int32;  valid [A, B] (0 = pad row);
@@ -28,7 +30,7 @@ from moa_jax.config import MoAConfig, TrainConfig
 from moa_jax.nn.lm_loss import token_nll
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
-from moa_jax.nn.router import router_accuracy, router_ce_loss
+from moa_jax.nn.router import decide, router_accuracy, router_ce_loss
 from moa_jax.routing import model_mode, stage_routing
 
 Params = dict[str, Any]
@@ -143,6 +145,12 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
     params = merge_params(frozen, trainable)
     mode = model_mode(model.moa, stage_routing(tcfg.stage, tcfg.train_routing), training=True)
     valid = batch["valid"].astype(jnp.float32)
+    expert_idx = batch["domain"] if mode == "fixed" else None
+    base_logits = None
+    if tcfg.stage == "stage2" and model.moa.route_on == "base":
+        base_logits = base_router_logits(model, params, batch)                            # (L, B, E)
+        if mode == "self":   # route the LM forward as inference will: the base pass's decision
+            mode, expert_idx = "fixed", decide(jax.lax.stop_gradient(base_logits), model.moa.decision)
     if "target_pos" in batch:   # compact: logits only where the next token is a target
         pos, targets, weights = batch["target_pos"], batch["target_tokens"], batch["target_weight"]
     else:
@@ -150,7 +158,7 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
     # Batches are right-padded (moa_jax/data/pipeline.py); the NLL comes chunked, without [B, K, V] logits.
     nll, aux = model.apply(
         {"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
-        prompt_mask=batch["prompt_mask"], routing=mode, expert_idx=batch["domain"] if mode == "fixed" else None,
+        prompt_mask=batch["prompt_mask"], routing=mode, expert_idx=expert_idx,
         deterministic=False, rngs={"dropout": rng}, logits_at=pos, nll_targets=targets, right_padded=True)
     weights = weights * batch["valid"][:, None]
     nll, w, dom_sum, dom_cnt = nll_loss_terms(nll, weights, batch["domain"], num_domains)
@@ -162,7 +170,7 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
     metrics = {"lm_loss_sum": jnp.sum(nll * w), "tokens": jnp.sum(w), "domain_loss_sum": dom_sum,
                "domain_tokens": dom_cnt}
     if tcfg.stage == "stage2":  # routers are label-supervised only in stage 2
-        r_logits = aux["router_logits"]
+        r_logits = aux["router_logits"] if base_logits is None else base_logits
         r_loss = router_ce_loss(r_logits, batch["domain"], valid)
         metrics.update(router_loss=r_loss, router_acc=router_accuracy(r_logits, batch["domain"], valid))
         if tcfg.eta > 0:
@@ -171,6 +179,18 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
         loss = loss + tcfg.balance_coef * aux["balance_loss"]
         metrics["balance_loss"] = aux["balance_loss"]
     return loss, metrics
+
+
+def base_router_logits(model: MoATransformer, params, batch) -> jax.Array:
+    """Router logits [L, B, E] of the servable routing pass (MoAConfig.route_on='base'): one forward of the frozen
+    base model, no adapters and no dropout, every layer's router on the base hidden state entering it, pooled over
+    the prompt. Only the routers get gradients from it (nothing else of the trainable tree is used); only one
+    position reaches the LM head."""
+    tokens = batch["tokens"]
+    _, aux = model.apply({"params": params}, tokens, attention_mask=batch["attention_mask"],
+                         prompt_mask=batch["prompt_mask"], routing="probe", right_padded=True,
+                         logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32))
+    return aux["router_logits"]
 
 
 def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *, model: MoATransformer,

@@ -1,0 +1,49 @@
+"""What servable routing costs a stage-2 train step: MoAConfig.route_on='base' adds a forward of the plain base
+model (no adapters; its backward reaches only the routers) to the LM forward + backward.
+
+    python -m benchmarks.route_on_cost [--config cpu-tiny] [--rounds 10]
+
+Builds two MoA top-1 stage-2 train steps (label routing) with `benchmarks.programs.train_variant` and times them
+interleaved in one process (A B A B ...), printing the median step time of each and its ratio to 'adapted'
+(wall, the per-round paired wall ratio, and process CPU time: benchmarks.timing).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from benchmarks import programs as P
+from benchmarks.timing import interleave, ratio
+from moa_jax.config import replace
+
+CONFIGS = {"cpu-tiny": P.cpu_tiny, "smoke": P.smoke}
+
+
+def build(bc: P.BenchConfig) -> dict:
+    batches = P.make_batches(bc, bc.experts, 4)
+    variants = {"adapted": P.train_variant(bc, "top1", "adapted", batches)}
+    moa_config = P.moa_config
+    try:   # the variant is traced while the module attribute is swapped
+        P.moa_config = lambda *a, **k: replace(moa_config(*a, **k), route_on="base")
+        variants["base"] = P.train_variant(bc, "top1", "base", batches)
+    finally:
+        P.moa_config = moa_config
+    return variants
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-tiny")
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args(argv)
+    variants = build(CONFIGS[args.config]())
+    wall, cpu = interleave(list(variants.values()), args.rounds, warmup=2)
+    for k in variants:
+        r_wall, r_cpu = ratio(wall, k, "adapted"), ratio(cpu, k, "adapted")
+        print(f"route_on={k:8s} median {1000 * statistics.median(wall[k]):8.1f} ms   / adapted: wall "
+              f"{r_wall['median']:.3f} (paired {r_wall['paired']:.3f}), cpu {r_cpu['median']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

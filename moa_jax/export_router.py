@@ -1,0 +1,98 @@
+"""The router sidecar of a PEFT export (moa_jax.export.export_peft): router.json, which records everything a server
+needs to route a prompt as moa_jax does, the training tokenizer (tokenizer/) and, for servable routers, a copy of
+moa_jax/reference_router.py (transformers + torch only) that follows router.json.
+
+router.json (format "moa_jax.router/1"):
+  experts            expert names in expert order (= the PEFT adapter directories)
+  base_model         the base model id the adapters name (an embedded model's Hub id); base_weights says whether
+                     the experts were trained on other weights than that id's (the embedded Q4_1 GGUF)
+  route_on, servable "base": one forward of the plain base model routes (servable); "adapted": the routers read the
+                     adapted model's routing pass (each layer routed by its own router), servable false
+  hidden_state       which hidden state router l reads: transformers' hidden_states[l] (output_hidden_states=True;
+                     the input of decoder layer l, index 0 = embeddings) through layer l's input_layernorm, float32
+  pooling            mean over every prompt token (chat template + system prompt + generation cue, no padding)
+  decision           "last" | "vote" (and its rule)
+  router             type linear | mlp, the tensors of router.safetensors [L, ...] and the formula
+  prompt             chat_template, system_prompt, how the prompt is tokenised, the tokenizer/ folder
+
+Shape glossary: L layers, D width, E experts, Hr mlp-router hidden width.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from moa_jax.config import ModelConfig, MoAConfig
+from moa_jax.loading.resolve import HUB_IDS, hub_id
+
+log = logging.getLogger("moa_jax")
+FORMAT = "moa_jax.router/1"     # reference_router.FORMAT reads it
+NOT_GIVEN: Any = type("NotGiven", (), {"__repr__": lambda self: "NOT_GIVEN"})()
+DECISION_RULES = {"last": "argmax of the last layer's logits",
+                  "vote": "most frequent argmax over layers; ties to the larger mean softmax probability"}
+ROUTER_FORMULAS = {"linear": "logits[l] = pooled[l] @ kernel[l]",
+                   "mlp": "logits[l] = gelu_tanh(pooled[l] @ hidden/kernel[l]) @ out/kernel[l]"}
+
+
+def router_spec(cfg: ModelConfig, moa: MoAConfig, names: Sequence[str], tensors: dict[str, np.ndarray],
+                base_model: str, chat_template: Optional[str], system_prompt: Optional[str],
+                tokenizer_dir: Optional[str]) -> dict:
+    """The contents of router.json (see the module docstring)."""
+    servable = moa.route_on == "base"
+    return {
+        "format": FORMAT, "experts": list(names), "base_model": hub_id(base_model) if base_model else "",
+        "base_weights": (f"the experts and routers were trained on {base_model!r} (the embedded Q4_1 GGUF), not on "
+                         f"the full-precision {HUB_IDS[base_model]!r}: routing and outputs can differ slightly"
+                         if base_model in HUB_IDS else "the base_model checkpoint itself"),
+        "route_on": moa.route_on, "servable": servable,
+        "note": ("one forward of the plain base model over the prompt routes it (moa_jax reference_router.py)"
+                 if servable else "NOT servable with a plain base forward: the routers read the adapted model's "
+                 "routing pass (each layer routed by its own router); train with moa.route_on=base to serve"),
+        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_state": {"source": "transformers output_hidden_states=True", "router_l_reads": "hidden_states[l]",
+                         "index_convention": "hidden_states[l] is the input of decoder layer l; 0 = the embeddings",
+                         "norm": "layer l's input_layernorm (RMSNorm, the base model's weight) applied first",
+                         "dtype": "float32"},
+        "pooling": {"kind": "mean", "over": "every prompt token: chat template, system prompt and generation cue; "
+                    "no padding, no response"},
+        "decision": moa.decision, "decision_rule": DECISION_RULES[moa.decision],
+        "router": {"type": moa.router_type, "formula": ROUTER_FORMULAS[moa.router_type],
+                   "activation": "gelu (tanh approximation)" if moa.router_type == "mlp" else None,
+                   "tensors": {k: list(v.shape) for k, v in tensors.items()}},
+        "router_type": moa.router_type, "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "prompt": {"chat_template": chat_template, "system_prompt": system_prompt, "add_generation_prompt": True,
+                   "system_rule": "the system prompt is prepended unless the messages hold a system turn",
+                   "tokenize": "apply_chat_template(messages, tokenize=False, add_generation_prompt=True), then "
+                               "tokenizer(text, add_special_tokens=False)",
+                   "tokenizer": tokenizer_dir},
+    }
+
+
+def write_router_sidecar(out_dir: str, tensors: dict[str, np.ndarray], cfg: ModelConfig, moa: MoAConfig,
+                         names: Sequence[str], base_model: str, tokenizer, system_prompt: Any) -> dict:
+    """router.json (+ tokenizer/ when a tokenizer is given, + reference_router.py when servable). -> the spec."""
+    servable = moa.route_on == "base"
+    if servable and (tokenizer is None or system_prompt is NOT_GIVEN):
+        raise ValueError("export_peft: a servable router (moa.route_on='base') routes the formatted prompt, so "
+                         "the export must record it: pass tokenizer= (the training tokenizer) and system_prompt= "
+                         "(the run's system prompt, None for none)")
+    if not servable:
+        log.warning("export_peft: these routers (moa.route_on='adapted') read the adapted model's routing pass; a "
+                    "server cannot reproduce them with one base-model forward (router.json says servable: false)")
+    tokenizer_dir = None
+    if tokenizer is not None:
+        tokenizer_dir = "tokenizer"
+        tokenizer.save_pretrained(os.path.join(out_dir, tokenizer_dir))
+    spec = router_spec(cfg, moa, names, tensors, base_model, getattr(tokenizer, "chat_template", None),
+                       None if system_prompt is NOT_GIVEN else system_prompt, tokenizer_dir)
+    with open(os.path.join(out_dir, "router.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+    if servable:
+        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_router.py"),
+                        os.path.join(out_dir, "reference_router.py"))
+    return spec

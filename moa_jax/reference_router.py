@@ -1,0 +1,153 @@
+"""Reference router of an exported MoA model: picks the expert (the PEFT adapter to name) for a prompt from ONE
+forward of the plain base model, with transformers, torch and numpy only (no jax, flax or moa_jax import).
+`moa_jax.export.export_peft` copies this file into a servable export directory, so a server needs that directory
+and the base model alone:
+
+    import reference_router    # the copy in the export directory (moa_jax.reference_router needs moa_jax's deps)
+    router = reference_router.load("export/")    # router.json + router.safetensors + tokenizer/, base model
+    router.route("What is 2 + 3?")               # -> "chain_sum": generate with the adapter of that name
+    router.route([{"role": "user", "content": "Spell 'cat' backward"}])
+
+It computes what router.json records (written for MoAConfig.route_on='base'; see docs/method.md):
+  1. prompt ids: the recorded chat template over [the recorded system prompt, unless the messages hold a system
+     turn] + the messages, with the generation cue, rendered to text and tokenised WITHOUT adding special tokens
+     (how moa_jax tokenised its training and test prompts);
+  2. one forward of the base model (output_hidden_states=True, no LM head): router l reads hidden_states[l] (the
+     input of decoder layer l; index 0 = the token embeddings) through layer l's input_layernorm, in float32;
+  3. mean over every prompt token -> pooled [L, D]; logits[l] = router_l(pooled[l]) -> [L, E] (linear:
+     pooled @ kernel[l]; mlp: gelu_tanh(pooled @ hidden/kernel[l]) @ out/kernel[l]);
+  4. decision 'last': argmax of the last router; 'vote': the most frequent argmax over layers, ties to the larger
+     mean softmax probability.
+The routers were trained on the base weights moa_jax loaded; a server whose base differs (e.g. full precision
+instead of the embedded Q4_1 GGUF) can route differently: run this module on your prompts to check.
+
+Shape glossary: L layers, D width, E experts, T prompt tokens, Hr mlp-router hidden width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+FORMAT = "moa_jax.router/1"
+Prompt = Union[str, Sequence[dict]]
+
+
+class RouterNotServableError(ValueError):
+    """The export's routers read the adapted model (route_on='adapted'): one base-model forward cannot reproduce
+    them."""
+
+
+@dataclasses.dataclass
+class ReferenceRouter:
+    spec: dict                        # router.json
+    weights: dict                     # router.safetensors: name -> float32 tensor with a leading L axis
+    model: Any                        # the transformers causal LM (the base model)
+    tokenizer: Any
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self.spec["experts"])
+
+    def messages(self, prompt: Prompt) -> list[dict]:
+        """A user message (str) or a messages list -> the conversation routing sees (the system prompt added)."""
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        system = self.spec["prompt"]["system_prompt"]
+        if system is not None and not any(m["role"] == "system" for m in msgs):
+            msgs = [{"role": "system", "content": system}] + msgs
+        return msgs
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, formatted as in training (chat template + system prompt + generation cue)."""
+        text = self.tokenizer.apply_chat_template(self.messages(prompt), chat_template=self.spec["prompt"][
+            "chat_template"], tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.no_grad()
+    def logits(self, prompt: Prompt) -> np.ndarray:
+        """Router logits [L, E] float32 of one prompt (a str, a messages list, or token ids)."""
+        ids = list(prompt) if _is_ids(prompt) else self.prompt_ids(prompt)
+        decoder = self.model.get_decoder()
+        device = next(self.model.parameters()).device
+        out = decoder(input_ids=torch.tensor([ids], device=device), output_hidden_states=True)
+        rows = []
+        for layer in range(self.spec["num_layers"]):
+            x = decoder.layers[layer].input_layernorm(out.hidden_states[layer])      # (1, T, D)
+            pooled = x[0].float().mean(dim=0)                                       # (D,)
+            rows.append(self._router(layer, pooled.cpu()))
+        return torch.stack(rows).numpy()                                             # (L, E)
+
+    def _router(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        if self.spec["router"]["type"] == "mlp":
+            hidden = torch.nn.functional.gelu(pooled @ w["hidden/kernel"][layer], approximate="tanh")
+            return hidden @ w["out/kernel"][layer]
+        return pooled @ w["kernel"][layer]
+
+    def route_index(self, prompt: Prompt) -> int:
+        return decide(self.logits(prompt), self.spec["decision"])
+
+    def route(self, prompt: Prompt) -> str:
+        """The name of the expert (PEFT adapter directory) this prompt goes to."""
+        return self.experts[self.route_index(prompt)]
+
+
+def decide(logits: np.ndarray, policy: str) -> int:
+    """logits [L, E] -> the chosen expert (moa_jax.nn.router.decide for one sequence)."""
+    if policy == "last":
+        return int(np.argmax(logits[-1]))
+    if policy == "vote":
+        votes = np.bincount(np.argmax(logits, axis=-1), minlength=logits.shape[-1]).astype(np.float32)
+        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        tie_break = (z / z.sum(axis=-1, keepdims=True)).mean(axis=0)
+        return int(np.argmax(votes + 0.5 * tie_break))
+    raise ValueError(f"router.json: unknown decision policy {policy!r}; valid: 'last', 'vote'")
+
+
+def read_spec(directory: str) -> dict:
+    """router.json of an export directory, refused unless its routers can be served from a base-model forward."""
+    path = os.path.join(directory, "router.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no router.json (not a directory written by moa_jax export_peft)")
+    with open(path) as f:
+        spec = json.load(f)
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {spec.get('format')!r}, this reference router reads {FORMAT!r}; "
+                         f"re-export with the current moa_jax")
+    if not spec.get("servable"):
+        raise RouterNotServableError(f"{path}: route_on={spec.get('route_on')!r}: these routers read the adapted "
+                                     f"model's routing pass, which one base-model forward cannot reproduce; train "
+                                     f"them with moa.route_on=base (docs/method.md) and export again")
+    return spec
+
+
+def load(directory: str, base_model: Optional[str] = None, *, device: str = "cpu",
+         dtype: torch.dtype = torch.float32, model: Any = None, tokenizer: Any = None) -> ReferenceRouter:
+    """The reference router of an export directory. base_model: the base checkpoint (a Hub id or a directory;
+    default router.json's `base_model`); `model` / `tokenizer`: already loaded ones instead. The tokenizer defaults
+    to the export's tokenizer/ folder (the one training used), else the base model's."""
+    import transformers
+    from safetensors.torch import load_file
+    spec = read_spec(directory)
+    weights = {k: v.float() for k, v in load_file(os.path.join(directory, "router.safetensors")).items()}
+    if tokenizer is None:
+        saved = spec["prompt"].get("tokenizer")
+        source = os.path.join(directory, saved) if saved else (base_model or spec["base_model"])
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_model or spec["base_model"], dtype=dtype)
+        model = model.to(device).eval()
+    layers = model.config.num_hidden_layers
+    if layers != spec["num_layers"] or model.config.hidden_size != spec["hidden_size"]:
+        raise ValueError(f"{directory}: the routers are for L={spec['num_layers']}, D={spec['hidden_size']} but "
+                         f"the base model has L={layers}, D={model.config.hidden_size}")
+    return ReferenceRouter(spec, weights, model, tokenizer)
+
+
+def _is_ids(prompt) -> bool:
+    return (isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt) > 0
+            and isinstance(prompt[0], (int, np.integer)))
