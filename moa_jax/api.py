@@ -70,13 +70,13 @@ class MoAModel:
 
     # ---- export ---------------------------------------------------------------------------------------------
     def export_peft(self, out_dir: str) -> list[str]:
-        """One PEFT LoRA adapter per expert (named by `domains`) + the router sidecar (moa_jax/export.py).
-        -> the adapter directories."""
+        """One PEFT LoRA adapter per expert (named by `domains`) + the router sidecar (moa_jax/export.py), which
+        records this model's tokenizer and `system_prompt` (servable routers need both). -> the adapter directories."""
         from moa_jax.export import export_peft
         if self.moa is None:
             raise ValueError("export_peft(): this model has no experts (loaded with moa=None)")
         return export_peft(self.trainable, self.config, self.moa, out_dir, expert_names=self.domains or None,
-                           base_model=self.source)
+                           base_model=self.source, tokenizer=self.tokenizer, system_prompt=self.system_prompt)
 
     def export_merged(self, expert, out_dir: str, *, dtype: Optional[str] = None) -> str:
         """Base + one expert (index or domain name) merged into a transformers-loadable checkpoint directory."""
