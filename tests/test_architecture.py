@@ -109,7 +109,7 @@ LAYERS = [
     ("train", "generate", "run_artifacts"),
     ("eval",),
     ("experiment", "add_domain"),
-    ("api", "export"),
+    ("api", "export", "export_router", "reference_router"),
     ("cli",),
 ]
 

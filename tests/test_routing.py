@@ -39,7 +39,13 @@ def test_every_training_routing_translates_to_its_mode(dispatch, name):
 def test_the_tables_cover_every_dispatch_and_routing_and_only_model_modes():
     assert set(EXPECTED) == {(d, r) for d in routing.DISPATCH_MODES for r in routing.ROUTINGS}
     assert set(EXPECTED_TRAINING) == {(d, r) for d in routing.DISPATCH_MODES for r in routing.TRAIN_ROUTINGS}
-    assert {m for modes in routing.MODE_TABLE.values() for m in modes} == set(routing.MODES)
+    pass_modes = {routing.routing_pass_mode(MoAConfig(num_experts=2, route_on=r)) for r in routing.ROUTE_ON}
+    assert {m for modes in routing.MODE_TABLE.values() for m in modes} | pass_modes == set(routing.MODES)
+
+
+def test_the_routing_pass_reads_the_adapted_model_or_the_plain_base():
+    assert routing.routing_pass_mode(MoAConfig(num_experts=2)) == "self"                    # the paper's pass
+    assert routing.routing_pass_mode(MoAConfig(num_experts=2, route_on="base")) == "probe"  # servable
 
 
 def test_unknown_routing_names_the_valid_ones():
