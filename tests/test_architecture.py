@@ -109,7 +109,7 @@ LAYERS = [
     ("train", "generate"),
     ("eval",),
     ("experiment",),
-    ("api", "export"),
+    ("api", "export", "export_router", "reference_router"),
     ("cli",),
 ]
 
