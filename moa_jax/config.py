@@ -14,9 +14,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from moa_jax.errors import UserError
-from moa_jax.methods import EVAL_METHODS, VARIANT_METHODS, unknown_methods
+from moa_jax.errors import ConfigError
+from moa_jax.methods import EVAL_METHODS, unknown_methods
 from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, ROUTE_ON, TRAIN_ROUTINGS
+from moa_jax.variants import Variant, parse_variant
 
 # Canonical projection names (Hugging Face / PEFT naming) and the short aliases users may write.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,10 +35,6 @@ def check_remat(value: str, where: str) -> None:
     _check(value in REMAT_POLICIES, f"{where}.remat={value!r} is not one of {REMAT_POLICIES}: 'full' keeps only each "
            f"layer's input (least memory, ~1 extra forward), 'projections' keeps the projection outputs (faster, "
            f"~O(L*B*T*(4D+3F)) more memory), 'none' keeps every residual, 'auto' = projections on CPU, full elsewhere")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -320,47 +317,6 @@ class EvalConfig:
         _check(not bad, f"EvalConfig.methods: unknown {bad}; valid: {EVAL_METHODS}")
         _check(self.items_per_domain >= 1, f"EvalConfig.items_per_domain must be >= 1, got {self.items_per_domain}")
         _check(self.max_new_tokens >= 1, f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-# Ablation variants change only what comes after stage 1, so every variant shares the experiment's stage 1.
-VARIANT_KEY_PREFIXES = ("stage2.", "moe_lora.", "moa.decision", "moa.top_k", "moa.route_on")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One ablation variant, parsed from its spec string `NAME: key=value; key=value; methods=m1+m2`.
-
-    `sets` are --set style overrides of the experiment (only keys under VARIANT_KEY_PREFIXES); `methods` are the
-    methods evaluated for it (default moa_router+moa_oracle), reported as `method[NAME]`. No commas in a spec,
-    so a list of specs can be given on the command line: --set "variants=eta0:stage2.eta=0,vote:moa.decision=vote"
-    """
-    name: str
-    sets: tuple = ()
-    methods: tuple = ("moa_router", "moa_oracle")
-
-
-def parse_variant(spec: str) -> Variant:
-    name, sep, rest = spec.partition(":")
-    name = name.strip()
-    _check(bool(sep) and bool(name) and "," not in spec and all(c.isalnum() or c in "._-" for c in name),
-           f"variant {spec!r}: expected 'NAME: key=value; ...; methods=a+b' with NAME in letters, digits, '._-' "
-           f"and no commas")
-    sets, methods = [], Variant.methods
-    for part in (p.strip() for p in rest.split(";")):
-        if not part:
-            continue
-        key, eq, value = (s.strip() for s in part.partition("="))
-        _check(bool(eq) and bool(key), f"variant {name!r}: {part!r} is not key=value")
-        if key == "methods":
-            methods = tuple(m.strip() for m in value.split("+") if m.strip())
-            bad = unknown_methods(methods, VARIANT_METHODS)
-            _check(bool(methods) and not bad, f"variant {name!r}: methods {list(methods)}: each must be one of "
-                   f"{VARIANT_METHODS} (joined with '+')")
-            continue
-        _check(key.startswith(VARIANT_KEY_PREFIXES), f"variant {name!r}: key {key!r} cannot vary; a variant shares "
-               f"stage 1 and the data, so it may only set keys starting with {VARIANT_KEY_PREFIXES}")
-        sets.append(f"{key}={value}")
-    return Variant(name, tuple(sets), methods)
 
 
 @dataclass(frozen=True)

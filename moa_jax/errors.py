@@ -21,6 +21,10 @@ class UserError(Exception):
     """A mistake in the user's input; the message says where and what to do."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
 class UsageError(UserError, ValueError):
     """Command-line arguments that cannot work together (or name something that does not exist)."""
 

@@ -33,11 +33,12 @@ from flax import traverse_util
 
 from moa_jax.train.checkpoint import MOA_FUNCTION_FIELDS, CheckpointMismatchError, config_mismatches, load_adapters
 from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
-                            Variant, parse_variant, replace)
+                            replace)
 from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.errors import check_writable
 from moa_jax.methods import METHODS
+from moa_jax.variants import Variant, parse_variant
 from moa_jax.loading.base import check_base_model, default_dtype, load_base_model
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
