@@ -30,3 +30,24 @@ def test_smoke_suite_runs_and_guards_hold(tmp_path):
     md = (tmp_path / "smoke.md").read_text()
     assert "| train |" in md and md == report.markdown(result)
     assert elapsed < 120, f"smoke suite took {elapsed:.0f} s (budget 60 s on an idle 2-core machine)"
+
+
+def test_replay_expert_trains_one_expert_on_exactly_its_domains_rows(tmp_path):
+    import numpy as np
+    from benchmarks import replay_expert
+    from experiments.registry import get_experiment
+    from moa_jax.data.pipeline import TrainBatches, load_split
+    from moa_jax.loading.base import load_base_model
+
+    out = tmp_path / "replay.jsonl"
+    replay_expert.main(["--exp", "smoke", "--domain", "chain_sum", "--steps", "3", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+
+    exp = get_experiment("smoke")   # the rows each step saw = chain_sum's rows of the experiment's global batch
+    data = load_split(exp.data, load_base_model(exp.model, "float32")[2], "train")
+    batches = TrainBatches(data, exp.data)
+    d = data.domains.index("chain_sum")
+    expected = [int((data.domain[np.asarray(batches.rows[s])] == d).sum()) for s in range(3)]
+    assert [r["rows"] for r in rows] == expected

@@ -1,0 +1,114 @@
+"""Replay one stage-1 expert of an experiment alone, on exactly the rows it sees, to study its loss curve.
+
+    python -m benchmarks.replay_expert --exp moa_10task_accel --domain letter_counting --steps 800 \
+        [--dtype bfloat16] [--b2 0.95] [--lr 5e-4] --out replay.jsonl
+
+Stage 1 trains the experts independently: label routing, each domain's mean token loss, gradients clipped per
+expert, AdamW per coordinate. So expert d's trajectory depends only on the rows of domain d in each global batch
+and on the schedule. This rebuilds the experiment's global batches (same seed, batch size, mixing), keeps domain
+d's rows of batch s (padded with invalid rows to a fixed count, at the smallest bucket that fits them), and trains
+one expert (E = 1) with the experiment's stage-1 optimiser and schedule, or with another Adam b2 / peak learning
+rate to test a fix. One JSON line per step: step, loss (the domain's mean token loss), grad_norm (before
+clipping), rows (the domain's real rows in the global batch).
+
+Differences from the full run, by construction: the padded length (the full run pads to the longest row of the
+whole global batch) and the dropout bits (drawn per row position). A loss spike that this replay does not show
+comes from something else than the rows and the schedule (e.g. the compute dtype: try --dtype bfloat16).
+
+Shape glossary: B rows of the replayed batch, T tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from experiments.registry import get_experiment
+from moa_jax.config import replace
+from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, load_split
+from moa_jax.loading.base import default_dtype, load_base_model
+from moa_jax.nn.model import MoATransformer
+from moa_jax.params import init_trainable
+from moa_jax.train.step import (_param_group, clip_per_expert, init_state, learning_rate_schedule, make_optimizer,
+                                train_step)
+
+
+def optimizer(tcfg, trainable, b2: float):
+    """The stage-1 optimiser; with b2 != 0.999 (optax's default, which make_optimizer uses) the same chain with
+    that Adam second-moment decay."""
+    if b2 == 0.999:
+        return make_optimizer(tcfg, trainable)
+    labels = traverse_util.unflatten_dict({k: _param_group(k, tcfg) for k in traverse_util.flatten_dict(trainable)})
+    adam = optax.adamw(learning_rate_schedule(tcfg), b2=b2, weight_decay=tcfg.weight_decay)
+    return optax.chain(clip_per_expert(tcfg.grad_clip),
+                       optax.multi_transform({"expert": adam, "frozen": optax.set_to_zero()}, labels))
+
+
+def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2: float = 0.999, lr=None, rows: int = 8,
+           out=None, log_every: int = 50) -> list[dict]:
+    exp = get_experiment(exp_name)
+    tcfg = exp.stage1 if lr is None else replace(exp.stage1, learning_rate=lr)
+    cfg, frozen, tokenizer = load_base_model(exp.model, default_dtype(dtype or exp.dtype))
+    data = load_split(exp.data, tokenizer, "train")
+    if domain not in data.domains:
+        raise SystemExit(f"error: domain {domain!r} not in {list(data.domains)}")
+    d = data.domains.index(domain)
+    batches = TrainBatches(data, exp.data)
+    moa = replace(exp.moa, num_experts=1)
+    model = MoATransformer(cfg, moa)
+    trainable = init_trainable(cfg, moa, jax.random.PRNGKey(tcfg.seed))
+    tx = optimizer(tcfg, trainable, b2)
+    state = init_state(trainable, tx, tcfg.seed)
+    step_fn = jax.jit(functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, num_domains=1),
+                      donate_argnums=(0,))
+    seq_len = bucket_for(int(data.lengths[data.domain_rows(d)].max()), exp.data.buckets)
+    history, t0 = [], time.perf_counter()
+    for s in range(steps):
+        mine = np.asarray(batches.rows[s])
+        mine = mine[data.domain[mine] == d][:rows]
+        valid = np.arange(rows) < len(mine)
+        padded = np.concatenate([mine, np.full(rows - len(mine), data.domain_rows(d)[0])])
+        batch = collate(data, padded, seq_len, valid)
+        batch["domain"] = np.zeros(rows, np.int32)
+        batch = {k: jnp.asarray(v)[None] for k, v in batch.items() if k != "index"}   # one micro-batch
+        state, m = step_fn(state, frozen, batch)
+        m = jax.device_get(m)
+        row = {"step": s + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "rows": int(len(mine))}
+        history.append(row)
+        if out is not None:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+        if (s + 1) % log_every == 0:
+            print(f"step {s + 1}: loss {row['loss']:.3f} grad_norm {row['grad_norm']:.2f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return history
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--exp", default="moa_10task_accel", help="experiment preset whose stage 1 is replayed")
+    ap.add_argument("--domain", default="letter_counting", help="the domain (expert) to replay")
+    ap.add_argument("--steps", type=int, default=800, help="global batches to replay")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default: the experiment's, else per backend)")
+    ap.add_argument("--b2", type=float, default=0.999, help="Adam second-moment decay (0.999: the library's)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the experiment's)")
+    ap.add_argument("--rows", type=int, default=8, help="rows per replayed batch (the domain's rows + padding)")
+    ap.add_argument("--out", default=None, help="JSONL file, one line per step")
+    args = ap.parse_args(argv)
+    out = open(args.out, "w") if args.out else None
+    try:
+        replay(args.exp, args.domain, args.steps, dtype=args.dtype, b2=args.b2, lr=args.lr, rows=args.rows, out=out)
+    finally:
+        if out is not None:
+            out.close()
+
+
+if __name__ == "__main__":
+    main()
