@@ -11,13 +11,10 @@ process (A B C D A B C D ...), printing the median step time of each and its rat
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import flax.linen as nn
 
 from benchmarks import programs as P
+from benchmarks.timing import compare_main
 from moa_jax.nn import lora
 
 CONFIGS = {"cpu-tiny": P.cpu_tiny, "smoke": P.smoke}
@@ -40,24 +37,7 @@ def build(bc: P.BenchConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-tiny")
-    parser.add_argument("--rounds", type=int, default=14)
-    args = parser.parse_args(argv)
-    variants = build(CONFIGS[args.config]())
-    for v in variants.values():   # warm-up
-        v.run()
-        v.run()
-    times = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for k, v in variants.items():
-            t = time.perf_counter()
-            v.run()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(x) for k, x in times.items()}
-    for k, m in med.items():
-        print(f"{k:14s} {1000 * m:8.1f} ms   / none {m / med['none']:.3f}")
-    return 0
+    return compare_main(argv, doc=__doc__, configs=CONFIGS, build=build, baseline="none", rounds=14)
 
 
 if __name__ == "__main__":

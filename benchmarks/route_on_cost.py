@@ -9,11 +9,8 @@ interleaved in one process (A B A B ...), printing the median step time of each 
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-
 from benchmarks import programs as P
-from benchmarks.timing import interleave, ratio
+from benchmarks.timing import compare_main
 from moa_jax.config import replace
 
 CONFIGS = {"cpu-tiny": P.cpu_tiny, "smoke": P.smoke}
@@ -32,17 +29,7 @@ def build(bc: P.BenchConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-tiny")
-    parser.add_argument("--rounds", type=int, default=10)
-    args = parser.parse_args(argv)
-    variants = build(CONFIGS[args.config]())
-    wall, cpu = interleave(list(variants.values()), args.rounds, warmup=2)
-    for k in variants:
-        r_wall, r_cpu = ratio(wall, k, "adapted"), ratio(cpu, k, "adapted")
-        print(f"route_on={k:8s} median {1000 * statistics.median(wall[k]):8.1f} ms   / adapted: wall "
-              f"{r_wall['median']:.3f} (paired {r_wall['paired']:.3f}), cpu {r_cpu['median']:.3f}")
-    return 0
+    return compare_main(argv, doc=__doc__, configs=CONFIGS, build=build, baseline="adapted", rounds=10)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ compiled during its timed rounds. Targets are ratios measured side by side; abso
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import logging
@@ -198,3 +199,20 @@ def machine_info() -> dict[str, Any]:
             "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS",
                                                    "XLA_PYTHON_CLIENT_PREALLOCATE")}}
+
+
+def compare_main(argv, *, doc: str, configs: dict, build, baseline: str, rounds: int) -> int:
+    """The command line of a side-by-side cost benchmark: `--config NAME --rounds N`; builds the variants
+    (`build(configs[NAME]())` -> name -> Variant), times them interleaved and prints each one's median step time and
+    its ratio to `baseline` (wall, the per-round paired wall ratio, process CPU time)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(configs), default="cpu-tiny", help="benchmark shape")
+    parser.add_argument("--rounds", type=int, default=rounds, help="timed interleaved rounds")
+    args = parser.parse_args(argv)
+    variants = build(configs[args.config]())
+    wall, cpu = interleave(list(variants.values()), args.rounds, warmup=2)
+    for k in variants:
+        r_wall, r_cpu = ratio(wall, k, baseline), ratio(cpu, k, baseline)
+        print(f"{k:14s} median {1000 * statistics.median(wall[k]):8.1f} ms   / {baseline}: wall "
+              f"{r_wall['median']:.3f} (paired {r_wall['paired']:.3f}), cpu {r_cpu['median']:.3f}")
+    return 0
