@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from moa_jax.config import MoAConfig, TrainConfig
+from moa_jax.config import TrainConfig
 from moa_jax.nn.lm_loss import token_nll
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
