@@ -7,8 +7,9 @@ deterministic domain-balanced batch pipeline. See docs/data.md.
     for batch in eval_batches(load_split(cfg, tokenizer, "validation"), cfg): ...
 """
 from moa_jax.config import DataConfig
+from moa_jax.data.jsonl_records import parse_record
 from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, domain_weights, eval_batches, load_split
-from moa_jax.data.sources import TextSplit, load_text_split, parse_record
+from moa_jax.data.sources import TextSplit, load_text_split
 from moa_jax.data.tasks import (DOMAIN_NAMES, DOMAINS, TASK_SYSTEM_PROMPT, DataError, extract_answer, is_correct,
                                 score)
 from moa_jax.data.tokenize import LengthReport, TokenizedSplit, tokenize_split

@@ -19,7 +19,8 @@ import zlib
 
 from moa_jax.config import DATA_SPLITS
 from moa_jax.data import tasks
-from moa_jax.data.sources import TextSplit, _hash_split, read_jsonl_file
+from moa_jax.data.jsonl_records import hash_split, read_jsonl_file
+from moa_jax.data.sources import TextSplit
 from moa_jax.data.tasks import DataError
 
 
@@ -102,7 +103,7 @@ def _generated(d: NewDomain, sizes: dict[str, int]) -> dict[str, list[dict]]:
 def _from_jsonl(d: NewDomain, holdout_fraction: float) -> dict[str, list[dict]]:
     out = {s: [] for s in DATA_SPLITS}
     for _, _, ex in read_jsonl_file(d.source, d.name):
-        out[_hash_split(ex, holdout_fraction)].append(ex)
+        out[hash_split(ex, holdout_fraction)].append(ex)
     empty = [s for s, exs in out.items() if not exs]
     if empty:
         raise DataError(f"{d.source}: no line falls in the {'/'.join(empty)} split(s) (each gets ~"

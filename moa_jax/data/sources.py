@@ -12,17 +12,17 @@ Shape glossary: N examples of one domain in one split.
 tfds and hf sources map their columns with DataConfig.field_map ("prompt=COL,response=COL[,domain=COL]", one rule:
 `parse_field_map` + `_mapped_examples`); without a domain column the whole dataset is one domain named after it.
 
-JSONL layout (docs/data.md): DIR/<split>/*.jsonl, or flat DIR/*.jsonl where each prompt is assigned to
-train/validation/test by a hash of its text (stable, disjoint). Domain = file stem unless a line has "domain".
-Each line: {"prompt": str, "response": str} or {"messages": [{"role", "content"}, ..., assistant last]}; a UTF-8
-byte-order mark at the start of a file (Windows exports) is accepted. With line-level domains a `DomainCensus`
-(domain -> lines per file) backs the domain table that `inspect` and the run log print, and warns about a domain
-that looks like a typo (under 1% of the lines, or found only inside another domain's file).
+JSONL layout (docs/data.md; one file, line by line: moa_jax/data/jsonl_records.py): DIR/<split>/*.jsonl, or flat
+DIR/*.jsonl where each prompt is assigned to train/validation/test by a hash of its text (stable, disjoint).
+Domain = file stem unless a line has "domain". Each line: {"prompt": str, "response": str} or {"messages":
+[{"role", "content"}, ..., assistant last]}; a UTF-8 byte-order mark at the start of a file is accepted. With line-
+level domains a `DomainCensus` (domain -> lines per file) backs the domain table that `inspect` and the run log
+print, and warns about a domain that looks like a typo (under 1% of the lines, or found only inside another domain's
+file).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -30,10 +30,10 @@ from typing import Optional
 
 from moa_jax.config import DATA_SPLITS, DataConfig
 from moa_jax.data import tasks
+from moa_jax.data.jsonl_records import hash_split, parse_record, read_jsonl_file
 from moa_jax.data.tasks import DataError
 
 log = logging.getLogger("moa_jax.data")
-_ROLES = ("system", "user", "assistant")
 
 
 @dataclasses.dataclass
@@ -154,14 +154,8 @@ def _load_jsonl_dir(path: str, split: str, holdout_fraction: float) -> TextSplit
         return TextSplit(name, tuple(universe), examples, census=per_split[split][1])
     everything, census = _read_jsonl_files(path)
     # Flat layout: a stable hash of the prompt picks the split, so splits are disjoint and duplicates stay together.
-    examples = {d: [e for e in exs if _hash_split(e, holdout_fraction) == split] for d, exs in everything.items()}
+    examples = {d: [e for e in exs if hash_split(e, holdout_fraction) == split] for d, exs in everything.items()}
     return TextSplit(name, tuple(sorted(everything)), examples, census=census)
-
-
-def _hash_split(example: dict, holdout_fraction: float) -> str:
-    key = json.dumps(example["messages"], sort_keys=True).encode()
-    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2 ** 64
-    return "validation" if u < holdout_fraction else "test" if u < 2 * holdout_fraction else "train"
 
 
 def _read_jsonl_files(folder: str) -> tuple[dict[str, list[dict]], DomainCensus]:
@@ -182,74 +176,6 @@ def _read_jsonl_files(folder: str) -> tuple[dict[str, list[dict]], DomainCensus]
         if sum(map(len, examples.values())) == n_before:
             raise DataError(f"{path}: no examples (empty file)")
     return examples, census
-
-
-def read_jsonl_file(path: str, default_domain: str):
-    """Yields (JSON object, domain, example) for every non-blank line of one JSONL file; errors name file:line."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue  # blank lines are allowed
-            obj = _parse_json_line(line, f"{path}:{lineno}")
-            domain, ex = parse_record(obj, where=f"{path}:{lineno}", default_domain=default_domain)
-            yield obj, domain, ex
-
-
-def _parse_json_line(line: str, where: str):
-    """json.loads of one line (no line terminator, so columns are the line's own); an error names the column,
-    or says the line stops before the value is complete (a line cut off at its end)."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        if e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string"):
-            raise DataError(f"{where}: malformed JSON: the line ends before the JSON value is complete ({e.msg} "
-                            f"at column {e.colno}); is the line cut off?") from None
-        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-
-
-def parse_record(obj, *, where: str, default_domain: str) -> tuple[str, dict]:
-    """Validates one JSONL record; returns (domain, example). Errors name `where` (file:line) and the field."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
-    domain = obj.get("domain", default_domain)
-    if not isinstance(domain, str) or not domain.strip():
-        raise DataError(f"{where}: field 'domain' must be a non-empty string, got {domain!r}")
-    if "messages" in obj and "prompt" in obj:
-        raise DataError(f"{where}: give either 'messages' or 'prompt'/'response', not both")
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2:
-            raise DataError(f"{where}: 'messages' must be a list of at least 2 {{role, content}} objects")
-        for i, m in enumerate(msgs):
-            if not (isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)):
-                raise DataError(f"{where}: messages[{i}] must be {{'role': one of {list(_ROLES)}, "
-                                f"'content': str}}, got {m!r}")
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message must be the assistant's response, got role "
-                            f"{msgs[-1]['role']!r}")
-        if not any(m["role"] == "user" for m in msgs[:-1]):
-            raise DataError(f"{where}: 'messages' has no user turn before the response")
-        prompt_msgs = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
-        response = msgs[-1]["content"]
-    else:
-        for key in ("prompt", "response"):
-            if key not in obj:
-                raise DataError(f"{where}: missing field {key!r} (need 'prompt' and 'response', or 'messages')")
-            if not isinstance(obj[key], str):
-                raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-        prompt_msgs = [{"role": "user", "content": obj["prompt"]}]
-        response = obj["response"]
-    if not prompt_msgs[-1]["content"].strip() and len(prompt_msgs) == 1:
-        raise DataError(f"{where}: empty prompt")
-    if not response.strip():
-        raise DataError(f"{where}: empty response")
-    meta = obj.get("metadata", "")
-    return domain.strip(), {"messages": prompt_msgs, "response": response, "answer": str(obj.get("answer", response)),
-                            "metadata": meta if isinstance(meta, str) else json.dumps(meta)}
 
 
 # ---- tfds catalog ----
@@ -360,7 +286,7 @@ def _load_hf_dataset(spec: str, split: str, field_map: str, holdout_fraction: fl
             log.info("%s has no %s split: using %.0f%% of train, chosen by a hash of the prompt", where, split,
                      100 * holdout_fraction)
         keep = {split} if split in carved else {"train"} | ({"validation", "test"} - carved)
-        examples = {d: [e for e in exs if _hash_split(e, holdout_fraction) in keep] for d, exs in examples.items()}
+        examples = {d: [e for e in exs if hash_split(e, holdout_fraction) in keep] for d, exs in examples.items()}
     return TextSplit(f"{where}:{split}", tuple(universe), examples)
 
 
