@@ -15,8 +15,8 @@ tfds and hf sources map their columns with DataConfig.field_map ("prompt=COL,res
 JSONL layout (docs/data.md; one file, line by line: moa_jax/data/jsonl_records.py): DIR/<split>/*.jsonl, or flat
 DIR/*.jsonl where each prompt is assigned to train/validation/test by a hash of its text (stable, disjoint).
 Domain = file stem unless a line has "domain". Each line: {"prompt": str, "response": str} or {"messages":
-[{"role", "content"}, ..., assistant last]}; a UTF-8 byte-order mark at the start of a file is accepted. With line-
-level domains a `DomainCensus` (domain -> lines per file) backs the domain table that `inspect` and the run log
+[{"role", "content"}, ..., assistant last]}; a UTF-8 byte-order mark at the start of a file is accepted. With
+line-level domains a `DomainCensus` (domain -> lines per file) backs the domain table that `inspect` and the run log
 print, and warns about a domain that looks like a typo (under 1% of the lines, or found only inside another domain's
 file).
 """
