@@ -203,8 +203,8 @@ def test_readme_finished_run_example_runs(smoke, tmp_path):
     assert lines[0] == str(tuple(DOMAIN_NAMES)) and lines[1] == TASK_SYSTEM_PROMPT
     answers = [line for line in lines[2:] if line.split(" ", 1)[0] in DOMAIN_NAMES]   # (answers may hold "\n")
     assert len(answers) >= 2 and lines[2] in answers, lines
-    assert sorted(os.listdir(tmp_path / "export" / "peft")) == sorted(list(DOMAIN_NAMES) + ["router.json",
-                                                                                            "router.safetensors"])
+    assert sorted(os.listdir(tmp_path / "export" / "peft")) == sorted(   # + the run's tokenizer for the router
+        list(DOMAIN_NAMES) + ["router.json", "router.safetensors", "tokenizer"])
     assert os.path.exists(tmp_path / "export" / "merged-chain_sum" / "model.safetensors")
     assert len(namespace["plain"]) == 1 and namespace["adapters"][0].endswith("chain_sum")
 

@@ -67,12 +67,12 @@ def test_reference_router_picks_moa_jax_expert_on_every_test_prompt(smoke_run, t
     from moa_jax.generate.decode import left_pad, route_from_prompt
     from moa_jax.loading.base import load_base_model
     from moa_jax.params import init_trainable, merge_params
-    from moa_jax.cli.generate import system_prompt_of
+    from moa_jax.run_artifacts import training_system_prompt
     exp = get_experiment("smoke")
     trainable, cfg, moa = _stage(smoke_run, "variants/servable/stage2")
     assert moa.route_on == "base"
     _, frozen, tokenizer = load_base_model("tiny-random", "float32")
-    system = system_prompt_of(json.load(open(os.path.join(smoke_run, "config.json")))["data"])
+    system = training_system_prompt(json.load(open(os.path.join(smoke_run, "config.json")))["data"])
     out = str(tmp_path / "export")
     export_peft(trainable, cfg, moa, out, expert_names=list(DOMAIN_NAMES), base_model="tiny-random",
                 tokenizer=tokenizer, system_prompt=system)
