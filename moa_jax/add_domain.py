@@ -46,6 +46,7 @@ from moa_jax.experiment import ExperimentContext, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable
+from moa_jax.run_artifacts import RunArtifactError, read_json, stage_adapters
 from moa_jax.train.checkpoint import load_adapters, lookup_key
 from moa_jax.train.loop import train_stage
 from moa_jax.train.metrics_log import read_metrics
@@ -98,23 +99,21 @@ def load_base_run(path: str) -> BaseRun:
                                         "running its command again")):
         if not os.path.isfile(os.path.join(path, name)):
             raise ConfigError(f"{where}: {what}")
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(path, "results.json")) as f:
-        results = json.load(f)
+    config, results = (read_json(os.path.join(path, name)) for name in ("config.json", "results.json"))
     if config.get("base_run"):
         raise ConfigError(f"{where} is itself an add_domain run (of {config['base_run']}); add every new domain to "
                           f"that base run in one command instead")
     exp = experiment_from_dict(config)
-    stages = results.get("stages", {})
-    stage2 = os.path.join(stages.get("stage2", os.path.join(path, "stage2")), "adapters")
-    if not os.path.isfile(os.path.join(stage2, "index.json")):
-        raise ConfigError(f"{where}: unfinished (no stage-2 adapters at {stage2})")
-    stage1 = os.path.join(stages.get("stage1", os.path.join(path, "stage1")), "adapters")
-    with open(os.path.join(stage2, "config.json")) as f:
-        domains = tuple(json.load(f).get("domains") or results["domains"])
-    return BaseRun(path, exp, domains, stage1 if os.path.isfile(os.path.join(stage1, "index.json")) else None,
-                   stage2, results)
+    try:   # the run's own stage directories, or those it reused from another run (results.json "stages")
+        stage2 = stage_adapters(path, "stage2")
+    except RunArtifactError as e:
+        raise ConfigError(f"{where}: unfinished: {e}") from None
+    try:
+        stage1 = stage_adapters(path, "stage1")
+    except RunArtifactError:
+        stage1 = None    # stage 1 imported from PEFT adapters: no stage-1 artifact
+    domains = tuple(read_json(os.path.join(stage2, "config.json")).get("domains") or results["domains"])
+    return BaseRun(path, exp, domains, stage1, stage2, results)
 
 
 def _check_locked(base: ExperimentConfig, child: ExperimentConfig, where: str) -> None:
