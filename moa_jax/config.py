@@ -16,7 +16,7 @@ from typing import Optional
 
 from moa_jax.errors import ConfigError
 from moa_jax.methods import EVAL_METHODS, unknown_methods
-from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, ROUTE_ON, TRAIN_ROUTINGS
+from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, ROUTE_ON, TRAIN_ROUTINGS, model_mode, stage_routing
 from moa_jax.variants import Variant, parse_variant
 
 # Canonical projection names (Hugging Face / PEFT naming) and the short aliases users may write.
@@ -239,6 +239,7 @@ def replace(cfg, **changes):
 # ---- data ----
 DATA_MIXING = ("uniform", "proportional", "temperature")
 LENGTH_POLICIES = ("drop", "truncate_left", "error")
+PACKING = ("none", "domain")
 DATA_SPLITS = ("train", "validation", "test")
 
 
@@ -268,6 +269,9 @@ class DataConfig:
     eval_batch_size: int = 0          # 0 -> batch_size
     mixing: str = "uniform"           # domain weights: uniform | proportional (to size) | temperature
     temperature: float = 2.0          # temperature mixing: weight ~ size ** (1 / temperature)
+    packing: str = "none"             # training rows: none (one example each) | domain (consecutive examples of one
+                                      # domain up to the largest bucket; moa_jax/data/packing.py)
+    max_segments: int = 8             # packing: most examples in one row (G, a static shape)
     seed: int = 0
 
     def __post_init__(self):
@@ -279,6 +283,8 @@ class DataConfig:
                f"'hf:NAME[:CONFIG]'")
         _check(self.mixing in DATA_MIXING, f"DataConfig.mixing={self.mixing!r} not in {DATA_MIXING}")
         _check(self.temperature > 0, f"DataConfig.temperature must be > 0, got {self.temperature}")
+        _check(self.packing in PACKING, f"DataConfig.packing={self.packing!r} not in {PACKING}")
+        _check(self.max_segments >= 1, f"DataConfig.max_segments must be >= 1, got {self.max_segments}")
         _check(self.length_policy in LENGTH_POLICIES,
                f"DataConfig.length_policy={self.length_policy!r} not in {LENGTH_POLICIES}")
         _check(len(self.buckets) > 0 and all(b > 0 for b in self.buckets)
@@ -369,6 +375,11 @@ class ExperimentConfig:
                "ExperimentConfig: moa.dispatch='soft' with eval.methods containing 'moa_router': the evaluation "
                "generates answers, and cached decoding cannot re-pool soft gates over new tokens; use "
                "moa.dispatch=top1 (MoA as in the paper) or drop moa_router from eval.methods")
+        _check(self.data.packing == "none" or model_mode(
+            self.moa, stage_routing("stage2", self.stage2.train_routing), training=True) in ("fixed", "token"),
+            f"ExperimentConfig: data.packing={self.data.packing!r} with stage2.train_routing="
+            f"{self.stage2.train_routing!r}: a packed row runs one expert (label routing) or token-level routing, "
+            "not a decision of its own per segment; use stage2.train_routing=label or data.packing=none")
         _check(self.moa.route_on == "adapted" or self.stage2.train_routing != "soft",
                "ExperimentConfig: moa.route_on='base' with stage2.train_routing='soft': a soft mixture has no single "
                "expert to take from the base model's routers; use stage2.train_routing=label (default) or router")

@@ -39,9 +39,10 @@ MOA = MoAConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0)
 TCFG = TrainConfig(stage="stage2")
 
 
-def old_attention(q, k, v, q_slots, kv_valid, window):
+def old_attention(q, k, v, q_slots, kv_valid, window, segment_ids=None):
     """The implementation this library had before (kept here as the reference): f32 scores [B, K, G, T, S]
-    masked with float32 min, softmax, probs in the compute dtype."""
+    masked with float32 min, softmax, probs in the compute dtype. No packed rows."""
+    assert segment_ids is None
     b, t, h, dh = q.shape
     kh = k.shape[2]
     mask = layers.attention_mask(q_slots, jnp.arange(k.shape[1]), kv_valid, window)[:, :, None]   # (B,1,1,T,S)

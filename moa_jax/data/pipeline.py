@@ -5,7 +5,9 @@ How a training batch is made (every step is random access, so batch s is a pure 
   1. per domain d: its row ids, globally shuffled per epoch (seed derived from (seed, d)), repeated forever;
   2. `MapDataset.mix` interleaves the domains deterministically in proportion to the mixing weights
      (uniform | proportional to size | size ** (1/temperature)); so every batch mixes domains;
-  3. consecutive groups of B (the GLOBAL batch size) rows form batch s;
+  3. consecutive groups of B (the GLOBAL batch size) rows form batch s; with DataConfig.packing='domain' each
+     row is several consecutive examples of one domain (moa_jax/data/packing.py), the domains weighted so that
+     the EXAMPLE mix is the one above;
   4. the padded length T is the smallest bucket >= the longest row of the global batch (so every host agrees
      and only len(buckets) shapes ever reach the compiler); rows are RIGHT-padded;
   5. host p of P keeps rows [p*B/P, (p+1)*B/P) of the global batch. The global batch does not depend on P,
@@ -15,10 +17,12 @@ Resuming needs no iterator state: the trainer asks for batch s by index (TrainBa
 Batch dict (numpy; b = B / P rows on this host, T a bucket):
   tokens int32 [b,T], loss_mask int32 [b,T] (1 on response + eos: targets), prompt_mask int32 [b,T],
   attention_mask int32 [b,T], domain int32 [b], index int32 [b] (row in the TokenizedSplit),
-  and for evaluation also valid int32 [b] (0 on the padding rows of the last batch).
+  valid int32 [b] (0 on the padding rows of the last evaluation batch; always 1 in training);
+  with packing also segment_ids int32 [b,T] and segment_valid int32 [b,G] (moa_jax/data/packing.py).
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional, Sequence
 
@@ -27,6 +31,7 @@ import numpy as np
 
 from moa_jax.config import DataConfig
 from moa_jax.data.sources import TextSplit, load_text_split, resolve_system_prompt
+from moa_jax.data.packing import PackedRows, collate_packed
 from moa_jax.data.tasks import DataError
 from moa_jax.data.tokenize import TokenizedSplit, tokenize_split
 
@@ -126,22 +131,49 @@ class TrainBatches:
         self.data, self.cfg, self.micro_batches = data, cfg, micro_batches
         self._host = _host_slice(cfg.batch_size, process_index, process_count)
         counts = np.bincount(data.domain, minlength=len(data.domains))
-        self.weights = domain_weights(counts, cfg.mixing, cfg.temperature)  # [D]
-        parts = [grain.MapDataset.range(sys.maxsize).map(_EpochShuffle(data.domain_rows(d), cfg.seed, d))
-                 for d in range(len(data.domains))]
-        mixed = grain.MapDataset.mix(parts, [float(w) for w in self.weights])
-        self.rows = mixed.batch(cfg.batch_size, drop_remainder=True)  # MapDataset: s -> global row ids [B]
+        self.weights = domain_weights(counts, cfg.mixing, cfg.temperature)  # [D], per example
+        streams = [_EpochShuffle(data.domain_rows(d), cfg.seed, d) for d in range(len(data.domains))]
+        self.packers = None
+        if cfg.packing == "domain":
+            # rows hold several examples of one domain: weight rows by 1/(examples per row) to keep the example mix
+            self.packers = [PackedRows(s, data.lengths, cfg.buckets[-1], cfg.max_segments) for s in streams]
+            per_row = np.array([p.mean_examples_per_row(max(int(c), 1)) for p, c in zip(self.packers, counts)])
+            row_weights = self.weights / per_row
+            self.examples_per_row = float(1.0 / np.sum(row_weights))  # expected, over the mixed stream
+            parts = [grain.MapDataset.range(sys.maxsize).map(functools.partial(_row_key, d))
+                     for d in range(len(data.domains))]
+        else:
+            row_weights, self.examples_per_row = self.weights, 1.0
+            parts = [grain.MapDataset.range(sys.maxsize).map(s) for s in streams]
+        mixed = grain.MapDataset.mix(parts, [float(w) for w in row_weights / row_weights.sum()])
+        self.rows = mixed.batch(cfg.batch_size, drop_remainder=True)  # s -> row ids [B] | (domain, row) [B, 2]
         self._lengths = data.lengths
+
+    def _groups(self, index: int) -> list[np.ndarray]:
+        """Global batch `index` as example ids per row (one each without packing)."""
+        keys = np.asarray(self.rows[index], np.int64)
+        if self.packers is None:
+            return [keys[i:i + 1] for i in range(len(keys))]
+        return [self.packers[d](k) for d, k in keys]
 
     def batch(self, index: int) -> dict:
         """This host's rows of global batch `index` (pure function of seed and index)."""
-        rows = np.asarray(self.rows[index], np.int64)
+        groups = self._groups(index)
         first = index - index % self.micro_batches
-        longest = max(int(self._lengths[rows if j == index else np.asarray(self.rows[j])].max())
-                      for j in range(first, first + self.micro_batches))
-        out = collate(self.data, rows[self._host], bucket_for(longest, self.cfg.buckets))
+        longest = max(int(self._lengths[g].sum()) for j in range(first, first + self.micro_batches)
+                      for g in (groups if j == index else self._groups(j)))
+        seq_len, mine = bucket_for(longest, self.cfg.buckets), groups[self._host]
+        if self.packers is None:
+            out = collate(self.data, np.concatenate(mine), seq_len)
+        else:
+            out = collate_packed(self.data, mine, seq_len, self.cfg.max_segments)
         out["valid"] = np.ones(len(out["domain"]), np.int32)
         return out
+
+
+def _row_key(domain: int, k: int) -> np.ndarray:
+    """Packed row k of `domain` as an element of the mixed stream (resolved by TrainBatches._groups)."""
+    return np.asarray([domain, k], np.int64)
 
 
 def eval_batches(data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,

@@ -85,18 +85,25 @@ def _projection(cfg: ModelConfig, moa: Optional[MoAConfig], name: str, features:
 ATTENTION_QUERY_BLOCK = 512
 
 
-def attention_mask(q_slots: Array, kv_slots: Array, kv_valid: Array, window: Optional[int]) -> Array:
-    """Boolean [B, 1, T, S]: causal over slot indices, valid (non-pad) keys, optional sliding window.
+def attention_mask(q_slots: Array, kv_slots: Array, kv_valid: Array, window: Optional[int],
+                   segment_ids: Optional[Array] = None) -> Array:
+    """Boolean [B, 1, T, S]: causal over slot indices, valid (non-pad) keys, optional sliding window, and with
+    segment_ids [B, S] (packed rows, no cache: slots are token indices) only keys of the query's own segment.
 
     q_slots [T] / kv_slots [S]: slot index of each query / key; kv_valid [B, S].
     """
     allowed = kv_slots[None, :] <= q_slots[:, None]                                # (T, S)
     if window is not None:
         allowed &= (q_slots[:, None] - kv_slots[None, :]) < window
-    return allowed[None, None] & kv_valid[:, None, None, :].astype(bool)
+    mask = allowed[None, None] & kv_valid[:, None, None, :].astype(bool)
+    if segment_ids is not None:
+        q_seg = jnp.take(segment_ids, q_slots, axis=1, mode="clip")                  # (B, T)
+        mask &= (q_seg[:, :, None] == segment_ids[:, None, :])[:, None]
+    return mask
 
 
-def xla_attention(q: Array, k: Array, v: Array, q_slots: Array, kv_valid: Array, window: Optional[int]) -> Array:
+def xla_attention(q: Array, k: Array, v: Array, q_slots: Array, kv_valid: Array, window: Optional[int],
+                  segment_ids: Optional[Array] = None) -> Array:
     """q [B, T, H, Dh] at consecutive slots q_slots [T], k/v [B, S, K, Dh] -> [B, T, H, Dh] with
     `jax.nn.dot_product_attention` (XLA), in blocks of ATTENTION_QUERY_BLOCK queries. Each block is a
     `jax.checkpoint` that keeps only its inputs: whatever remat policy wraps the layer, no [T, S] scores or
@@ -105,7 +112,7 @@ def xla_attention(q: Array, k: Array, v: Array, q_slots: Array, kv_valid: Array,
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def block(qb, slots):
-        mask = attention_mask(slots, kv_slots, kv_valid, window)                    # (B, 1, Tq, S)
+        mask = attention_mask(slots, kv_slots, kv_valid, window, segment_ids)       # (B, 1, Tq, S)
         return jax.nn.dot_product_attention(qb, k, v, mask=mask, implementation="xla")
 
     b, t, h, dh = q.shape
@@ -139,13 +146,15 @@ class Attention(nn.Module):
     """Grouped-query self-attention. With a cache, new k/v are written at slot `cache_index` first.
 
     right_padded: the rows' padding is all at the end (the training / evaluation batches), which lets a GPU use
-    cuDNN flash attention; left-padded rows (prompts, generation) and cached decoding use `xla_attention`."""
+    cuDNN flash attention; left-padded rows (prompts, generation), cached decoding and packed rows (segment_ids
+    [B, T]: attention inside each segment only) use `xla_attention`."""
     cfg: ModelConfig
     moa: Optional[MoAConfig] = None
 
     @nn.compact
     def __call__(self, x: Array, route: Route, positions: Array, kv_valid: Array, cache_index: Array,
-                 cache_kv: Optional[tuple[Array, Array]], deterministic: bool = True, right_padded: bool = False):
+                 cache_kv: Optional[tuple[Array, Array]], deterministic: bool = True, right_padded: bool = False,
+                 segment_ids: Optional[Array] = None):
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -167,10 +176,11 @@ class Attention(nn.Module):
             new_cache = None
         kq, vq = kk.astype(q.dtype), v.astype(q.dtype)                               # (B, S, K, Dh)
         out = None
-        if right_padded and cache_kv is None:
+        if right_padded and cache_kv is None and segment_ids is None:
             out = cudnn_attention(q, kq, vq, kv_valid, cfg.sliding_window)
         if out is None:
-            out = xla_attention(q, kq, vq, cache_index + jnp.arange(t), kv_valid, cfg.sliding_window)
+            out = xla_attention(q, kq, vq, cache_index + jnp.arange(t), kv_valid, cfg.sliding_window,
+                                segment_ids=segment_ids)
         out = checkpoint_name(out.reshape(b, t, h * dh), "attn_out")  # o_proj's input, for its LoRA's dA
         out = _projection(cfg, self.moa, o_name, cfg.hidden_size)(out, route, deterministic)
         return out, new_cache

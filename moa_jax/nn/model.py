@@ -21,12 +21,13 @@ training stage's routings by moa_jax.routing.model_mode):
           it (normalised, pooled as always): the servable routing pass of MoAConfig.route_on='base'.
   soft    per-sequence mixture with each layer's softmax(router) as gates.
   token   token-level top-k MoE-LoRA baseline with a load-balancing loss.
-Router logits are computed in every mode but `base` (pooled over prompt tokens) and returned per layer.
+Router logits are computed in every mode but `base` (pooled over prompt tokens) and returned per layer. Packed
+rows (segment_ids, moa_jax/data/packing.py) pool every segment's prompt on its own.
 
 KV cache: {"k", "v": [L, B, S, K, Dh], "valid": [B, S] bool, "index": int32 scalar (next free slot)}.
 
-Shape glossary: B batch, T tokens, S cache slots, D width, V vocab, L layers, E experts, R rank, K kv heads,
-Dh head width.
+Shape glossary: B batch, T tokens, G segments of a packed row, S cache slots, D width, V vocab, L layers,
+E experts, R rank, K kv heads, Dh head width.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.nn.layers import MLP, Attention, RMSNorm
 from moa_jax.nn.lm_loss import chunked_token_nll, vocab_logits
 from moa_jax.nn.lora import Route
-from moa_jax.nn.router import Router, load_balancing_loss, masked_mean_pool, top_k_gates
+from moa_jax.nn.router import Router, load_balancing_loss, masked_mean_pool, segment_mean_pool, top_k_gates
 from moa_jax.routing import MODES
 
 Array = jax.Array
@@ -99,16 +100,19 @@ class DecoderLayer(nn.Module):
     routing: str
     deterministic: bool = True
     right_padded: bool = False
+    num_segments: int = 0
 
-    def _route(self, x: Array, prompt_mask: Array, expert_idx: Array, token_mask: Array):
-        """-> (pooled router logits [B, E] f32, balance loss scalar, Route)."""
-        b = x.shape[0]
+    def _route(self, x: Array, prompt_mask: Array, expert_idx: Array, token_mask: Array, segments):
+        """-> (pooled router logits [B, E] f32 ([B, G, E] per segment of packed rows), balance loss, Route)."""
+        lead = x.shape[:1] if segments is None else (x.shape[0], segments[1])
         if self.moa is None or self.routing == "base":
             num_experts = 1 if self.moa is None else self.moa.num_experts
-            return jnp.zeros((b, num_experts), jnp.float32), jnp.zeros((), jnp.float32), Route("base")
+            return jnp.zeros((*lead, num_experts), jnp.float32), jnp.zeros((), jnp.float32), Route("base")
         router = Router(self.moa.num_experts, self.moa.router_type, self.moa.router_hidden,
                         param_dtype=jnp.dtype(self.moa.adapter_dtype), name="router")
-        logits = router(masked_mean_pool(x, prompt_mask))                        # (B, E)
+        pooled = (masked_mean_pool(x, prompt_mask) if segments is None
+                  else segment_mean_pool(x, prompt_mask, segments[0], segments[1]))      # (B, D) | (B, G, D)
+        logits = router(pooled)                                                  # (B, E) | (B, G, E)
         zero = jnp.zeros((), jnp.float32)
         if self.routing == "probe":
             return logits, zero, Route("base")
@@ -124,12 +128,14 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, shared: tuple, layer_cache: Optional[tuple[Array, Array]]):
-        positions, kv_valid, cache_index, prompt_mask, expert_idx, token_mask = shared
+        positions, kv_valid, cache_index, prompt_mask, expert_idx, token_mask, segment_ids = shared
         cfg, dt, pdt = self.cfg, jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype)
+        segments = None if segment_ids is None else (segment_ids, self.num_segments)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_norm")(h)
-        logits, balance, route = self._route(x, prompt_mask, expert_idx, token_mask)
+        logits, balance, route = self._route(x, prompt_mask, expert_idx, token_mask, segments)
         attn_out, new_cache = Attention(cfg, self.moa, name="attn")(
-            x, route, positions, kv_valid, cache_index, layer_cache, self.deterministic, self.right_padded)
+            x, route, positions, kv_valid, cache_index, layer_cache, self.deterministic, self.right_padded,
+            segment_ids)
         h = h + attn_out
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attn_norm")(h)
         h = h + MLP(cfg, self.moa, name="mlp")(x, route, self.deterministic)
@@ -147,7 +153,8 @@ class MoATransformer(nn.Module):
                  routing: str = "fixed", expert_idx: Optional[Array] = None,
                  cache: Optional[dict] = None, deterministic: bool = True,
                  logits_at: Optional[Array] = None, nll_targets: Optional[Array] = None,
-                 right_padded: bool = False) -> tuple[Array, dict[str, Any]]:
+                 right_padded: bool = False, segment_ids: Optional[Array] = None,
+                 num_segments: int = 0) -> tuple[Array, dict[str, Any]]:
         """tokens [B, T] -> (logits [B, T, V] float32, aux).
 
         logits_at [B, K]: compute logits only at these positions -> [B, K, V]. Training needs them only where
@@ -161,6 +168,10 @@ class MoATransformer(nn.Module):
         `cfg.loss_chunk` tokens at a time, never holding [B, K, V] logits (moa_jax/nn/lm_loss.py).
         right_padded: every row's padding is at its end (training and evaluation batches); lets a GPU use cuDNN
         flash attention. Leave it False for left-padded prompts.
+        segment_ids [B, T] with num_segments G (packed rows, moa_jax/data/packing.py): 1..G per example, 0 on
+        padding. Attention stays inside a segment, positions restart at each, and the routers pool each
+        segment's prompt: router_logits are then [L, B, G, E]. One expert per row (fixed), base, probe or token
+        routing only; no KV cache.
         """
         if routing not in MODES:
             raise ValueError(f"routing={routing!r} is not one of {MODES}")
@@ -174,6 +185,14 @@ class MoATransformer(nn.Module):
         if routing == "fixed" and expert_idx is None and self.moa is not None:
             raise ValueError("routing='fixed' needs expert_idx [B] (the expert of each sequence)")
         expert_idx = jnp.zeros((b,), jnp.int32) if expert_idx is None else jnp.asarray(expert_idx, jnp.int32)
+        if segment_ids is not None:
+            if cache is not None or routing in ("self", "soft") or num_segments < 1:
+                raise ValueError(f"segment_ids (packed rows) needs num_segments >= 1 (got {num_segments}), no KV "
+                                 f"cache, and one expert per row: routing 'fixed', 'base', 'probe' or 'token', "
+                                 f"not {routing!r}")
+            segment_ids = segment_ids.astype(jnp.int32)
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if cache is not None:
             cache_index = cache["index"]
             past = jnp.sum(cache["valid"], axis=1, dtype=jnp.int32)[:, None]                  # (B, 1)
@@ -191,8 +210,8 @@ class MoATransformer(nn.Module):
         scanned = nn.scan(remat_layer(cfg.remat), variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
                           in_axes=(nn.broadcast, 0), length=cfg.num_layers)
-        shared = (positions, kv_valid, cache_index, prompt_mask, expert_idx, attention_mask)
-        layers = scanned(cfg, self.moa, routing, deterministic, right_padded, name="layers")
+        shared = (positions, kv_valid, cache_index, prompt_mask, expert_idx, attention_mask, segment_ids)
+        layers = scanned(cfg, self.moa, routing, deterministic, right_padded, num_segments, name="layers")
         h, (router_logits, balance, new_kv) = layers(h, shared, layer_cache)
 
         if logits_at is not None:
@@ -212,6 +231,15 @@ class MoATransformer(nn.Module):
         if cache is not None:
             new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": kv_valid, "index": cache_index + t}
         return out, {"router_logits": router_logits, "balance_loss": jnp.mean(balance), "cache": new_cache}
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """[B, T] segment ids -> [B, T] positions counted from each segment's first token (padding continues from 0)."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: Optional[str] = None) -> dict[str, Array]:

@@ -7,7 +7,7 @@ and outputs logits over the E experts. Training supervises every layer's logits 
 (cross-entropy, averaged over layers). At inference the decision is the last layer's argmax (paper) or a vote.
 The token-level MoE-LoRA baseline instead routes each token (top-k) with a load-balancing loss.
 
-Shape glossary: B batch, T tokens, D model width, E experts, L layers, k top-k.
+Shape glossary: B batch, T tokens, G segments of a packed row, D model width, E experts, L layers, k top-k.
 """
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def masked_mean_pool(h: Array, mask: Array) -> Array:
     m = mask.astype(jnp.float32)[..., None]                        # (B, T, 1)
     total = jnp.sum(h.astype(jnp.float32) * m, axis=1)             # (B, D)
     return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def segment_mean_pool(h: Array, mask: Array, segment_ids: Array, num_segments: int) -> Array:
+    """Packed rows: h [B, T, D], mask [B, T] (1 = pooled), segment_ids [B, T] (1..G, 0 = pad) -> [B, G, D] f32,
+    each segment's masked mean (an empty segment pools to zeros)."""
+    member = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)) & (mask[..., None] > 0)   # (B, T, G)
+    m = member.astype(jnp.float32)
+    total = jnp.einsum("btg,btd->bgd", m, h.astype(jnp.float32))
+    return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)[..., None]
 
 
 def router_ce_loss(logits: Array, labels: Array, valid: Array | None = None) -> Array:

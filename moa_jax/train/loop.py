@@ -37,6 +37,7 @@ from moa_jax.train.step import (TrainState, gather_targets, init_state, logged_l
 
 log = logging.getLogger("moa_jax")
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
+PACKED_KEYS = ("segment_ids", "segment_valid")   # packed rows only (moa_jax/data/packing.py)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,7 +53,8 @@ def _stack_micro(source: BatchSource, step: int, accum: int, compact_targets: bo
     micro = [source.batch(step * accum + a) for a in range(accum)]
     for m in micro:
         m.setdefault("valid", np.ones(m["domain"].shape, np.int32))
-    out = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in BATCH_KEYS}           # (A, B_local, ...)
+    keys = BATCH_KEYS + tuple(k for k in PACKED_KEYS if k in micro[0])
+    out = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in keys}                # (A, B_local, ...)
     if compact_targets:
         need = int(out["loss_mask"][..., 1:].sum(-1).max(initial=0))
         if jax.process_count() > 1:  # every host must pick the same K

@@ -10,10 +10,12 @@ gradients are clipped per expert, so expert e's update depends on its own domain
 
 Batches carry a leading micro-batch axis A (gradient accumulation, a lax.scan):
   tokens, loss_mask, prompt_mask, attention_mask [A, B, T] int32;  domain [A, B] int32;  valid [A, B] (0 = pad row);
-  optional compact targets target_pos, target_tokens, target_weight [A, B, K] (see gather_targets).
+  optional compact targets target_pos, target_tokens, target_weight [A, B, K] (see gather_targets);
+  packed rows (moa_jax/data/packing.py) also segment_ids [A, B, T] and segment_valid [A, B, G]: the router CE is
+  then taken per segment (each segment's prompt pooled on its own, labelled with its row's domain).
 loss_mask[t] = 1 when token t is a target: logits[:, t-1] predict tokens[:, t].
 
-Shape glossary: A micro-batches, B batch, T tokens, V vocab, L layers, E experts, N domains.
+Shape glossary: A micro-batches, B batch, T tokens, G segments of a packed row, V vocab, L layers, E experts, N domains.
 """
 from __future__ import annotations
 
@@ -159,7 +161,8 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
     nll, aux = model.apply(
         {"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
         prompt_mask=batch["prompt_mask"], routing=mode, expert_idx=expert_idx,
-        deterministic=False, rngs={"dropout": rng}, logits_at=pos, nll_targets=targets, right_padded=True)
+        deterministic=False, rngs={"dropout": rng}, logits_at=pos, nll_targets=targets, right_padded=True,
+        **segment_args(batch))
     weights = weights * batch["valid"][:, None]
     nll, w, dom_sum, dom_cnt = nll_loss_terms(nll, weights, batch["domain"], num_domains)
     if tcfg.normalization == "domain":
@@ -167,12 +170,17 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
     else:
         lm = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
     loss = lm
+    labels, label_valid = batch["domain"], valid                                          # (B,) per routed prompt
+    if "segment_ids" in batch:  # packed rows: one routed prompt per segment, every segment of a row one domain
+        g = batch["segment_valid"].shape[-1]
+        labels, label_valid = jnp.repeat(labels, g), (batch["segment_valid"] * valid[:, None]).reshape(-1)
     metrics = {"lm_loss_sum": jnp.sum(nll * w), "tokens": jnp.sum(w), "domain_loss_sum": dom_sum,
-               "domain_tokens": dom_cnt}
+               "domain_tokens": dom_cnt, "examples": jnp.sum(label_valid)}
     if tcfg.stage == "stage2":  # routers are label-supervised only in stage 2
         r_logits = aux["router_logits"] if base_logits is None else base_logits
-        r_loss = router_ce_loss(r_logits, batch["domain"], valid)
-        metrics.update(router_loss=r_loss, router_acc=router_accuracy(r_logits, batch["domain"], valid))
+        r_logits = r_logits.reshape(r_logits.shape[0], -1, r_logits.shape[-1])            # (L, B[*G], E)
+        r_loss = router_ce_loss(r_logits, labels, label_valid)
+        metrics.update(router_loss=r_loss, router_acc=router_accuracy(r_logits, labels, label_valid))
         if tcfg.eta > 0:
             loss = loss + tcfg.eta * r_loss
     if tcfg.stage == "moe_lora":
@@ -182,15 +190,22 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
 
 
 def base_router_logits(model: MoATransformer, params, batch) -> jax.Array:
-    """Router logits [L, B, E] of the servable routing pass (MoAConfig.route_on='base'): one forward of the frozen
+    """Router logits [L, B, E] ([L, B, G, E] for packed rows) of the servable routing pass (MoAConfig.route_on='base'): one forward of the frozen
     base model, no adapters and no dropout, every layer's router on the base hidden state entering it, pooled over
     the prompt. Only the routers get gradients from it (nothing else of the trainable tree is used); only one
     position reaches the LM head."""
     tokens = batch["tokens"]
     _, aux = model.apply({"params": params}, tokens, attention_mask=batch["attention_mask"],
                          prompt_mask=batch["prompt_mask"], routing="probe", right_padded=True,
-                         logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32))
+                         logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32), **segment_args(batch))
     return aux["router_logits"]
+
+
+def segment_args(batch) -> dict:
+    """The model's packed-row arguments of a batch (moa_jax/data/packing.py), or none for one example per row."""
+    if "segment_ids" not in batch:
+        return {}
+    return {"segment_ids": batch["segment_ids"], "num_segments": batch["segment_valid"].shape[-1]}
 
 
 def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *, model: MoATransformer,
@@ -224,6 +239,7 @@ def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *
     tokens = jnp.sum(ms["tokens"])
     metrics = {"loss": loss, "lm_loss": jnp.sum(ms["lm_loss_sum"]) / jnp.maximum(tokens, 1.0),
                "grad_norm": grad_norm, "tokens": tokens, "seq_tokens": jnp.sum(batch["attention_mask"]),
+               "examples": jnp.sum(ms["examples"]),
                "domain_loss_sum": jnp.sum(ms["domain_loss_sum"], 0),
                "domain_tokens": jnp.sum(ms["domain_tokens"], 0), "finite": finite,
                **{k: jnp.mean(ms[k]) for k in ("router_loss", "router_acc", "balance_loss") if k in ms}}
