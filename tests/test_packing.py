@@ -168,3 +168,22 @@ def test_collate_packed_matches_collate_for_one_example_rows(setup):
     packed = collate_packed(data, [rows[i:i + 1] for i in range(3)], 128, max_segments=2)
     assert all(np.array_equal(plain[k], packed[k]) for k in plain)
     assert np.array_equal(packed["segment_ids"], plain["attention_mask"])
+
+
+def test_packing_report_and_inspect_flag(setup, tmp_path, capsys, monkeypatch):
+    """The inspect tool's packing table agrees with the packer; a pack length below max_len is one error line."""
+    from moa_jax.data import inspect as data_inspect
+    from moa_jax.data.packing import packing_report
+    cfg, data = setup
+    report = packing_report(data, 256, max_segments=4)
+    alpha = data.domain_rows(0)
+    packer = PackedRows(lambda i: int(alpha[i % len(alpha)]), data.lengths, 256, 4)
+    assert f"{packer.mean_examples_per_row(len(alpha)):>14.2f}" in report.splitlines()[2]
+    assert report.splitlines()[2].startswith("alpha") and "all (uniform mixing)" in report
+    root = make_jsonl_dir(tmp_path / "j")
+    monkeypatch.setattr(data_inspect, "load_tokenizer", lambda name: tiny_tokenizer(vocab_size=300))
+    assert data_inspect.main(["--source", f"jsonl:{root}", "--max-len", "128", "--pack-len", "256",
+                              "--examples", "0"]) == 0
+    assert "packing='domain' at 256 tokens" in capsys.readouterr().out
+    assert data_inspect.main(["--source", f"jsonl:{root}", "--max-len", "128", "--pack-len", "64"]) == 2
+    assert "--pack-len 64 is shorter than --max-len 128" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     python -m moa_jax.data.inspect                                  # embedded moa_tasks, default config, train
     python -m moa_jax.data.inspect --source jsonl:/data/mytasks --split validation --examples 1
     python -m moa_jax.data.inspect --config tiny --tokenizer /path/to/hf_model_dir --max-len 128
+    python -m moa_jax.data.inspect --max-len 128 --pack-len 128 --examples 0   # what packing='domain' gives
 
 Tokenizer: "smollm2-135m-instruct" (default: the embedded GGUF), a Hugging Face model directory or hub name, or
 "none" (counts and character lengths only). Rendered examples mark the loss tokens: the prompt as the model sees
@@ -20,7 +21,9 @@ import sys
 import numpy as np
 
 from moa_jax.config import DataConfig
+from moa_jax.data.packing import packing_report
 from moa_jax.data.sources import load_text_split, resolve_system_prompt
+from moa_jax.data.tasks import DataError
 from moa_jax.data.tokenize import tokenize_split
 from moa_jax.errors import cli_main
 
@@ -50,8 +53,13 @@ def _main(argv=None) -> int:
     ap.add_argument("--system-prompt", default="auto", help='"auto", "none" or the text')
     ap.add_argument("--max-len", type=int, default=256, help="token budget per example (default 256; the length policy applies above it)")
     ap.add_argument("--examples", type=int, default=2, help="rendered examples per domain")
+    ap.add_argument("--pack-len", type=int, default=0,
+                    help="also report same-domain packing (DataConfig.packing='domain') into rows of N tokens")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.pack_len and args.pack_len < args.max_len:
+        raise DataError(f"--pack-len {args.pack_len} is shorter than --max-len {args.max_len}: a packed row must "
+                        f"hold the longest example; use --pack-len >= --max-len")
 
     cfg = DataConfig(source=args.source, builder_config=args.config, data_dir=args.data_dir,
                      field_map=args.field_map, domains=tuple(d for d in args.domains.split(",") if d),
@@ -76,6 +84,8 @@ def _main(argv=None) -> int:
     data = tokenize_split(text, tok, max_len=cfg.max_len, policy=cfg.length_policy, system_prompt=system)
     print(f"system prompt: {system!r}")
     print(data.report)
+    if args.pack_len:
+        print(packing_report(data, args.pack_len))
     for d, name in enumerate(data.domains):
         for i in data.domain_rows(d)[:args.examples]:
             ids, p = data.tokens(i), int(data.prompt_len[i])

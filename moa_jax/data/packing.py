@@ -87,3 +87,23 @@ def collate_packed(data: TokenizedSplit, groups: Sequence[np.ndarray], seq_len: 
     return dict(tokens=tokens, loss_mask=loss_mask, prompt_mask=prompt_mask, attention_mask=attention_mask,
                 segment_ids=segment_ids, segment_valid=segment_valid,
                 domain=data.domain[first].astype(np.int32), index=first.astype(np.int32))
+
+
+def packing_report(data: TokenizedSplit, capacity: int, max_segments: int = 8) -> str:
+    """Per domain: examples per packed row and the share of real tokens in rows of `capacity` tokens, one epoch
+    in storage order (what `python -m moa_jax.data.inspect --pack-len N` prints, to size a packed budget)."""
+    lines = [f"packing='domain' at {capacity} tokens, at most {max_segments} per row:",
+             f"{'domain':<24}{'examples/row':>14}{'real tokens':>13}"]
+    per_row = []
+    for d, name in enumerate(data.domains):
+        rows = data.domain_rows(d)
+        if not len(rows):
+            continue
+        packer = PackedRows(lambda i, rows=rows: int(rows[i % len(rows)]), data.lengths, capacity, max_segments)
+        k = packer.mean_examples_per_row(len(rows))
+        per_row.append(k)
+        real = float(data.lengths[rows].mean()) * k / capacity
+        lines.append(f"{name:<24}{k:>14.2f}{real:>13.0%}")
+    if per_row:   # uniform mixing of examples: rows per domain ~ 1/k
+        lines.append(f"{'all (uniform mixing)':<24}{len(per_row) / np.sum(1.0 / np.asarray(per_row)):>14.2f}")
+    return "\n".join(lines)
