@@ -32,6 +32,7 @@ from flax import traverse_util
 
 from experiments.registry import get_experiment
 from moa_jax.config import replace
+from moa_jax.data.packing import collate_packed
 from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, load_split
 from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn.model import MoATransformer
@@ -68,14 +69,19 @@ def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2: float = 0.
     state = init_state(trainable, tx, tcfg.seed)
     step_fn = jax.jit(functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, num_domains=1),
                       donate_argnums=(0,))
-    seq_len = bucket_for(int(data.lengths[data.domain_rows(d)].max()), exp.data.buckets)
+    packed = exp.data.packing != "none"
+    seq_len = (exp.data.buckets[-1] if packed else
+               bucket_for(int(data.lengths[data.domain_rows(d)].max()), exp.data.buckets))
     history, t0 = [], time.perf_counter()
     for s in range(steps):
-        mine = np.asarray(batches.rows[s])
-        mine = mine[data.domain[mine] == d][:rows]
+        mine = [g for g in batches.global_rows(s) if data.domain[g[0]] == d][:rows]
         valid = np.arange(rows) < len(mine)
-        padded = np.concatenate([mine, np.full(rows - len(mine), data.domain_rows(d)[0])])
-        batch = collate(data, padded, seq_len, valid)
+        padded = mine + [data.domain_rows(d)[:1]] * (rows - len(mine))   # filler rows, valid 0: no loss
+        if packed:
+            batch = collate_packed(data, padded, seq_len, exp.data.max_segments)
+            batch["valid"] = valid.astype(np.int32)
+        else:
+            batch = collate(data, np.concatenate(padded), seq_len, valid)
         batch["domain"] = np.zeros(rows, np.int32)
         batch = {k: jnp.asarray(v)[None] for k, v in batch.items() if k != "index"}   # one micro-batch
         state, m = step_fn(state, frozen, batch)

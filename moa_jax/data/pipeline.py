@@ -149,8 +149,8 @@ class TrainBatches:
         self.rows = mixed.batch(cfg.batch_size, drop_remainder=True)  # s -> row ids [B] | (domain, row) [B, 2]
         self._lengths = data.lengths
 
-    def _groups(self, index: int) -> list[np.ndarray]:
-        """Global batch `index` as example ids per row (one each without packing)."""
+    def global_rows(self, index: int) -> list[np.ndarray]:
+        """Global batch `index` as example ids per row (one each without packing), every host's rows."""
         keys = np.asarray(self.rows[index], np.int64)
         if self.packers is None:
             return [keys[i:i + 1] for i in range(len(keys))]
@@ -158,10 +158,10 @@ class TrainBatches:
 
     def batch(self, index: int) -> dict:
         """This host's rows of global batch `index` (pure function of seed and index)."""
-        groups = self._groups(index)
+        groups = self.global_rows(index)
         first = index - index % self.micro_batches
         longest = max(int(self._lengths[g].sum()) for j in range(first, first + self.micro_batches)
-                      for g in (groups if j == index else self._groups(j)))
+                      for g in (groups if j == index else self.global_rows(j)))
         seq_len, mine = bucket_for(longest, self.cfg.buckets), groups[self._host]
         if self.packers is None:
             out = collate(self.data, np.concatenate(mine), seq_len)
@@ -172,7 +172,7 @@ class TrainBatches:
 
 
 def _row_key(domain: int, k: int) -> np.ndarray:
-    """Packed row k of `domain` as an element of the mixed stream (resolved by TrainBatches._groups)."""
+    """Packed row k of `domain` as an element of the mixed stream (resolved by TrainBatches.global_rows)."""
     return np.asarray([domain, k], np.int64)
 
 
