@@ -6,7 +6,9 @@ Experts are stored as one array per projection, expert axis first:
 and the delta of one token x under expert e is  scale * (x @ lora_a[e]) @ lora_b[e].
 
 Dispatch modes (all take the same stacked arrays):
-  single   E == 1, or one expert shared by the batch: tokens flattened to 2-D, two GEMMs (a plain LoRA at its best).
+  single   E == 1, or one expert shared by the batch: tokens flattened to 2-D, two GEMMs (a plain LoRA at its best);
+           `AdaptedDense` merges it into the frozen GEMM where cheaper, and a forward-only top-1 route takes this
+           path at run time when every sequence of the batch has the same expert (`may_share_expert`).
   top1     one expert per sequence: gather A[idx] -> [B, Din, R], batched matmuls; cost of ONE LoRA, flat in E.
   mixture  gates per sequence [B, E] or per token [B, T, E] (soft MoA, token-level top-k MoE-LoRA):
            rank-concat form, A as [Din, E*R], gates scale the rank dim, B as [E*R, Dout]; cost grows with E.
