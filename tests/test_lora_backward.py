@@ -77,3 +77,31 @@ def test_adapted_dense_merged_path_equals_two_gemm_path(monkeypatch):
     for got, want in zip(merged, unmerged):
         for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [16, 1])   # 48 tokens take the merged GEMM, 3 tokens (decoding) the two GEMMs
+@pytest.mark.parametrize("idx", [(2, 2, 2), (0, 2, 3)])
+def test_adapted_dense_one_expert_batch_branch_equals_gather_path(monkeypatch, tokens, idx):
+    """A forward-only top-1 route over E > 1 experts branches (lax.cond) to the single-expert path when the whole
+    batch runs one expert; values and gradients equal the gather path's, for uniform and mixed batches. Training
+    (deterministic=False) never branches."""
+    import moa_jax.nn.lora as lora
+    layer = lora.AdaptedDense(features=DOUT, num_experts=4, rank=K, scale=2.0, use_bias=True)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, tokens, DIN)), jnp.float32)
+    assert lora.merge_is_cheaper(x.size // DIN, DIN, DOUT, jnp.float32) == (tokens == 16)
+    route = lora.Route("top1", expert_idx=jnp.asarray(idx, jnp.int32))
+    params = layer.init(jax.random.PRNGKey(0), x, route)["params"]
+    params = {**params, "lora_b": jnp.asarray(rng.normal(size=params["lora_b"].shape), jnp.float32),
+              "bias": jnp.asarray(rng.normal(size=params["bias"].shape), jnp.float32)}
+    def loss(det=True):   # a new function per trace: jax caches traces by function
+        return lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x, route, deterministic=det)))
+
+    assert "cond" in str(jax.make_jaxpr(loss())(params, x))
+    assert "cond" not in str(jax.make_jaxpr(loss(False))(params, x))
+    branched = jax.jit(jax.value_and_grad(loss(), argnums=(0, 1)))(params, x)
+    monkeypatch.setattr(lora, "may_share_expert", lambda *a: False)
+    assert "cond" not in str(jax.make_jaxpr(loss())(params, x))
+    gathered = jax.jit(jax.value_and_grad(loss(), argnums=(0, 1)))(params, x)
+    for g, w in zip(jax.tree_util.tree_leaves(branched), jax.tree_util.tree_leaves(gathered)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

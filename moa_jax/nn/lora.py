@@ -6,7 +6,9 @@ Experts are stored as one array per projection, expert axis first:
 and the delta of one token x under expert e is  scale * (x @ lora_a[e]) @ lora_b[e].
 
 Dispatch modes (all take the same stacked arrays):
-  single   E == 1, or one expert shared by the batch: tokens flattened to 2-D, two GEMMs (a plain LoRA at its best).
+  single   E == 1, or one expert shared by the batch: tokens flattened to 2-D, two GEMMs (a plain LoRA at its best);
+           `AdaptedDense` merges it into the frozen GEMM where cheaper, and a forward-only top-1 route takes this
+           path at run time when every sequence of the batch has the same expert (`may_share_expert`).
   top1     one expert per sequence: gather A[idx] -> [B, Din, R], batched matmuls; cost of ONE LoRA, flat in E.
   mixture  gates per sequence [B, E] or per token [B, T, E] (soft MoA, token-level top-k MoE-LoRA):
            rank-concat form, A as [Din, E*R], gates scale the rank dim, B as [E*R, Dout]; cost grows with E.
@@ -113,6 +115,13 @@ def merge_is_cheaper(num_tokens: int, d_in: int, d_out: int, dtype) -> bool:
     forward and again backward) costs less than the N*(Din+Dout)-sized passes it saves (training, prefill; not
     single-token decoding)."""
     return jnp.dtype(dtype) == jnp.float32 and num_tokens >= 2 * d_in * d_out / (d_in + d_out)
+
+
+def may_share_expert(route: Route, num_experts: int, deterministic: bool) -> bool:
+    """Static rule: a forward-only (deterministic) top-1 route over several experts checks at run time whether the
+    whole batch runs one expert (a forced expert, a single-domain batch) and then takes the single-expert path
+    (`lax.cond`); mixed batches keep the gather path. Training steps (deterministic=False) never branch."""
+    return route.kind == "top1" and num_experts > 1 and deterministic
 
 
 def _scale(scale: float, x: Array) -> Array:
@@ -245,14 +254,29 @@ class AdaptedDense(nn.Module):
                                 self.adapter_dtype)
         adapted = self.num_experts > 0 and route.kind != "base"
         dropout = adapted and self.dropout > 0 and not deterministic
-        shared = route.kind == "single" or (route.kind == "top1" and self.num_experts == 1)
-        if adapted and shared and not dropout and merge_is_cheaper(x.size // d_in, d_in, self.features, self.dtype):
-            y = merged_lora_matmul(x.reshape(-1, d_in), dense_kernel(), lora_a[0].astype(self.dtype),  # one GEMM
-                                   lora_b[0].astype(self.dtype), self.scale).reshape(*x.shape[:-1], -1)
-        else:
+        merge = merge_is_cheaper(x.size // d_in, d_in, self.features, self.dtype)
+
+        def one_expert(e):
+            """Every token through expert e (static or traced): the merged GEMM where it is cheaper."""
+            if merge:
+                return merged_lora_matmul(x.reshape(-1, d_in), dense_kernel(), lora_a[e].astype(self.dtype),
+                                          lora_b[e].astype(self.dtype), self.scale).reshape(*x.shape[:-1], -1)
+            return base_matmul(x) + lora_single(x, lora_a, lora_b, self.scale, e).astype(self.dtype)
+
+        def routed():
             y = base_matmul(x)
             if adapted:
                 x_in = lora_dropout(x, self.dropout, self.make_rng("dropout")) if dropout else x
                 y = y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
+            return y
+
+        shared = route.kind == "single" or (route.kind == "top1" and self.num_experts == 1)
+        if adapted and shared and not dropout and merge:
+            y = one_expert(0)
+        elif adapted and may_share_expert(route, self.num_experts, deterministic):
+            idx, dt = route.expert_idx, jax.eval_shape(base_matmul, x).dtype
+            y = jax.lax.cond(jnp.all(idx == idx[0]), lambda: one_expert(idx[0]).astype(dt), routed)
+        else:
+            y = routed()
         y = y if bias is None else y + bias
         return checkpoint_name(y, "proj")           # a residual the backward keeps (model.saved_residuals)
