@@ -46,10 +46,11 @@ class Budget(NamedTuple):
 
 
 # CPU: rows packed with consecutive examples of one domain (1.46 examples per 128-token row on the embedded data,
-# 73% real tokens against 53% one example per row), so 80 + 28 steps of 8 rows see about the examples that
-# 120 + 40 steps of 8 single examples did. Accelerator: one example per row (cuDNN flash attention needs no
-# segments), as measured on the H200.
-BUDGETS = {"cpu": Budget(80, 28, 8, 20, 50, "domain"), "accelerator": Budget(1500, 500, 32, 200, 100, "none")}
+# 73% real tokens against 53% with one example per row), so stage 1's 80 steps of 8 rows see about the examples
+# that 120 steps of 8 single examples do. Stage 2 keeps 40 steps: its routers need the updates (at 28 steps one
+# run sent every spell_backward prompt to letter_counting's expert; routing 0.90). Accelerator: one example per
+# row (cuDNN flash attention takes no segments).
+BUDGETS = {"cpu": Budget(80, 40, 8, 20, 50, "domain"), "accelerator": Budget(1500, 500, 32, 200, 100, "none")}
 
 
 # The servable routing policy (routers on one plain base-model forward, docs/method.md) as a variant: its own stage 2.
