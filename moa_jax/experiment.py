@@ -216,9 +216,12 @@ def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[
     exp, moa = ctx.exp, ctx.exp.moa
     needed = {METHODS[m].trained for m in exp.eval.methods}   # the adapters the evaluated methods use
     src1 = ctx.source(0, exp.stage1.grad_accum)
-    stage1 = stage1_experts(ctx, src1, progress)
-    out: dict[str, tuple[MoAConfig, Any]] = {"single_lora": (moa, stage1)}
-    out["moa"] = train_stage2(ctx, exp, stage1, progress)
+    out: dict[str, tuple[MoAConfig, Any]] = {}
+    # MoA's stages, unless only the mixed LoRA (or no adapters) is evaluated: variants build on stage 1 too
+    if needed & {"single_lora", "moa", "moe_lora"} or exp.variants:
+        stage1 = stage1_experts(ctx, src1, progress)
+        out["single_lora"] = (moa, stage1)
+        out["moa"] = train_stage2(ctx, exp, stage1, progress)
     if "mixed_lora" in needed:
         moa1 = replace(moa, num_experts=1)
         first = exp.stage1.steps * exp.stage1.grad_accum
