@@ -84,16 +84,17 @@ def adapter_params(tree, with_router: bool) -> int:
 
 
 def inference_flops(cfg: ModelConfig, exp: ExperimentConfig, rank: int) -> float:
-    """Forward FLOPs of one token at a context of data.max_len slots with one rank-`rank` adapter."""
+    """Forward FLOPs of one token at a context of data.max_len slots with one rank-`rank` adapter (0: the base)."""
     return forward_flops(cfg, 1, exp.data.max_len, rank, exp.moa.targets, experts_computed=1)
 
 
 def capacity_rows(results: dict, arms: list[Arm], params: dict, cfg: ModelConfig, exp: ExperimentConfig) -> list:
-    rows = []
+    rows, base = [], inference_flops(cfg, exp, 0)
     for arm in arms:
         entry = results["methods"][arm.label]
         rows.append({"method": arm.label, "arm": arm.name, "rank": arm.rank, "trainable_params": params[arm.name],
                      "inference_flops_per_token": inference_flops(cfg, exp, arm.rank),
+                     "adapter_flops_per_token": inference_flops(cfg, exp, arm.rank) - base,
                      "ppl": entry["mean_ppl"], "accuracy": entry["mean_accuracy"],
                      "routing_accuracy": entry.get("mean_routing_accuracy")})
     return rows
@@ -105,12 +106,12 @@ def capacity_markdown(section: dict) -> str:
              f"Base model forward without adapters: {section['base_flops_per_token'] / 1e6:.2f} MFLOPs per token "
              f"(context {section['context']} slots). PPL over {section['ppl_items']} test items per domain, accuracy "
              f"over {section['accuracy_items']}; averages over domains.", "",
-             "| method | rank | trainable params | inference MFLOPs / token | PPL | accuracy | routing accuracy |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | rank | trainable params | inference MFLOPs / token | of which adapter | PPL | accuracy | "
+             "routing accuracy |", "|---|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
         lines.append(f"| {r['method']} | {r['rank']} | {r['trainable_params']:,} | "
-                     f"{r['inference_flops_per_token'] / 1e6:.2f} | {f(r['ppl'])} | {f(r['accuracy'])} | "
-                     f"{f(r['routing_accuracy'])} |")
+                     f"{r['inference_flops_per_token'] / 1e6:.2f} | {r['adapter_flops_per_token'] / 1e6:.3f} | "
+                     f"{f(r['ppl'])} | {f(r['accuracy'])} | {f(r['routing_accuracy'])} |")
     lines += ["", f"How: {section['how']}", ""]
     return "\n".join(lines)
 
@@ -143,7 +144,7 @@ def run_capacity(exp: ExperimentConfig, workdir: str, progress: bool = True) -> 
     section = {"arms": {a.name: {"method": a.method, "rank": a.rank, "alpha": a.exp.moa.alpha,
                                  "directory": os.path.join(workdir, a.subdir)} for a in arms},
                "rows": capacity_rows(results, arms, params, ctx.cfg, exp),
-               "base_flops_per_token": forward_flops(ctx.cfg, 1, exp.data.max_len),
+               "base_flops_per_token": inference_flops(ctx.cfg, exp, 0),
                "context": exp.data.max_len,
                "ppl_items": _span(results.get("ppl_items_per_domain", results["items_per_domain"])),
                "accuracy_items": _span(results["items_per_domain"]),

@@ -15,7 +15,7 @@ import pytest
 from experiments import run
 from experiments.capacity import plan_arms
 from experiments.registry import moa_10task_capacity, smoke as smoke_preset
-from moa_jax.config import ConfigError, replace
+from moa_jax.config import ConfigError, EvalConfig, ExperimentConfig, replace
 from moa_jax.data.tasks import DOMAIN_NAMES
 
 # The tiny random Llama (moa_jax/loading/base.py): D = 64, F = 128, 4 heads and 2 kv heads of 16, L = 2.
@@ -53,6 +53,7 @@ def test_table_rows_ranks_and_parameter_counts(study):
     base = res["capacity"]["base_flops_per_token"]
     assert [r["inference_flops_per_token"] - base for r in rows] == [pytest.approx(L * 2 * r * SIDES)
                                                                       for r in (4, 2, 2, 20)]
+    assert [r["adapter_flops_per_token"] for r in rows] == [pytest.approx(L * 2 * r * SIDES) for r in (4, 2, 2, 20)]
     for r in rows:
         entry = res["methods"][r["method"]]
         assert r["ppl"] == entry["mean_ppl"] and r["accuracy"] == entry["mean_accuracy"] and r["ppl"] > 1
@@ -66,9 +67,22 @@ def test_ppl_over_its_own_items_and_the_report(study):
     md = open(os.path.join(workdir, "results.md")).read()
     assert "## Capacity: when does MoA beat one LoRA?" in md and f"PPL over {PPL_ITEMS} test items" in md
     table = [line for line in md.splitlines() if line.startswith(("| moa_router", "| mixed_lora"))
-             and line.count("|") == 8]
+             and line.count("|") == 9]
     assert [line.split("|")[1:3] for line in table] == [[" moa_router ", " 4 "], [" moa_router[r2] ", " 2 "],
                                                         [" mixed_lora[r2] ", " 2 "], [" mixed_lora[r20] ", " 20 "]]
+
+
+def test_ppl_items_are_more_than_the_generation_items(smoke, study):
+    """The main arm is the smoke run's MoA (same adapters, same first test item per domain): the same answers and
+    routing on the generation item, but PPL over 3 items per domain instead of 1."""
+    base, _ = smoke
+    _, res = study
+    before = json.load(open(os.path.join(base, "results.json")))["methods"]["moa_router"]["per_domain"]
+    now = res["methods"]["moa_router"]["per_domain"]
+    for d in DOMAIN_NAMES:
+        assert now[d]["routing_accuracy"] == before[d]["routing_accuracy"]
+        assert now[d]["accuracy"] == before[d]["accuracy"]
+    assert any(now[d]["ppl"] != pytest.approx(before[d]["ppl"], rel=1e-4) for d in DOMAIN_NAMES)
 
 
 def test_main_arm_reused_and_mixed_arms_train_only_the_lora(smoke, study):
@@ -97,3 +111,7 @@ def test_plan():
     assert [a.exp.reuse_from for a in arms] == ["runs/moa_10task", "", "", ""]
     with pytest.raises(ConfigError, match="capacity_rank"):
         plan_arms(smoke_preset())
+    with pytest.raises(ConfigError, match="capacity_rank=-1"):
+        ExperimentConfig(capacity_rank=-1)
+    with pytest.raises(ConfigError, match="ppl_items_per_domain"):
+        EvalConfig(ppl_items_per_domain=-5)
