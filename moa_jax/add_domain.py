@@ -13,7 +13,8 @@ Steps (OUT = the work directory):
      default steps = stage1.steps * N_new / N, so each new expert sees as many examples as an old one did);
   4. OUT/refit: routers + new experts train on all domains (stage-2 settings; default steps = stage2.steps / 2),
      the new domains `refit_new_share` of every batch (default 0.5; uniform mixing would give them only
-     N_new / (N + N_new), too little for the routers to learn them in a short re-fit), the old ones the rest;
+     N_new / (N + N_new), too little for the routers to learn them in a short re-fit; a large share also biases
+     the routers towards the new experts: README "Add a domain" has measurements), the old ones the rest;
      in both phases old experts get no update, no weight decay and no optimiser-state change: bit-identical
      (checked against the base run's adapters before the evaluation);
   5. evaluation on the same test items of every domain: moa_router / moa_oracle (the grown MoA), single_lora (the
