@@ -183,6 +183,29 @@ def moa_10task_ablations_accel() -> ExperimentConfig:
 
 
 @register
+def moa_10task_capacity() -> ExperimentConfig:
+    """When does MoA beat one LoRA? moa_10task's data and budget for MoA and the mixed LoRA at rank 2 (where one
+    LoRA must compromise), the mixed LoRA at the parameter-matched rank 10 x 2 = 20, and MoA at rank 16 (the main
+    run), with a capacity table (experiments/capacity.py).
+
+    Command, after moa_10task (its rank-16 stage 1 + stage 2 are loaded, not trained again):
+        python -m experiments.run --exp=moa_10task_capacity --set reuse_from=runs/moa_10task
+    Standalone (trains the rank-16 MoA too): python -m experiments.run --exp=moa_10task_capacity
+    Budget: moa_10task's per arm (MoA r2: stage 1 + stage 2, 120 + 40 steps at batch 8; each mixed LoRA: the same
+    1,280 examples); alpha scaled with the rank (alpha / rank = 2, as moa_10task). PPL over all 200 test items per
+    domain (eval.ppl_items_per_domain: teacher-forced, the primary CPU metric), accuracy over the 20 generation
+    items. Runtime not measured; from moa_10task's stage times about 35 min of training on an idle 2-core CPU with
+    reuse_from, plus the evaluation of 4 methods. Report: results.md "Capacity: when does MoA beat one LoRA?"
+    (method, rank, trainable params, inference FLOPs per token, PPL, accuracy, routing accuracy); README section.
+    Expected (a hypothesis, not measured): MoA r2 below mixed r2's PPL wherever the domains pull one small LoRA
+    apart and the routers pick the right expert; mixed r20 has MoA r2's LoRA parameter count at 10x its per-token
+    adapter FLOPs.
+    """
+    base = moa_10task()
+    return replace(base, name="moa_10task_capacity", capacity_rank=2, eval=replace(base.eval, ppl_items_per_domain=200))
+
+
+@register
 def moa_7b() -> ExperimentConfig:
     """The paper's setting: MoA on a 7-8B Llama-family base model (the paper tuned a 7B) over the 10 embedded
     domains, with the baselines, at the full accelerator budget. Not for the CPU.
@@ -218,7 +241,9 @@ def add_domain() -> ExperimentConfig:
     DIR: a finished run of any preset (smoke included). SPEC: a reasoning-gym generator (e.g. basic_arithmetic,
     generated like the embedded dataset) or jsonl:PATH (one domain per file, docs/data.md); NAME=SPEC names the
     domain; several: comma-separated. The model, rank, data and budgets come from DIR's config; other --set keys
-    apply on top of it (stage1.steps = new-expert steps, stage2.steps = re-fit steps, eval.*). Pipeline and report:
+    apply on top of it (stage1.steps = new-expert steps, stage2.steps = re-fit steps, eval.*). The re-fit gives the
+    new domains refit_new_share of every batch (default 0.5, a number in (0, 1); the old domains the rest); measured
+    in README "Add a domain": a large share biases the routers towards the new experts. Pipeline and report:
     moa_jax/add_domain.py. Runtime from a smoke run: ~45 s of CPU time (mostly compiling); from a reduced moa_10task
     run: README "Add a domain".
     """

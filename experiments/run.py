@@ -109,7 +109,11 @@ def _main(argv=None) -> int:
         return 0
     logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
                                       json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-    results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
+    if exp.capacity_rank:   # the capacity study: its arms, one evaluation, the capacity table
+        from experiments.capacity import run_capacity
+        results = run_capacity(exp, workdir, progress=not args.no_progress)
+    else:
+        results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
     from moa_jax.eval.report import summary
     print(summary(results, workdir))
     return 0

@@ -11,7 +11,10 @@ Steps (OUT = the work directory):
      matched by domain NAME, old expert k keeps domain k's name;
   3. OUT/new_experts: only the new experts train, on the new domains' data, with label routing (stage-1 settings;
      default steps = stage1.steps * N_new / N, so each new expert sees as many examples as an old one did);
-  4. OUT/refit: routers + new experts train on all domains (stage-2 settings; default steps = stage2.steps / 2);
+  4. OUT/refit: routers + new experts train on all domains (stage-2 settings; default steps = stage2.steps / 2),
+     the new domains `refit_new_share` of every batch (default 0.5; uniform mixing would give them only
+     N_new / (N + N_new), too little for the routers to learn them in a short re-fit; a large share also biases
+     the routers towards the new experts: README "Add a domain" has measurements), the old ones the rest;
      in both phases old experts get no update, no weight decay and no optimiser-state change: bit-identical
      (checked against the base run's adapters before the evaluation);
   5. evaluation on the same test items of every domain: moa_router / moa_oracle (the grown MoA), single_lora (the
@@ -38,7 +41,7 @@ import jax
 
 from moa_jax.config import DATA_SPLITS, ConfigError, ExperimentConfig, replace
 from moa_jax.data.new_domains import extend_split, new_domain_examples, only, parse_new_domains
-from moa_jax.data.pipeline import TrainBatches, load_split
+from moa_jax.data.pipeline import TrainBatches, domain_weights, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
@@ -167,6 +170,22 @@ def plan(base: BaseRun, new_specs, sets) -> tuple[ExperimentConfig, list, dict]:
     return exp, specs, texts
 
 
+def refit_weights(counts, n_old: int, share: float, mixing: str = "uniform", temperature: float = 2.0):
+    """Sampling weights [N + N_new] of the re-fit: the new domains (the last N_new) get `share` of the total, the
+    old ones 1 - share; within each group the weights follow data.mixing (uniform: equal)."""
+    old, new = (domain_weights(c, mixing, temperature) for c in (counts[:n_old], counts[n_old:]))
+    return [float(w) for w in (1.0 - share) * old] + [float(w) for w in share * new]
+
+
+def refit_source(exp: ExperimentConfig, train, n_old: int) -> TrainBatches:
+    """The re-fit's batches over all domains of the TokenizedSplit `train` (stage 2's seed offset), the new domains
+    exp.refit_new_share of each batch."""
+    counts = [len(train.domain_rows(d)) for d in range(len(train.domains))]
+    weights = refit_weights(counts, n_old, exp.refit_new_share, exp.data.mixing, exp.data.temperature)
+    return TrainBatches(train, replace(exp.data, seed=exp.data.seed + 1), process_index=jax.process_index(),
+                        process_count=jax.process_count(), micro_batches=exp.stage2.grad_accum, weights=weights)
+
+
 def _train(ctx: ExperimentContext, name: str, tcfg, init, source, n_old: int, progress: bool):
     """One phase in workdir/name with the old experts frozen. -> (trainable, seconds of this call)."""
     t0 = time.perf_counter()
@@ -232,7 +251,8 @@ def markdown_section(section: dict, cost_: dict) -> str:
              f"Base run `{section['base_run']}` ({len(section['old_domains'])} domains) + new domain(s) "
              f"{', '.join(f'`{d}`' for d in section['new_domains'])}. Old experts bit-identical to the base run's: "
              f"{section['old_experts_bit_identical']}. Routing accuracy of `moa_router` over all "
-             f"{len(section['routing_accuracy_per_domain'])} domains: {f(section['routing_accuracy'])}.", "",
+             f"{len(section['routing_accuracy_per_domain'])} domains: {f(section['routing_accuracy'])}. The router "
+             f"re-fit gave the new domains {section['refit_new_share']:.2f} of every batch (refit_new_share).", "",
              "| old domain | accuracy base run | accuracy now | PPL base run | PPL now | routing base run | routing now |",
              "|---|---|---|---|---|---|---|"]
     for d, r in section["old_vs_base_run"].items():
@@ -276,7 +296,9 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     src = _Offset(TrainBatches(new_train, replace(exp.data, seed=exp.data.seed + 5), process_index=jax.process_index(),
                                process_count=jax.process_count(), micro_batches=exp.stage1.grad_accum), n_old)
     experts, wall1 = _train(ctx, "new_experts", exp.stage1, init, src, n_old, progress)
-    refit, wall2 = _train(ctx, "refit", exp.stage2, experts, ctx.source(1, exp.stage2.grad_accum), n_old, progress)
+    log.info("add_domain: the re-fit gives the new domains %.2f of every batch", exp.refit_new_share)
+    refit, wall2 = _train(ctx, "refit", exp.stage2, experts, refit_source(exp, ctx.data["train"], n_old), n_old,
+                          progress)
     changed = same_old_experts(moa_old, refit, n_old)
     if changed:   # the update mask failed: a bug, not a user mistake
         raise AssertionError(f"add_domain: old experts changed in {changed[:4]}")
@@ -291,12 +313,14 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     results = evaluate_all(ctx, trained, specs_eval, progress)
     section = summary_section(results, base, new_names)
     section["old_experts_bit_identical"] = not changed
+    section["refit_new_share"] = exp.refit_new_share
     section["cost"] = cost(base, exp, ctx, {"new_experts": wall1, "refit": wall2})
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages={"base_run stage2": os.path.dirname(base.stage2),
                                                           **ctx.stage_dirs},
                    steps={"new_experts": exp.stage1.steps, "refit": exp.stage2.steps,
-                          "batch_size": exp.data.batch_size}, add_domain=section)
+                          "batch_size": exp.data.batch_size, "refit_new_share": exp.refit_new_share},
+                   add_domain=section)
     if jax.process_index() == 0:
         write_report(results, workdir)
         with open(os.path.join(workdir, "results.md"), "a") as f:

@@ -313,6 +313,8 @@ class EvalConfig:
     the domain, a floor; base; single_lora = stage-1 experts, domain given; mixed_lora; moa_router; moa_oracle;
     moe_lora)."""
     items_per_domain: int = 200     # test items per domain (>= 200 for claims; at 50, < ~0.1 apart is noise)
+    ppl_items_per_domain: int = 0   # PPL (teacher-forced, cheap) over this many test items per domain instead of
+                                    # the generation items; 0 = the items_per_domain generation items
     max_new_tokens: int = 32
     batch_size: int = 32
     methods: tuple = ("most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle")
@@ -323,6 +325,9 @@ class EvalConfig:
         _check(not bad, f"EvalConfig.methods: unknown {bad}; valid: {EVAL_METHODS}")
         _check(self.items_per_domain >= 1, f"EvalConfig.items_per_domain must be >= 1, got {self.items_per_domain}")
         _check(self.max_new_tokens >= 1, f"EvalConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.ppl_items_per_domain >= 0,
+               f"EvalConfig.ppl_items_per_domain must be >= 0 (0 = the generation items), got "
+               f"{self.ppl_items_per_domain}")
 
 
 @dataclass(frozen=True)
@@ -337,7 +342,11 @@ class ExperimentConfig:
     that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
     quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/nn/quantize.py).
     base_run, new_domains: the `add_domain` experiment (moa_jax/add_domain.py): the finished run to extend and the
-    specs of the domains to add (moa_jax/data/new_domains.py); empty for every other experiment.
+    specs of the domains to add (moa_jax/data/new_domains.py); empty for every other experiment. refit_new_share:
+    add_domain's router re-fit gives the new domains this share of every batch (split over them by data.mixing),
+    the old domains the rest (mixed by data.mixing among them).
+    capacity_rank: > 0 makes the run the capacity study (experiments/capacity.py): MoA and the mixed LoRA at this
+    rank, the mixed LoRA at num_experts x this rank (parameter-matched) and MoA at moa.rank; 0 = a normal run.
     """
     name: str = "custom"
     model: str = "smollm2-135m-instruct"
@@ -357,6 +366,8 @@ class ExperimentConfig:
     quantize: str = "none"
     base_run: str = ""
     new_domains: tuple = ()
+    refit_new_share: float = 0.5
+    capacity_rank: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
@@ -367,6 +378,11 @@ class ExperimentConfig:
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
         check_remat(self.remat, "ExperimentConfig")
         _check(self.loss_chunk >= 1, f"ExperimentConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
+        _check(isinstance(self.refit_new_share, (int, float)) and 0.0 < self.refit_new_share < 1.0,
+               f"refit_new_share={self.refit_new_share!r}: the new domains' share of each add_domain re-fit batch "
+               f"must be a number in (0, 1), e.g. --set refit_new_share=0.5")
+        _check(self.capacity_rank >= 0, f"capacity_rank={self.capacity_rank}: the small rank of the capacity study "
+               f"must be >= 1 (0 = a normal run)")
         _check(self.stage1.stage == "stage1", "ExperimentConfig.stage1.stage must be 'stage1'")
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")

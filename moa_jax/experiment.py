@@ -4,6 +4,7 @@ evaluation -> report.
     workdir/config.json                  the resolved ExperimentConfig
     workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
     workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
+    workdir/arms/<NAME>/stage1/ ...       one arm of the capacity study (experiments/capacity.py, capacity_rank)
     workdir/results.json  results.md  *.png            the report (moa_jax/eval/report.py)
     workdir/eval/tensorboard/            the evaluation's averages per method, at stage 2's last step
 
@@ -154,7 +155,7 @@ RUN_DIR_KEYS = ("model", "data.source") + tuple(f"moa.{f}" for f in MOA_FUNCTION
 def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
     """A work directory holding checkpoints of another configuration is refused before anything loads."""
     path = os.path.join(workdir, "config.json")
-    stages = [p for pattern in ("*/checkpoints", "variants/*/*/checkpoints")
+    stages = [p for pattern in ("*/checkpoints", "variants/*/*/checkpoints", "arms/*/*/checkpoints")
               for p in glob.glob(os.path.join(glob.escape(workdir), pattern))]
     if not os.path.exists(path) or not stages:
         return
@@ -216,9 +217,12 @@ def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[
     exp, moa = ctx.exp, ctx.exp.moa
     needed = {METHODS[m].trained for m in exp.eval.methods}   # the adapters the evaluated methods use
     src1 = ctx.source(0, exp.stage1.grad_accum)
-    stage1 = stage1_experts(ctx, src1, progress)
-    out: dict[str, tuple[MoAConfig, Any]] = {"single_lora": (moa, stage1)}
-    out["moa"] = train_stage2(ctx, exp, stage1, progress)
+    out: dict[str, tuple[MoAConfig, Any]] = {}
+    # MoA's stages, unless only the mixed LoRA (or no adapters) is evaluated: variants build on stage 1 too
+    if needed & {"single_lora", "moa", "moe_lora"} or exp.variants:
+        stage1 = stage1_experts(ctx, src1, progress)
+        out["single_lora"] = (moa, stage1)
+        out["moa"] = train_stage2(ctx, exp, stage1, progress)
     if "mixed_lora" in needed:
         moa1 = replace(moa, num_experts=1)
         first = exp.stage1.steps * exp.stage1.grad_accum

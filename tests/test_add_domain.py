@@ -3,8 +3,9 @@
   - the base run's 10 experts are bit-identical in the grown adapters (np.array_equal on every leaf);
   - results.json reports routing accuracy and confusion over all 11 domains, old vs base run, new vs single LoRA,
     and the cost against retraining; results.md has the "Add a domain" section;
-  - user mistakes (no/unfinished base run, a name clash, another rank, a bad spec, a bad JSONL line) are one
-    `error:` line and exit code 2, before any model loads.
+  - the router re-fit gives the new domains refit_new_share of its batches (counted over the first batches);
+  - user mistakes (no/unfinished base run, a name clash, another rank, a bad spec, a bad JSONL line, a share
+    outside (0, 1)) are one `error:` line and exit code 2, before any model loads.
 """
 import contextlib
 import io
@@ -17,8 +18,12 @@ import pytest
 from flax import traverse_util
 
 from experiments import run
+from moa_jax.add_domain import refit_source
+from moa_jax.config import DataConfig, ExperimentConfig
+from moa_jax.data import load_split
 from moa_jax.data.tasks import DOMAIN_NAMES
 from moa_jax.train.checkpoint import load_adapters
+from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
 
 
 def _run(args):
@@ -41,7 +46,8 @@ def runs(tmp_path_factory):
                              for i in range(120)))
     rc, console = _run(["--exp=add_domain", f"--workdir={grown}", "--set", f"base_run={base}",
                         "--set", f"new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3",
-                        "--set", "stage2.steps=2", "--set", "eval.items_per_domain=1"])
+                        "--set", "stage2.steps=2", "--set", "eval.items_per_domain=1",
+                        "--set", "refit_new_share=0.6"])
     assert rc == 0 and "moa_router[base_run]" in console
     return base, grown, str(jsonl)
 
@@ -73,6 +79,7 @@ def test_report_over_all_domains(runs):
     assert np.asarray(res["methods"]["moa_router[base_run]"]["confusion"]).shape == (11, 10)
     section = res["add_domain"]
     assert section["old_experts_bit_identical"] is True and section["new_domains"] == ["sums"]
+    assert section["refit_new_share"] == 0.6 and res["steps"]["refit_new_share"] == 0.6
     assert section["routing_accuracy"] == pytest.approx(np.trace(conf) / 11)
     assert set(section["old_vs_base_run"]) == set(DOMAIN_NAMES)
     assert set(section["new_vs_single_lora"]["sums"]) == {"single_lora", "moa_oracle", "moa_router"}
@@ -86,6 +93,25 @@ def test_report_over_all_domains(runs):
             base_res["methods"]["moa_oracle"]["per_domain"][d]["ppl"], rel=1e-5), d
     md = open(os.path.join(grown, "results.md")).read()
     assert "## Add a domain" in md and "retrain stage 1 + stage 2 (estimate)" in md and "| sums |" in md
+
+
+@pytest.mark.parametrize("share", [0.5, 0.25])
+def test_refit_batches_hold_the_new_share(tmp_path, share):
+    """Old domains alpha (30 examples) and beta (12), new domain gamma (6): over the first 40 re-fit batches of 8,
+    gamma fills `share` of the rows and alpha and beta split the rest equally (uniform mixing), whatever their
+    sizes; uniform mixing over all three would give gamma 1/3."""
+    root = make_jsonl_dir(tmp_path, n_per_domain=(30, 12, 6))
+    exp = ExperimentConfig(data=DataConfig(source=f"jsonl:{root}", holdout_fraction=0.0, max_len=128,
+                                           buckets=(32, 64, 128), batch_size=8), refit_new_share=share)
+    train = load_split(exp.data, tiny_tokenizer(vocab_size=300), "train")
+    assert train.domains == ("alpha", "beta", "gamma")
+    source = refit_source(exp, train, n_old=2)
+    domains = np.concatenate([source.batch(s)["domain"] for s in range(40)])
+    counts = np.bincount(domains, minlength=3) / len(domains)
+    assert counts[2] == pytest.approx(share, abs=0.02)
+    assert counts[0] == pytest.approx((1 - share) / 2, abs=0.02) and counts[1] == pytest.approx((1 - share) / 2,
+                                                                                                  abs=0.02)
+    assert all(b["domain"].shape == (8,) for b in map(source.batch, range(3)))
 
 
 def _error(capsys, args) -> str:
@@ -113,6 +139,9 @@ def test_user_errors(runs, tmp_path, capsys):
     assert "model='tiny-random'" in _error(capsys, good + ["--set", "new_domains=basic_arithmetic",
                                                            "--set", "model=smollm2-135m-instruct"])
     assert "reasoning-gym generator" in _error(capsys, good + ["--set", "new_domains=not_a_generator"])
+    for share in ("0", "1.5", "-0.2"):
+        assert f"refit_new_share={float(share)}" in _error(capsys, good + ["--set", "new_domains=basic_arithmetic",
+                                                                            "--set", f"refit_new_share={share}"])
     assert "is not a file" in _error(capsys, good + ["--set", f"new_domains=jsonl:{tmp_path}/none.jsonl"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(jsonl).readline() + '{"prompt": "x"}\n')

@@ -121,17 +121,23 @@ class TrainBatches:
 
     `batch(s)` is global batch s, this host's rows (a pure function: the trainer's `BatchSource`). With gradient
     accumulation pass `micro_batches=A`: the A micro-batches of one update then share one padded length T (chosen
-    over the whole group), so they can be stacked.
+    over the whole group), so they can be stacked. `weights` [D]: explicit per-domain sampling weights (normalised
+    here) instead of DataConfig.mixing's (add_domain's re-fit gives the new domains a fixed share this way).
     """
 
     def __init__(self, data: TokenizedSplit, cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, weights: Optional[Sequence[float]] = None):
         if micro_batches < 1:
             raise DataError(f"micro_batches must be >= 1, got {micro_batches}")
         self.data, self.cfg, self.micro_batches = data, cfg, micro_batches
         self._host = _host_slice(cfg.batch_size, process_index, process_count)
         counts = np.bincount(data.domain, minlength=len(data.domains))
         self.weights = domain_weights(counts, cfg.mixing, cfg.temperature)  # [D], per example
+        if weights is not None:
+            weights = np.asarray(weights, np.float64)
+            if weights.shape != self.weights.shape or not (weights > 0).all():
+                raise DataError(f"weights {weights.tolist()}: need {len(self.weights)} positive values, one a domain")
+            self.weights = weights / weights.sum()
         streams = [_EpochShuffle(data.domain_rows(d), cfg.seed, d) for d in range(len(data.domains))]
         self.packers = None
         if cfg.packing == "domain":

@@ -80,7 +80,8 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
           f"Model `{results.get('model', '?')}`; backend {results.get('backend', '?')}; runtime "
           f"{results.get('runtime_seconds', 0) / 60:.1f} min; stage 1 {steps.get('stage1', '?')} steps, stage 2 "
           f"{steps.get('stage2', '?')} steps at batch {steps.get('batch_size', '?')}; "
-          f"{_span(n_items)} test items per domain, {len(results['domains'])} domains.", "",
+          f"{_span(n_items)} test items per domain{_ppl_items_note(results)}, {len(results['domains'])} "
+          f"domains.", "",
           "accuracy: share of greedy answers the domain's verifier marks fully correct; PPL: perplexity of the "
           "reference response (teacher forcing, routed as the method routes); BLEU-4 / ROUGE-L: mean sentence "
           "scores of the completion against the reference answer (0-100); routing: share of items the routers "
@@ -133,6 +134,12 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
 
 ROUTE_ON_TEXT = {"adapted": "the adapted routing pass (each layer routed by its own router)",
                  "base": "one forward of the plain base model (servable)"}
+
+
+def _ppl_items_note(results: dict) -> str:
+    """Where PPL has its own items (eval.ppl_items_per_domain): how many."""
+    n = results.get("ppl_items_per_domain")
+    return f" (PPL over {_span(n)} test items per domain)" if n else ""
 
 
 def _policy_table(results: dict, routed: list[str]) -> list[str]:

@@ -3,7 +3,10 @@
 Per method and domain (moa_jax.eval.evaluate routes, computes NLL and generates per item; moa_jax.eval.metrics scores):
   accuracy        share of items whose greedy answer the domain's verifier gives full marks (exact)
   score           mean verifier score (some verifiers give partial credit)
-  ppl, nll        perplexity / mean NLL on the response tokens (teacher forcing; routed as the method routes)
+  ppl, nll        perplexity / mean NLL on the response tokens (teacher forcing; routed as the method routes), over
+                  the generation items, or over the first eval.ppl_items_per_domain test items of every domain when
+                  that is set (PPL needs no generation, so many more items are cheap; `ppl_items_per_domain` in the
+                  results says how many)
   bleu, rouge_l   mean sentence BLEU-4 and ROUGE-L F of the completion against the reference answer (0-100);
   corpus_bleu     pooled-count BLEU-4 of the domain's completions
   routing_accuracy  (methods whose registry record says so: moa_router) share of items routed to the domain's own
@@ -74,6 +77,7 @@ class EvalSet:
     split: Any = None         # the TokenizedSplit the rows index (to re-collate a subset of items)
     batch_size: int = 1
     buckets: tuple = ()
+    ppl: Optional["EvalSet"] = None   # the PPL items when they are not the generation items
 
     def subset_batches(self, items: np.ndarray) -> list:
         """PPL batches of the items `items` (indices into the N test items, in that order)."""
@@ -103,12 +107,18 @@ def collate_rows(split, rows: np.ndarray, batch_size: int, buckets: Sequence[int
     return batches
 
 
-def build_eval_set(split, domains: tuple, items_per_domain: int, batch_size: int, buckets: Sequence[int]) -> EvalSet:
+def build_eval_set(split, domains: tuple, items_per_domain: int, batch_size: int, buckets: Sequence[int],
+                   ppl_items_per_domain: int = 0) -> EvalSet:
+    """The first items_per_domain test items of every domain; with ppl_items_per_domain, `.ppl` holds that many
+    items per domain for PPL (the same first items, then more)."""
     rows = eval_rows(split, items_per_domain)
     examples = [split.example(r) for r in rows]
+    ppl = None
+    if ppl_items_per_domain:
+        ppl = build_eval_set(split, domains, ppl_items_per_domain, batch_size, buckets)
     return EvalSet(tuple(domains), rows, split.domain[rows], collate_rows(split, rows, batch_size, buckets),
                    [list(split.tokens(r)[:split.prompt_len[r]]) for r in rows], examples,
-                   [reference_text(e) for e in examples], split, batch_size, tuple(buckets))
+                   [reference_text(e) for e in examples], split, batch_size, tuple(buckets), ppl)
 
 
 def score_texts(es: EvalSet, texts: Sequence[str]) -> dict[str, dict]:
@@ -195,8 +205,12 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
             memo.put(memo_key, todo, experts[todo], sums, counts, texts)
         sums, counts, texts = memo.get(memo_key, experts)
     per_domain = score_texts(es, texts)
+    if es.ppl is not None:   # PPL over its own items: their experts as the method routes, then one NLL pass
+        ppl_experts = assign_experts(cfg, method, es.ppl.prompts, es.ppl.labels, pad_id=pad_id, batch_size=batch_size)
+        sums, counts = item_nll(cfg, method, es.ppl.batches, ppl_experts)
+    labels = es.labels if es.ppl is None else es.ppl.labels
     for d, name in enumerate(es.domains):
-        sel = es.labels == d
+        sel = labels == d
         nll = float(sums[sel].sum() / max(counts[sel].sum(), 1.0))
         per_domain[name].update(ppl=float(np.exp(nll)), nll=nll)
     confusion = None
@@ -224,10 +238,13 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[Method], progress: bool = T
     """Every method (without parameters: `Method.resolve` takes them from `trained`) on the first items_per_domain
     test items of every domain. -> results dict. `progress`: one bar over methods x items (process 0)."""
     ev, split = ctx.exp.eval, ctx.data["test"]
-    es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets)
+    es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets,
+                        ev.ppl_items_per_domain)
     frozen = jax.device_get(ctx.frozen) if jax.process_count() == 1 else ctx.frozen
     results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {},
                "data": data_counts(ctx.data, dict(zip(ctx.domains, es.per_domain_counts())))}
+    if es.ppl is not None:
+        results["ppl_items_per_domain"] = es.ppl.per_domain_counts()
     memo = ItemMemo()
     bar = tqdm(total=len(specs) * len(es.rows), desc="eval", unit="item", dynamic_ncols=True,
                disable=not (progress and jax.process_index() == 0))
