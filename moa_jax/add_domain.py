@@ -11,10 +11,11 @@ Steps (OUT = the work directory):
      matched by domain NAME, old expert k keeps domain k's name;
   3. OUT/new_experts: only the new experts train, on the new domains' data, with label routing (stage-1 settings;
      default steps = stage1.steps * N_new / N, so each new expert sees as many examples as an old one did);
-  4. OUT/refit: routers + new experts train on all domains (stage-2 settings; default steps = stage2.steps / 2),
-     the new domains `refit_new_share` of every batch (default 0.5; uniform mixing would give them only
-     N_new / (N + N_new), too little for the routers to learn them in a short re-fit; a large share also biases
-     the routers towards the new experts: README "Add a domain" has measurements), the old ones the rest;
+  4. OUT/refit: the new experts and the routers' new outputs (`refit_routers=new`, default; `all`: every router
+     output) train on all domains (stage-2 settings; default steps = stage2.steps / 2), the new domains
+     `refit_new_share` of every batch (default 0.5; uniform mixing would give them only N_new / (N + N_new), too
+     little for a short re-fit), the old ones the rest; the router CE adds log(share) of each domain to its logit
+     (TrainConfig.router_prior: logit adjustment), so that share does not become the routers' prior;
      in both phases old experts get no update, no weight decay and no optimiser-state change: bit-identical
      (checked against the base run's adapters before the evaluation);
   5. evaluation on the same test items of every domain: moa_router / moa_oracle (the grown MoA), single_lora (the
@@ -186,8 +187,9 @@ def refit_source(exp: ExperimentConfig, train, n_old: int) -> TrainBatches:
                         process_count=jax.process_count(), micro_batches=exp.stage2.grad_accum, weights=weights)
 
 
-def _train(ctx: ExperimentContext, name: str, tcfg, init, source, n_old: int, progress: bool):
-    """One phase in workdir/name with the old experts frozen. -> (trainable, seconds of this call)."""
+def _train(ctx: ExperimentContext, name: str, tcfg, init, source, n_old: int, progress: bool, routers=False):
+    """One phase in workdir/name with the old experts (and with `routers` the routers' old outputs) frozen.
+    -> (trainable, seconds of this call)."""
     t0 = time.perf_counter()
     directory = os.path.join(ctx.workdir, name)
     ctx.stage_dirs[name] = directory
@@ -196,7 +198,7 @@ def _train(ctx: ExperimentContext, name: str, tcfg, init, source, n_old: int, pr
         model=MoATransformer(ctx.cfg, ctx.exp.moa), tcfg=tcfg, mesh=ctx.mesh, frozen=ctx.frozen, trainable=init,
         source=source, workdir=directory, config=ctx.config_dict(name, ctx.exp.moa, tcfg), domain_names=ctx.domains,
         frozen_shardings=ctx.frozen_shardings, progress=progress, desc=name,
-        tx=freeze_old_experts(make_optimizer(tcfg, init), n_old))
+        tx=freeze_old_experts(make_optimizer(tcfg, init), n_old, routers=routers))
     return trained, time.perf_counter() - t0
 
 
@@ -296,9 +298,14 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     src = _Offset(TrainBatches(new_train, replace(exp.data, seed=exp.data.seed + 5), process_index=jax.process_index(),
                                process_count=jax.process_count(), micro_batches=exp.stage1.grad_accum), n_old)
     experts, wall1 = _train(ctx, "new_experts", exp.stage1, init, src, n_old, progress)
-    log.info("add_domain: the re-fit gives the new domains %.2f of every batch", exp.refit_new_share)
-    refit, wall2 = _train(ctx, "refit", exp.stage2, experts, refit_source(exp, ctx.data["train"], n_old), n_old,
-                          progress)
+    log.info("add_domain: the re-fit gives the new domains %.2f of every batch; router outputs trained: %s",
+             exp.refit_new_share, exp.refit_routers)
+    refit_src = refit_source(exp, ctx.data["train"], n_old)
+    # the router CE corrects for the re-fit's sampling shares (logit adjustment): routers learn the prompts, not
+    # that half of every batch is new
+    refit_cfg = replace(exp.stage2, router_prior=tuple(float(w) for w in refit_src.weights))
+    refit, wall2 = _train(ctx, "refit", refit_cfg, experts, refit_src, n_old, progress,
+                          routers=exp.refit_routers == "new")
     changed = same_old_experts(moa_old, refit, n_old)
     if changed:   # the update mask failed: a bug, not a user mistake
         raise AssertionError(f"add_domain: old experts changed in {changed[:4]}")
@@ -313,13 +320,14 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     results = evaluate_all(ctx, trained, specs_eval, progress)
     section = summary_section(results, base, new_names)
     section["old_experts_bit_identical"] = not changed
-    section["refit_new_share"] = exp.refit_new_share
+    section["refit_new_share"], section["refit_routers"] = exp.refit_new_share, exp.refit_routers
     section["cost"] = cost(base, exp, ctx, {"new_experts": wall1, "refit": wall2})
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages={"base_run stage2": os.path.dirname(base.stage2),
                                                           **ctx.stage_dirs},
                    steps={"new_experts": exp.stage1.steps, "refit": exp.stage2.steps,
-                          "batch_size": exp.data.batch_size, "refit_new_share": exp.refit_new_share},
+                          "batch_size": exp.data.batch_size, "refit_new_share": exp.refit_new_share,
+                          "refit_routers": exp.refit_routers},
                    add_domain=section)
     if jax.process_index() == 0:
         write_report(results, workdir)

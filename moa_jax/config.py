@@ -3,6 +3,7 @@
 One dataclass per concern; each module receives only its own sub-config. Frozen dataclasses are hashable, so
 they can be static arguments of `jax.jit`. Presets are functions returning instances; derived values are
 properties. Paper defaults that the paper leaves open are marked [ours] (see docs/method.md) and are all options.
+DataConfig lives in moa_jax/data_config.py and is re-exported here.
 
 Shape glossary used across the package:
   B batch, T tokens, S cache slots, D model width, F MLP width, H query heads, K key/value heads, Dh head width,
@@ -14,7 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from moa_jax.data_config import DATA_MIXING, DATA_SPLITS, LENGTH_POLICIES, PACKING, DataConfig  # noqa: F401
 from moa_jax.errors import ConfigError
+from moa_jax.errors import require as _check
 from moa_jax.methods import EVAL_METHODS, unknown_methods
 from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, ROUTE_ON, TRAIN_ROUTINGS, model_mode, stage_routing
 from moa_jax.variants import Variant, parse_variant
@@ -35,11 +38,6 @@ def check_remat(value: str, where: str) -> None:
     _check(value in REMAT_POLICIES, f"{where}.remat={value!r} is not one of {REMAT_POLICIES}: 'full' keeps only each "
            f"layer's input (least memory, ~1 extra forward), 'projections' keeps the projection outputs (faster, "
            f"~O(L*B*T*(4D+3F)) more memory), 'none' keeps every residual, 'auto' = projections on CPU, full elsewhere")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -199,6 +197,8 @@ class TrainConfig:
     train_routing: str = "label"    # stage 2 forward: label (teacher forcing) | router argmax | soft mixture
     loss_normalization: str = ""    # "token" (mean over all tokens) | "domain" (sum of per-domain means);
                                     # "" = "domain" for stage1 (N independent trainings), else "token"
+    router_prior: tuple = ()        # share of each domain in the batches (add_domain's re-fit sets it): the router
+                                    # CE adds log(share) to the logits, so routers learn prompts, not frequencies
     init_from_peft: tuple = ()     # stage 1 only: PEFT LoRA adapter dirs ("DIR" or "domain=DIR") used as the
                                     # stage-1 experts instead of training them (matched to the domains by name)
     seed: int = 0
@@ -215,6 +215,8 @@ class TrainConfig:
         _check(self.loss_normalization in ("", "token", "domain"),
                f"TrainConfig.loss_normalization={self.loss_normalization!r} not in ('token', 'domain')")
         object.__setattr__(self, "init_from_peft", tuple(self.init_from_peft))
+        object.__setattr__(self, "router_prior", tuple(float(p) for p in self.router_prior))
+        _check(all(p > 0 for p in self.router_prior), f"TrainConfig.router_prior must be > 0, got {self.router_prior}")
         _check(not self.init_from_peft or self.stage == "stage1",
                f"TrainConfig.init_from_peft is a stage-1 option (stage {self.stage!r}): set stage1.init_from_peft")
         _check(self.steps >= 0, f"TrainConfig.steps must be >= 0, got {self.steps}")
@@ -234,73 +236,6 @@ class TrainConfig:
 def replace(cfg, **changes):
     """dataclasses.replace that re-runs validation (frozen dataclasses)."""
     return dataclasses.replace(cfg, **changes)
-
-
-# ---- data ----
-DATA_MIXING = ("uniform", "proportional", "temperature")
-LENGTH_POLICIES = ("drop", "truncate_left", "error")
-PACKING = ("none", "domain")
-DATA_SPLITS = ("train", "validation", "test")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where examples come from, how they are tokenised and how they are mixed into fixed-shape batches.
-
-    source: "moa_tasks" (the embedded 10-task tfds dataset; `builder_config` picks its size),
-            "jsonl:DIR" (your JSONL files, see docs/data.md), "tfds:NAME[/CONFIG][:VERSION]" (a tfds catalog
-            dataset read with `field_map`; needs the dataset prepared in `data_dir`) or "hf:NAME[:CONFIG]" (a
-            Hugging Face dataset, a Hub id or a local dataset directory, read with `field_map`; a missing
-            validation/test split is carved from train with `holdout_fraction`).
-    """
-    source: str = "moa_tasks"
-    builder_config: str = "default"   # moa_tasks only: default (2000/200/200 per domain) | small | tiny | large
-    data_dir: Optional[str] = None    # tfds data dir; None -> $MOA_JAX_DATA_DIR or ~/.cache/moa_jax/tfds
-    domains: tuple = ()               # subset and order of domains (expert ids follow it); () = all of the source
-    field_map: str = ""               # tfds/hf source: "prompt=question,response=answer[,domain=label]"
-    holdout_fraction: float = 0.05    # flat JSONL dirs, hf datasets without validation/test: share of prompts
-                                      # hashed to each of validation and test
-    system_prompt: Optional[str] = "auto"  # "auto": short task prompt for moa_tasks, template default otherwise;
-                                           # None: template default; any string (even ""): that system message
-    max_len: int = 256                # longest tokenised example kept (prompt + response + eos)
-    length_policy: str = "drop"       # over-long examples: drop (counted + logged) | truncate_left | error
-    buckets: tuple[int, ...] = (64, 128, 256)  # padded lengths T; a batch uses the smallest bucket that fits it
-    batch_size: int = 8               # global batch B (all hosts together)
-    eval_batch_size: int = 0          # 0 -> batch_size
-    mixing: str = "uniform"           # domain weights: uniform | proportional (to size) | temperature
-    temperature: float = 2.0          # temperature mixing: weight ~ size ** (1 / temperature)
-    packing: str = "none"             # training rows: none (one example each) | domain (consecutive examples of one
-                                      # domain up to the largest bucket; moa_jax/data/packing.py)
-    max_segments: int = 8             # packing: most examples in one row (G, a static shape)
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "domains", tuple(self.domains))
-        object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
-        _check(self.source == "moa_tasks" or (self.source.startswith(("jsonl:", "tfds:", "hf:"))
-                                               and len(self.source.split(":", 1)[1]) > 0),
-               f"DataConfig.source={self.source!r}: use 'moa_tasks', 'jsonl:DIR', 'tfds:NAME' or "
-               f"'hf:NAME[:CONFIG]'")
-        _check(self.mixing in DATA_MIXING, f"DataConfig.mixing={self.mixing!r} not in {DATA_MIXING}")
-        _check(self.temperature > 0, f"DataConfig.temperature must be > 0, got {self.temperature}")
-        _check(self.packing in PACKING, f"DataConfig.packing={self.packing!r} not in {PACKING}")
-        _check(self.max_segments >= 1, f"DataConfig.max_segments must be >= 1, got {self.max_segments}")
-        _check(self.length_policy in LENGTH_POLICIES,
-               f"DataConfig.length_policy={self.length_policy!r} not in {LENGTH_POLICIES}")
-        _check(len(self.buckets) > 0 and all(b > 0 for b in self.buckets)
-               and list(self.buckets) == sorted(set(self.buckets)),
-               f"DataConfig.buckets={self.buckets} must be positive and strictly increasing")
-        _check(1 < self.max_len <= self.buckets[-1],
-               f"DataConfig.max_len={self.max_len} must be in [2, largest bucket {self.buckets[-1]}]")
-        _check(self.batch_size >= 1, f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.eval_batch_size >= 0, f"DataConfig.eval_batch_size must be >= 0, got {self.eval_batch_size}")
-        _check(0.0 <= self.holdout_fraction < 0.5,
-               f"DataConfig.holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
-        _check(0 <= self.seed < 2 ** 31, f"DataConfig.seed must be in [0, 2**31), got {self.seed}")
-
-    @property
-    def eval_batch(self) -> int:
-        return self.eval_batch_size or self.batch_size
 
 
 # ---- evaluation and experiments (the methods: moa_jax/methods.py) ----
@@ -344,7 +279,8 @@ class ExperimentConfig:
     base_run, new_domains: the `add_domain` experiment (moa_jax/add_domain.py): the finished run to extend and the
     specs of the domains to add (moa_jax/data/new_domains.py); empty for every other experiment. refit_new_share:
     add_domain's router re-fit gives the new domains this share of every batch (split over them by data.mixing),
-    the old domains the rest (mixed by data.mixing among them).
+    the old domains the rest (mixed by data.mixing among them); refit_routers: 'new' trains only the new domains'
+    router outputs in that re-fit (the old ones stay bit-identical), 'all' every output.
     capacity_rank: > 0 makes the run the capacity study (experiments/capacity.py): MoA and the mixed LoRA at this
     rank, the mixed LoRA at num_experts x this rank (parameter-matched) and MoA at moa.rank; 0 = a normal run.
     """
@@ -367,6 +303,7 @@ class ExperimentConfig:
     base_run: str = ""
     new_domains: tuple = ()
     refit_new_share: float = 0.5
+    refit_routers: str = "new"
     capacity_rank: int = 0
 
     def __post_init__(self):
@@ -378,6 +315,8 @@ class ExperimentConfig:
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
         check_remat(self.remat, "ExperimentConfig")
         _check(self.loss_chunk >= 1, f"ExperimentConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
+        _check(self.refit_routers in ("new", "all"), f"refit_routers={self.refit_routers!r}: 'new' (only the new "
+               f"domains' router outputs train in add_domain's re-fit) or 'all'")
         _check(isinstance(self.refit_new_share, (int, float)) and 0.0 < self.refit_new_share < 1.0,
                f"refit_new_share={self.refit_new_share!r}: the new domains' share of each add_domain re-fit batch "
                f"must be a number in (0, 1), e.g. --set refit_new_share=0.5")

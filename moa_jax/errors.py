@@ -33,6 +33,12 @@ class WorkdirError(UserError, OSError):
     """An output directory cannot be created or written."""
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition`: the configs' field checks."""
+    if not condition:
+        raise ConfigError(message)
+
+
 def check_writable(directory: str, what: str = "--workdir") -> None:
     """Create `directory` if needed and prove a file can be written in it (before any slow work starts)."""
     if os.path.exists(directory) and not os.path.isdir(directory):

@@ -79,31 +79,42 @@ def _names(path) -> tuple:
     return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
 
 
-def _old_mask(names: tuple, leaf, num_old: int):
-    """Boolean array broadcastable to `leaf`, True on the old experts of an expert leaf; None for other leaves."""
-    if not names or names[-1] not in EXPERT_LEAVES or getattr(leaf, "ndim", 0) < 2:
+def _old_mask(names: tuple, leaf, num_old: int, routers: bool = False):
+    """Boolean array broadcastable to `leaf`, True on the old experts of an expert leaf (with `routers`, also on
+    the old outputs of a router leaf, and everywhere on an mlp router's shared hidden layer); None elsewhere."""
+    if not names or getattr(leaf, "ndim", 0) < 2:
+        return None
+    if names[-1] in EXPERT_LEAVES:
+        axis = 1
+    elif routers and "router" in names:
+        axis = expert_axis(names, leaf.shape)
+        if axis is None:   # every old output reads the mlp router's hidden layer
+            return jnp.ones((1,) * leaf.ndim, bool)
+    else:
         return None
     shape = [1] * leaf.ndim
-    shape[1] = leaf.shape[1]
-    return (jnp.arange(leaf.shape[1]) < num_old).reshape(shape)
+    shape[axis] = leaf.shape[axis]
+    return (jnp.arange(leaf.shape[axis]) < num_old).reshape(shape)
 
 
-def _where_old(new, old, num_old: int, fill=None):
-    """Tree map: on old experts take `old` (or the constant `fill`), elsewhere `new`."""
+def _where_old(new, old, num_old: int, fill=None, routers: bool = False):
+    """Tree map: on old experts (and old router outputs) take `old` (or the constant `fill`), elsewhere `new`."""
     def pick(path, n, o):
-        mask = _old_mask(_names(path), n, num_old)
+        mask = _old_mask(_names(path), n, num_old, routers)
         if mask is None:
             return n
         return jnp.where(mask, jnp.asarray(fill, n.dtype) if fill is not None else o, n)
     return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
-def freeze_old_experts(inner: optax.GradientTransformation, num_old: int) -> optax.GradientTransformation:
+def freeze_old_experts(inner: optax.GradientTransformation, num_old: int,
+                       routers: bool = False) -> optax.GradientTransformation:
     """`inner` restricted to experts num_old.. of every lora_a/lora_b leaf (and to the other leaves as `inner`
-    treats them): the old experts get no update, no weight decay and no change of optimiser state."""
+    treats them): the old experts get no update, no weight decay and no change of optimiser state. With `routers`
+    the routers' old outputs are frozen the same way (only the new domains' outputs train)."""
     def update(grads, state, params=None):
-        grads = _where_old(grads, grads, num_old, fill=0.0)
+        grads = _where_old(grads, grads, num_old, fill=0.0, routers=routers)
         updates, new_state = inner.update(grads, state, params)
-        new_state = _where_old(new_state, state, num_old)     # optimiser moments nest the param tree
-        return _where_old(updates, updates, num_old, fill=-0.0), new_state
+        new_state = _where_old(new_state, state, num_old, routers=routers)   # optimiser moments nest the params
+        return _where_old(updates, updates, num_old, fill=-0.0, routers=routers), new_state
     return optax.GradientTransformation(inner.init, update)

@@ -103,7 +103,7 @@ def test_moa_jax_has_no_import_cycle():
 
 # Lowest first; a module belongs to the first layer with a prefix that names it or a package above it.
 LAYERS = [
-    ("config", "errors", "overrides", "distributed", "routing", "methods", "variants"),
+    ("config", "data_config", "errors", "overrides", "distributed", "routing", "methods", "variants"),
     ("nn", "params", "sharding", "grow"),
     ("loading", "data", "peft_import"),
     ("train", "generate", "run_artifacts"),

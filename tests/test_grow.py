@@ -78,6 +78,63 @@ def test_old_experts_stay_bit_identical_under_adamw_with_weight_decay(stage):
             assert not np.asarray(leaf)[:, :3].any() and np.asarray(leaf)[:, 3:].any(), names
 
 
+@pytest.mark.parametrize("router_type", ["linear", "mlp"])
+def test_frozen_old_router_outputs_stay_bit_identical(router_type):
+    """refit_routers='new': the routers' old outputs (and an mlp router's shared hidden layer) keep their values,
+    their new outputs and the new experts train."""
+    cfg, moa = make_tiny_cfg(), make_tiny_moa(num_experts=4, router_type=router_type, router_hidden=8)
+    params = init_trainable(cfg, moa, jax.random.PRNGKey(0))
+    tcfg = TrainConfig(stage="stage2", steps=10, learning_rate=1e-2, weight_decay=0.1, warmup_frac=0.0)
+    tx = freeze_old_experts(make_optimizer(tcfg, params), num_old=3, routers=True)
+    state, p = tx.init(params), params
+    for i in range(3):
+        grads = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.PRNGKey(i), x.shape), p)
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+    before, after = _flat(params), _flat(p)
+    assert same_old_experts(params, p, 3) == []
+    for k in before:
+        if "router" not in k:
+            continue
+        if k[-2] == "hidden":
+            assert np.array_equal(before[k], after[k]), k
+        else:
+            assert np.array_equal(before[k][..., :3], after[k][..., :3]), k
+            assert not np.array_equal(before[k][..., 3:], after[k][..., 3:]), f"new router output of {k} froze"
+
+
+def test_router_prior_is_a_logit_adjustment():
+    """TrainConfig.router_prior: the stage-2 router CE is that of logits + log(share); a uniform prior gives the
+    plain CE."""
+    import jax.numpy as jnp
+    from moa_jax.nn.model import MoATransformer
+    from moa_jax.nn.router import router_ce_loss
+    from moa_jax.params import merge_params
+    from moa_jax.train.step import loss_fn
+    from tests.train_helpers import init_trees, tiny_cfg, tiny_moa
+    cfg, moa = tiny_cfg(), tiny_moa(num_experts=3)
+    frozen, trainable = init_trees(cfg, moa)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 12), 1, cfg.vocab_size)
+    mask = jnp.ones((4, 12), jnp.int32)
+    batch = dict(tokens=tokens, attention_mask=mask, prompt_mask=mask.at[:, 6:].set(0),
+                 loss_mask=mask.at[:, :6].set(0), domain=jnp.array([0, 1, 2, 2]), valid=jnp.ones(4, jnp.int32))
+    model = MoATransformer(cfg, moa)
+    _, aux = model.apply({"params": merge_params(frozen, trainable)}, tokens, attention_mask=mask,
+                         prompt_mask=batch["prompt_mask"], routing="fixed", expert_idx=batch["domain"])
+    losses = {}
+    for prior in ((), (1 / 3,) * 3, (0.5, 0.25, 0.25)):
+        tcfg = TrainConfig(stage="stage2", router_prior=prior)
+        _, m = loss_fn(trainable, frozen, batch, jax.random.PRNGKey(1), model=model, tcfg=tcfg, num_domains=3)
+        shift = jnp.log(jnp.asarray(prior or (1.0,)))
+        want = router_ce_loss(aux["router_logits"] + shift, batch["domain"], batch["valid"])
+        np.testing.assert_allclose(m["router_loss"], want, rtol=1e-5)
+        losses[prior] = float(m["router_loss"])
+    assert np.isclose(losses[()], losses[(1 / 3,) * 3], rtol=1e-5)
+    assert not np.isclose(losses[()], losses[(0.5, 0.25, 0.25)], rtol=1e-3)
+    with pytest.raises(Exception, match="router_prior must be > 0"):
+        TrainConfig(stage="stage2", router_prior=(0.5, 0.0))
+
+
 def test_without_the_mask_old_experts_change():
     """The check above can fail: plain AdamW with weight decay moves every expert."""
     cfg, moa = make_tiny_cfg(), make_tiny_moa(num_experts=4)

@@ -179,7 +179,8 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
     if tcfg.stage == "stage2":  # routers are label-supervised only in stage 2
         r_logits = aux["router_logits"] if base_logits is None else base_logits
         r_logits = r_logits.reshape(r_logits.shape[0], -1, r_logits.shape[-1])            # (L, B[*G], E)
-        r_loss = router_ce_loss(r_logits, labels, label_valid)
+        prior = jnp.log(jnp.asarray(tcfg.router_prior or (1.0,), jnp.float32))   # logit adjustment (TrainConfig)
+        r_loss = router_ce_loss(r_logits + prior, labels, label_valid)
         metrics.update(router_loss=r_loss, router_acc=router_accuracy(r_logits, labels, label_valid))
         if tcfg.eta > 0:
             loss = loss + tcfg.eta * r_loss
