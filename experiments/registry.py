@@ -99,10 +99,11 @@ def moa_10task() -> ExperimentConfig:
     with the baselines (moa_10task_accel is the same job at the accelerator budget).
 
     Command: python -m experiments.run --exp=moa_10task
-    Budget (BUDGETS["cpu"], the same on every backend): stage 1 = 120 steps and stage 2 = 40 steps at batch 8
-    (~96 + 32 examples per domain), the mixed-LoRA baseline on the same 1,280 examples, evaluation on 20 test
-    items per domain (too few for claims under ~0.15 accuracy difference). Runtime: 29.6 min on an idle 2-core
-    CPU (stage 1 9.1, stage 2 3.1, mixed LoRA 11.1, evaluation 5.9 min). See README for the table.
+    Budget (BUDGETS["cpu"], the same on every backend): stage 1 = 80 steps and stage 2 = 40 steps of 8 rows packed
+    with examples of one domain (~11.7 examples a step: ~94 + 47 examples per domain), the mixed-LoRA baseline on
+    the same examples (120 steps), evaluation on 20 test items per domain (too few for claims under ~0.15 accuracy
+    difference). Runtime: 25.9 min on a 2-core AMD EPYC CPU (stage 1 7.4, stage 2 3.0, mixed LoRA 7.8, evaluation
+    7.3 min). See README for the table.
     Methods reported (results.md): most_common (each domain's most common train answer: the floor), base,
     single_lora (stage-1 experts, domain given), mixed_lora (one LoRA, same examples as stage 1 + 2), moa_router,
     moa_oracle; per domain accuracy, PPL, BLEU-4, ROUGE-L, routing accuracy + confusion, and where MoA loses.
