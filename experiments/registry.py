@@ -192,11 +192,10 @@ def moa_10task_capacity() -> ExperimentConfig:
     Command, after moa_10task (its rank-16 stage 1 + stage 2 are loaded, not trained again):
         python -m experiments.run --exp=moa_10task_capacity --set reuse_from=runs/moa_10task
     Standalone (trains the rank-16 MoA too): python -m experiments.run --exp=moa_10task_capacity
-    Budget: moa_10task's per arm (MoA r2: stage 1 + stage 2, 120 + 40 steps at batch 8; each mixed LoRA: the same
-    1,280 examples); alpha scaled with the rank (alpha / rank = 2, as moa_10task). PPL over all 200 test items per
-    domain (eval.ppl_items_per_domain: teacher-forced, the primary CPU metric), accuracy over the 20 generation
-    items. Runtime not measured; from moa_10task's stage times about 35 min of training on an idle 2-core CPU with
-    reuse_from, plus the evaluation of 4 methods. Report: results.md "Capacity: when does MoA beat one LoRA?"
+    Budget: moa_10task's per arm (MoA r2: stage 1 + stage 2, 80 + 40 steps of 8 packed rows; each mixed LoRA: the
+    same examples, 120 steps); alpha scaled with the rank (alpha / rank = 2, as moa_10task). PPL over all 200 test
+    items per domain (eval.ppl_items_per_domain: teacher-forced, the primary CPU metric), accuracy over the 20
+    generation items. Report: results.md "Capacity: when does MoA beat one LoRA?"
     (method, rank, trainable params, inference FLOPs per token, PPL, accuracy, routing accuracy); README section.
     Expected (a hypothesis, not measured): MoA r2 below mixed r2's PPL wherever the domains pull one small LoRA
     apart and the routers pick the right expert; mixed r20 has MoA r2's LoRA parameter count at 10x its per-token
