@@ -106,6 +106,8 @@ class ExperimentContext:
 
 
 # Config entries that do not change what a stage learns (ignored when deciding whether adapters can be reused).
+# Stage-config fields added after runs were saved, with the value that reproduces what those runs did.
+_ADDED_FIELDS = {"moa.route_on": "adapted", "train.router_prior": [], "data.packing": "none", "data.max_segments": 8}
 _REUSE_IGNORED = ("experiment", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "moa.decision", "data.eval_batch_size")
 
@@ -118,8 +120,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
     a, b = flat(json.loads(json.dumps(saved, default=str))), flat(json.loads(json.dumps(current, default=str)))
-    if "moa.rank" in a:   # configs written before route_on existed routed on the adapted pass
-        a.setdefault("moa.route_on", "adapted")
+    for side in (a, b):   # a config written before a field existed ran with what that field's default means
+        if "moa.rank" in side:
+            for key, value in _ADDED_FIELDS.items():
+                side.setdefault(key, value)
     # route_on changes how stage 2 trains the routers; no other stage reads it
     ignored = _REUSE_IGNORED + (() if current.get("stage") == "stage2" else ("moa.route_on",))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))

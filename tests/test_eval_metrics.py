@@ -203,3 +203,10 @@ def test_config_differences_ignore_logging_only_fields():
     assert config_differences(a, b) == []
     b["train"]["steps"] = 20
     assert config_differences(a, b) == ["train.steps: 10 -> 20"]
+    # a run saved before a field existed matches a config holding that field's old meaning, and only that
+    now = copy.deepcopy(a)
+    now["moa"]["route_on"], now["train"]["router_prior"] = "adapted", []
+    now["data"] = {"packing": "none", "max_segments": 8}
+    assert config_differences(a, now) == []
+    now["data"]["packing"] = "domain"
+    assert config_differences(a, now) == ["data.packing: 'none' -> 'domain'"]
