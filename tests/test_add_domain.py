@@ -66,7 +66,11 @@ def test_old_experts_bit_identical_and_new_expert_trained(runs):
     assert any(new[k][:, 10].any() for k in experts if k[-1] == "lora_b"), "the new expert did not train"
     routers = [k for k in old if "router" in k]
     assert all(new[k].shape[-1] == 11 for k in routers)
-    assert any(not np.array_equal(new[k][..., :10], old[k]) for k in routers), "the routers were not re-fitted"
+    # refit_routers=new (default): the routers' old outputs stay bit-identical, their new output is re-fitted (the
+    # new-expert phase trains no router, so its adapters hold the new output's initial values)
+    start = traverse_util.flatten_dict(load_adapters(os.path.join(grown, "new_experts", "adapters"))[0])
+    assert all(np.array_equal(new[k][..., :10], old[k]) for k in routers if k[-2] != "hidden")
+    assert any(not np.array_equal(new[k][..., 10:], start[k][..., 10:]) for k in routers), "no router re-fit"
 
 
 def test_report_over_all_domains(runs):
@@ -80,6 +84,7 @@ def test_report_over_all_domains(runs):
     section = res["add_domain"]
     assert section["old_experts_bit_identical"] is True and section["new_domains"] == ["sums"]
     assert section["refit_new_share"] == 0.6 and res["steps"]["refit_new_share"] == 0.6
+    assert section["refit_routers"] == "new" == res["steps"]["refit_routers"]
     assert section["routing_accuracy"] == pytest.approx(np.trace(conf) / 11)
     assert set(section["old_vs_base_run"]) == set(DOMAIN_NAMES)
     assert set(section["new_vs_single_lora"]["sums"]) == {"single_lora", "moa_oracle", "moa_router"}
