@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
 BUDGET_NOTE = """\
 Budgets: a preset is the same config on every backend. moa_10task and moa_10task_ablations take the
-reduced CPU budget (120 + 40 steps at batch 8, 20 test items per domain); moa_10task_accel and
+reduced CPU budget (80 + 40 steps of 8 packed rows, 20 test items per domain); moa_10task_accel and
 moa_10task_ablations_accel take the full accelerator budget (1500 + 500 steps at batch 32, 200 test items per
 domain) for a GPU or TPU. smoke and moa_7b have one budget. --set overrides any field, e.g. --set stage1.steps=1500
 --set data.batch_size=32. The run logs its resolved config and writes it to <workdir>/config.json."""
