@@ -15,7 +15,8 @@ Batches carry a leading micro-batch axis A (gradient accumulation, a lax.scan):
   then taken per segment (each segment's prompt pooled on its own, labelled with its row's domain).
 loss_mask[t] = 1 when token t is a target: logits[:, t-1] predict tokens[:, t].
 
-Shape glossary: A micro-batches, B batch, T tokens, G segments of a packed row, V vocab, L layers, E experts, N domains.
+Shape glossary: A micro-batches, B batch, T tokens, G segments of a packed row, V vocab, L layers, E experts,
+N domains.
 """
 from __future__ import annotations
 
@@ -191,9 +192,9 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
 
 
 def base_router_logits(model: MoATransformer, params, batch) -> jax.Array:
-    """Router logits [L, B, E] ([L, B, G, E] for packed rows) of the servable routing pass (MoAConfig.route_on='base'): one forward of the frozen
-    base model, no adapters and no dropout, every layer's router on the base hidden state entering it, pooled over
-    the prompt. Only the routers get gradients from it (nothing else of the trainable tree is used); only one
+    """Router logits [L, B, E] ([L, B, G, E] for packed rows) of the servable routing pass
+    (MoAConfig.route_on='base'): one forward of the frozen base model, no adapters and no dropout, every layer's
+    router on the base hidden state entering it, pooled over the prompt. Only the routers get gradients from it (nothing else of the trainable tree is used); only one
     position reaches the LM head."""
     tokens = batch["tokens"]
     _, aux = model.apply({"params": params}, tokens, attention_mask=batch["attention_mask"],
