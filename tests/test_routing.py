@@ -114,12 +114,12 @@ def test_unknown_method_names_error_listing_the_valid_ones():
 
 
 # ---- budgets: chosen by the preset's name, never by the backend ----
-CPU = (120, 40, 8, 20)
-ACCELERATOR = (1500, 500, 32, 200)
+CPU = (80, 40, 8, 20, "domain")             # rows packed with examples of one domain
+ACCELERATOR = (1500, 500, 32, 200, "none")
 
 
 def _budget(exp: ExperimentConfig) -> tuple:
-    return exp.stage1.steps, exp.stage2.steps, exp.data.batch_size, exp.eval.items_per_domain
+    return exp.stage1.steps, exp.stage2.steps, exp.data.batch_size, exp.eval.items_per_domain, exp.data.packing
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
