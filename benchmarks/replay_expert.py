@@ -6,7 +6,8 @@
 Stage 1 trains the experts independently: label routing, each domain's mean token loss, gradients clipped per
 expert, AdamW per coordinate. So expert d's trajectory depends only on the rows of domain d in each global batch
 and on the schedule. This rebuilds the experiment's global batches (same seed, batch size, mixing), keeps domain
-d's rows of batch s (padded with invalid rows to a fixed count, at the smallest bucket that fits them), and trains
+d's rows of batch s (padded with invalid rows to an even count, or to --rows, at the smallest bucket that fits the
+domain's rows), and trains
 one expert (E = 1) with the experiment's stage-1 optimiser and schedule, or with another Adam b2 / peak learning
 rate to test a fix. One JSON line per step: step, loss (the domain's mean token loss), grad_norm (before
 clipping), rows (the domain's real rows in the global batch).
@@ -52,7 +53,7 @@ def optimizer(tcfg, trainable, b2: float):
                        optax.multi_transform({"expert": adam, "frozen": optax.set_to_zero()}, labels))
 
 
-def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2: float = 0.999, lr=None, rows: int = 8,
+def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2: float = 0.999, lr=None, rows: int = 0,
            out=None, log_every: int = 50) -> list[dict]:
     exp = get_experiment(exp_name)
     tcfg = exp.stage1 if lr is None else replace(exp.stage1, learning_rate=lr)
@@ -74,15 +75,20 @@ def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2: float = 0.
                bucket_for(int(data.lengths[data.domain_rows(d)].max()), exp.data.buckets))
     history, t0 = [], time.perf_counter()
     for s in range(steps):
-        mine = [g for g in batches.global_rows(s) if data.domain[g[0]] == d][:rows]
-        valid = np.arange(rows) < len(mine)
-        padded = mine + [data.domain_rows(d)[:1]] * (rows - len(mine))   # filler rows, valid 0: no loss
+        mine = [g for g in batches.global_rows(s) if data.domain[g[0]] == d]
+        # only the domain's rows are computed: rounded up to an even count (one program per count), or --rows
+        size = rows or 2 * ((len(mine) + 1) // 2) or 2
+        if len(mine) > size:
+            raise SystemExit(f"error: global batch {s} holds {len(mine)} rows of {domain}; pass --rows {len(mine)} "
+                             "or more (or 0: as many as each batch holds)")
+        valid = np.arange(size) < len(mine)
+        padded = mine + [data.domain_rows(d)[:1]] * (size - len(mine))   # filler rows, valid 0: no loss
         if packed:
             batch = collate_packed(data, padded, seq_len, exp.data.max_segments)
             batch["valid"] = valid.astype(np.int32)
         else:
             batch = collate(data, np.concatenate(padded), seq_len, valid)
-        batch["domain"] = np.zeros(rows, np.int32)
+        batch["domain"] = np.zeros(size, np.int32)
         batch = {k: jnp.asarray(v)[None] for k, v in batch.items() if k != "index"}   # one micro-batch
         state, m = step_fn(state, frozen, batch)
         m = jax.device_get(m)
@@ -105,7 +111,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the experiment's, else per backend)")
     ap.add_argument("--b2", type=float, default=0.999, help="Adam second-moment decay (0.999: the library's)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the experiment's)")
-    ap.add_argument("--rows", type=int, default=8, help="rows per replayed batch (the domain's rows + padding)")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="rows per replayed batch (the domain's rows + padding); 0: the domain's rows rounded up to "
+                         "an even count (one compiled program per count)")
     ap.add_argument("--out", default=None, help="JSONL file, one line per step")
     args = ap.parse_args(argv)
     out = open(args.out, "w") if args.out else None
