@@ -161,13 +161,26 @@ def test_stage2_loss_and_gradients_on_packed_rows_equal_unpacked(route_on):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=2e-4)
 
 
-def test_collate_packed_matches_collate_for_one_example_rows(setup):
+def test_collate_lays_out_each_example_and_masks_invalid_rows(setup):
+    """collate (one example a row, built on collate_packed): tokens then padding, prompt / response / attention
+    masks by position; a row with valid 0 is all padding; collate_packed marks the example as segment 1."""
     cfg, data = setup
     rows = np.array([0, 5, 70])
-    plain = collate(data, rows, 128)
+    out = collate(data, rows, 128, valid=np.array([1, 1, 0]))
+    for i, r in enumerate(rows[:2]):
+        ids, p = data.tokens(r), int(data.prompt_len[r])
+        n = len(ids)
+        assert np.array_equal(out["tokens"][i, :n], ids) and (out["tokens"][i, n:] == data.pad_id).all()
+        assert out["attention_mask"][i].tolist() == [1] * n + [0] * (128 - n)
+        assert out["prompt_mask"][i].tolist() == [1] * p + [0] * (128 - p)
+        assert out["loss_mask"][i].tolist() == [0] * p + [1] * (n - p) + [0] * (128 - n)
+    assert (out["tokens"][2] == data.pad_id).all() and not out["attention_mask"][2].any()
+    assert not out["loss_mask"][2].any() and not out["prompt_mask"][2].any()
+    assert out["domain"].tolist() == data.domain[rows].tolist() and out["index"].tolist() == rows.tolist()
+    assert out["valid"].tolist() == [1, 1, 0] and "segment_ids" not in out
     packed = collate_packed(data, [rows[i:i + 1] for i in range(3)], 128, max_segments=2)
-    assert all(np.array_equal(plain[k], packed[k]) for k in plain)
-    assert np.array_equal(packed["segment_ids"], plain["attention_mask"])
+    assert np.array_equal(packed["segment_ids"], packed["attention_mask"])
+    assert packed["segment_valid"].tolist() == [[1, 0]] * 3
 
 
 def test_packing_report_and_inspect_flag(setup, tmp_path, capsys, monkeypatch):

@@ -66,21 +66,10 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 
 def collate(data: TokenizedSplit, rows: np.ndarray, seq_len: int, valid: Optional[np.ndarray] = None) -> dict:
-    """Right-padded batch of `rows` [b] at length `seq_len` (T)."""
-    b = len(rows)
-    tokens = np.full((b, seq_len), data.pad_id, np.int32)
-    loss_mask = np.zeros((b, seq_len), np.int32)
-    prompt_mask = np.zeros((b, seq_len), np.int32)
-    attention_mask = np.zeros((b, seq_len), np.int32)
-    for i, r in enumerate(rows):
-        ids, p = data.tokens(r), data.prompt_len[r]
-        n = len(ids)
-        tokens[i, :n] = ids
-        attention_mask[i, :n] = 1
-        prompt_mask[i, :p] = 1
-        loss_mask[i, p:n] = 1  # response tokens and the final eos
-    out = dict(tokens=tokens, loss_mask=loss_mask, prompt_mask=prompt_mask, attention_mask=attention_mask,
-               domain=data.domain[rows].astype(np.int32), index=np.asarray(rows, np.int32))
+    """Right-padded batch of `rows` [b] at length `seq_len` (T): packed rows of one example each, without segments;
+    rows with `valid` 0 are all padding (no tokens, no loss)."""
+    out = collate_packed(data, [np.asarray([r]) for r in rows], seq_len, max_segments=1)
+    del out["segment_ids"], out["segment_valid"]
     if valid is not None:
         out["valid"] = valid.astype(np.int32)
         for k in ("loss_mask", "prompt_mask", "attention_mask"):
@@ -139,10 +128,11 @@ class TrainBatches:
                 raise DataError(f"weights {weights.tolist()}: need {len(self.weights)} positive values, one a domain")
             self.weights = weights / weights.sum()
         streams = [_EpochShuffle(data.domain_rows(d), cfg.seed, d) for d in range(len(data.domains))]
+        self._lengths = data.lengths   # [N] tokens per example (a property that runs np.diff: read it once)
         self.packers = None
         if cfg.packing == "domain":
             # rows hold several examples of one domain: weight rows by 1/(examples per row) to keep the example mix
-            self.packers = [PackedRows(s, data.lengths, cfg.buckets[-1], cfg.max_segments) for s in streams]
+            self.packers = [PackedRows(s, self._lengths, cfg.buckets[-1], cfg.max_segments) for s in streams]
             per_row = np.array([p.mean_examples_per_row(max(int(c), 1)) for p, c in zip(self.packers, counts)])
             row_weights = self.weights / per_row
             self.examples_per_row = float(1.0 / np.sum(row_weights))  # expected, over the mixed stream
@@ -153,7 +143,6 @@ class TrainBatches:
             parts = [grain.MapDataset.range(sys.maxsize).map(s) for s in streams]
         mixed = grain.MapDataset.mix(parts, [float(w) for w in row_weights / row_weights.sum()])
         self.rows = mixed.batch(cfg.batch_size, drop_remainder=True)  # s -> row ids [B] | (domain, row) [B, 2]
-        self._lengths = data.lengths
 
     def global_rows(self, index: int) -> list[np.ndarray]:
         """Global batch `index` as example ids per row (one each without packing), every host's rows."""
