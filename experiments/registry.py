@@ -108,8 +108,10 @@ def moa_10task() -> ExperimentConfig:
     Budget (BUDGETS["cpu"], the same on every backend): stage 1 = 80 steps and stage 2 = 40 steps of 8 rows packed
     with examples of one domain (~11.7 examples a step: ~94 + 47 examples per domain), the mixed-LoRA baseline on
     the same examples (120 steps), evaluation on 20 test items per domain (too few for claims under ~0.15 accuracy
-    difference). Runtime: 25.9 min on a 2-core AMD EPYC CPU (stage 1 7.4, stage 2 3.0, mixed LoRA 7.8, evaluation
-    7.3 min). See README for the table.
+    difference). Routing: moa.route_on=base (the routers read one forward of the plain base model: servable; the
+    paper's adapted pass is `--set moa.route_on=adapted`). Runtime: 25.9 min on a 2-core AMD EPYC CPU with the
+    adapted pass (stage 1 7.4, stage 2 3.0, mixed LoRA 7.8, evaluation 7.3 min); route_on=base adds a second,
+    adapter-free forward to each stage-2 step (1.19x the step on cpu-tiny). See README for the table.
     Methods reported (results.md): most_common (each domain's most common train answer: the floor), base,
     single_lora (stage-1 experts, domain given), mixed_lora (one LoRA, same examples as stage 1 + 2), moa_router,
     moa_oracle; per domain accuracy, PPL, BLEU-4, ROUGE-L, routing accuracy + confusion, and where MoA loses.
@@ -161,14 +163,14 @@ def moa_10task_ablations() -> ExperimentConfig:
     Standalone (trains its own stage 1 and stage 2 first): python -m experiments.run --exp=moa_10task_ablations
     Variants (ABLATIONS above): eta = 0 / 0.1 / 10 (eta = 1 is the main stage 2), random-init experts in stage 2,
     vote instead of the last router (re-evaluation only), token-level MoE-LoRA from stage-1 experts and from random
-    experts (the paper's MoE-LoRA and MoE-LoRA (naive)), and the servable routing policy (moa.route_on=base: the
-    routers read one forward of the plain base model). Each trained variant is stage 2's budget on stage 2's
+    experts (the paper's MoE-LoRA and MoE-LoRA (naive)), and the paper's routing pass (paper_routing:
+    moa.route_on=adapted, each layer's router reads the adapted model). Each trained variant is stage 2's budget on stage 2's
     batches, in <workdir>/variants/<NAME>/; any subset: --set "variants=eta0:stage2.eta=0,vote:moa.decision=vote".
     Budget: moa_10task's (40 stage-2 steps at batch 8 per trained variant, 20 test items per domain):
     7 trained variants + 16 evaluated methods; with reuse_from nothing of stage 1 or the main stage 2 is repeated.
-    Runtime with reuse_from on an idle 2-core CPU, without `servable`: 39.8 min (trainings 21.6 min, evaluations
-    17.8 min), the table in the README ("Ablations"); `servable` adds one stage-2 training with a second,
-    adapter-free forward per step (1.2-1.3x the step) and one moa_router evaluation.
+    Runtime with reuse_from on an idle 2-core CPU, without `paper_routing` and before packing: 39.8 min (trainings
+    21.6 min, evaluations 17.8 min), the table in the README ("Ablations"); `paper_routing` adds one stage-2
+    training and one moa_router evaluation.
     Expected: eta=0 routes at chance (~10%) and moa_router falls towards the worse experts while moa_oracle stays
     close to the main run; routing accuracy rises with eta; random-init experts lose accuracy against stage-1 init
     at this small stage-2 budget; vote ~ last; token-level MoE-LoRA below MoA on the domains that need their own
@@ -222,6 +224,7 @@ def moa_7b() -> ExperimentConfig:
     bf16 base, remat='full' (each layer keeps only its input for the backward) and the LM loss in blocks of
     loss_chunk=1024 tokens (never [B, T, V] logits) keep a Llama-3-8B step at 8 x 2048 under 64 GiB; the 10-task
     data here is far shorter (max_len 512).
+    Routing: moa.route_on=base (servable, as moa_10task; the paper's pass: --set moa.route_on=adapted).
     Budget [ours]: stage 1 1500 steps and stage 2 500 steps at batch 32 (as moa_10task_accel),
     learning rates 2e-4 / 1e-4 (a 7B LoRA's usual range), 200 test items per domain.
     Expected: as moa_10task, with a stronger base model: MoA-router close to MoA-oracle, above base and on par with
