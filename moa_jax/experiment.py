@@ -47,6 +47,7 @@ from moa_jax.train.metrics_log import log_eval_scalars
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import check_tree, init_trainable, param_shapes, split_params
 from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
+from moa_jax.run_artifacts import RunArtifactError, stage_adapters
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
                               param_shardings)
 from moa_jax.train.loop import train_stage
@@ -95,8 +96,8 @@ class ExperimentContext:
         if self.exp.reuse_from and not subdir and not own:
             reused = _reuse(self.exp.reuse_from, stage, config, self.cfg, moa)
             if reused is not None:
-                self.stage_dirs[label] = os.path.join(self.exp.reuse_from, stage)
-                return reused, []
+                trainable, self.stage_dirs[label] = reused
+                return trainable, []
         log.info("== %s: %d steps, E=%d, dispatch=%s", label, tcfg.steps, moa.num_experts, moa.dispatch)
         self.stage_dirs[label] = os.path.join(self.workdir, label)
         return train_stage(model=MoATransformer(self.cfg, moa), tcfg=tcfg, mesh=self.mesh, frozen=self.frozen,
@@ -131,12 +132,14 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def _reuse(other_workdir: str, stage: str, config: dict, cfg: ModelConfig, moa: MoAConfig):
-    """Adapters of `stage` from another run when its config matches; None (train here) when it does not;
-    an error for stage 1, which every later stage builds on."""
-    directory = os.path.join(other_workdir, stage, "adapters")
-    if not os.path.isdir(directory):
+    """(adapters of `stage` from another run, that stage's directory) when its config matches; None (train here)
+    when it does not; an error for stage 1, which every later stage builds on. A stage the other run itself reused
+    is followed to the run that trained it (its results.json "stages")."""
+    try:
+        directory = stage_adapters(other_workdir, stage)
+    except RunArtifactError as e:
         if stage == "stage1":
-            raise ConfigError(f"reuse_from={other_workdir!r}: no stage-1 adapters at {directory}")
+            raise ConfigError(f"reuse_from={other_workdir!r}: no stage-1 adapters to reuse: {e}") from None
         log.info("reuse_from: no %s adapters in %s; training %s here", stage, other_workdir, stage)
         return None
     trainable, saved = load_adapters(directory)
@@ -149,7 +152,7 @@ def _reuse(other_workdir: str, stage: str, config: dict, cfg: ModelConfig, moa: 
         return None
     check_tree(split_params(param_shapes(cfg, moa))[1], trainable, directory)
     log.info("== %s: reusing the adapters in %s (same config)", stage, directory)
-    return trainable
+    return trainable, os.path.dirname(directory)
 
 
 # What a work directory's runs must share (config.json keys; checkpoint.MUST_MATCH checks the same per stage).

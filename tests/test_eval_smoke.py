@@ -152,7 +152,7 @@ def test_cli_prompt_format_matches_training(smoke):
         assert model.encode_prompt(question, system) == split.tokens(row)[:split.prompt_len[row]].tolist()
 
 
-def test_reuse_from_takes_matching_stages_and_refuses_a_different_stage1(smoke):
+def test_reuse_from_takes_matching_stages_and_refuses_a_different_stage1(smoke, tmp_path):
     from moa_jax.config import ConfigError, ModelConfig, MoAConfig
     from moa_jax.experiment import _reuse
     workdir, _ = smoke
@@ -160,7 +160,18 @@ def test_reuse_from_takes_matching_stages_and_refuses_a_different_stage1(smoke):
     cfg = ModelConfig(**{k: v for k, v in saved["model"].items() if k != "source"})
     moa = MoAConfig(**saved["moa"])
     config = dict(saved, experiment="another_experiment")           # the experiment name does not matter
-    assert _reuse(workdir, "stage1", config, cfg, moa) is not None
+    trainable, directory = _reuse(workdir, "stage1", config, cfg, moa)
+    assert directory == os.path.join(workdir, "stage1") and trainable
+    # a run that itself reused stage 1 (no stage1/ of its own; results.json "stages" names the run that trained
+    # it) hands on that run's stage 1
+    chained = tmp_path / "chained"
+    chained.mkdir()
+    (chained / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+    (chained / "results.json").write_text(json.dumps({"stages": {"stage1": os.path.join(workdir, "stage1")}}))
+    assert _reuse(str(chained), "stage1", config, cfg, moa)[1] == os.path.join(workdir, "stage1")
+    assert _reuse(str(chained), "stage2", config, cfg, moa) is None   # not in "stages": trained here
+    with pytest.raises(ConfigError, match="no stage-1 adapters"):
+        _reuse(str(tmp_path / "missing"), "stage1", config, cfg, moa)
     changed = json.loads(json.dumps(saved))
     changed["train"]["steps"] = 3
     with pytest.raises(ConfigError, match=r"train.steps: 2 -> 3"):
