@@ -18,13 +18,17 @@ Steps (OUT = the work directory):
      (TrainConfig.router_prior: logit adjustment), so that share does not become the routers' prior;
      in both phases old experts get no update, no weight decay and no optimiser-state change: bit-identical
      (checked against the base run's adapters before the evaluation);
+  4b. with moa.route_on='base' (the routers read the plain base model): the routers' new outputs are fitted to
+     convergence on cached router inputs of `refit_router_prompts` training prompts per domain (moa_jax/router_fit.py;
+     the re-fit's few SGD steps leave a new domain close to an old one just below it); old outputs untouched;
   5. evaluation on the same test items of every domain: moa_router / moa_oracle (the grown MoA), single_lora (the
      base run's stage-1 experts + each new-expert-phase expert, i.e. a single LoRA trained on the new domain
      alone) and moa_router[base_run] (the base run's MoA, N experts); results.json / results.md as usual plus an
      "add_domain" section: routing accuracy over all domains, old domains now vs the base run, the new domains vs
      their single LoRA, and the cost (steps, training seconds) against retraining stage 1 + stage 2 on N + N_new
      domains (the base run's measured stage times scaled by (N + N_new) / N, the same examples per domain).
-The grown adapters are OUT/refit/adapters (`python -m moa_jax.generate --workdir OUT --stage refit`).
+The grown adapters are OUT/refit/adapters, with the router fit of step 4b when it ran (`python -m moa_jax.generate
+--workdir OUT --stage refit`).
 
 Shape glossary: N old domains, N_new new domains, E = N + N_new experts, L layers.
 """
@@ -39,10 +43,12 @@ import time
 import typing
 
 import jax
+import numpy as np
+from flax import traverse_util
 
 from moa_jax.config import DATA_SPLITS, ConfigError, ExperimentConfig, replace
 from moa_jax.data.new_domains import extend_split, new_domain_examples, only, parse_new_domains
-from moa_jax.data.pipeline import TrainBatches, domain_weights, load_split
+from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, domain_weights, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
@@ -50,8 +56,9 @@ from moa_jax.experiment import ExperimentContext, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable
+from moa_jax.router_fit import fit_new_outputs, router_inputs, router_kernel_key
 from moa_jax.run_artifacts import RunArtifactError, read_json, stage_adapters
-from moa_jax.train.checkpoint import load_adapters, lookup_key
+from moa_jax.train.checkpoint import load_adapters, lookup_key, save_adapters
 from moa_jax.train.loop import train_stage
 from moa_jax.train.metrics_log import read_metrics
 from moa_jax.train.step import make_optimizer
@@ -202,6 +209,31 @@ def _train(ctx: ExperimentContext, name: str, tcfg, init, source, n_old: int, pr
     return trained, time.perf_counter() - t0
 
 
+def fit_routers(ctx: ExperimentContext, trainable, n_old: int, prompts_per_domain: int):
+    """Step 4b: the routers' new outputs fitted on cached base-model router inputs of the first
+    `prompts_per_domain` training prompts of every domain. -> (trainable, stats)."""
+    t0 = time.perf_counter()
+    data, batch_size = ctx.data["train"], ctx.exp.data.eval_batch
+    rows = np.concatenate([data.domain_rows(d)[:prompts_per_domain] for d in range(len(data.domains))])
+    model = MoATransformer(ctx.cfg, ctx.exp.moa)
+    features_of = jax.jit(lambda frozen, tree, batch: router_inputs(model, frozen, tree, batch))
+    features = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        valid = np.arange(batch_size) < len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
+        batch = collate(data, padded, bucket_for(int(data.lengths[chunk].max()), ctx.exp.data.buckets), valid)
+        features.append(np.asarray(features_of(ctx.frozen, trainable, batch))[:len(chunk)])
+    flat = traverse_util.flatten_dict(jax.device_get(trainable))
+    key = router_kernel_key(trainable)
+    flat[key], stats = fit_new_outputs(np.concatenate(features), data.domain[rows], np.asarray(flat[key]), n_old)
+    stats.update(prompts_per_domain=prompts_per_domain, seconds=time.perf_counter() - t0)
+    log.info("add_domain: router fit on %d cached prompts: last-router train accuracy %.3f -> %.3f (%.0f s)",
+             len(rows), stats["last_router_train_accuracy_before"], stats["last_router_train_accuracy_after"],
+             stats["seconds"])
+    return traverse_util.unflatten_dict(flat), stats
+
+
 def logged_seconds(stage_dir: str) -> float:
     """Training seconds a stage logged (metrics.jsonl `seconds`: the time between log steps, compile included)."""
     return float(sum(r.get("seconds", 0.0) for r in read_metrics(os.path.join(stage_dir, "metrics.jsonl"))))
@@ -247,6 +279,14 @@ def summary_section(results: dict, base: BaseRun, new_names: list) -> dict:
     return out
 
 
+def _router_fit_sentence(stats) -> str:
+    if not stats:
+        return ""
+    return (f" Then the routers' new outputs were fitted on {stats['examples']} cached training prompts "
+            f"({stats['prompts_per_domain']} per domain; refit_router_prompts): last-router training accuracy "
+            f"{stats['last_router_train_accuracy_before']:.3f} -> {stats['last_router_train_accuracy_after']:.3f}.")
+
+
 def markdown_section(section: dict, cost_: dict) -> str:
     f = lambda x: "-" if x is None else f"{x:.3f}"   # noqa: E731
     lines = ["", "## Add a domain", "",
@@ -254,7 +294,8 @@ def markdown_section(section: dict, cost_: dict) -> str:
              f"{', '.join(f'`{d}`' for d in section['new_domains'])}. Old experts bit-identical to the base run's: "
              f"{section['old_experts_bit_identical']}. Routing accuracy of `moa_router` over all "
              f"{len(section['routing_accuracy_per_domain'])} domains: {f(section['routing_accuracy'])}. The router "
-             f"re-fit gave the new domains {section['refit_new_share']:.2f} of every batch (refit_new_share).", "",
+             f"re-fit gave the new domains {section['refit_new_share']:.2f} of every batch (refit_new_share)."
+             + _router_fit_sentence(section.get("router_fit")), "",
              "| old domain | accuracy base run | accuracy now | PPL base run | PPL now | routing base run | routing now |",
              "|---|---|---|---|---|---|---|"]
     for d, r in section["old_vs_base_run"].items():
@@ -306,6 +347,12 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     refit_cfg = replace(exp.stage2, router_prior=tuple(float(w) for w in refit_src.weights))
     refit, wall2 = _train(ctx, "refit", refit_cfg, experts, refit_src, n_old, progress,
                           routers=exp.refit_routers == "new")
+    fit_stats = None
+    if exp.moa.route_on == "base" and exp.refit_router_prompts > 0:
+        refit, fit_stats = fit_routers(ctx, refit, n_old, exp.refit_router_prompts)
+        if jax.process_index() == 0:   # refit/adapters: the grown model as evaluated (its checkpoints: the SGD re-fit)
+            adapters = os.path.join(ctx.stage_dirs["refit"], "adapters")
+            save_adapters(adapters, refit, {**load_adapters(adapters)[1], "router_fit": fit_stats})
     changed = same_old_experts(moa_old, refit, n_old)
     if changed:   # the update mask failed: a bug, not a user mistake
         raise AssertionError(f"add_domain: old experts changed in {changed[:4]}")
@@ -321,6 +368,7 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     section = summary_section(results, base, new_names)
     section["old_experts_bit_identical"] = not changed
     section["refit_new_share"], section["refit_routers"] = exp.refit_new_share, exp.refit_routers
+    section["router_fit"] = fit_stats
     section["cost"] = cost(base, exp, ctx, {"new_experts": wall1, "refit": wall2})
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages={"base_run stage2": os.path.dirname(base.stage2),

@@ -280,7 +280,9 @@ class ExperimentConfig:
     specs of the domains to add (moa_jax/data/new_domains.py); empty for every other experiment. refit_new_share:
     add_domain's router re-fit gives the new domains this share of every batch (split over them by data.mixing),
     the old domains the rest (mixed by data.mixing among them); refit_routers: 'new' trains only the new domains'
-    router outputs in that re-fit (the old ones stay bit-identical), 'all' every output.
+    router outputs in that re-fit (the old ones stay bit-identical), 'all' every output. refit_router_prompts: with
+    moa.route_on='base', add_domain then fits the routers' new outputs to convergence on this many cached training
+    prompts per domain (moa_jax/router_fit.py); 0 = no such fit.
     capacity_rank: > 0 makes the run the capacity study (experiments/capacity.py): MoA and the mixed LoRA at this
     rank, the mixed LoRA at num_experts x this rank (parameter-matched) and MoA at moa.rank; 0 = a normal run.
     """
@@ -304,6 +306,7 @@ class ExperimentConfig:
     new_domains: tuple = ()
     refit_new_share: float = 0.5
     refit_routers: str = "new"
+    refit_router_prompts: int = 128
     capacity_rank: int = 0
 
     def __post_init__(self):
@@ -320,6 +323,8 @@ class ExperimentConfig:
         _check(isinstance(self.refit_new_share, (int, float)) and 0.0 < self.refit_new_share < 1.0,
                f"refit_new_share={self.refit_new_share!r}: the new domains' share of each add_domain re-fit batch "
                f"must be a number in (0, 1), e.g. --set refit_new_share=0.5")
+        _check(self.refit_router_prompts >= 0, f"refit_router_prompts={self.refit_router_prompts}: cached prompts per "
+               f"domain for add_domain's router fit must be >= 0 (0 = no fit)")
         _check(self.capacity_rank >= 0, f"capacity_rank={self.capacity_rank}: the small rank of the capacity study "
                f"must be >= 1 (0 = a normal run)")
         _check(self.stage1.stage == "stage1", "ExperimentConfig.stage1.stage must be 'stage1'")

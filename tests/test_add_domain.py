@@ -4,6 +4,8 @@
   - results.json reports routing accuracy and confusion over all 11 domains, old vs base run, new vs single LoRA,
     and the cost against retraining; results.md has the "Add a domain" section;
   - the router re-fit gives the new domains refit_new_share of its batches (counted over the first batches);
+  - with moa.route_on=base the routers' new outputs are then fitted on cached prompts (moa_jax/router_fit.py):
+    reported, old outputs bit-identical, the new output moved from the re-fit's; without route_on=base no fit;
   - user mistakes (no/unfinished base run, a name clash, another rank, a bad spec, a bad JSONL line, a share
     outside (0, 1)) are one `error:` line and exit code 2, before any model loads.
 """
@@ -98,6 +100,27 @@ def test_report_over_all_domains(runs):
             base_res["methods"]["moa_oracle"]["per_domain"][d]["ppl"], rel=1e-5), d
     md = open(os.path.join(grown, "results.md")).read()
     assert "## Add a domain" in md and "retrain stage 1 + stage 2 (estimate)" in md and "| sums |" in md
+
+
+def test_router_fit_with_routers_on_the_base_model(runs, tmp_path):
+    base, grown, jsonl = runs
+    fitted = str(tmp_path / "fitted")
+    rc, _ = _run(["--exp=add_domain", f"--workdir={fitted}", "--set", f"base_run={base}",
+                  "--set", f"new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3", "--set", "stage2.steps=2",
+                  "--set", "eval.items_per_domain=1", "--set", "eval.methods=moa_router",
+                  "--set", "moa.route_on=base", "--set", "refit_router_prompts=4"])
+    assert rc == 0
+    stats = json.load(open(os.path.join(fitted, "results.json")))["add_domain"]["router_fit"]
+    assert stats["examples"] == 11 * 4 and stats["prompts_per_domain"] == 4
+    assert stats["objective_after"] < stats["objective_before"]
+    assert json.load(open(os.path.join(grown, "results.json")))["add_domain"]["router_fit"] is None   # adapted
+    old = traverse_util.flatten_dict(load_adapters(os.path.join(base, "stage2", "adapters"))[0])
+    new = traverse_util.flatten_dict(load_adapters(os.path.join(fitted, "refit", "adapters"))[0])
+    kernels = [k for k in old if "router" in k and k[-2] != "hidden"]
+    assert kernels and all(np.array_equal(new[k][..., :10], old[k]) for k in kernels)
+    # refit/adapters hold the fitted routers (what was evaluated), not the SGD re-fit's last step
+    assert load_adapters(os.path.join(fitted, "refit", "adapters"))[1]["router_fit"] == stats
+    assert "fitted on 44 cached training prompts" in open(os.path.join(fitted, "results.md")).read()
 
 
 @pytest.mark.parametrize("share", [0.5, 0.25])
