@@ -43,12 +43,10 @@ import time
 import typing
 
 import jax
-import numpy as np
-from flax import traverse_util
 
 from moa_jax.config import DATA_SPLITS, ConfigError, ExperimentConfig, replace
 from moa_jax.data.new_domains import extend_split, new_domain_examples, only, parse_new_domains
-from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, domain_weights, load_split
+from moa_jax.data.pipeline import TrainBatches, domain_weights, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
@@ -56,7 +54,7 @@ from moa_jax.experiment import ExperimentContext, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable
-from moa_jax.router_fit import fit_new_outputs, router_inputs, router_kernel_key
+from moa_jax.router_fit import fit_routers
 from moa_jax.run_artifacts import RunArtifactError, read_json, stage_adapters
 from moa_jax.train.checkpoint import load_adapters, lookup_key, save_adapters
 from moa_jax.train.loop import train_stage
@@ -207,31 +205,6 @@ def _train(ctx: ExperimentContext, name: str, tcfg, init, source, n_old: int, pr
         frozen_shardings=ctx.frozen_shardings, progress=progress, desc=name,
         tx=freeze_old_experts(make_optimizer(tcfg, init), n_old, routers=routers))
     return trained, time.perf_counter() - t0
-
-
-def fit_routers(ctx: ExperimentContext, trainable, n_old: int, prompts_per_domain: int):
-    """Step 4b: the routers' new outputs fitted on cached base-model router inputs of the first
-    `prompts_per_domain` training prompts of every domain. -> (trainable, stats)."""
-    t0 = time.perf_counter()
-    data, batch_size = ctx.data["train"], ctx.exp.data.eval_batch
-    rows = np.concatenate([data.domain_rows(d)[:prompts_per_domain] for d in range(len(data.domains))])
-    model = MoATransformer(ctx.cfg, ctx.exp.moa)
-    features_of = jax.jit(lambda frozen, tree, batch: router_inputs(model, frozen, tree, batch))
-    features = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        valid = np.arange(batch_size) < len(chunk)
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
-        batch = collate(data, padded, bucket_for(int(data.lengths[chunk].max()), ctx.exp.data.buckets), valid)
-        features.append(np.asarray(features_of(ctx.frozen, trainable, batch))[:len(chunk)])
-    flat = traverse_util.flatten_dict(jax.device_get(trainable))
-    key = router_kernel_key(trainable)
-    flat[key], stats = fit_new_outputs(np.concatenate(features), data.domain[rows], np.asarray(flat[key]), n_old)
-    stats.update(prompts_per_domain=prompts_per_domain, seconds=time.perf_counter() - t0)
-    log.info("add_domain: router fit on %d cached prompts: last-router train accuracy %.3f -> %.3f (%.0f s)",
-             len(rows), stats["last_router_train_accuracy_before"], stats["last_router_train_accuracy_after"],
-             stats["seconds"])
-    return traverse_util.unflatten_dict(flat), stats
 
 
 def logged_seconds(stage_dir: str) -> float:

@@ -15,12 +15,14 @@ How:
      Adam on the router CE of every layer (mean over layers), each domain weighted equally (so the number of cached
      prompts per domain is no prior), plus an L2 penalty; the old columns are never touched, so the old outputs
      stay bit-identical.
+  3. fit_routers: both over the first prompts of every domain of an experiment's training split (add_domain).
 
 Shape glossary: N cached prompts, L layers, F features of a router's final kernel, E = E_old + E_new experts.
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from moa_jax.data.pipeline import bucket_for, collate
+from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
 from moa_jax.train.step import base_router_logits
 
@@ -110,3 +114,29 @@ def fit_new_outputs(features: np.ndarray, labels: np.ndarray, kernel: np.ndarray
     out = np.array(kernel, copy=True)
     out[..., num_old:] = np.asarray(fitted, out.dtype)
     return out, stats
+
+
+def fit_routers(ctx, trainable, n_old: int, prompts_per_domain: int):
+    """add_domain's router fit: with an ExperimentContext `ctx` (model, frozen base, tokenised data), the routers'
+    new outputs (experts n_old..) fitted on cached base-model router inputs of the first
+    `prompts_per_domain` training prompts of every domain. -> (trainable, stats)."""
+    t0 = time.perf_counter()
+    data, batch_size = ctx.data["train"], ctx.exp.data.eval_batch
+    rows = np.concatenate([data.domain_rows(d)[:prompts_per_domain] for d in range(len(data.domains))])
+    model = MoATransformer(ctx.cfg, ctx.exp.moa)
+    features_of = jax.jit(lambda frozen, tree, batch: router_inputs(model, frozen, tree, batch))
+    features = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        valid = np.arange(batch_size) < len(chunk)
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
+        batch = collate(data, padded, bucket_for(int(data.lengths[chunk].max()), ctx.exp.data.buckets), valid)
+        features.append(np.asarray(features_of(ctx.frozen, trainable, batch))[:len(chunk)])
+    flat = traverse_util.flatten_dict(jax.device_get(trainable))
+    key = router_kernel_key(trainable)
+    flat[key], stats = fit_new_outputs(np.concatenate(features), data.domain[rows], np.asarray(flat[key]), n_old)
+    stats.update(prompts_per_domain=prompts_per_domain, seconds=time.perf_counter() - t0)
+    log.info("router fit on %d cached prompts: last-router train accuracy %.3f -> %.3f (%.0f s)",
+             len(rows), stats["last_router_train_accuracy_before"], stats["last_router_train_accuracy_after"],
+             stats["seconds"])
+    return traverse_util.unflatten_dict(flat), stats
