@@ -81,35 +81,38 @@ def fit_new_outputs(features: np.ndarray, labels: np.ndarray, kernel: np.ndarray
     w = jnp.asarray(np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)[np.asarray(labels)], jnp.float32)
     w = w / jnp.sum(w)                                                          # [N]: each domain weighs the same
     old_logits = jnp.einsum("nlf,lfe->nle", x, jnp.asarray(kernel[..., :num_old], jnp.float32))
+    data = (x, y, w, old_logits)   # jit arguments, not closed-over constants (XLA would constant-fold them)
 
-    def logits(new):
+    def logits(new, x, old_logits):
         return jnp.concatenate([old_logits, jnp.einsum("nlf,lfe->nle", x, new)], axis=-1)   # [N, L, E]
 
-    def objective(new):
-        logp = jax.nn.log_softmax(logits(new), axis=-1)
+    @jax.jit
+    def objective(new, x, y, w, old_logits):
+        logp = jax.nn.log_softmax(logits(new, x, old_logits), axis=-1)
         nll = -jnp.take_along_axis(logp, y[:, None, None], axis=-1)[..., 0]               # [N, L]
         return jnp.sum(w[:, None] * nll) / nll.shape[1] + l2 * jnp.sum(jnp.square(new))
 
-    def last_accuracy(new):
-        return jnp.mean((jnp.argmax(logits(new)[:, -1], -1) == y).astype(jnp.float32))
+    @jax.jit
+    def last_accuracy(new, x, y, w, old_logits):
+        return jnp.mean((jnp.argmax(logits(new, x, old_logits)[:, -1], -1) == y).astype(jnp.float32))
 
     tx = optax.adam(learning_rate)
 
     @jax.jit
-    def run(new):
+    def run(new, *data):
         def step(carry, _):
             params, state = carry
-            grads = jax.grad(objective)(params)
+            grads = jax.grad(objective)(params, *data)
             updates, state = tx.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
         (params, _), _ = jax.lax.scan(step, (new, tx.init(new)), None, length=steps)
         return params
 
     start = jnp.asarray(kernel[..., num_old:], jnp.float32)
-    fitted = run(start)
-    stats = {"objective_before": float(objective(start)), "objective_after": float(objective(fitted)),
-             "last_router_train_accuracy_before": float(last_accuracy(start)),
-             "last_router_train_accuracy_after": float(last_accuracy(fitted)),
+    fitted = run(start, *data)
+    stats = {"objective_before": float(objective(start, *data)), "objective_after": float(objective(fitted, *data)),
+             "last_router_train_accuracy_before": float(last_accuracy(start, *data)),
+             "last_router_train_accuracy_after": float(last_accuracy(fitted, *data)),
              "examples": int(len(labels)), "steps": steps}
     out = np.array(kernel, copy=True)
     out[..., num_old:] = np.asarray(fitted, out.dtype)
