@@ -28,8 +28,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import traverse_util
 
 from experiments.registry import get_experiment
 from moa_jax.config import replace
@@ -38,25 +36,14 @@ from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, load_split
 from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable
-from moa_jax.train.step import (_param_group, clip_per_expert, init_state, learning_rate_schedule, make_optimizer,
-                                train_step)
+from moa_jax.train.step import init_state, make_optimizer, train_step
 
 
-def optimizer(tcfg, trainable, b2: float):
-    """The stage-1 optimiser; with b2 != 0.999 (optax's default, which make_optimizer uses) the same chain with
-    that Adam second-moment decay."""
-    if b2 == 0.999:
-        return make_optimizer(tcfg, trainable)
-    labels = traverse_util.unflatten_dict({k: _param_group(k, tcfg) for k in traverse_util.flatten_dict(trainable)})
-    adam = optax.adamw(learning_rate_schedule(tcfg), b2=b2, weight_decay=tcfg.weight_decay)
-    return optax.chain(clip_per_expert(tcfg.grad_clip),
-                       optax.multi_transform({"expert": adam, "frozen": optax.set_to_zero()}, labels))
-
-
-def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2: float = 0.999, lr=None, rows: int = 0,
+def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2=None, lr=None, rows: int = 0,
            out=None, log_every: int = 50) -> list[dict]:
     exp = get_experiment(exp_name)
-    tcfg = exp.stage1 if lr is None else replace(exp.stage1, learning_rate=lr)
+    changes = {k: v for k, v in (("learning_rate", lr), ("adam_b2", b2)) if v is not None}
+    tcfg = replace(exp.stage1, **changes)
     cfg, frozen, tokenizer = load_base_model(exp.model, default_dtype(dtype or exp.dtype))
     data = load_split(exp.data, tokenizer, "train")
     if domain not in data.domains:
@@ -66,7 +53,7 @@ def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2: float = 0.
     moa = replace(exp.moa, num_experts=1)
     model = MoATransformer(cfg, moa)
     trainable = init_trainable(cfg, moa, jax.random.PRNGKey(tcfg.seed))
-    tx = optimizer(tcfg, trainable, b2)
+    tx = make_optimizer(tcfg, trainable)
     state = init_state(trainable, tx, tcfg.seed)
     step_fn = jax.jit(functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, num_domains=1),
                       donate_argnums=(0,))
@@ -109,7 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--domain", default="letter_counting", help="the domain (expert) to replay")
     ap.add_argument("--steps", type=int, default=800, help="global batches to replay")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the experiment's, else per backend)")
-    ap.add_argument("--b2", type=float, default=0.999, help="Adam second-moment decay (0.999: the library's)")
+    ap.add_argument("--b2", type=float, default=None, help="Adam second-moment decay (default: the experiment's "
+                                                          "stage1.adam_b2)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the experiment's)")
     ap.add_argument("--rows", type=int, default=0,
                     help="rows per replayed batch (the domain's rows + padding); 0: the domain's rows rounded up to "

@@ -185,6 +185,7 @@ class TrainConfig:
     warmup_frac: float = 0.1        # paper: 10% warmup, then cosine decay
     end_lr_frac: float = 0.0
     weight_decay: float = 0.0
+    adam_b2: float = 0.999          # AdamW second-moment decay (optax's default; 0.95 in the accelerator presets)
     grad_clip: float = 1.0          # global norm; in stage 1 applied per expert (independent trainings)
     grad_accum: int = 1             # micro-batches per optimiser update
     eta: float = 1.0                # [ours] router CE weight (stage 2)
@@ -221,6 +222,7 @@ class TrainConfig:
                f"TrainConfig.init_from_peft is a stage-1 option (stage {self.stage!r}): set stage1.init_from_peft")
         _check(self.steps >= 0, f"TrainConfig.steps must be >= 0, got {self.steps}")
         _check(self.grad_accum >= 1, f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(0.0 < self.adam_b2 < 1.0, f"TrainConfig.adam_b2 must be in (0, 1), got {self.adam_b2}")
         _check(self.learning_rate > 0, f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.router_lr_mult > 0, f"TrainConfig.router_lr_mult must be > 0, got {self.router_lr_mult}")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):   # step counts: 0 would divide by zero

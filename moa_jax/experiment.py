@@ -108,7 +108,8 @@ class ExperimentContext:
 
 # Config entries that do not change what a stage learns (ignored when deciding whether adapters can be reused).
 # Stage-config fields added after runs were saved, with the value that reproduces what those runs did.
-_ADDED_FIELDS = {"moa.route_on": "adapted", "train.router_prior": [], "data.packing": "none", "data.max_segments": 8}
+_ADDED_FIELDS = {"moa.route_on": "adapted", "train.router_prior": [], "data.packing": "none", "data.max_segments": 8,
+                 "train.adam_b2": 0.999}
 _REUSE_IGNORED = ("experiment", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "moa.decision", "data.eval_batch_size")
 

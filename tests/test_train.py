@@ -369,3 +369,18 @@ def test_adapter_artifact_round_trip(tmp_path, standard_run):
         load_adapters(str(tmp_path / "adapters"), wrong)
     with pytest.raises(FileNotFoundError, match="index.json"):
         load_adapters(str(tmp_path / "nothing"))
+
+
+def test_adam_b2_sets_the_second_moment_decay():
+    """TrainConfig.adam_b2 reaches AdamW: after one update with gradient g every second moment is (1 - b2) g^2
+    (g small enough that the global-norm clip leaves it alone; frozen groups keep no moments)."""
+    cfg, moa = tiny_cfg(), tiny_moa()
+    _, trainable = init_trees(cfg, moa)
+    grads = jax.tree_util.tree_map(lambda x: np.full(np.shape(x), 1e-4, np.float32), trainable)
+    for b2 in (0.999, 0.95):
+        tx = make_optimizer(make_train_config(stage="stage2", adam_b2=b2), trainable)
+        _, state = tx.update(grads, tx.init(trainable), trainable)
+        nus = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state) if ".nu" in jax.tree_util.keystr(path)]
+        assert nus and all(np.allclose(nu, (1 - b2) * 1e-8, rtol=1e-5, atol=0) for nu in nus), b2
+    with pytest.raises(ConfigError, match=r"TrainConfig.adam_b2 must be in \(0, 1\)"):
+        make_train_config(adam_b2=1.0)

@@ -99,7 +99,7 @@ def make_optimizer(tcfg: TrainConfig, trainable: Params) -> optax.GradientTransf
     groups = set(traverse_util.flatten_dict(labels).values())
     transforms = {g: optax.set_to_zero() if g == "frozen" else
                   optax.adamw(learning_rate_schedule(tcfg, tcfg.router_lr_mult if g == "router" else 1.0),
-                              weight_decay=tcfg.weight_decay) for g in groups}
+                              b2=tcfg.adam_b2, weight_decay=tcfg.weight_decay) for g in groups}
     return optax.chain(clip, optax.multi_transform(transforms, labels))
 
 
