@@ -138,8 +138,11 @@ def test_cpu_and_accelerator_presets_differ_only_in_budget_and_name():
     from experiments.registry import get_experiment
     cpu, accel = get_experiment("moa_10task"), get_experiment("moa_10task_accel")
     same = dataclasses.replace(accel, name=cpu.name, data=cpu.data, stage1=cpu.stage1, stage2=cpu.stage2,
-                               eval=cpu.eval)
+                               baseline=cpu.baseline, eval=cpu.eval)
     assert same == cpu
+    assert {accel.stage1.adam_b2, accel.stage2.adam_b2, accel.baseline.adam_b2} == {0.95}   # the budget's b2
+    assert {cpu.stage1.adam_b2, cpu.stage2.adam_b2, cpu.baseline.adam_b2} == {0.999}
+    assert dataclasses.replace(accel.baseline, adam_b2=0.999) == cpu.baseline
     assert accel.eval.batch_size == 100 and cpu.eval.batch_size == 50
     ablations = get_experiment("moa_10task_ablations_accel")
     assert ablations.variants == get_experiment("moa_10task_ablations").variants and ablations.variants
