@@ -1,16 +1,16 @@
 """Replay one stage-1 expert of an experiment alone, on exactly the rows it sees, to study its loss curve.
 
     python -m benchmarks.replay_expert --exp moa_10task_accel --domain letter_counting --steps 800 \
-        [--dtype bfloat16] [--b2 0.95] [--lr 5e-4] --out replay.jsonl
+        [--dtype bfloat16] [--b2 0.999] [--lr 5e-4] [--probe] --out replay.jsonl
 
 Stage 1 trains the experts independently: label routing, each domain's mean token loss, gradients clipped per
 expert, AdamW per coordinate. So expert d's trajectory depends only on the rows of domain d in each global batch
 and on the schedule. This rebuilds the experiment's global batches (same seed, batch size, mixing), keeps domain
 d's rows of batch s (padded with invalid rows to an even count, or to --rows, at the smallest bucket that fits the
-domain's rows), and trains
-one expert (E = 1) with the experiment's stage-1 optimiser and schedule, or with another Adam b2 / peak learning
-rate to test a fix. One JSON line per step: step, loss (the domain's mean token loss), grad_norm (before
-clipping), rows (the domain's real rows in the global batch).
+domain's rows), and trains one expert (E = 1) with the experiment's stage-1 optimiser and schedule, or with another
+Adam b2 / peak learning rate to test a fix. One JSON line per step: step, loss (the domain's mean token loss),
+grad_norm (before clipping), rows (the domain's real rows in the global batch). `--probe` then examines the next
+batch (probe_next): whether its loss is the parameters' doing or the compute dtype's, and which tokens carry it.
 
 Differences from the full run, by construction: the padded length (the full run pads to the longest row of the
 whole global batch) and the dropout bits (drawn per row position). A loss spike that this replay does not show
@@ -35,12 +35,13 @@ from moa_jax.data.packing import collate_packed
 from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, load_split
 from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn.model import MoATransformer
-from moa_jax.params import init_trainable
-from moa_jax.train.step import init_state, make_optimizer, train_step
+from moa_jax.params import init_trainable, merge_params
+from moa_jax.train.step import init_state, make_optimizer, segment_args, train_step
 
 
 def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2=None, lr=None, rows: int = 0,
-           out=None, log_every: int = 50) -> list[dict]:
+           out=None, log_every: int = 50, probe: bool = False) -> list[dict]:
+    """Replay `steps` updates (module docstring) -> one dict per step; with `probe` a last dict from probe_next."""
     exp = get_experiment(exp_name)
     changes = {k: v for k, v in (("learning_rate", lr), ("adam_b2", b2)) if v is not None}
     tcfg = replace(exp.stage1, **changes)
@@ -60,8 +61,9 @@ def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2=None, lr=No
     packed = exp.data.packing != "none"
     seq_len = (exp.data.buckets[-1] if packed else
                bucket_for(int(data.lengths[data.domain_rows(d)].max()), exp.data.buckets))
-    history, t0 = [], time.perf_counter()
-    for s in range(steps):
+
+    def make_batch(s: int):
+        """Global batch s's rows of the domain as one micro-batch -> (batch, real rows)."""
         mine = [g for g in batches.global_rows(s) if data.domain[g[0]] == d]
         # only the domain's rows are computed: rounded up to an even count (one program per count), or --rows
         size = rows or 2 * ((len(mine) + 1) // 2) or 2
@@ -76,10 +78,14 @@ def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2=None, lr=No
         else:
             batch = collate(data, np.concatenate(padded), seq_len, valid)
         batch["domain"] = np.zeros(size, np.int32)
-        batch = {k: jnp.asarray(v)[None] for k, v in batch.items() if k != "index"}   # one micro-batch
+        return {k: jnp.asarray(v)[None] for k, v in batch.items() if k != "index"}, len(mine)   # one micro-batch
+
+    history, t0 = [], time.perf_counter()
+    for s in range(steps):
+        batch, n = make_batch(s)
         state, m = step_fn(state, frozen, batch)
         m = jax.device_get(m)
-        row = {"step": s + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "rows": int(len(mine))}
+        row = {"step": s + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "rows": int(n)}
         history.append(row)
         if out is not None:
             out.write(json.dumps(row) + "\n")
@@ -87,7 +93,47 @@ def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2=None, lr=No
         if (s + 1) % log_every == 0:
             print(f"step {s + 1}: loss {row['loss']:.3f} grad_norm {row['grad_norm']:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if probe:
+        history.append(probe_next(exp, tcfg, cfg, moa, tx, state, frozen, make_batch, steps, tokenizer))
+        print(json.dumps(history[-1]), flush=True)
+        if out is not None:
+            out.write(json.dumps(history[-1]) + "\n")
     return history
+
+
+def probe_next(exp, tcfg, cfg, moa, tx, state, frozen, make_batch, steps: int, tokenizer) -> dict:
+    """With the state after `steps` updates: the next batch's loss and gradient norm (no update) in the run's
+    compute dtype with and without dropout and in float32; and per token of the last and the next batch, the NLL
+    of the target and the three most likely tokens (float32, no dropout). Tells a spike that comes from the
+    arithmetic from one that comes from the parameters."""
+    out = {"probe_step": steps + 1, "loss": {}}
+    cfg32, frozen32, _ = load_base_model(exp.model, "float32")
+    batch, _ = make_batch(steps)
+    runs = {"run dtype": (frozen, cfg, moa), "run dtype, no dropout": (frozen, cfg, replace(moa, dropout=0.0)),
+            "float32": (frozen32, cfg32, moa)}
+    for name, (params, model_cfg, m_cfg) in runs.items():
+        model = MoATransformer(model_cfg, m_cfg)
+        fn = jax.jit(functools.partial(train_step, model=model, tcfg=tcfg, tx=tx, num_domains=1))
+        _, m = fn(state, params, batch)
+        out["loss"][name] = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])}
+    model = MoATransformer(cfg32, replace(moa, dropout=0.0))
+    params = merge_params(frozen32, state.trainable)
+    out["tokens"] = {}
+    for s in (steps - 1, steps):
+        b = {k: v[0] for k, v in make_batch(s)[0].items()}
+        logits, _ = model.apply({"params": params}, b["tokens"], attention_mask=b["attention_mask"],
+                                prompt_mask=b["prompt_mask"], routing="fixed", expert_idx=b["domain"],
+                                **segment_args(b))
+        logp = np.asarray(jax.nn.log_softmax(logits, -1))
+        rows = []
+        for i in np.flatnonzero(np.asarray(b["valid"])):
+            for p in np.flatnonzero(np.asarray(b["loss_mask"][i])):
+                target, lp = int(b["tokens"][i, p]), logp[i, p - 1]
+                rows.append({"row": int(i), "target": tokenizer.decode([target]), "nll": round(float(-lp[target]), 3),
+                             "top": [[tokenizer.decode([int(k)]), round(float(np.exp(lp[k])), 3)]
+                                     for k in np.argsort(-lp)[:3]]})
+        out["tokens"][f"batch {s + 1}"] = rows
+    return out
 
 
 def main(argv=None) -> None:
@@ -103,10 +149,14 @@ def main(argv=None) -> None:
                     help="rows per replayed batch (the domain's rows + padding); 0: the domain's rows rounded up to "
                          "an even count (one compiled program per count)")
     ap.add_argument("--out", default=None, help="JSONL file, one line per step")
+    ap.add_argument("--probe", action="store_true",
+                    help="after the last step, probe the next batch: its loss in the run dtype with and without "
+                         "dropout and in float32, and per-token NLLs of the last and the next batch (one JSON line)")
     args = ap.parse_args(argv)
     out = open(args.out, "w") if args.out else None
     try:
-        replay(args.exp, args.domain, args.steps, dtype=args.dtype, b2=args.b2, lr=args.lr, rows=args.rows, out=out)
+        replay(args.exp, args.domain, args.steps, dtype=args.dtype, b2=args.b2, lr=args.lr, rows=args.rows, out=out,
+               probe=args.probe)
     finally:
         if out is not None:
             out.close()

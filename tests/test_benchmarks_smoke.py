@@ -40,9 +40,18 @@ def test_replay_expert_trains_one_expert_on_exactly_its_domains_rows(tmp_path):
     from moa_jax.loading.base import load_base_model
 
     out = tmp_path / "replay.jsonl"
-    replay_expert.main(["--exp", "smoke", "--domain", "chain_sum", "--steps", "3", "--out", str(out)])
+    replay_expert.main(["--exp", "smoke", "--domain", "chain_sum", "--steps", "3", "--out", str(out), "--probe"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    probe = rows.pop()
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # the probe of batch 4: smoke computes in float32 without dropout, so all three losses agree, and the loss is
+    # the mean of the per-token NLLs it lists for batch 4 (one domain: the domain mean)
+    assert probe["probe_step"] == 4 and set(probe["tokens"]) == {"batch 3", "batch 4"}
+    losses = [v["loss"] for v in probe["loss"].values()]
+    assert len(losses) == 3 and max(losses) - min(losses) < 1e-4
+    nlls = [t["nll"] for t in probe["tokens"]["batch 4"]]
+    assert nlls and abs(np.mean(nlls) - probe["loss"]["float32"]["loss"]) < 2e-3
+    assert all(len(t["top"]) == 3 for t in probe["tokens"]["batch 3"])
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
 
     exp = get_experiment("smoke")   # the rows each step saw = chain_sum's rows of the experiment's global batch
