@@ -106,7 +106,7 @@ LAYERS = [
     ("config", "data_config", "errors", "overrides", "distributed", "routing", "methods", "variants"),
     ("nn", "params", "sharding", "grow"),
     ("loading", "data", "peft_import"),
-    ("train", "generate", "run_artifacts"),
+    ("train", "generate", "run_artifacts", "router_fit"),
     ("eval",),
     ("experiment", "add_domain"),
     ("api", "export", "export_router", "reference_router"),
