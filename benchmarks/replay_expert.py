@@ -119,7 +119,7 @@ def probe_next(exp, tcfg, cfg, moa, tx, state, frozen, make_batch, steps: int, t
     model = MoATransformer(cfg32, replace(moa, dropout=0.0))
     params = merge_params(frozen32, state.trainable)
     out["tokens"] = {}
-    for s in (steps - 1, steps):
+    for s in (steps - 1, steps) if steps else (steps,):   # no last batch before the first update
         b = {k: v[0] for k, v in make_batch(s)[0].items()}
         logits, _ = model.apply({"params": params}, b["tokens"], attention_mask=b["attention_mask"],
                                 prompt_mask=b["prompt_mask"], routing="fixed", expert_idx=b["domain"],
@@ -153,6 +153,8 @@ def main(argv=None) -> None:
                     help="after the last step, probe the next batch: its loss in the run dtype with and without "
                          "dropout and in float32, and per-token NLLs of the last and the next batch (one JSON line)")
     args = ap.parse_args(argv)
+    if args.steps < 0:
+        ap.error(f"--steps must be >= 0, got {args.steps}")
     out = open(args.out, "w") if args.out else None
     try:
         replay(args.exp, args.domain, args.steps, dtype=args.dtype, b2=args.b2, lr=args.lr, rows=args.rows, out=out,

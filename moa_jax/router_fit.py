@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from moa_jax.data.pipeline import bucket_for, collate
+from moa_jax.data.pipeline import collate_rows
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
 from moa_jax.train.step import base_router_logits
@@ -128,13 +128,8 @@ def fit_routers(ctx, trainable, n_old: int, prompts_per_domain: int):
     rows = np.concatenate([data.domain_rows(d)[:prompts_per_domain] for d in range(len(data.domains))])
     model = MoATransformer(ctx.cfg, ctx.exp.moa)
     features_of = jax.jit(lambda frozen, tree, batch: router_inputs(model, frozen, tree, batch))
-    features = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        valid = np.arange(batch_size) < len(chunk)
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
-        batch = collate(data, padded, bucket_for(int(data.lengths[chunk].max()), ctx.exp.data.buckets), valid)
-        features.append(np.asarray(features_of(ctx.frozen, trainable, batch))[:len(chunk)])
+    features = [np.asarray(features_of(ctx.frozen, trainable, batch))[batch["valid"].astype(bool)]
+                for batch in collate_rows(data, rows, batch_size, ctx.exp.data.buckets)]
     flat = traverse_util.flatten_dict(jax.device_get(trainable))
     key = router_kernel_key(trainable)
     flat[key], stats = fit_new_outputs(np.concatenate(features), data.domain[rows], np.asarray(flat[key]), n_old)

@@ -7,6 +7,8 @@ no compile during the timed rounds. The real targets are measured by `python -m 
 import json
 import time
 
+import pytest
+
 from benchmarks import report, run
 
 
@@ -60,3 +62,14 @@ def test_replay_expert_trains_one_expert_on_exactly_its_domains_rows(tmp_path):
     d = data.domains.index("chain_sum")
     expected = [int((data.domain[np.asarray(batches.rows[s])] == d).sum()) for s in range(3)]
     assert [r["rows"] for r in rows] == expected
+
+
+def test_replay_expert_probes_the_first_batch_before_any_update(tmp_path):
+    from benchmarks import replay_expert
+
+    out = tmp_path / "replay.jsonl"
+    replay_expert.main(["--exp", "smoke", "--domain", "chain_sum", "--steps", "0", "--out", str(out), "--probe"])
+    (probe,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert probe["probe_step"] == 1 and set(probe["tokens"]) == {"batch 1"} and probe["tokens"]["batch 1"]
+    with pytest.raises(SystemExit):
+        replay_expert.main(["--exp", "smoke", "--steps", "-1"])

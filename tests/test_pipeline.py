@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moa_jax.config import DataConfig
-from moa_jax.data import DataError, TrainBatches, domain_weights, eval_batches, load_split
+from moa_jax.data import DataError, TrainBatches, collate_rows, domain_weights, eval_batches, load_split
 from tests.data_helpers import make_jsonl_dir, tiny_tokenizer
 
 KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "index", "valid")
@@ -126,3 +126,16 @@ def test_eval_pass_covers_every_example_once_with_valid_mask(setup):
     for i, b in enumerate(rows):
         for k in KEYS:
             assert np.array_equal(np.concatenate([halves[0][i][k], halves[1][i][k]]), b[k])
+
+
+def test_collate_rows_keeps_the_chosen_rows_in_order_and_pads_the_last_batch(setup):
+    cfg, tok, data = setup
+    rows = np.concatenate([data.domain_rows(d)[:5] for d in range(len(data.domains))])[::-1]   # 15 rows, any order
+    batches = collate_rows(data, rows, 4, cfg.buckets)
+    assert len(batches) == 4 and all(b["tokens"].shape[0] == 4 for b in batches)
+    assert np.concatenate([b["index"][b["valid"] == 1] for b in batches]).tolist() == rows.tolist()
+    assert batches[-1]["valid"].tolist() == [1, 1, 1, 0]
+    assert (batches[-1]["loss_mask"][3] == 0).all() and (batches[-1]["tokens"][3] == data.pad_id).all()
+    for b in batches:   # each batch at the smallest bucket that fits its longest row
+        longest = int(data.lengths[b["index"][b["valid"] == 1]].max())
+        assert b["tokens"].shape[1] == min(x for x in cfg.buckets if x >= longest)

@@ -78,6 +78,19 @@ def collate(data: TokenizedSplit, rows: np.ndarray, seq_len: int, valid: Optiona
     return out
 
 
+def collate_rows(split, rows: np.ndarray, batch_size: int, buckets: Sequence[int]) -> list:
+    """Right-padded batches of `rows` of a TokenizedSplit, `batch_size` rows each (the last one filled with copies
+    whose `valid` is 0), each padded to the smallest bucket that fits it."""
+    batches = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        valid = np.ones(batch_size, np.int32)
+        valid[len(chunk):] = 0
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
+        batches.append(collate(split, padded, bucket_for(int(split.lengths[padded].max()), buckets), valid))
+    return batches
+
+
 def _host_slice(n: int, process_index: int, process_count: int) -> slice:
     if not 0 <= process_index < process_count:
         raise DataError(f"process_index={process_index} not in [0, process_count={process_count})")

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from moa_jax.data.pipeline import collate_rows
 from moa_jax.eval import metrics
 from moa_jax.eval.evaluate import Method, assign_experts, generate_answers, item_nll
 from moa_jax.generate.decode import eos_ids, forward_moa
@@ -91,20 +92,6 @@ class EvalSet:
 
     def per_domain_counts(self) -> list[int]:
         return [int((self.labels == d).sum()) for d in range(len(self.domains))]
-
-
-def collate_rows(split, rows: np.ndarray, batch_size: int, buckets: Sequence[int]) -> list:
-    """Right-padded batches of `rows` of a TokenizedSplit, `batch_size` rows each (the last one filled with copies
-    whose `valid` is 0), each padded to the smallest bucket that fits it."""
-    from moa_jax.data.pipeline import bucket_for, collate
-    batches = []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        valid = np.ones(batch_size, np.int32)
-        valid[len(chunk):] = 0
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
-        batches.append(collate(split, padded, bucket_for(int(split.lengths[padded].max()), buckets), valid))
-    return batches
 
 
 def build_eval_set(split, domains: tuple, items_per_domain: int, batch_size: int, buckets: Sequence[int],
