@@ -73,3 +73,30 @@ def test_replay_expert_probes_the_first_batch_before_any_update(tmp_path):
     assert probe["probe_step"] == 1 and set(probe["tokens"]) == {"batch 1"} and probe["tokens"]["batch 1"]
     with pytest.raises(SystemExit):
         replay_expert.main(["--exp", "smoke", "--steps", "-1"])
+
+
+def test_replay_curves_compares_runs_over_their_common_steps(tmp_path, capsys):
+    from benchmarks import replay_curves
+
+    def write(name, losses, grads, probe=False):
+        path = tmp_path / name
+        lines = [json.dumps({"step": i + 1, "loss": x, "grad_norm": g, "rows": 3})
+                 for i, (x, g) in enumerate(zip(losses, grads))]
+        path.write_text("\n".join(lines + ([json.dumps({"probe_step": len(losses) + 1})] if probe else [])) + "\n")
+        return str(path)
+
+    a = write("a.jsonl", [1.0, 3.0, 0.5, 0.5, 9.0], [1.0, 2.0, 50.0, 1.0, 7.0], probe=True)
+    b = write("b.jsonl", [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+    png = tmp_path / "curves.png"
+    replay_curves.main([f"spiky={a}", f"calm={b}", "--window", "2", "--after", "1", "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "Steps 1-4, windows of 2" in out                      # the common steps: b's 4, not a's 5
+    assert "| 1-2 | 2.000 / 3.00 / 2.0 | 1.000 / 1.00 / 1.0 |" in out
+    assert "| 3-4 | 0.500 / 0.50 / 50.0 | 1.000 / 1.00 / 1.0 |" in out
+    assert "| spiky | 2: 3.00 | 50.0 (step 3) |" in out           # step 5's 9.0 is past the common steps
+    assert "| calm | none | 1.0 (step 2) |" in out
+    assert png.stat().st_size > 10_000
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1, "loss": 1, "grad_norm": 1}\nnot json\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:2: not a JSON line"):
+        replay_curves.main([str(bad)])

@@ -227,7 +227,8 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[Method], progress: bool = T
     ev, split = ctx.exp.eval, ctx.data["test"]
     es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets,
                         ev.ppl_items_per_domain)
-    frozen = jax.device_get(ctx.frozen) if jax.process_count() == 1 else ctx.frozen
+    # the base stays where the context placed it (device or mesh): a host copy would be sent back at every call
+    frozen = ctx.frozen
     results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {},
                "data": data_counts(ctx.data, dict(zip(ctx.domains, es.per_domain_counts())))}
     if es.ppl is not None:
