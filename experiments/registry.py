@@ -176,9 +176,8 @@ def moa_10task_ablations() -> ExperimentConfig:
     batches, in <workdir>/variants/<NAME>/; any subset: --set "variants=eta0:stage2.eta=0,vote:moa.decision=vote".
     Budget: moa_10task's (40 stage-2 steps at batch 8 per trained variant, 20 test items per domain):
     7 trained variants + 16 evaluated methods; with reuse_from nothing of stage 1 or the main stage 2 is repeated.
-    Runtime with reuse_from on an idle 2-core CPU, without `paper_routing` and before packing: 39.8 min (trainings
-    21.6 min, evaluations 17.8 min), the table in the README ("Ablations"); `paper_routing` adds one stage-2
-    training and one moa_router evaluation.
+    Runtime with reuse_from on a 2-core AMD EPYC shared with other jobs: 1 h 16 min (trainings 50 min,
+    evaluations 25 min), the table in the README ("Ablations").
     Expected: eta=0 routes at chance (~10%) and moa_router falls towards the worse experts while moa_oracle stays
     close to the main run; routing accuracy rises with eta; random-init experts lose accuracy against stage-1 init
     at this small stage-2 budget; vote ~ last; token-level MoE-LoRA below MoA on the domains that need their own
