@@ -227,8 +227,6 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[Method], progress: bool = T
     ev, split = ctx.exp.eval, ctx.data["test"]
     es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets,
                         ev.ppl_items_per_domain)
-    # the base stays where the context placed it (device or mesh): a host copy would be sent back at every call
-    frozen = ctx.frozen
     results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {},
                "data": data_counts(ctx.data, dict(zip(ctx.domains, es.per_domain_counts())))}
     if es.ppl is not None:
@@ -242,7 +240,8 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[Method], progress: bool = T
             entry = most_common_entry(es, ctx.data["train"])
             bar.update(len(es.rows))
         else:
-            method = spec.resolve(frozen, trained)
+            # the base as the context placed it (device or mesh): a host copy would be re-sent at every call
+            method = spec.resolve(ctx.frozen, trained)
             entry = evaluate_method(
                 ctx.cfg, es, method, pad_id=split.pad_id,
                 eos_ids=eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
