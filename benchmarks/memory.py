@@ -108,7 +108,8 @@ def plan(args) -> dict:
     from moa_jax.nn.model import MoATransformer
     from moa_jax.params import param_shapes, split_params
     from moa_jax.sharding import make_mesh, param_shardings
-    from moa_jax.train.loop import jit_train_step, micro_batch_sharding, state_shardings
+    from moa_jax.sharding import micro_batch_sharding
+    from moa_jax.train.loop import jit_train_step, state_shardings
     from moa_jax.train.step import make_optimizer
 
     cfg = model_config(args.shape, args.dtype, args.remat, args.loss_chunk)

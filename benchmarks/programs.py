@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import flops
+from moa_jax import flops
 from benchmarks.timing import Variant, block, compile_aot, memory_info, xla_flops
 from moa_jax.config import PROJECTIONS, ModelConfig, MoAConfig, TrainConfig
 from moa_jax.generate.decode import decode_fn

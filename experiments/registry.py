@@ -10,11 +10,14 @@ from typing import Callable, NamedTuple
 
 from moa_jax.config import (ConfigError, DataConfig, EvalConfig, ExperimentConfig, MeshConfig, MoAConfig, TrainConfig,
                             replace)
+from moa_jax.workflows import Job
+from moa_jax.workflows.sections import AddDomainConfig, CapacityConfig
 
-EXPERIMENTS: dict[str, Callable[[], ExperimentConfig]] = {}
+Preset = Callable[[], "ExperimentConfig | Job"]
+EXPERIMENTS: dict[str, Preset] = {}
 
 
-def register(fn: Callable[[], ExperimentConfig]) -> Callable[[], ExperimentConfig]:
+def register(fn: Preset) -> Preset:
     EXPERIMENTS[fn.__name__] = fn
     return fn
 
@@ -29,10 +32,17 @@ def check_runnable(exp: ExperimentConfig) -> None:
                           f"checkpoint directory (config.json + safetensors), e.g. a Llama-2-7B or Llama-3-8B")
 
 
-def get_experiment(name: str) -> ExperimentConfig:
+def get_job(name: str) -> Job:
+    """The preset `name` as a Job (a plain ExperimentConfig preset is a two_stage job)."""
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; registered: {sorted(EXPERIMENTS)}")
-    return EXPERIMENTS[name]()
+    preset = EXPERIMENTS[name]()
+    return preset if isinstance(preset, Job) else Job("two_stage", preset)
+
+
+def get_experiment(name: str) -> ExperimentConfig:
+    """The ExperimentConfig of preset `name`."""
+    return get_job(name).exp
 
 
 class Budget(NamedTuple):
@@ -199,10 +209,10 @@ def moa_10task_ablations_accel() -> ExperimentConfig:
 
 
 @register
-def moa_10task_capacity() -> ExperimentConfig:
+def moa_10task_capacity() -> Job:
     """When does MoA beat one LoRA? moa_10task's data and budget for MoA and the mixed LoRA at rank 2 (where one
     LoRA must compromise), the mixed LoRA at the parameter-matched rank 10 x 2 = 20, and MoA at rank 16 (the main
-    run), with a capacity table (experiments/capacity.py).
+    run), with a capacity table (moa_jax/workflows/capacity.py).
 
     Command, after moa_10task (its rank-16 stage 1 + stage 2 are loaded, not trained again):
         python -m experiments.run --exp=moa_10task_capacity --set reuse_from=runs/moa_10task
@@ -217,7 +227,8 @@ def moa_10task_capacity() -> ExperimentConfig:
     adapter FLOPs.
     """
     base = moa_10task()
-    return replace(base, name="moa_10task_capacity", capacity_rank=2, eval=replace(base.eval, ppl_items_per_domain=200))
+    return Job("capacity", replace(base, name="moa_10task_capacity", eval=replace(base.eval, ppl_items_per_domain=200)),
+               CapacityConfig(rank=2))
 
 
 @register
@@ -252,18 +263,18 @@ def moa_7b() -> ExperimentConfig:
 
 
 @register
-def add_domain() -> ExperimentConfig:
+def add_domain() -> Job:
     """Add domains to a finished run: one new expert per new domain and a short router re-fit, old experts untouched.
 
-    Command: python -m experiments.run --exp=add_domain --set base_run=DIR --set new_domains=SPEC [--workdir=OUT]
+    Command: python -m experiments.run --exp=add_domain --set add_domain.base_run=DIR --set add_domain.new_domains=SPEC [--workdir=OUT]
     DIR: a finished run of any preset (smoke included). SPEC: a reasoning-gym generator (e.g. basic_arithmetic,
     generated like the embedded dataset) or jsonl:PATH (one domain per file, docs/data.md); NAME=SPEC names the
     domain; several: comma-separated. The model, rank, data and budgets come from DIR's config; other --set keys
     apply on top of it (stage1.steps = new-expert steps, stage2.steps = re-fit steps, eval.*). The re-fit gives the
-    new domains refit_new_share of every batch (default 0.5, a number in (0, 1); the old domains the rest), trains
-    only the routers' new outputs (refit_routers=new; all: every output) and corrects the router loss for those
-    shares (logit adjustment). Pipeline and report: moa_jax/add_domain.py. Runtime from a smoke run: ~45 s of CPU
+    new domains add_domain.new_share of every batch (default 0.5, a number in (0, 1); the old domains the rest), trains
+    only the routers' new outputs (add_domain.refit_routers=new; all: every output) and corrects the router loss for those
+    shares (logit adjustment). Pipeline and report: moa_jax/workflows/add_domain.py. Runtime from a smoke run: ~45 s of CPU
     time (mostly compiling). From the full moa_10task run (README "Add a domain"): 276 s of training against an
     estimated 678 s to retrain; old domains unchanged, the new domain (basic_arithmetic) not yet routed to.
     """
-    return ExperimentConfig(name="add_domain")
+    return Job("add_domain", ExperimentConfig(name="add_domain"), AddDomainConfig())

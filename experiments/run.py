@@ -91,29 +91,21 @@ def _main(argv=None) -> int:
 
     from moa_jax import distributed
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed == "auto")
-    from experiments.registry import check_runnable, get_experiment
+    from experiments.registry import check_runnable, get_job
     from moa_jax.config import ConfigError
-    from moa_jax.experiment import run_experiment
-    from moa_jax.overrides import apply_overrides
+    from moa_jax.workflows import resolve_job, run_job
     try:
-        exp = apply_overrides(get_experiment(args.exp), args.overrides)
-        check_runnable(exp)
+        job = resolve_job(get_job(args.exp), args.overrides)
+        check_runnable(job.exp)
     except KeyError as e:   # an unknown --exp
         raise ConfigError(e.args[0]) from None
     workdir = args.workdir or f"runs/{args.exp}"
-    if args.exp == "add_domain":
-        from moa_jax.add_domain import run_add_domain
-        results = run_add_domain(exp.base_run, exp.new_domains, workdir, args.overrides, progress=not args.no_progress)
-        from moa_jax.eval.report import summary
-        print(summary(results, workdir))
-        return 0
-    logging.getLogger("moa_jax").info("experiment %s -> %s\n%s", exp.name, workdir,
-                                      json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-    if exp.capacity_rank:   # the capacity study: its arms, one evaluation, the capacity table
-        from experiments.capacity import run_capacity
-        results = run_capacity(exp, workdir, progress=not args.no_progress)
-    else:
-        results = run_experiment(exp, workdir, progress=not args.no_progress)  # also writes the report
+    logging.getLogger("moa_jax").info(
+        "experiment %s (workflow %s) -> %s\n%s", job.exp.name, job.workflow, workdir,
+        json.dumps({**({job.workflow: dataclasses.asdict(job.section)} if job.section else {}),
+                    **({} if job.workflow == "add_domain" else {"experiment": dataclasses.asdict(job.exp)})},
+                   indent=1, default=str))
+    results = run_job(job, workdir, progress=not args.no_progress)   # each workflow writes its report
     from moa_jax.eval.report import summary
     print(summary(results, workdir))
     return 0

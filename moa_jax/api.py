@@ -231,12 +231,13 @@ def _with_adapters(cfg: ModelConfig, frozen, tokenizer, source: str, adapters: s
                     system_prompt=training_system_prompt(saved.get("data")))
 
 
-def load_run(workdir: str, stage: str = "stage2", *, source: Optional[str] = None, dtype: Optional[str] = None,
+def load_run(workdir: str, stage: Optional[str] = None, *, source: Optional[str] = None, dtype: Optional[str] = None,
              quantize: Optional[str] = None) -> MoAModel:
     """A finished run's model, ready to `.generate()`: the base model the run trained on (or `source=` where it
     moved), the `stage`'s experts and routers with their MoA config, the domain names as `.domains` and the
-    training system prompt as `.system_prompt` (generate's default). Stages: stage2 (MoA, default), stage1,
-    mixed_lora, moe_lora, variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's."""
+    training system prompt as `.system_prompt` (generate's default). Stages: the run's final model by default
+    (stage2 for the two_stage and capacity workflows, refit for add_domain), stage1, mixed_lora, moe_lora,
+    variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's."""
     run = read_run(workdir, stage, source)
     model = load_model(run.source, adapters=run.adapters, dtype=dtype or run.dtype,
                        quantize=quantize or run.quantize)

@@ -269,7 +269,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole MoA experiment: stage 1 -> stage 2 -> baselines -> evaluation (see experiments/registry.py).
+    """A whole MoA experiment: stage 1 -> stage 2 -> baselines -> evaluation (see experiments/registry.py). The
+    workflows that need more (add_domain, the capacity study) carry their own section (moa_jax/workflows/sections.py).
 
     model: the embedded name, an HF checkpoint directory, a .gguf file, or "tiny-random" (a random tiny Llama with
     the embedded tokenizer, for smoke tests). dtype "auto": float32 on CPU, bfloat16 on accelerators.
@@ -278,15 +279,6 @@ class ExperimentConfig:
     reuse_from: the work directory of an earlier run whose adapters are loaded instead of training a stage when
     that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
     quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/nn/quantize.py).
-    base_run, new_domains: the `add_domain` experiment (moa_jax/add_domain.py): the finished run to extend and the
-    specs of the domains to add (moa_jax/data/new_domains.py); empty for every other experiment. refit_new_share:
-    add_domain's router re-fit gives the new domains this share of every batch (split over them by data.mixing),
-    the old domains the rest (mixed by data.mixing among them); refit_routers: 'new' trains only the new domains'
-    router outputs in that re-fit (the old ones stay bit-identical), 'all' every output. refit_router_prompts: with
-    moa.route_on='base', add_domain then fits the routers' new outputs to convergence on this many cached training
-    prompts per domain (moa_jax/router_fit.py); 0 = no such fit.
-    capacity_rank: > 0 makes the run the capacity study (experiments/capacity.py): MoA and the mixed LoRA at this
-    rank, the mixed LoRA at num_experts x this rank (parameter-matched) and MoA at moa.rank; 0 = a normal run.
     """
     name: str = "custom"
     model: str = "smollm2-135m-instruct"
@@ -304,31 +296,15 @@ class ExperimentConfig:
     remat: str = "auto"           # ModelConfig.remat of the loaded model (REMAT_POLICIES)
     loss_chunk: int = 1024        # ModelConfig.loss_chunk of the loaded model
     quantize: str = "none"
-    base_run: str = ""
-    new_domains: tuple = ()
-    refit_new_share: float = 0.5
-    refit_routers: str = "new"
-    refit_router_prompts: int = 128
-    capacity_rank: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
-        object.__setattr__(self, "new_domains", tuple(self.new_domains))
         _check(self.quantize in QUANTIZE_MODES, f"ExperimentConfig.quantize={self.quantize!r} not in {QUANTIZE_MODES}")
         names = [parse_variant(v).name for v in self.variants]
         _check(len(set(names)) == len(names), f"ExperimentConfig.variants: duplicate names in {names}")
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
         check_remat(self.remat, "ExperimentConfig")
         _check(self.loss_chunk >= 1, f"ExperimentConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
-        _check(self.refit_routers in ("new", "all"), f"refit_routers={self.refit_routers!r}: 'new' (only the new "
-               f"domains' router outputs train in add_domain's re-fit) or 'all'")
-        _check(isinstance(self.refit_new_share, (int, float)) and 0.0 < self.refit_new_share < 1.0,
-               f"refit_new_share={self.refit_new_share!r}: the new domains' share of each add_domain re-fit batch "
-               f"must be a number in (0, 1), e.g. --set refit_new_share=0.5")
-        _check(self.refit_router_prompts >= 0, f"refit_router_prompts={self.refit_router_prompts}: cached prompts per "
-               f"domain for add_domain's router fit must be >= 0 (0 = no fit)")
-        _check(self.capacity_rank >= 0, f"capacity_rank={self.capacity_rank}: the small rank of the capacity study "
-               f"must be >= 1 (0 = a normal run)")
         _check(self.stage1.stage == "stage1", "ExperimentConfig.stage1.stage must be 'stage1'")
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")

@@ -20,7 +20,7 @@ class MethodInfo:
 
     name              the name in EvalConfig.methods and the results (an ablation variant reports `name[VARIANT]`)
     routing           how it routes (moa_jax.routing.ROUTINGS); None: no model at all (most_common)
-    trained           the key of its adapters among the trained trees (moa_jax/experiment.py `train_all`);
+    trained           the key of its adapters among the trained trees (moa_jax/workflows/two_stage.py `train_all`);
                       None: no adapters (the frozen base, or no model)
     routing_accuracy  the report gives its routing accuracy and confusion (its routers decide one expert per item)
     variant           an ablation variant may evaluate it (it uses what a variant retrains after stage 1)

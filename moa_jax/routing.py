@@ -1,7 +1,7 @@
 """The routing vocabulary of the whole package and its one translation into the model's routing modes.
 
 Three vocabularies name who picks the experts, each at its own level:
-  ROUTINGS        what a user asks for (generate()/logits() routing=, `python -m moa_jax.generate --routing`):
+  ROUTINGS        what a user asks for (generate()/logits() routing=, `python -m moa_jax.cli.generate --routing`):
                   router  the model's routers decide (how depends on MoAConfig.dispatch)
                   oracle  the domain label of each sequence picks its expert
                   forced  one expert for every sequence

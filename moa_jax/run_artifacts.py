@@ -1,6 +1,6 @@
 """A finished run's work directory read back for inference: which stage's adapters, on which base model, with which
 MoA config, expert names and system prompt. `moa_jax.load_run`, `load_model(adapters=DIR)` and
-`python -m moa_jax.generate` read runs through this module only.
+`python -m moa_jax.cli.generate` read runs through this module only.
 
     workdir/config.json                          the run's ExperimentConfig (its `data` settings)
     workdir/<stage>/adapters/config.json         the stage's resolved config: model (source, dtype, quantize, sizes),
@@ -124,15 +124,28 @@ def stage_adapters(workdir: str, stage: str) -> str:
         raise RunArtifactError(f"{workdir}: stage {stage!r} has not finished (checkpoints but no adapters at "
                                f"{adapters}); re-run the same experiments.run command to finish it, or load one "
                                f"of the finished stages {stages}")
+    if not os.path.exists(results):   # killed before this stage started
+        raise RunArtifactError(f"{workdir}: unfinished (stage {stage!r} has not started and there is no "
+                               f"results.json); re-run the same experiments.run command to finish it, or load one "
+                               f"of the finished stages {stages}")
     raise RunArtifactError(f"{workdir}: no adapters for stage {stage!r} (this run did not train it); stages "
                            f"with adapters here: {stages}")
 
 
-def read_run(workdir: str, stage: str = "stage2", source: Optional[str] = None) -> RunInfo:
-    """Everything needed to rebuild a stage's model, checked (the base model too) before anything loads."""
+def final_stage(workdir: str) -> str:
+    """The stage holding the final model of the run in `workdir`, as its workflow recorded it in config.json
+    ("final_stage"); stage2 for runs saved before workflows recorded it."""
+    path = os.path.join(workdir, "config.json")
+    return (read_json(path).get("final_stage") if os.path.exists(path) else None) or "stage2"
+
+
+def read_run(workdir: str, stage: Optional[str] = None, source: Optional[str] = None) -> RunInfo:
+    """Everything needed to rebuild a stage's model (default: the run's final model), checked (the base model too)
+    before anything loads."""
     from moa_jax.loading.base import check_base_model
     from moa_jax.loading.resolve import ModelSourceError
     workdir = os.fspath(workdir)
+    stage = stage or final_stage(workdir)
     adapters = stage_adapters(workdir, stage)
     where = os.path.join(adapters, "config.json")
     saved = read_json(where)

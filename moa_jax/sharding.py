@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -106,3 +107,23 @@ def leaf_placer(mesh: Mesh, fsdp: bool = False):
         spec = logical_to_spec(param_logical_axes(path, np.shape(x), fsdp))
         return jax.block_until_ready(_put(x, NamedSharding(mesh, spec)))
     return place
+
+
+def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
+    """Sharding of a [A, B, ...] micro-batch stack: B over every device."""
+    return NamedSharding(mesh, P(None, *batch_sharding(mesh, ndim - 1).spec))
+
+
+def tree_leaf_sharding(mesh, path, leaf) -> NamedSharding:
+    """Sharding of one leaf of a tree that nests the param tree (e.g. Adam's mu/nu), from its dict-key path."""
+    keys = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+    if not keys or len(leaf.shape) == 0:
+        return replicated(mesh)
+    return NamedSharding(mesh, logical_to_spec(param_logical_axes(keys, tuple(leaf.shape))))
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Device tree -> numpy on every process (multi-host safe)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)

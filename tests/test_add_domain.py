@@ -3,8 +3,8 @@
   - the base run's 10 experts are bit-identical in the grown adapters (np.array_equal on every leaf);
   - results.json reports routing accuracy and confusion over all 11 domains, old vs base run, new vs single LoRA,
     and the cost against retraining; results.md has the "Add a domain" section;
-  - the router re-fit gives the new domains refit_new_share of its batches (counted over the first batches);
-  - with moa.route_on=base the routers' new outputs are then fitted on cached prompts (moa_jax/router_fit.py):
+  - the router re-fit gives the new domains add_domain.new_share of its batches (counted over the first batches);
+  - with moa.route_on=base the routers' new outputs are then fitted on cached prompts (moa_jax/train/router_fit.py):
     reported, old outputs bit-identical, the new output moved from the re-fit's; without route_on=base no fit;
   - user mistakes (no/unfinished base run, a name clash, another rank, a bad spec, a bad JSONL line, a share
     outside (0, 1)) are one `error:` line and exit code 2, before any model loads.
@@ -20,7 +20,7 @@ import pytest
 from flax import traverse_util
 
 from experiments import run
-from moa_jax.add_domain import refit_source
+from moa_jax.workflows.add_domain import refit_source
 from moa_jax.config import DataConfig, ExperimentConfig
 from moa_jax.data import load_split
 from moa_jax.data.tasks import DOMAIN_NAMES
@@ -46,10 +46,10 @@ def runs(tmp_path_factory):
     jsonl = root / "adding.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 3}.", "response": str(2 * i + 3)}) + "\n"
                              for i in range(120)))
-    rc, console = _run(["--exp=add_domain", f"--workdir={grown}", "--set", f"base_run={base}",
-                        "--set", f"new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3",
+    rc, console = _run(["--exp=add_domain", f"--workdir={grown}", "--set", f"add_domain.base_run={base}",
+                        "--set", f"add_domain.new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3",
                         "--set", "stage2.steps=2", "--set", "eval.items_per_domain=1",
-                        "--set", "refit_new_share=0.6"])
+                        "--set", "add_domain.new_share=0.6"])
     assert rc == 0 and "moa_router[base_run]" in console
     return base, grown, str(jsonl)
 
@@ -68,7 +68,7 @@ def test_old_experts_bit_identical_and_new_expert_trained(runs):
     assert any(new[k][:, 10].any() for k in experts if k[-1] == "lora_b"), "the new expert did not train"
     routers = [k for k in old if "router" in k]
     assert all(new[k].shape[-1] == 11 for k in routers)
-    # refit_routers=new (default): the routers' old outputs stay bit-identical, their new output is re-fitted (the
+    # add_domain.refit_routers=new (default): the routers' old outputs stay bit-identical, their new output is re-fitted (the
     # new-expert phase trains no router, so its adapters hold the new output's initial values)
     start = traverse_util.flatten_dict(load_adapters(os.path.join(grown, "new_experts", "adapters"))[0])
     assert all(np.array_equal(new[k][..., :10], old[k]) for k in routers if k[-2] != "hidden")
@@ -85,7 +85,7 @@ def test_report_over_all_domains(runs):
     assert np.asarray(res["methods"]["moa_router[base_run]"]["confusion"]).shape == (11, 10)
     section = res["add_domain"]
     assert section["old_experts_bit_identical"] is True and section["new_domains"] == ["sums"]
-    assert section["refit_new_share"] == 0.6 and res["steps"]["refit_new_share"] == 0.6
+    assert section["new_share"] == 0.6 and res["steps"]["new_share"] == 0.6
     assert section["refit_routers"] == "new" == res["steps"]["refit_routers"]
     assert section["routing_accuracy"] == pytest.approx(np.trace(conf) / 11)
     assert set(section["old_vs_base_run"]) == set(DOMAIN_NAMES)
@@ -105,10 +105,10 @@ def test_report_over_all_domains(runs):
 def test_router_fit_with_routers_on_the_base_model(runs, tmp_path):
     base, grown, jsonl = runs
     fitted = str(tmp_path / "fitted")
-    rc, _ = _run(["--exp=add_domain", f"--workdir={fitted}", "--set", f"base_run={base}",
-                  "--set", f"new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3", "--set", "stage2.steps=2",
+    rc, _ = _run(["--exp=add_domain", f"--workdir={fitted}", "--set", f"add_domain.base_run={base}",
+                  "--set", f"add_domain.new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3", "--set", "stage2.steps=2",
                   "--set", "eval.items_per_domain=1", "--set", "eval.methods=moa_router",
-                  "--set", "moa.route_on=base", "--set", "refit_router_prompts=4"])
+                  "--set", "moa.route_on=base", "--set", "add_domain.router_prompts=4"])
     assert rc == 0
     stats = json.load(open(os.path.join(fitted, "results.json")))["add_domain"]["router_fit"]
     assert stats["examples"] == 11 * 4 and stats["prompts_per_domain"] == 4
@@ -130,10 +130,10 @@ def test_refit_batches_hold_the_new_share(tmp_path, share):
     sizes; uniform mixing over all three would give gamma 1/3."""
     root = make_jsonl_dir(tmp_path, n_per_domain=(30, 12, 6))
     exp = ExperimentConfig(data=DataConfig(source=f"jsonl:{root}", holdout_fraction=0.0, max_len=128,
-                                           buckets=(32, 64, 128), batch_size=8), refit_new_share=share)
+                                           buckets=(32, 64, 128), batch_size=8))
     train = load_split(exp.data, tiny_tokenizer(vocab_size=300), "train")
     assert train.domains == ("alpha", "beta", "gamma")
-    source = refit_source(exp, train, n_old=2)
+    source = refit_source(exp, train, n_old=2, new_share=share)
     domains = np.concatenate([source.batch(s)["domain"] for s in range(40)])
     counts = np.bincount(domains, minlength=3) / len(domains)
     assert counts[2] == pytest.approx(share, abs=0.02)
@@ -152,25 +152,25 @@ def _error(capsys, args) -> str:
 def test_user_errors(runs, tmp_path, capsys):
     base, _, jsonl = runs
     out = f"--workdir={tmp_path / 'out'}"
-    assert "--set base_run=DIR" in _error(capsys, [out, "--set", "new_domains=basic_arithmetic"])
-    assert "no such directory" in _error(capsys, [out, "--set", f"base_run={tmp_path}/nope",
-                                                  "--set", "new_domains=basic_arithmetic"])
+    assert "--set add_domain.base_run=DIR" in _error(capsys, [out, "--set", "add_domain.new_domains=basic_arithmetic"])
+    assert "no such directory" in _error(capsys, [out, "--set", f"add_domain.base_run={tmp_path}/nope",
+                                                  "--set", "add_domain.new_domains=basic_arithmetic"])
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     shutil.copy(os.path.join(base, "config.json"), unfinished)
-    assert "unfinished" in _error(capsys, [out, "--set", f"base_run={unfinished}",
-                                           "--set", "new_domains=basic_arithmetic"])
-    good = [out, "--set", f"base_run={base}"]
-    assert "already exist" in _error(capsys, good + ["--set", "new_domains=chain_sum"])
-    assert "moa.rank=4, not 8" in _error(capsys, good + ["--set", "new_domains=basic_arithmetic",
+    assert "unfinished" in _error(capsys, [out, "--set", f"add_domain.base_run={unfinished}",
+                                           "--set", "add_domain.new_domains=basic_arithmetic"])
+    good = [out, "--set", f"add_domain.base_run={base}"]
+    assert "already exist" in _error(capsys, good + ["--set", "add_domain.new_domains=chain_sum"])
+    assert "moa.rank=4, not 8" in _error(capsys, good + ["--set", "add_domain.new_domains=basic_arithmetic",
                                                          "--set", "moa.rank=8"])
-    assert "model='tiny-random'" in _error(capsys, good + ["--set", "new_domains=basic_arithmetic",
+    assert "model='tiny-random'" in _error(capsys, good + ["--set", "add_domain.new_domains=basic_arithmetic",
                                                            "--set", "model=smollm2-135m-instruct"])
-    assert "reasoning-gym generator" in _error(capsys, good + ["--set", "new_domains=not_a_generator"])
+    assert "reasoning-gym generator" in _error(capsys, good + ["--set", "add_domain.new_domains=not_a_generator"])
     for share in ("0", "1.5", "-0.2"):
-        assert f"refit_new_share={float(share)}" in _error(capsys, good + ["--set", "new_domains=basic_arithmetic",
-                                                                            "--set", f"refit_new_share={share}"])
-    assert "is not a file" in _error(capsys, good + ["--set", f"new_domains=jsonl:{tmp_path}/none.jsonl"])
+        assert f"add_domain.new_share={float(share)}" in _error(capsys, good + ["--set", "add_domain.new_domains=basic_arithmetic",
+                                                                            "--set", f"add_domain.new_share={share}"])
+    assert "is not a file" in _error(capsys, good + ["--set", f"add_domain.new_domains=jsonl:{tmp_path}/none.jsonl"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(jsonl).readline() + '{"prompt": "x"}\n')
-    assert f"{bad}:2: missing field 'response'" in _error(capsys, good + ["--set", f"new_domains=jsonl:{bad}"])
+    assert f"{bad}:2: missing field 'response'" in _error(capsys, good + ["--set", f"add_domain.new_domains=jsonl:{bad}"])

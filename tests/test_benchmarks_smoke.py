@@ -36,7 +36,7 @@ def test_smoke_suite_runs_and_guards_hold(tmp_path):
 
 def test_replay_expert_trains_one_expert_on_exactly_its_domains_rows(tmp_path):
     import numpy as np
-    from benchmarks import replay_expert
+    from benchmarks.studies import replay_expert
     from experiments.registry import get_experiment
     from moa_jax.data.pipeline import TrainBatches, load_split
     from moa_jax.loading.base import load_base_model
@@ -65,7 +65,7 @@ def test_replay_expert_trains_one_expert_on_exactly_its_domains_rows(tmp_path):
 
 
 def test_replay_expert_probes_the_first_batch_before_any_update(tmp_path):
-    from benchmarks import replay_expert
+    from benchmarks.studies import replay_expert
 
     out = tmp_path / "replay.jsonl"
     replay_expert.main(["--exp", "smoke", "--domain", "chain_sum", "--steps", "0", "--out", str(out), "--probe"])
@@ -76,7 +76,7 @@ def test_replay_expert_probes_the_first_batch_before_any_update(tmp_path):
 
 
 def test_replay_curves_compares_runs_over_their_common_steps(tmp_path, capsys):
-    from benchmarks import replay_curves
+    from benchmarks.studies import replay_curves
 
     def write(name, losses, grads, probe=False):
         path = tmp_path / name

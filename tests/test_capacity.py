@@ -1,5 +1,5 @@
 """The capacity study end to end at smoke scale (tiny random Llama, tiny data, 10 domains, main rank 4,
-capacity_rank 2), through `python -m experiments.run`, reusing the session's smoke run as the main arm:
+capacity.rank 2), through `python -m experiments.run`, reusing the session's smoke run as the main arm:
   - the capacity table has the four arms with their ranks (4, 2, 2, 10 x 2 = 20), in results.json and results.md;
   - trainable parameters and inference FLOPs per token match counts computed here from the tiny model's shapes;
   - PPL is over eval.ppl_items_per_domain items, accuracy over the generation items;
@@ -13,9 +13,11 @@ import os
 import pytest
 
 from experiments import run
-from experiments.capacity import plan_arms
+from moa_jax.workflows import resolve_job
+from moa_jax.workflows.capacity import plan_arms
+from moa_jax.workflows.sections import CapacityConfig
 from experiments.registry import moa_10task_capacity, smoke as smoke_preset
-from moa_jax.config import ConfigError, EvalConfig, ExperimentConfig, replace
+from moa_jax.config import ConfigError, EvalConfig, replace
 from moa_jax.data.tasks import DOMAIN_NAMES
 
 # The tiny random Llama (moa_jax/loading/base.py): D = 64, F = 128, 4 heads and 2 kv heads of 16, L = 2.
@@ -31,7 +33,7 @@ def study(smoke, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("capacity"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "capacity_rank=2",
+        rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "capacity.rank=2",
                        "--set", f"reuse_from={base}", "--set", "eval.items_per_domain=1",
                        "--set", f"eval.ppl_items_per_domain={PPL_ITEMS}"])
     assert rc == 0
@@ -100,18 +102,21 @@ def test_main_arm_reused_and_mixed_arms_train_only_the_lora(smoke, study):
 
 
 def test_plan():
-    exp = moa_10task_capacity()
-    arms = plan_arms(exp)
+    job = moa_10task_capacity()
+    exp, study = job.exp, job.section
+    assert job.workflow == "capacity" and study.rank == 2
+    arms = plan_arms(exp, study)
     assert [(a.label, a.rank, a.exp.moa.alpha) for a in arms] == [
         ("moa_router", 16, 32.0), ("moa_router[r2]", 2, 4.0), ("mixed_lora[r2]", 2, 4.0),
         ("mixed_lora[r20]", 20, 40.0)]
     assert exp.eval.ppl_items_per_domain == 200 and exp.eval.items_per_domain == 20
     # only the main arm may load from reuse_from (the others' stage 1 differs)
-    arms = plan_arms(replace(exp, reuse_from="runs/moa_10task"))
+    arms = plan_arms(replace(exp, reuse_from="runs/moa_10task"), study)
     assert [a.exp.reuse_from for a in arms] == ["runs/moa_10task", "", "", ""]
-    with pytest.raises(ConfigError, match="capacity_rank"):
-        plan_arms(smoke_preset())
-    with pytest.raises(ConfigError, match="capacity_rank=-1"):
-        ExperimentConfig(capacity_rank=-1)
+    with pytest.raises(ConfigError, match="capacity.rank=-1"):
+        resolve_job(smoke_preset(), ["capacity.rank=-1"])
+    assert resolve_job(smoke_preset(), ["capacity.rank=3"]).section == CapacityConfig(rank=3)
+    with pytest.raises(ConfigError, match="add_domain workflow"):   # a section of a workflow that needs its preset
+        resolve_job(smoke_preset(), ["add_domain.base_run=x"])
     with pytest.raises(ConfigError, match="ppl_items_per_domain"):
         EvalConfig(ppl_items_per_domain=-5)

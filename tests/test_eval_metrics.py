@@ -179,7 +179,7 @@ def test_parse_variant():
 
 def test_variants_share_training_where_settings_match():
     from experiments.registry import get_experiment
-    from moa_jax.experiment import _training_key, plan_variants
+    from moa_jax.workflows.two_stage import _training_key, plan_variants
     exp = get_experiment("moa_10task_ablations")
     shares_main = {v.name: [_training_key(ve, m) == _training_key(exp, m) for m in v.methods]
                    for v, ve in plan_variants(exp)}
@@ -194,7 +194,7 @@ def test_variants_share_training_where_settings_match():
 
 
 def test_config_differences_ignore_logging_only_fields():
-    from moa_jax.experiment import config_differences
+    from moa_jax.workflows.two_stage import config_differences
     a = {"experiment": "moa_10task", "train": {"steps": 10, "log_every": 5}, "moa": {"rank": 4, "decision": "last"}}
     b = copy.deepcopy(a)
     b.update(experiment="moa_10task_ablations")

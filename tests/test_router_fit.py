@@ -1,4 +1,4 @@
-"""moa_jax/router_fit.py on the tiny test model and on synthetic features:
+"""moa_jax/train/router_fit.py on the tiny test model and on synthetic features:
   - router_inputs: features @ router kernel reproduce the base pass's router logits in every layer, for the linear
     and the mlp router, and do not depend on the kernel they were read with (the base pass reads no router);
   - fit_new_outputs: the old columns stay bit-identical; on separable features where the new column starts below
@@ -15,7 +15,7 @@ from flax import traverse_util
 from moa_jax.config import replace
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
-from moa_jax.router_fit import fit_new_outputs, router_inputs, router_kernel_key
+from moa_jax.train.router_fit import fit_new_outputs, router_inputs, router_kernel_key
 from moa_jax.train.step import base_router_logits
 from tests.train_helpers import SyntheticSource, init_trees, tiny_cfg, tiny_moa
 

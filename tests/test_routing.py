@@ -82,7 +82,7 @@ def test_every_eval_method_resolves_to_one_record():
         assert info.description
     assert set(VARIANT_METHODS) == {"moa_router", "moa_oracle", "moe_lora"}
     assert [n for n in EVAL_METHODS if METHODS[n].routing_accuracy] == ["moa_router"]
-    # the trained adapters each method uses: what moa_jax/experiment.py train_all builds
+    # the trained adapters each method uses: what moa_jax/workflows/two_stage.py train_all builds
     assert {n: METHODS[n].trained for n in EVAL_METHODS} == {
         "most_common": None, "base": None, "single_lora": "single_lora", "mixed_lora": "mixed_lora",
         "moa_router": "moa", "moa_oracle": "moa", "moe_lora": "moe_lora"}

@@ -1,12 +1,12 @@
 """Command line: answer prompts with a trained run's MoA model and show which expert answered.
 
-    python -m moa_jax.generate --workdir runs/moa_10task --prompt "What is 12 + 30?" [--prompt ...]
+    python -m moa_jax.cli.generate --workdir runs/moa_10task --prompt "What is 12 + 30?" [--prompt ...]
         [--routing router|oracle|forced|base] [--expert N|DOMAIN] [--max_new_tokens 32] [--temperature 0]
-        [--stage stage2] [--source PATH]
+        [--stage STAGE] [--source PATH]
 
 Loads the run with `moa_jax.load_run`: its base model (or --source, where it moved) and the adapters of `--stage`
-(default the MoA stage-2 experts and routers, RUN/stage2/adapters, or where RUN/results.json says that stage's
-adapters came from), formats each prompt exactly as in training (chat template + the run's system prompt), then
+(default the run's final model: the MoA stage-2 experts and routers, RUN/stage2/adapters, RUN/refit for add_domain,
+or where RUN/results.json says that stage's adapters came from), formats each prompt exactly as in training (chat template + the run's system prompt), then
 generates: 'router' lets the routers pick one expert per prompt from the prompt (as MoA is used), 'oracle' and
 'forced' use --expert, 'base' turns the adapters off. Prints, per prompt, the expert (id and the domain it was
 trained on) and the answer. A user mistake (not a run directory, a missing stage, a bad --expert, a base model that
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moa_jax.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moa_jax.cli.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run directory of `python -m experiments.run`")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: one batch)")
     parser.add_argument("--routing", choices=ROUTINGS, default="router",
@@ -53,8 +53,8 @@ def _main(argv=None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
-    parser.add_argument("--stage", default="stage2", help="whose adapters: stage2 (MoA), stage1, mixed_lora, moe_lora, "
-                        "variants/NAME/stage2")
+    parser.add_argument("--stage", default=None, help="whose adapters: default the run's final model (stage2, or "
+                        "refit for add_domain), stage1, mixed_lora, moe_lora, variants/NAME/stage2")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: the run's)")
     parser.add_argument("--source", default=None, help="the run's base model, where it is now (default: where the "
                         "run found it)")

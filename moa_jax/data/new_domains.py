@@ -38,7 +38,7 @@ def _valid_name(name: str) -> bool:
 def parse_new_domains(specs) -> list[NewDomain]:
     """`new_domains` specs -> NewDomain list (files are read here too, for the domain name). Errors name the spec."""
     if not specs:
-        raise DataError("new_domains is empty: --set new_domains=SPEC with SPEC a reasoning-gym generator "
+        raise DataError("new_domains is empty: --set add_domain.new_domains=SPEC with SPEC a reasoning-gym generator "
                         "(e.g. basic_arithmetic) or jsonl:PATH (several: comma-separated)")
     out = []
     for spec in specs:

@@ -30,7 +30,7 @@ from moa_jax.methods import MethodInfo, method_info
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
 from moa_jax.routing import model_mode, routes_per_item
-from moa_jax.train.step import gather_targets
+from moa_jax.data.targets import gather_targets
 
 BASE = -1   # expert id of "adapters off"
 
@@ -76,7 +76,7 @@ class Method:
 
     def resolve(self, frozen: Any, trained: dict) -> "Method":
         """This method with its parameters: the frozen base merged with its adapters from `trained`
-        ({key: (MoAConfig, trainable tree)}, moa_jax/experiment.py train_all)."""
+        ({key: (MoAConfig, trainable tree)}, moa_jax/workflows/two_stage.py train_all)."""
         if self.trained_key is None:
             return dataclasses.replace(self, moa=None, params=frozen)
         moa, trainable = trained[self.trained_key]

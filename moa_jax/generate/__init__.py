@@ -1,2 +1,2 @@
-"""Routed batched decoding (decode.py); `python -m moa_jax.generate` runs the generation command line
+"""Routed batched decoding (decode.py); `python -m moa_jax.cli.generate` runs the generation command line
 (moa_jax/cli/generate.py)."""

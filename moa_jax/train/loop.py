@@ -23,17 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from moa_jax.train.checkpoint import StageCheckpointer, save_adapters
 from moa_jax.config import TrainConfig
 from moa_jax.train.metrics_log import MetricsLogger, progress_fields, summarize
 from moa_jax.nn.model import MoATransformer
-from moa_jax.sharding import (batch_sharding, check_batch_divisible, check_experts_divisible, logical_to_spec,
-                              param_logical_axes, param_shardings, replicated)
-from moa_jax.train.step import (TrainState, gather_targets, init_state, logged_learning_rates, make_optimizer,
-                                 train_step)
+from moa_jax.data.targets import gather_targets
+from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, gather_to_host, micro_batch_sharding,
+                              param_shardings, replicated, tree_leaf_sharding)
+from moa_jax.train.step import TrainState, init_state, logged_learning_rates, make_optimizer, train_step
 
 log = logging.getLogger("moa_jax")
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
@@ -68,26 +67,6 @@ def _put_micro(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """[A, B_local, ...] host rows -> global [A, B, ...] arrays with B over every device."""
     check_batch_divisible(mesh, local["domain"].shape[1] * jax.process_count())
     return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, v.ndim), v) for k, v in local.items()}
-
-
-def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
-    """Sharding of a [A, B, ...] micro-batch stack: B over every device."""
-    return NamedSharding(mesh, P(None, *batch_sharding(mesh, ndim - 1).spec))
-
-
-def gather_to_host(tree: Any) -> Any:
-    """Device tree -> numpy on every process (multi-host safe)."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
-def tree_leaf_sharding(mesh, path, leaf) -> NamedSharding:
-    """Sharding of one leaf of a tree that nests the param tree (e.g. Adam's mu/nu), from its dict-key path."""
-    keys = tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
-    if not keys or len(leaf.shape) == 0:
-        return replicated(mesh)
-    return NamedSharding(mesh, logical_to_spec(param_logical_axes(keys, tuple(leaf.shape))))
 
 
 def state_shardings(mesh, tx: optax.GradientTransformation, trainable: Any) -> tuple[TrainState, Any]:

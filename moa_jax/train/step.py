@@ -10,7 +10,7 @@ gradients are clipped per expert, so expert e's update depends on its own domain
 
 Batches carry a leading micro-batch axis A (gradient accumulation, a lax.scan):
   tokens, loss_mask, prompt_mask, attention_mask [A, B, T] int32;  domain [A, B] int32;  valid [A, B] (0 = pad row);
-  optional compact targets target_pos, target_tokens, target_weight [A, B, K] (see gather_targets);
+  optional compact targets target_pos, target_tokens, target_weight [A, B, K] (see moa_jax/data/targets.py);
   packed rows (moa_jax/data/packing.py) also segment_ids [A, B, T] and segment_valid [A, B, G]: the router CE is
   then taken per segment (each segment's prompt pooled on its own, labelled with its row's domain).
 loss_mask[t] = 1 when token t is a target: logits[:, t-1] predict tokens[:, t].
@@ -25,7 +25,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import traverse_util
 
@@ -123,24 +122,6 @@ def next_token_targets(tokens, loss_mask):
     -> (positions [B, T-1], targets [B, T-1], weights [B, T-1])."""
     b, t = tokens.shape
     return jnp.broadcast_to(jnp.arange(t - 1), (b, t - 1)), tokens[:, 1:], loss_mask[:, 1:]
-
-
-def gather_targets(tokens: np.ndarray, loss_mask: np.ndarray, buckets=(0.25, 0.5, 1.0), at_least: int = 0):
-    """Host-side compact form: only the positions whose next token is a target, left-aligned in K columns, K the
-    smallest of T*buckets that fits every row and `at_least` (a few fixed shapes; several hosts pass the global
-    maximum so they agree). tokens/loss_mask [..., T] -> target_pos, target_tokens, target_weight [..., K]."""
-    lead, t = tokens.shape[:-1], tokens.shape[-1]
-    tok2, m2 = tokens.reshape(-1, t), loss_mask.reshape(-1, t)
-    need = max(int(m2[:, 1:].sum(axis=1).max(initial=0)), at_least)
-    k = next(int(np.ceil(t * f)) for f in buckets if np.ceil(t * f) >= need)
-    k = max(k, 1)
-    pos = np.zeros((len(tok2), k), np.int32)
-    tgt = np.zeros((len(tok2), k), np.int32)
-    wgt = np.zeros((len(tok2), k), np.int32)
-    for i in range(len(tok2)):
-        p = np.flatnonzero(m2[i, 1:])                   # logits at p predict token p + 1
-        pos[i, :len(p)], tgt[i, :len(p)], wgt[i, :len(p)] = p, tok2[i, p + 1], 1
-    return pos.reshape(*lead, k), tgt.reshape(*lead, k), wgt.reshape(*lead, k)
 
 
 def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: TrainConfig, num_domains: int):

@@ -1,10 +1,10 @@
-"""One MoA experiment end to end: base model + data -> stage 1 -> stage 2 -> baselines -> ablation variants ->
+"""The two_stage workflow: one MoA experiment end to end: base model + data -> stage 1 -> stage 2 -> baselines -> ablation variants ->
 evaluation -> report.
 
     workdir/config.json                  the resolved ExperimentConfig
     workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
     workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
-    workdir/arms/<NAME>/stage1/ ...       one arm of the capacity study (experiments/capacity.py, capacity_rank)
+    workdir/arms/<NAME>/stage1/ ...       one arm of the capacity study (moa_jax/workflows/capacity.py)
     workdir/results.json  results.md  *.png            the report (moa_jax/eval/report.py)
     workdir/eval/tensorboard/            the evaluation's averages per method, at stage 2's last step
 
@@ -188,10 +188,12 @@ def log_domain_census(text) -> None:
             log.warning("%s: %s", text.name, warning)
 
 
-def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None) -> ExperimentContext:
+def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None, workflow: str = "two_stage",
+            section: Any = None, final_stage: str = "stage2") -> ExperimentContext:
     """Check what is cheap to check (work directory, data files, model file, mesh), then load the base model,
     tokenise the data, build the mesh and place the frozen weights. `texts`: split -> TextSplit read already
-    (default: read from exp.data)."""
+    (default: read from exp.data). <workdir>/config.json records the experiment, the workflow, its section and the
+    stage of its final model (what `moa_jax.load_run(workdir)` loads)."""
     check_writable(workdir)
     check_run_dir(workdir, exp)
     texts = texts or {split: load_text_split(exp.data, split) for split in DATA_SPLITS}
@@ -215,8 +217,10 @@ def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None) -> E
     for split, ts in data.items():
         log.info("%s", ts.report)
     shardings = param_shardings(mesh, frozen, exp.mesh.fsdp)
+    record = {"workflow": workflow, "final_stage": final_stage, **({workflow: dataclasses.asdict(section)} if section is not None else {}),
+              **dataclasses.asdict(exp)}
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(exp), f, indent=1, default=str)
+        json.dump(record, f, indent=1, default=str)
     return ExperimentContext(exp, workdir, cfg, tokenizer, mesh, frozen, shardings, data, domains)
 
 
@@ -334,9 +338,6 @@ def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool 
 def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -> dict:
     """The whole experiment; writes results.json and the report (results.md, plots) and returns the results."""
     from moa_jax.eval.report import write_report
-    if exp.base_run or exp.new_domains:
-        raise ConfigError("base_run / new_domains belong to the add_domain experiment: python -m experiments.run "
-                          "--exp=add_domain --set base_run=DIR --set new_domains=SPEC (moa_jax.add_domain)")
     t0 = time.perf_counter()
     plans = plan_variants(exp)   # a bad variant fails now, not after hours of training
     parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory

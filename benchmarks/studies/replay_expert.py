@@ -1,6 +1,6 @@
 """Replay one stage-1 expert of an experiment alone, on exactly the rows it sees, to study its loss curve.
 
-    python -m benchmarks.replay_expert --exp moa_10task_accel --domain letter_counting --steps 800 \
+    python -m benchmarks.studies.replay_expert --exp moa_10task_accel --domain letter_counting --steps 800 \
         [--dtype bfloat16] [--b2 0.999] [--lr 5e-4] [--probe] --out replay.jsonl
 
 Stage 1 trains the experts independently: label routing, each domain's mean token loss, gradients clipped per

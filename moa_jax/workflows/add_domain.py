@@ -1,7 +1,8 @@
 """Add domains to a finished MoA run without retraining it: one new expert per new domain, then a short router
 re-fit, then the usual evaluation over all N + N_new domains and a cost comparison.
 
-    python -m experiments.run --exp=add_domain --set base_run=DIR --set new_domains=SPEC[,SPEC...] [--workdir=OUT]
+    python -m experiments.run --exp=add_domain --set add_domain.base_run=DIR \
+        --set add_domain.new_domains=SPEC[,SPEC...] [--workdir=OUT]
 
 Steps (OUT = the work directory):
   1. the base run DIR (finished: config.json, results.json, stage-2 adapters) fixes the model, rank, data source
@@ -11,15 +12,15 @@ Steps (OUT = the work directory):
      matched by domain NAME, old expert k keeps domain k's name;
   3. OUT/new_experts: only the new experts train, on the new domains' data, with label routing (stage-1 settings;
      default steps = stage1.steps * N_new / N, so each new expert sees as many examples as an old one did);
-  4. OUT/refit: the new experts and the routers' new outputs (`refit_routers=new`, default; `all`: every router
+  4. OUT/refit: the new experts and the routers' new outputs (`add_domain.refit_routers=new`, default; `all`: every router
      output) train on all domains (stage-2 settings; default steps = stage2.steps / 2), the new domains
-     `refit_new_share` of every batch (default 0.5; uniform mixing would give them only N_new / (N + N_new), too
+     `add_domain.new_share` of every batch (default 0.5; uniform mixing would give them only N_new / (N + N_new), too
      little for a short re-fit), the old ones the rest; the router CE adds log(share) of each domain to its logit
      (TrainConfig.router_prior: logit adjustment), so that share does not become the routers' prior;
      in both phases old experts get no update, no weight decay and no optimiser-state change: bit-identical
      (checked against the base run's adapters before the evaluation);
   4b. with moa.route_on='base' (the routers read the plain base model): the routers' new outputs are fitted to
-     convergence on cached router inputs of `refit_router_prompts` training prompts per domain (moa_jax/router_fit.py;
+     convergence on cached router inputs of `add_domain.router_prompts` training prompts per domain (moa_jax/train/router_fit.py;
      the re-fit's few SGD steps leave a new domain close to an old one just below it); old outputs untouched;
   5. evaluation on the same test items of every domain: moa_router / moa_oracle (the grown MoA), single_lora (the
      base run's stage-1 experts + each new-expert-phase expert, i.e. a single LoRA trained on the new domain
@@ -27,7 +28,7 @@ Steps (OUT = the work directory):
      "add_domain" section: routing accuracy over all domains, old domains now vs the base run, the new domains vs
      their single LoRA, and the cost (steps, training seconds) against retraining stage 1 + stage 2 on N + N_new
      domains (the base run's measured stage times scaled by (N + N_new) / N, the same examples per domain).
-The grown adapters are OUT/refit/adapters, with the router fit of step 4b when it ran (`python -m moa_jax.generate
+The grown adapters are OUT/refit/adapters, with the router fit of step 4b when it ran (`python -m moa_jax.cli.generate
 --workdir OUT --stage refit`).
 
 Shape glossary: N old domains, N_new new domains, E = N + N_new experts, L layers.
@@ -50,11 +51,12 @@ from moa_jax.data.pipeline import TrainBatches, domain_weights, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
-from moa_jax.experiment import ExperimentContext, prepare
+from moa_jax.workflows.sections import AddDomainConfig
+from moa_jax.workflows.two_stage import ExperimentContext, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable
-from moa_jax.router_fit import fit_routers
+from moa_jax.train.router_fit import fit_routers
 from moa_jax.run_artifacts import RunArtifactError, read_json, stage_adapters
 from moa_jax.train.checkpoint import load_adapters, lookup_key, save_adapters
 from moa_jax.train.loop import train_stage
@@ -62,7 +64,6 @@ from moa_jax.train.metrics_log import read_metrics
 from moa_jax.train.step import make_optimizer
 
 log = logging.getLogger("moa_jax")
-OWN_KEYS = ("base_run", "new_domains")
 # What the grown model shares with its base run (the surgery keeps the base model and the adapters' shape).
 LOCKED_KEYS = ("model", "quantize", "moa.rank", "moa.alpha", "moa.use_rslora", "moa.targets", "moa.router_type",
                "moa.router_hidden", "moa.num_experts", "moa.adapter_dtype", "data.source", "data.builder_config",
@@ -98,9 +99,10 @@ class BaseRun:
 
 def load_base_run(path: str) -> BaseRun:
     """The run in `path`, checked to be finished; UserErrors name the missing piece."""
-    where = f"base_run={path}"
+    where = f"add_domain.base_run={path}"
     if not path:
-        raise ConfigError("add_domain needs the run to extend: --set base_run=DIR (the --workdir of a finished run)")
+        raise ConfigError("add_domain needs the run to extend: --set add_domain.base_run=DIR (the --workdir of a "
+                          "finished run)")
     if not os.path.isdir(path):
         raise ConfigError(f"{where}: no such directory; give the --workdir of a finished python -m experiments.run")
     for name, what in (("config.json", "not the work directory of python -m experiments.run"),
@@ -109,9 +111,10 @@ def load_base_run(path: str) -> BaseRun:
         if not os.path.isfile(os.path.join(path, name)):
             raise ConfigError(f"{where}: {what}")
     config, results = (read_json(os.path.join(path, name)) for name in ("config.json", "results.json"))
-    if config.get("base_run"):
-        raise ConfigError(f"{where} is itself an add_domain run (of {config['base_run']}); add every new domain to "
-                          f"that base run in one command instead")
+    if config.get("workflow") == "add_domain" or config.get("base_run"):   # "base_run": runs saved before sections
+        of = (config.get("add_domain") or {}).get("base_run") or config.get("base_run")
+        raise ConfigError(f"{where} is itself an add_domain run (of {of}); add every new domain to that base run in "
+                          f"one command instead")
     exp = experiment_from_dict(config)
     try:   # the run's own stage directories, or those it reused from another run (results.json "stages")
         stage2 = stage_adapters(path, "stage2")
@@ -152,16 +155,15 @@ def plan(base: BaseRun, new_specs, sets) -> tuple[ExperimentConfig, list, dict]:
     specs = parse_new_domains(new_specs)
     clash = [d.name for d in specs if d.name in base.domains]
     if clash:
-        raise ConfigError(f"new_domains: {clash} already exist in base_run={base.workdir} (its domains: "
+        raise ConfigError(f"add_domain.new_domains: {clash} already exist in add_domain.base_run={base.workdir} (its domains: "
                           f"{list(base.domains)}); name the new domain apart: NAME=SPEC")
-    own = [s for s in sets if s.split("=", 1)[0].strip() not in OWN_KEYS]
-    keys = {s.split("=", 1)[0].strip() for s in own}
-    child = apply_overrides(base.exp, own)
-    _check_locked(base.exp, child, f"base_run={base.workdir}")
+    keys = {s.split("=", 1)[0].strip() for s in sets}
+    child = apply_overrides(base.exp, sets)
+    _check_locked(base.exp, child, f"add_domain.base_run={base.workdir}")
     n_old, n_new = len(base.domains), len(specs)
     old = {s: load_text_split(base.exp.data, s) for s in DATA_SPLITS}
     if tuple(old["train"].domains) != base.domains:
-        raise ConfigError(f"base_run={base.workdir}: its data now has domains {list(old['train'].domains)}, but its "
+        raise ConfigError(f"add_domain.base_run={base.workdir}: its data now has domains {list(old['train'].domains)}, but its "
                           f"experts are {list(base.domains)}; restore its data source")
     sizes = {s: len(old[s].examples[base.domains[0]]) for s in DATA_SPLITS}
     new = new_domain_examples(specs, sizes, child.data.holdout_fraction)
@@ -169,8 +171,7 @@ def plan(base: BaseRun, new_specs, sets) -> tuple[ExperimentConfig, list, dict]:
     # derived budgets are at least 2 steps: the warmup's step 0 has learning rate 0
     s1 = child.stage1.steps if "stage1.steps" in keys else max(2, math.ceil(base.exp.stage1.steps * n_new / n_old))
     s2 = child.stage2.steps if "stage2.steps" in keys else max(2, math.ceil(base.exp.stage2.steps / 2))
-    exp = replace(child, name="add_domain", base_run=os.path.abspath(base.workdir),
-                  new_domains=tuple(new_specs), moa=replace(child.moa, num_experts=n_old + n_new),
+    exp = replace(child, name="add_domain", moa=replace(child.moa, num_experts=n_old + n_new),
                   stage1=replace(child.stage1, steps=s1, init_from_peft=()), stage2=replace(child.stage2, steps=s2),
                   variants=(), reuse_from="")
     return exp, specs, texts
@@ -183,11 +184,11 @@ def refit_weights(counts, n_old: int, share: float, mixing: str = "uniform", tem
     return [float(w) for w in (1.0 - share) * old] + [float(w) for w in share * new]
 
 
-def refit_source(exp: ExperimentConfig, train, n_old: int) -> TrainBatches:
+def refit_source(exp: ExperimentConfig, train, n_old: int, new_share: float) -> TrainBatches:
     """The re-fit's batches over all domains of the TokenizedSplit `train` (stage 2's seed offset), the new domains
-    exp.refit_new_share of each batch."""
+    `new_share` of each batch."""
     counts = [len(train.domain_rows(d)) for d in range(len(train.domains))]
-    weights = refit_weights(counts, n_old, exp.refit_new_share, exp.data.mixing, exp.data.temperature)
+    weights = refit_weights(counts, n_old, new_share, exp.data.mixing, exp.data.temperature)
     return TrainBatches(train, replace(exp.data, seed=exp.data.seed + 1), process_index=jax.process_index(),
                         process_count=jax.process_count(), micro_batches=exp.stage2.grad_accum, weights=weights)
 
@@ -256,7 +257,7 @@ def _router_fit_sentence(stats) -> str:
     if not stats:
         return ""
     return (f" Then the routers' new outputs were fitted on {stats['examples']} cached training prompts "
-            f"({stats['prompts_per_domain']} per domain; refit_router_prompts): last-router training accuracy "
+            f"({stats['prompts_per_domain']} per domain; add_domain.router_prompts): last-router training accuracy "
             f"{stats['last_router_train_accuracy_before']:.3f} -> {stats['last_router_train_accuracy_after']:.3f}.")
 
 
@@ -267,7 +268,7 @@ def markdown_section(section: dict, cost_: dict) -> str:
              f"{', '.join(f'`{d}`' for d in section['new_domains'])}. Old experts bit-identical to the base run's: "
              f"{section['old_experts_bit_identical']}. Routing accuracy of `moa_router` over all "
              f"{len(section['routing_accuracy_per_domain'])} domains: {f(section['routing_accuracy'])}. The router "
-             f"re-fit gave the new domains {section['refit_new_share']:.2f} of every batch (refit_new_share)."
+             f"re-fit gave the new domains {section['new_share']:.2f} of every batch (add_domain.new_share)."
              + _router_fit_sentence(section.get("router_fit")), "",
              "| old domain | accuracy base run | accuracy now | PPL base run | PPL now | routing base run | routing now |",
              "|---|---|---|---|---|---|---|"]
@@ -294,16 +295,18 @@ def markdown_section(section: dict, cost_: dict) -> str:
     return "\n".join(lines)
 
 
-def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: bool = True) -> dict:
+def run_add_domain(settings: AddDomainConfig, workdir: str, sets=(), progress: bool = True) -> dict:
     """The whole add_domain pipeline (module docstring); writes the report into `workdir`, returns the results."""
     from moa_jax.eval.report import write_report
     t0 = time.perf_counter()
-    base = load_base_run(base_run)
-    exp, specs, texts = plan(base, new_domains, sets)
+    base = load_base_run(settings.base_run)
+    exp, specs, texts = plan(base, settings.new_domains, sets)
+    settings = replace(settings, base_run=os.path.abspath(base.workdir))
     n_old, new_names = len(base.domains), [d.name for d in specs]
     log.info("add_domain: %s (%d domains) + %s -> %s\n%s", base.workdir, n_old, new_names, workdir,
              json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-    ctx = prepare(exp, workdir, texts=texts)
+    ctx = prepare(exp, workdir, texts=texts, workflow="add_domain", section=settings,
+                  final_stage="refit")
     moa_old, _ = load_adapters(base.stage2, {"model": {"source": base.exp.model, **dataclasses.asdict(ctx.cfg)},
                                                  "moa": dataclasses.asdict(base.exp.moa)})
     key = jax.random.fold_in(jax.random.PRNGKey(exp.stage1.seed), 5)
@@ -313,16 +316,16 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
                                process_count=jax.process_count(), micro_batches=exp.stage1.grad_accum), n_old)
     experts, wall1 = _train(ctx, "new_experts", exp.stage1, init, src, n_old, progress)
     log.info("add_domain: the re-fit gives the new domains %.2f of every batch; router outputs trained: %s",
-             exp.refit_new_share, exp.refit_routers)
-    refit_src = refit_source(exp, ctx.data["train"], n_old)
+             settings.new_share, settings.refit_routers)
+    refit_src = refit_source(exp, ctx.data["train"], n_old, settings.new_share)
     # the router CE corrects for the re-fit's sampling shares (logit adjustment): routers learn the prompts, not
     # that half of every batch is new
     refit_cfg = replace(exp.stage2, router_prior=tuple(float(w) for w in refit_src.weights))
     refit, wall2 = _train(ctx, "refit", refit_cfg, experts, refit_src, n_old, progress,
-                          routers=exp.refit_routers == "new")
+                          routers=settings.refit_routers == "new")
     fit_stats = None
-    if exp.moa.route_on == "base" and exp.refit_router_prompts > 0:
-        refit, fit_stats = fit_routers(ctx, refit, n_old, exp.refit_router_prompts)
+    if exp.moa.route_on == "base" and settings.router_prompts > 0:
+        refit, fit_stats = fit_routers(ctx, refit, n_old, settings.router_prompts)
         if jax.process_index() == 0:   # refit/adapters: the grown model as evaluated (its checkpoints: the SGD re-fit)
             adapters = os.path.join(ctx.stage_dirs["refit"], "adapters")
             save_adapters(adapters, refit, {**load_adapters(adapters)[1], "router_fit": fit_stats})
@@ -340,15 +343,15 @@ def run_add_domain(base_run: str, new_domains, workdir: str, sets=(), progress: 
     results = evaluate_all(ctx, trained, specs_eval, progress)
     section = summary_section(results, base, new_names)
     section["old_experts_bit_identical"] = not changed
-    section["refit_new_share"], section["refit_routers"] = exp.refit_new_share, exp.refit_routers
+    section["new_share"], section["refit_routers"] = settings.new_share, settings.refit_routers
     section["router_fit"] = fit_stats
     section["cost"] = cost(base, exp, ctx, {"new_experts": wall1, "refit": wall2})
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages={"base_run stage2": os.path.dirname(base.stage2),
                                                           **ctx.stage_dirs},
                    steps={"new_experts": exp.stage1.steps, "refit": exp.stage2.steps,
-                          "batch_size": exp.data.batch_size, "refit_new_share": exp.refit_new_share,
-                          "refit_routers": exp.refit_routers},
+                          "batch_size": exp.data.batch_size, "new_share": settings.new_share,
+                          "refit_routers": settings.refit_routers},
                    add_domain=section)
     if jax.process_index() == 0:
         write_report(results, workdir)

@@ -1,6 +1,6 @@
 """int8 base vs float on the embedded model: frozen-tree bytes, logits drift and unchanged greedy answers.
 
-  python -m benchmarks.int8_drift [--items-per-domain 20] [--logit-items-per-domain 5] [--max-new-tokens 20]
+  python -m benchmarks.studies.int8_drift [--items-per-domain 20] [--logit-items-per-domain 5] [--max-new-tokens 20]
                                   [--out int8_drift.json]
 
 The base model without experts (SmolLM2-135M-Instruct, `moa=None`) in four settings: float32 (the CPU default),

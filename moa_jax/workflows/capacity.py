@@ -1,7 +1,7 @@
-"""The capacity study, "When does MoA beat one LoRA?": the same data, budget and test items for four arms,
+"""The capacity workflow, "When does MoA beat one LoRA?": the same data, budget and test items for four arms,
 
     moa_router         MoA at moa.rank R (the main run: loaded from reuse_from when its stages match)
-    moa_router[rR']    MoA at the small rank R' = capacity_rank (its own stage 1 + stage 2)
+    moa_router[rR']    MoA at the small rank R' = capacity.rank (its own stage 1 + stage 2)
     mixed_lora[rR']    one LoRA on all domains at rank R' (where one LoRA must compromise)
     mixed_lora[rE*R']  one LoRA at rank E x R': as many LoRA parameters as the E experts of MoA at rank R'
 
@@ -11,12 +11,12 @@ inference FLOPs per token, PPL, accuracy and routing accuracy.
     python -m experiments.run --exp=moa_10task_capacity [--set reuse_from=runs/moa_10task]
 
 How: the base model is loaded and the data tokenised once; each arm is that experiment with its rank (alpha scaled
-with it, so alpha / rank stays the main run's) and its one evaluated method, trained by experiment.train_all in its
+with it, so alpha / rank stays the main run's) and its one evaluated method, trained by two_stage.train_all in its
 own directory (the main arm in the work directory itself, the others in arms/<NAME>/), so an interrupted study
 resumes per stage. All arms are evaluated in one pass on the same items (eval.ppl_items_per_domain for PPL).
 Trainable parameters: every lora_a / lora_b entry, plus the routers for MoA (the mixed LoRA is run with forced
 routing, so its 1-output router is neither trained nor counted). Inference FLOPs per token: the analytic forward
-of benchmarks/flops.py (matmuls) at a context of data.max_len slots: the base + ONE adapter of rank R (top-1 MoA
+of moa_jax/flops.py (matmuls) at a context of data.max_len slots: the base + ONE adapter of rank R (top-1 MoA
 runs one expert per sequence, the mixed LoRA its one adapter); the routers' per-prompt decision is left out.
 Ablation variants are not part of the study (the arms set variants=()).
 
@@ -33,11 +33,12 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from benchmarks.flops import forward_flops
-from moa_jax.config import ConfigError, ExperimentConfig, ModelConfig, replace
+from moa_jax.flops import forward_flops
+from moa_jax.config import ExperimentConfig, ModelConfig, replace
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
-from moa_jax.experiment import prepare, train_all
+from moa_jax.workflows.sections import CapacityConfig
+from moa_jax.workflows.two_stage import prepare, train_all
 from moa_jax.methods import METHODS
 
 log = logging.getLogger("moa_jax")
@@ -55,11 +56,9 @@ class Arm:
     subdir: str     # "" = the work directory itself (the main arm)
 
 
-def plan_arms(exp: ExperimentConfig) -> list[Arm]:
+def plan_arms(exp: ExperimentConfig, study: CapacityConfig) -> list[Arm]:
     """The study's arms (module docstring), main arm first; an arm equal to an earlier one is left out."""
-    if exp.capacity_rank < 1:
-        raise ConfigError("capacity_rank must be >= 1 for the capacity study, e.g. --set capacity_rank=2")
-    main, small, experts = exp.moa.rank, exp.capacity_rank, exp.moa.num_experts
+    main, small, experts = exp.moa.rank, study.rank, exp.moa.num_experts
     wanted = [("moa_router", main), ("moa_router", small), ("mixed_lora", small), ("mixed_lora", experts * small)]
     arms, seen = [], set()
     for method, rank in wanted:
@@ -69,7 +68,7 @@ def plan_arms(exp: ExperimentConfig) -> list[Arm]:
         is_main = not arms
         name = f"{'moa' if method == 'moa_router' else 'mixed'}_r{rank}"
         moa = replace(exp.moa, rank=rank, alpha=exp.moa.alpha * rank / main)
-        arm_exp = replace(exp, moa=moa, eval=replace(exp.eval, methods=(method,)), variants=(), capacity_rank=0,
+        arm_exp = replace(exp, moa=moa, eval=replace(exp.eval, methods=(method,)), variants=(),
                           reuse_from=exp.reuse_from if is_main else "")
         arms.append(Arm(name, method, rank, arm_exp, method if is_main else f"{method}[r{rank}]",
                         "" if is_main else os.path.join("arms", name)))
@@ -121,14 +120,14 @@ def _span(counts) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def run_capacity(exp: ExperimentConfig, workdir: str, progress: bool = True) -> dict:
+def run_capacity(exp: ExperimentConfig, study: CapacityConfig, workdir: str, progress: bool = True) -> dict:
     """The whole study (module docstring); writes results.json / results.md into `workdir`, returns the results."""
     from moa_jax.eval.report import write_report
     t0 = time.perf_counter()
     if exp.variants:
         log.info("capacity study: the ablation variants %s are not run", [v.split(":")[0] for v in exp.variants])
-    arms = plan_arms(exp)
-    ctx = prepare(replace(exp, variants=()), workdir)
+    arms = plan_arms(exp, study)
+    ctx = prepare(replace(exp, variants=()), workdir, workflow="capacity", section=study)
     trained, specs, params, stages = {}, [], {}, {}
     for arm in arms:
         arm_ctx = dataclasses.replace(ctx, exp=arm.exp, workdir=os.path.join(workdir, arm.subdir), stage_dirs={})
@@ -149,7 +148,7 @@ def run_capacity(exp: ExperimentConfig, workdir: str, progress: bool = True) -> 
                "ppl_items": _span(results.get("ppl_items_per_domain", results["items_per_domain"])),
                "accuracy_items": _span(results["items_per_domain"]),
                "how": "trainable params = every lora_a/lora_b entry (+ the routers for MoA); inference FLOPs = the "
-                      "analytic matmul forward of one token (benchmarks/flops.py) with ONE adapter of the arm's "
+                      "analytic matmul forward of one token (moa_jax/flops.py) with ONE adapter of the arm's "
                       "rank (top-1 MoA runs one expert per sequence), the routers' per-prompt decision left out; "
                       "alpha scaled with the rank (alpha / rank as the main run's)."}
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,

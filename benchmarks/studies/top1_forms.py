@@ -14,7 +14,7 @@ cpu-tiny-grad (forward + gradients w.r.t. x, A and B; W frozen). Every form is c
 At the projection level the merged GEMM's advantage shows in the forward only: in the isolated fwd+bwd XLA:CPU
 fuses the merged path differently from the model (the model-level ratios are the suite's).
 
-Usage: PYTHONPATH=. python -m benchmarks.top1_forms [--config cpu-tiny|cpu-tiny-grad] [--rounds N]
+Usage: PYTHONPATH=. python -m benchmarks.studies.top1_forms [--config cpu-tiny|cpu-tiny-grad] [--rounds N]
 Shape glossary: B batch, T tokens, Din / Dout projection widths, E experts, R rank.
 """
 from __future__ import annotations

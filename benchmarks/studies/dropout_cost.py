@@ -1,6 +1,6 @@
 """What LoRA dropout costs a train step: the library's hashed masks against flax's nn.Dropout (threefry bits).
 
-    python -m benchmarks.dropout_cost [--config cpu-tiny] [--rounds 14]
+    python -m benchmarks.studies.dropout_cost [--config cpu-tiny] [--rounds 14]
 
 Builds four single-LoRA train steps with `benchmarks.programs.train_variant` and times them interleaved in one
 process (A B C D A B C D ...), printing the median step time of each and its ratio to the dropout-free step:

@@ -1,8 +1,8 @@
-"""Compare loss curves of `benchmarks.replay_expert` runs side by side: per window of steps the mean loss, the
+"""Compare loss curves of `benchmarks.studies.replay_expert` runs side by side: per window of steps the mean loss, the
 largest loss and the largest gradient norm (before clipping), the steps whose loss exceeds a threshold, and
 optionally a PNG of both curves.
 
-    python -m benchmarks.replay_curves "bf16, b2 0.999=replay_a.jsonl" "bf16, b2 0.95=replay_b.jsonl" \
+    python -m benchmarks.studies.replay_curves "bf16, b2 0.999=replay_a.jsonl" "bf16, b2 0.95=replay_b.jsonl" \
         [--window 50] [--steps 750] [--threshold 2.0 --after 250] [--png curves.png]
 
 Each argument is LABEL=PATH (or a PATH, labelled by its file name). Runs are compared over their common steps

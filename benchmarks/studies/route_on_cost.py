@@ -1,7 +1,7 @@
 """What servable routing costs a stage-2 train step: MoAConfig.route_on='base' adds a forward of the plain base
 model (no adapters; its backward reaches only the routers) to the LM forward + backward.
 
-    python -m benchmarks.route_on_cost [--config cpu-tiny] [--rounds 10]
+    python -m benchmarks.studies.route_on_cost [--config cpu-tiny] [--rounds 10]
 
 Builds two MoA top-1 stage-2 train steps (label routing) with `benchmarks.programs.train_variant` and times them
 interleaved in one process (A B A B ...), printing the median step time of each and its ratio to 'adapted'
