@@ -39,6 +39,15 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_rank_fits(model_cfg, moa) -> None:
+    """Refuse a MoA rank larger than the narrowest adapted projection (a ModelConfig and a MoAConfig), before any
+    expert array is allocated: such a rank adds no expressiveness, and a huge one would fail deep in allocation."""
+    width, name = min((min(model_cfg.projection_shape(t)), t) for t in moa.targets)
+    require(moa.rank <= width, f"moa.rank={moa.rank} is larger than the narrowest adapted projection ({name}: "
+                               f"{'x'.join(map(str, model_cfg.projection_shape(name)))} in this base model); "
+                               f"--set moa.rank=N with N <= {width}")
+
+
 def check_writable(directory: str, what: str = "--workdir") -> None:
     """Create `directory` if needed and prove a file can be written in it (before any slow work starts)."""
     if os.path.exists(directory) and not os.path.isdir(directory):

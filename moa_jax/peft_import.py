@@ -34,6 +34,7 @@ import numpy as np
 from moa_jax.config import PROJECTIONS, ModelConfig, MoAConfig
 from moa_jax.loading.resolve import CheckpointError
 from moa_jax.loading.tree import numpy_dtype
+from moa_jax.names import check_name
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 GROUP = {"self_attn": "attn", "mlp": "mlp"}
@@ -198,6 +199,8 @@ def read_peft_experts(adapter_dirs: Sequence[str], cfg: ModelConfig, *, names: O
     names = tuple(names) if names is not None else tuple(os.path.basename(os.path.normpath(d)) for d in dirs)
     if len(names) != len(dirs):
         raise PeftImportError(f"{len(names)} names for {len(dirs)} adapter directories")
+    for d, n in zip(dirs, names):
+        check_name(n, f"PEFT adapter {d}", PeftImportError)
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise PeftImportError(f"expert names must be distinct; {duplicates} name more than one adapter "
@@ -221,7 +224,7 @@ def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
             if not os.path.isfile(os.path.join(path, required)):
                 raise PeftImportError(f"init_from_peft: {os.path.join(path, required)} not found (each entry is a "
                                       f"PEFT adapter directory, optionally as domain=DIR)")
-        out.append((name.strip(), path))
+        out.append((check_name(name.strip(), f"init_from_peft {spec!r}", PeftImportError), path))
     return out
 
 

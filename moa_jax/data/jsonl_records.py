@@ -3,7 +3,8 @@ the record checks, every error naming file:line and the field; and the stable ha
 example to its split. moa_jax/data/sources.py groups the records into domains and splits (layout: docs/data.md).
 
 A record is {"prompt": str, "response": str} or {"messages": [{"role", "content"}, ..., assistant last]}, with
-optional "domain", "answer" and "metadata"; it becomes (domain, example) with the example keys of sources.py.
+optional "domain", "answer" and "metadata"; it becomes (domain, example) with the example keys of sources.py. A
+domain name follows moa_jax/names.py (letters, digits, '._-+'): a `../x` or `/x` domain is refused with file:line.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import json
 
 from moa_jax.data.tasks import DataError
+from moa_jax.names import check_name
 
 _ROLES = ("system", "user", "assistant")
 
@@ -49,6 +51,7 @@ def parse_record(obj, *, where: str, default_domain: str) -> tuple[str, dict]:
     domain = obj.get("domain", default_domain)
     if not isinstance(domain, str) or not domain.strip():
         raise DataError(f"{where}: field 'domain' must be a non-empty string, got {domain!r}")
+    check_name(domain.strip(), where, DataError)   # it will name a folder (moa_jax/names.py)
     if "messages" in obj and "prompt" in obj:
         raise DataError(f"{where}: give either 'messages' or 'prompt'/'response', not both")
     if "messages" in obj:

@@ -9,6 +9,7 @@ A spec is one of
                          "domain" value or else the file stem; each line goes to train/validation/test by the same
                          prompt hash as a flat JSONL folder (DataConfig.holdout_fraction)
   NAME=GENERATOR, NAME=jsonl:PATH   the same, with the domain (expert) named NAME
+Every name, given or read from the file, follows moa_jax/names.py.
 Shape glossary: N examples of one domain in one split.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moa_jax.data import tasks
 from moa_jax.data.jsonl_records import hash_split, read_jsonl_file
 from moa_jax.data.sources import TextSplit
 from moa_jax.data.tasks import DataError
+from moa_jax.names import check_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +31,6 @@ class NewDomain:
     name: str
     kind: str      # "generator" | "jsonl"
     source: str    # the generator's name, or the JSONL file's path
-
-
-def _valid_name(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "._-" for c in name)
 
 
 def parse_new_domains(specs) -> list[NewDomain]:
@@ -46,8 +44,8 @@ def parse_new_domains(specs) -> list[NewDomain]:
         if not sep or name.startswith("jsonl:"):
             name, rest = "", spec
         name, rest = name.strip(), rest.strip()
-        if name and not _valid_name(name):
-            raise DataError(f"new_domains {spec!r}: the name {name!r} may hold only letters, digits and '._-'")
+        if name:
+            check_name(name, f"new_domains {spec!r}", DataError)
         if rest.startswith("jsonl:"):
             path = os.path.expanduser(rest[len("jsonl:"):])
             if not os.path.isfile(path):

@@ -23,7 +23,6 @@ file).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Optional
@@ -32,6 +31,7 @@ from moa_jax.config import DATA_SPLITS, DataConfig
 from moa_jax.data import tasks
 from moa_jax.data.jsonl_records import hash_split, parse_record, read_jsonl_file
 from moa_jax.data.tasks import DataError
+from moa_jax.names import check_name
 
 log = logging.getLogger("moa_jax.data")
 
@@ -232,6 +232,8 @@ def _mapped_examples(rows, fields: dict[str, str], label_names, universe: list, 
                      where: str) -> dict[str, list[dict]]:
     """Rows of a tfds/hf split -> domain -> examples, through the field map (a class-label domain column holds
     indices into `label_names`)."""
+    for d in universe:   # a class label no row uses still names an expert
+        check_name(d, f"{where}: domain field", DataError)
     examples: dict[str, list[dict]] = {d: [] for d in universe}
     for i, row in enumerate(rows):
         obj = {k: _text(row[f], label_names if k == "domain" else None) for k, f in fields.items()}

@@ -8,16 +8,25 @@ current one on anything that changes the parameter tree or the function the adap
 model, E, rank, alpha, rsLoRA, targets, dispatch, router) is refused, naming the field.
 
 A damaged checkpoint (a file missing, truncated or corrupt: a preempted or disk-full write outside orbax's atomic
-rename) is skipped: restore tries the newest step first, then older ones, logs one WARNING line per broken step
-(which step, what was wrong) and deletes it, so training resumes from the newest intact step and rewrites the rest.
-With no intact checkpoint left, a CheckpointCorruptError (a UserError: exit 2 from the CLIs) says what to do.
+rename, a bad disk) is skipped: restore tries the newest step first, then older ones, logs one WARNING line per
+damaged step (which step, what was wrong) and deletes it, so training resumes from the newest intact step and
+rewrites the rest. Corruption that leaves the bytes readable is caught too: each checkpoint's meta item records a
+digest of every array of the state (`state_digests`), and restore recomputes them; a mismatch, or a NaN/inf in the
+restored parameters or optimiser state, makes the step damaged. With no intact checkpoint left, a
+CheckpointCorruptError (a UserError: exit 2 from the CLIs) says what to do.
+
+Saves are asynchronous (orbax writes in a background thread). `check_saves` surfaces a finished background save's
+error without waiting, so the loop stops at the next step instead of at the next checkpoint (or never); an OSError
+(disk full, permissions, the folder changed under us) becomes a CheckpointWriteError (a UserError).
 
 Adapter artifacts (`save_adapters` / `load_adapters`): the trainable tree alone plus `config.json` beside it;
-what stage 2 starts from and what export.py turns into PEFT adapters.
+what stage 2 starts from and what export.py turns into PEFT adapters. Every file of one lies inside its folder
+(moa_jax/names.py `inside`), whatever index.json says.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -29,21 +38,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from moa_jax.config import stage_conditions, stage_keys
 from moa_jax.errors import UserError
+from moa_jax.names import inside
+from moa_jax.sharding import gather_to_host
 
 log = logging.getLogger("moa_jax")
 
-# MoAConfig fields that change the function trained adapters compute. `decision` (an inference policy), `dropout`
-# (training only) and `adapter_dtype` (storage) may differ; top_k counts only with token_topk dispatch and
-# router_hidden only with the mlp router (`_applies`).
-MOA_FUNCTION_FIELDS = ("num_experts", "rank", "alpha", "use_rslora", "targets", "dispatch", "top_k", "router_type",
-                       "router_hidden")
-# The base-model fields adapters are tied to (their shapes).
-MODEL_SHAPE_FIELDS = ("hidden_size", "num_layers", "vocab_size")
-# Config fields that must match between a checkpoint and the run restoring it (resume) or the model loading it:
-# "section.field".
-MUST_MATCH = (("model.source",) + tuple(f"model.{f}" for f in MODEL_SHAPE_FIELDS)
-              + tuple(f"moa.{f}" for f in MOA_FUNCTION_FIELDS))
+# Saved-config keys that must match between a checkpoint and the run restoring it (resume) or the model loading it:
+# the fields marked "function" (the base model, the data source, what the adapters compute) and "shape" (the base
+# model's shapes the adapters are tied to) in moa_jax/config.py. A "function" field with `only_if` counts only
+# under its condition (top_k with token_topk dispatch).
+MUST_MATCH = stage_keys("function") + stage_keys("shape")
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -52,6 +58,14 @@ class CheckpointMismatchError(UserError, ValueError):
 
 class CheckpointCorruptError(UserError, ValueError):
     """No checkpoint of a stage can be read (every step is missing files or corrupt)."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (disk full, permissions, the folder changed under the run)."""
+
+
+class _DamagedStep(Exception):
+    """A checkpoint step restored, but its arrays do not match their digests or hold NaN/inf."""
 
 
 class AdapterNotFoundError(UserError, FileNotFoundError):
@@ -69,11 +83,8 @@ def lookup_key(cfg: dict, dotted: str):
 
 
 def _applies(key: str, cfg: dict) -> bool:
-    if key == "moa.top_k":
-        return lookup_key(cfg, "moa.dispatch") == "token_topk"
-    if key == "moa.router_hidden":
-        return lookup_key(cfg, "moa.router_type") == "mlp"
-    return True
+    condition = stage_conditions().get(key)
+    return condition is None or lookup_key(cfg, condition[0]) == condition[1]
 
 
 def config_mismatches(saved: dict, current: dict, keys=MUST_MATCH) -> list[tuple[str, Any, Any]]:
@@ -106,19 +117,41 @@ class StageCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "meta"))
+        self._pending: Optional[int] = None   # the step whose background save has not been checked yet
+        _quiet_failed_saves()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)))
+        """Start writing `step` (the device-to-host copy happens here; the files are written in the background)."""
+        meta = {**meta, "digests": state_digests(gather_to_host(state))}
+        with self._save_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)))
+        self._pending = step
+
+    def check_saves(self) -> None:
+        """Raise the error of a background save that has finished (never waits for one still running)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int):
+        try:
+            yield
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"writing checkpoint {self.directory}/{step} failed ({_short_reason(e)}); free disk space or fix "
+                f"the folder (is another process writing to it?), then rerun the same command: it resumes from "
+                f"the last complete checkpoint") from e
 
     def restore(self, abstract_state: Any, current_config: dict, step: Optional[int] = None):
         """-> (state, meta) of `step`, or of the newest intact step when `step` is None (broken newer steps are
         reported and deleted). abstract_state carries the target shardings (ShapeDtypeStruct with .sharding)."""
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         broken: list[tuple[int, str]] = []
+        _silence_orphaned_reads()   # before the first read: orphaned reads can call back before `except` runs
         for s in steps:
             try:
                 with _quiet_orbax():
@@ -126,14 +159,14 @@ class StageCheckpointer:
                     check_compatible(meta.get("config", {}), current_config, f"{self.directory}/{s}")
                     state = self.manager.restore(
                         s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+                check_state(gather_to_host(state), meta.get("digests"))
             except CheckpointMismatchError:
                 raise   # readable, but from another configuration: not a damaged file
             except Exception as e:  # orbax/tensorstore raise bare Exception, ValueError, OSError for damaged files
-                _silence_orphaned_reads()
                 broken.append((s, _short_reason(e)))
                 continue
             for b, reason in broken:
-                log.warning("checkpoint %s/%d is unreadable (%s): deleted it, resuming from step %d",
+                log.warning("checkpoint %s/%d is damaged (%s): deleted it, resuming from step %d",
                             self.directory, b, reason, s)
                 self.manager.delete(b)
             return state, meta
@@ -142,11 +175,40 @@ class StageCheckpointer:
             + "); delete that directory to train this stage from the start")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the background save; raise its error (a CheckpointWriteError for an OSError)."""
+        step, self._pending = self._pending, None
+        with self._save_errors(step):
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def state_digests(host_state: Any) -> dict[str, str]:
+    """{leaf path: digest of its dtype, shape and bytes} of a host (numpy) state tree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(host_state)[0]:
+        a = np.ascontiguousarray(leaf)
+        h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
+        h.update(a.tobytes())
+        out[jax.tree_util.keystr(path)] = h.hexdigest()
+    return out
+
+
+def check_state(host_state: Any, digests: Optional[dict]) -> None:
+    """Raise _DamagedStep unless every array matches its recorded digest (checkpoints written before digests
+    existed have none) and every float array is finite (a checkpoint is only written from a finite state)."""
+    if digests is not None:
+        got = state_digests(host_state)
+        bad = sorted(k for k in set(got) | set(digests) if got.get(k) != digests.get(k))
+        if bad:
+            raise _DamagedStep(f"{len(bad)} array(s) differ from their digest, e.g. {bad[0]}")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(host_state)[0]:
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise _DamagedStep(f"NaN/inf in {jax.tree_util.keystr(path)}")
 
 
 def _short_reason(e: BaseException) -> str:
@@ -183,7 +245,10 @@ class _DropOrphanedReads(logging.Filter):
 def _silence_orphaned_reads() -> None:
     """After a failed restore orbax leaves the other arrays' reads pending; when they finish or are collected,
     asyncio, tensorstore's callbacks and the garbage collector each print their error as a traceback (hundreds of
-    lines for one missing file). Drop exactly those; any other error still prints."""
+    lines for one missing file). The `RuntimeError: Event loop is closed` one is such a read completing after
+    orbax closed the event loop its restore ran in; orbax gives no handle to wait for them, so they are dropped
+    here: exactly those errors, any other still prints. Installed before the first read, since a read can fail
+    on tensorstore's thread before the failed restore reaches our `except`."""
     if getattr(sys.unraisablehook, "_moa_quiet", False):
         return
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
@@ -198,7 +263,26 @@ def _silence_orphaned_reads() -> None:
 
     unraisable._moa_quiet = True
     sys.unraisablehook, sys.excepthook = unraisable, excepthook
-    logging.getLogger("asyncio").addFilter(_DropOrphanedReads())
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrphanedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropOrphanedReads())
+
+
+class _DropFailedSaveLogs(logging.Filter):
+    """Orbax logs a failed background save at ERROR with its traceback, from two threads; the run then stops with
+    that error as one CheckpointWriteError line, so an OSError's copies are dropped (any other error still logs)."""
+
+    MESSAGES = ("in background save thread", "Save Finalize thread", "Checkpointer failed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, OSError) and any(m in record.getMessage() for m in self.MESSAGES))
+
+
+def _quiet_failed_saves() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropFailedSaveLogs) for f in logger.filters):
+        logger.addFilter(_DropFailedSaveLogs())
 
 
 def save_adapters(directory: str, trainable: Any, config: dict) -> None:
@@ -209,7 +293,7 @@ def save_adapters(directory: str, trainable: Any, config: dict) -> None:
     index = {}
     for i, (k, v) in enumerate(sorted(flat.items())):
         fname = f"{i:04d}.npy"
-        np.save(os.path.join(tmp, fname), np.asarray(v), allow_pickle=False)
+        np.save(inside(tmp, fname), np.asarray(v), allow_pickle=False)
         index["/".join(k)] = fname
     with open(os.path.join(tmp, "index.json"), "w") as f:
         json.dump(index, f, indent=1)
@@ -233,5 +317,6 @@ def load_adapters(directory: str, current_config: Optional[dict] = None) -> tupl
         check_compatible(saved, current_config, directory)
     with open(index_path) as f:
         index = json.load(f)
-    flat = {tuple(k.split("/")): np.load(os.path.join(directory, v), allow_pickle=False) for k, v in index.items()}
+    flat = {tuple(k.split("/")): np.load(inside(directory, v, "index.json entry"), allow_pickle=False)
+            for k, v in index.items()}
     return traverse_util.unflatten_dict(flat), saved

@@ -6,6 +6,10 @@
         state, metrics = train_step(state, frozen, batch)   # jitted once, donated, explicit shardings
         log on log steps; checkpoint on checkpoint steps     # host reads device values only there
 
+Faults: restore skips a damaged checkpoint (checkpoint.py: digests, finiteness); a failed background save stops
+the run at the next step (`check_saves`); a NaN/inf loss in the first updates after a resume blames the checkpoint
+resumed from (ResumedNonFiniteError, a user error), a later one stops the run naming the last good checkpoint.
+
 A `BatchSource` returns host-local rows for a global micro-batch index, as a pure function of that index, so a
 resumed run replays exactly the batches an uninterrupted run would have seen.
 
@@ -25,6 +29,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from moa_jax.errors import UserError
 from moa_jax.train.checkpoint import StageCheckpointer, save_adapters
 from moa_jax.config import TrainConfig
 from moa_jax.train.metrics_log import MetricsLogger, progress_fields, summarize
@@ -41,6 +46,10 @@ PACKED_KEYS = ("segment_ids", "segment_valid")   # packed rows only (moa_jax/dat
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is left intact."""
+
+
+class ResumedNonFiniteError(UserError, NonFiniteLossError):
+    """A NaN/inf loss in the first updates after a resume: the checkpoint resumed from is the likely cause."""
 
 
 class BatchSource(Protocol):
@@ -110,11 +119,12 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
     if frozen_shardings is None:
         frozen_shardings = param_shardings(mesh, frozen)
     ckpt = StageCheckpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
+    resumed_from = None   # the checkpoint resumed from, until the first finite-state check after it passes
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(abstract, config)   # the newest intact step (broken newer ones are reported)
         start = int(jax.device_get(state.step))
-        log.info("resuming %s from step %d of %d (checkpoint %s)", desc, start, tcfg.steps,
-                 os.path.join(ckpt.directory, str(start)))
+        resumed_from = os.path.join(ckpt.directory, str(start))
+        log.info("resuming %s from step %d of %d (checkpoint %s)", desc, start, tcfg.steps, resumed_from)
     else:
         trainable = jax.device_put(trainable, shards.trainable)
         state = jax.jit(functools.partial(init_state, tx=tx, seed=tcfg.seed), out_shardings=shards)(trainable)
@@ -131,12 +141,14 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
     for step in range(start, tcfg.steps):
         batch = _put_micro(mesh, _stack_micro(source, step, tcfg.grad_accum))
         state, metrics = step_fn(state, frozen, batch)
+        ckpt.check_saves()   # a failed background save stops the run here, not at the next checkpoint
         acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
         count += 1
         done = step + 1
         bar.update(1)
         if done % tcfg.log_every == 0 or done == tcfg.steps:
-            _check_finite(state, ckpt, done)
+            _check_finite(state, ckpt, done, resumed_from)
+            resumed_from = None
             row = logger.log(done, {**summarize(acc, count, domain_names), **logged_learning_rates(tcfg, done)})
             history.append({"step": done, **row})
             bar.set_postfix(progress_fields(row), refresh=False)
@@ -144,7 +156,8 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
                 on_log(done, row)
             acc, count = None, 0
         if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-            _check_finite(state, ckpt, done)
+            _check_finite(state, ckpt, done, resumed_from)
+            resumed_from = None
             ckpt.save(done, state, {"config": config})
     bar.close()
     ckpt.close()
@@ -155,8 +168,16 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
     return final, history
 
 
-def _check_finite(state: TrainState, ckpt: StageCheckpointer, step: int) -> None:
+def _check_finite(state: TrainState, ckpt: StageCheckpointer, step: int, resumed_from: Optional[str]) -> None:
     bad = int(jax.device_get(state.nonfinite))
+    if bad and resumed_from is not None:
+        # Restore checks digests and finiteness, so this is finite garbage or data that diverges at once; either
+        # way the checkpoint, not the learning rate, is the first suspect.
+        raise ResumedNonFiniteError(
+            f"{bad} update(s) right after resuming from checkpoint {resumed_from} (up to step {step}) had a NaN/inf "
+            f"loss, gradient or updated parameter; that checkpoint may be damaged: delete {resumed_from} and rerun "
+            f"the same command to resume from the step before it (or delete {ckpt.directory} to train this stage "
+            f"from the start)")
     if bad:
         ckpt.wait()
         last = ckpt.latest_step()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -125,14 +126,25 @@ def prepare(config: str = "default", data_dir: str | None = None) -> MoaTasks:
     data_dir = data_dir or default_data_dir()
     builder = MoaTasks(config=config, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        with _file_lock(os.path.join(data_dir, "moa_tasks.lock")):
-            builder = MoaTasks(config=config, data_dir=data_dir, file_format="array_record")
-            if not builder.is_prepared():
-                start = time.time()
-                with _quiet_tfds():
-                    builder.download_and_prepare()
-                log.info("built moa_tasks/%s into %s in %.1f s", config, builder.data_dir, time.time() - start)
+        try:
+            with _file_lock(os.path.join(data_dir, "moa_tasks.lock")):
+                builder = MoaTasks(config=config, data_dir=data_dir, file_format="array_record")
+                if not builder.is_prepared():
+                    start = time.time()
+                    with _quiet_tfds():
+                        builder.download_and_prepare()
+                    log.info("built moa_tasks/%s into %s in %.1f s", config, builder.data_dir, time.time() - start)
+        except OSError as e:
+            if e.errno not in _NOT_WRITABLE:
+                raise
+            # the default folder is under $HOME, which a container or a CI job may mount read-only
+            raise tasks.DataError(f"cannot build the embedded dataset into {data_dir} ({e.strerror}: "
+                                  f"{e.filename}); set --set data.data_dir=DIR (or MOA_JAX_DATA_DIR) to a writable "
+                                  f"folder") from None
     return builder
+
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
