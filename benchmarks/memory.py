@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-SHAPE_NAMES = ("llama3-8b", "qwen2-7b", "gpu-1b", "smollm2", "cpu-tiny", "smoke")
+SHAPE_NAMES = ("llama3-8b", "qwen2-7b", "qwen3-8b", "gemma3-4b", "gpu-1b", "smollm2", "cpu-tiny", "smoke")
 REMATS = ("full", "projections", "none")
 GIB = 2 ** 30
 NO_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"
@@ -72,10 +72,36 @@ def model_config(name: str, dtype: str, remat: str, loss_chunk: int):
     """The shape table: real Hugging Face config numbers for the 7-8B models, the benchmark configs otherwise."""
     from benchmarks import programs as P
     from moa_jax.config import replace
-    table = {"llama3-8b": P.llama3_8b, "qwen2-7b": P.qwen2_7b, "gpu-1b": lambda: P.gpu_1b().model,
+    table = {"llama3-8b": P.llama3_8b, "qwen2-7b": P.qwen2_7b, "qwen3-8b": qwen3_8b, "gemma3-4b": gemma3_4b,
+             "gpu-1b": lambda: P.gpu_1b().model,
              "smollm2": lambda: P.smollm2().model, "cpu-tiny": lambda: P.cpu_tiny().model,
              "smoke": lambda: P.smoke().model}
     return replace(table[name](), dtype=dtype, param_dtype=dtype, remat=remat, loss_chunk=loss_chunk)
+
+
+def qwen3_8b():
+    """Qwen/Qwen3-8B's config.json (bf16; q/k norms, head_dim 128, untied head)."""
+    from moa_jax.config import ModelConfig
+    return ModelConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                       num_kv_heads=8, head_dim_override=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                       max_position_embeddings=40960, qk_norm=True, dtype="bfloat16", param_dtype="bfloat16",
+                       name="qwen3-8b")
+
+
+def gemma3_4b():
+    """google/gemma-3-4b-pt's text_config (bf16): 34 layers, every 6th global, window 1024, linear RoPE scaling 8 on
+    the global layers, head_dim 256, the tied 262k-entry head."""
+    from moa_jax.config import ModelConfig, RopeScaling
+    layers = 34
+    return ModelConfig(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_layers=layers, num_heads=8,
+                       num_kv_heads=4, head_dim_override=256, rope_theta=1e6, rms_norm_eps=1e-6,
+                       rope_scaling=RopeScaling(rope_type="linear", factor=8.0), tie_word_embeddings=True,
+                       max_position_embeddings=131072, sliding_window=1024, rope_local_theta=10000.0,
+                       layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                         for i in range(layers)),
+                       qk_norm=True, norm_unit_offset=True, sandwich_norms=True, embed_scale=True,
+                       hidden_act="gelu_tanh", query_pre_attn_scalar=256.0, dtype="bfloat16",
+                       param_dtype="bfloat16", name="gemma3-4b")
 
 
 def activation_estimate(cfg, moa, batch: int, seq: int, targets: int, devices: int) -> int:

@@ -4,13 +4,13 @@ merged into the base weights as a plain transformers checkpoint.
     export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...")
       out_dir/<name>/adapter_config.json + adapter_model.safetensors     (one PEFT adapter per expert)
       out_dir/router.safetensors + router.json                           (router weights [L, D, E] and how to route)
-      out_dir/tokenizer/ + reference_router.py                           (servable export: moa.route_on='base')
+      out_dir/tokenizer/ + reference_router.py                           (servable export: moa.route_on='probe')
     export_merged(params, model_cfg, moa, expert, out_dir, base_source=..., tokenizer=...)
       out_dir/config.json + model.safetensors (or shards + index) + tokenizer files   (W + scale * A[e] B[e])
 
 A server then loads the base model once, every expert with `PeftModel.load_adapter(dir, adapter_name=name)`, and
 routes each request with the router sidecar (or uses `adapter_names=` for mixed batches). Routers trained with
-MoAConfig.route_on='base' are servable: one forward of the plain base model over the prompt picks the adapter;
+MoAConfig.route_on='probe' are servable: one forward of the plain base model over the prompt picks the adapter;
 router.json records everything that takes (moa_jax/export_router.py) and moa_jax/reference_router.py, copied into
 the export, does it with transformers + torch only. Routers of route_on='adapted' (the paper's routing pass, each
 layer routed by its own router on the adapted model) are exported with `"servable": false`. The experts hold
@@ -19,6 +19,8 @@ full-precision Hub id, whose weights differ slightly, so a server's routing and 
 (check with the reference router on your prompts). Tensors are converted
 from our layout (lora_a [L, E, Din, R], lora_b [L, E, R, Dout]) to PEFT's torch Linear layout
 (lora_A.weight [R, Din], lora_B.weight [Dout, R]); scaling = lora_alpha / r in PEFT equals our scale.
+Expert names follow moa_jax/names.py and every file is placed with `names.inside`: nothing is written outside
+out_dir, whatever the names.
 
 Shape glossary: L layers, E experts, D width, Din/Dout projection widths, R rank.
 """
@@ -33,11 +35,12 @@ import numpy as np
 from flax import traverse_util
 
 from moa_jax.config import ATTENTION_PROJECTIONS, ModelConfig, MoAConfig
-from moa_jax.loading.hf import hf_key
+from moa_jax.loading.hf import family_config_json, hf_key
 from moa_jax.loading.resolve import HF, hub_id, resolve_source
 from moa_jax.loading.tree import expected_shapes, numpy_dtype
 from moa_jax.nn.quantize import SCALE_LEAF, dequantize
 from moa_jax.export_router import NOT_GIVEN, write_router_sidecar
+from moa_jax.names import check_name, inside
 
 _MODULE_PREFIX = {p: "self_attn" for p in ATTENTION_PROJECTIONS} | {"gate_proj": "mlp", "up_proj": "mlp",
                                                                       "down_proj": "mlp"}
@@ -71,28 +74,31 @@ def adapter_config(moa: MoAConfig, base_model: str) -> dict:
 
 def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
                 expert_names: Optional[Sequence[str]] = None, base_model: str = "", *, tokenizer=None,
-                system_prompt: Any = NOT_GIVEN) -> list[str]:
+                system_prompt: Any = NOT_GIVEN, prompt_format: Optional[str] = None) -> list[str]:
     """Write one PEFT adapter directory per expert and the router sidecar (moa_jax/export_router.py). -> the adapter
     directories. tokenizer: the one training used (its chat template is recorded and it is saved to tokenizer/);
     system_prompt: the system message training added to every prompt (None: none). A servable export
-    (moa.route_on='base') needs both, since routing reads the formatted prompt."""
+    (moa.route_on='probe') needs both, since routing reads the formatted prompt. prompt_format: the run's "chat" |
+    "plain" (moa_jax/data/prompt_format.py; None: chat iff the tokenizer has a chat template)."""
     from safetensors.numpy import save_file
     names = list(expert_names or [f"expert_{e}" for e in range(moa.num_experts)])
     if len(names) != moa.num_experts:
         raise ValueError(f"expert_names has {len(names)} names for {moa.num_experts} experts")
+    for name in names:   # before anything is written: a name from the data must not become a path
+        check_name(name, "export_peft: expert name")
     os.makedirs(out_dir, exist_ok=True)
     dirs = []
     for e, name in enumerate(names):
-        d = os.path.join(out_dir, name)
+        d = inside(out_dir, name, "expert folder")
         os.makedirs(d, exist_ok=True)
-        save_file(peft_state_dict(trainable, cfg, moa, e), os.path.join(d, "adapter_model.safetensors"))
-        with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        save_file(peft_state_dict(trainable, cfg, moa, e), inside(d, "adapter_model.safetensors"))
+        with open(inside(d, "adapter_config.json"), "w") as f:
             json.dump(adapter_config(moa, base_model), f, indent=1)
         dirs.append(d)
     router = traverse_util.flatten_dict(trainable)
     router = {"/".join(k[2:]): np.asarray(v, np.float32) for k, v in router.items() if k[:2] == ("layers", "router")}
-    save_file(router, os.path.join(out_dir, "router.safetensors"))
-    write_router_sidecar(out_dir, router, cfg, moa, names, base_model, tokenizer, system_prompt)
+    save_file(router, inside(out_dir, "router.safetensors"))
+    write_router_sidecar(out_dir, router, cfg, moa, names, base_model, tokenizer, system_prompt, prompt_format)
     return dirs
 
 
@@ -103,6 +109,9 @@ _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 def hf_config_dict(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
     """A transformers config.json for a ModelConfig (used when the base came from a GGUF file or was built here)."""
+    family = family_config_json(cfg)   # Qwen3 / Gemma 3: their own fields
+    if family is not None:
+        return {**family, "dtype": dtype, **_special_token_ids(tokenizer)}
     model_type = cfg.name if cfg.name in ("llama", "mistral", "qwen2") else "llama"
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
@@ -123,11 +132,12 @@ def hf_config_dict(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> 
         out.update(attention_bias=False, mlp_bias=False)
     if cfg.sliding_window is not None:
         out.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
-    if tokenizer is not None:
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(tokenizer, name, None) is not None:
-                out[name] = int(getattr(tokenizer, name))
-    return out
+    return {**out, **_special_token_ids(tokenizer)}
+
+
+def _special_token_ids(tokenizer) -> dict:
+    names = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {n: int(getattr(tokenizer, n)) for n in names if getattr(tokenizer, n, None) is not None}
 
 
 def _write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str) -> None:
@@ -209,11 +219,11 @@ def export_merged(params: dict, cfg: ModelConfig, moa: MoAConfig, expert: int, o
     for name, shard in zip(names, shards):
         tensors = {key: merged_tensor(flat, moa, expert, path, layer).astype(np_dtype)
                    for path, layer, key, _ in shard}
-        _write_safetensors(os.path.join(out_dir, name), tensors, dtype)
+        _write_safetensors(inside(out_dir, name), tensors, dtype)
         weight_map.update({key: name for key in tensors})
         total += sum(a.nbytes for a in tensors.values())
     if len(shards) > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        with open(inside(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     hf_config = None
     if base_source:
@@ -226,7 +236,7 @@ def export_merged(params: dict, cfg: ModelConfig, moa: MoAConfig, expert: int, o
                 hf_config = json.load(f)
             hf_config.pop("torch_dtype", None)
             hf_config["dtype"] = dtype
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    with open(inside(out_dir, "config.json"), "w") as f:
         json.dump(hf_config or hf_config_dict(cfg, tokenizer, dtype), f, indent=1)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

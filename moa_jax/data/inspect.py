@@ -81,7 +81,8 @@ def _main(argv=None) -> int:
             print(f"{d:<24}{len(exs):>7}{p:>14.1f}{r:>16.1f}")
         return 0
     system = resolve_system_prompt(cfg.system_prompt, cfg.source)
-    data = tokenize_split(text, tok, max_len=cfg.max_len, policy=cfg.length_policy, system_prompt=system)
+    data = tokenize_split(text, tok, max_len=cfg.max_len, policy=cfg.length_policy, system_prompt=system,
+                          prompt_format=cfg.prompt_format)
     print(f"system prompt: {system!r}")
     print(data.report)
     if args.pack_len:

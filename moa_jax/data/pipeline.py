@@ -41,7 +41,8 @@ def load_split(cfg: DataConfig, tokenizer, split: str = "train", text: Optional[
     `.report` holds the length report, which is also logged."""
     text = load_text_split(cfg, split) if text is None else text
     return tokenize_split(text, tokenizer, max_len=cfg.max_len, policy=cfg.length_policy,
-                          system_prompt=resolve_system_prompt(cfg.system_prompt, cfg.source))
+                          system_prompt=resolve_system_prompt(cfg.system_prompt, cfg.source),
+                          prompt_format=cfg.prompt_format)
 
 
 def domain_weights(sizes: Sequence[int], mixing: str = "uniform", temperature: float = 2.0) -> np.ndarray:

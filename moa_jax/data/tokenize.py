@@ -1,5 +1,6 @@
-"""Tokenisation with a chat template: prompt via `apply_chat_template(add_generation_prompt=True)`, then
-response + eos. The whole split is tokenised once up front (batched, in the Rust tokenizer) and stored ragged.
+"""Tokenisation: the prompt in DataConfig.prompt_format (chat template with the generation cue, or plain text;
+moa_jax/data/prompt_format.py), then response + eos. The whole split is tokenised once up front (batched, in the
+Rust tokenizer) and stored ragged.
 
 Per example we keep the token ids and the prompt length P; batches derive the masks from them (pipeline.collate):
   tokens          [P prompt tokens | R response tokens | eos]                  length L = P + R + 1
@@ -24,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from moa_jax.data.prompt_format import conversation, prompt_ids, resolve_prompt_format
 from moa_jax.data.sources import TextSplit
 from moa_jax.data.tasks import DataError
 
@@ -88,24 +90,15 @@ class TokenizedSplit:
         return self.text.examples[self.domains[self.domain[i]]][self.source_index[i]]
 
 
-def conversation(example: dict, system_prompt: Optional[str]) -> list[dict]:
-    """The prompt conversation fed to the chat template; a system turn in the example wins over `system_prompt`."""
-    msgs = example["messages"]
-    if system_prompt is not None and not any(m["role"] == "system" for m in msgs):
-        msgs = [{"role": "system", "content": system_prompt}] + list(msgs)
-    return list(msgs)
-
-
 def tokenize_split(text: TextSplit, tokenizer, *, max_len: int, policy: str = "drop",
-                   system_prompt: Optional[str] = None) -> TokenizedSplit:
-    """Tokenises every example of `text` with `tokenizer` (a transformers tokenizer with a `chat_template`).
+                   system_prompt: Optional[str] = None, prompt_format: str = "auto") -> TokenizedSplit:
+    """Tokenises every example of `text` with `tokenizer` (a transformers tokenizer).
     system_prompt: the system message to add (None: none), i.e. DataConfig.system_prompt already resolved with
-    sources.resolve_system_prompt."""
+    sources.resolve_system_prompt; prompt_format: DataConfig.prompt_format ("auto" resolves with the tokenizer)."""
     if system_prompt == "auto":
         raise ValueError('tokenize_split(system_prompt="auto"): resolve the setting first with '
                          'moa_jax.data.sources.resolve_system_prompt(setting, source)')
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat_template; give one (tokenizer.chat_template = '...jinja...')")
+    prompt_format = resolve_prompt_format(prompt_format, tokenizer)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos_token_id: the response must end with an end-of-turn token")
@@ -114,10 +107,8 @@ def tokenize_split(text: TextSplit, tokenizer, *, max_len: int, policy: str = "d
     seqs, plens, doms, srcs, rows = [], [], [], [], {}
     for d, name in enumerate(text.domains):
         exs = text.examples[name]
-        prompts = tokenizer.apply_chat_template([conversation(e, system_prompt) for e in exs], tokenize=False,
-                                                add_generation_prompt=True)
-        # Templates carry their own special tokens (bos, turn markers): never add them again.
-        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        # The format writes its own special tokens (bos, turn markers): never added again.
+        p_ids = prompt_ids(tokenizer, [conversation(e, system_prompt) for e in exs], prompt_format)
         r_ids = tokenizer([e["response"] for e in exs], add_special_tokens=False)["input_ids"]
         lens, over, trunc, drop = [], 0, 0, 0
         for j, (p, r) in enumerate(zip(p_ids, r_ids)):

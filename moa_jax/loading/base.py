@@ -38,9 +38,10 @@ def check_base_model(source: str) -> None:
 
 
 def load_base_model(source: str, dtype: str, quantize: str = "none", place=None):
-    """-> (ModelConfig, frozen params, tokenizer), the config's compute and storage dtype both `dtype`. Leaves are
-    numpy, or placed leaf by leaf by `place(path, leaf)` (e.g. `sharding.leaf_placer`, or straight to the device);
-    quantize="int8" stores the projection kernels as int8 (moa_jax/nn/quantize.py)."""
+    """-> (ModelConfig, frozen params, tokenizer or None when the source has none), the config's compute and
+    storage dtype both `dtype`. Leaves are numpy, or placed leaf by leaf by `place(path, leaf)` (e.g.
+    `sharding.leaf_placer`, or straight to the device); quantize="int8" stores the projection kernels as int8
+    (moa_jax/nn/quantize.py)."""
     from moa_jax import loading   # deferred: the loaders pull in safetensors / gguf readers
     if source == TINY_RANDOM:
         tokenizer = loading.load_tokenizer(loading.DEFAULT_MODEL)
@@ -52,4 +53,5 @@ def load_base_model(source: str, dtype: str, quantize: str = "none", place=None)
                                                    traverse_util.flatten_dict(params).items()})
         return cfg, params, tokenizer
     cfg, params = loading.load_checkpoint(source, param_dtype=dtype, quantize=quantize, place=place)
-    return replace(cfg, dtype=dtype, param_dtype=dtype), params, loading.load_tokenizer(source)
+    # A checkpoint saved without its tokenizer still computes logits: tokenizer None (generate() says so).
+    return replace(cfg, dtype=dtype, param_dtype=dtype), params, loading.load_tokenizer(source, required=False)

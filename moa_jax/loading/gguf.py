@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp format; architectures llama and qwen2) -> ModelConfig + dequantised params.
+"""GGUF files (llama.cpp format; architectures llama, qwen2, qwen3 and gemma3) -> ModelConfig + dequantised params.
 
     cfg, params = load_gguf(path)           # numpy tree, see tree.py; every tensor dequantised to float32 first
 
@@ -9,8 +9,15 @@ Read with the `gguf` package (numpy only). Three things differ from a Hugging Fa
     rotate-half RoPE layout to interleaved pairs. We undo it exactly as transformers does
     (`LlamaTensorProcessor._reverse_permute_weights`): per head, rows [d0 d1 | e0 e1] are stored as
     [d0 e0 d1 e1]; un-permuting is a reshape to (heads, Dh/2, 2, D_in) and a swap of the middle two axes.
-    qwen2 files are not permuted (llama.cpp uses NeoX-style RoPE for them).
+    qwen2, qwen3 and gemma3 files are not permuted (llama.cpp uses NeoX-style RoPE for them).
   * Tied head: there is no `output.weight`; the embedding is reused.
+  * gemma3: llama.cpp's converter stores every norm weight as 1 + w (its RMSNorm multiplies by the weight); we
+    subtract the 1 again, as transformers does, so the tree holds Hugging Face's w. What the metadata leaves out,
+    llama.cpp hard-codes and so do we: every 6th layer global, the rest sliding (window
+    `gemma3.attention.sliding_window`), the sliding layers' RoPE base 10000, and the attention scale
+    key_length**-0.5 (hidden/heads for the 62-layer 27B).
+Every tensor type the `gguf` package dequantises loads (F32/F16/BF16, Q4_0..Q8_0, the K-quants Q2_K..Q6_K, ...);
+any other is a CheckpointError naming the tensor and its type.
 
 Shape glossary: V vocab, D model width, F MLP width, H query heads, K key/value heads, Dh head width, L layers.
 """
@@ -26,12 +33,18 @@ from moa_jax.config import ConfigError, ModelConfig, RopeScaling, replace
 from moa_jax.loading.resolve import CheckpointError, MissingTensorError
 from moa_jax.loading.tree import Place, build_param_tree
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 _PERMUTED_QK = ("llama",)  # architectures whose q/k rows llama.cpp permutes
+_UNIT_OFFSET_NORMS = ("gemma3",)  # architectures whose norm weights llama.cpp stores as 1 + w
+# llama.cpp's gemma3 layout (llama-model.cpp): every 6th layer global, the sliding layers' RoPE base.
+_GEMMA3_GLOBAL_EVERY, _GEMMA3_LOCAL_THETA = 6, 10000.0
 
 _LAYER_NAMES = {"input_norm": "attn_norm", "post_attn_norm": "ffn_norm", "q_proj": "attn_q", "k_proj": "attn_k",
                 "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
-                "down_proj": "ffn_down"}
+                "down_proj": "ffn_down", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm"}
+# With sandwich norms (Gemma) llama.cpp's ffn_norm is the MLP's pre-norm and the block-output norms have own names.
+_SANDWICH_NAMES = {**_LAYER_NAMES, "post_attn_norm": "post_attention_norm", "pre_ffn_norm": "ffn_norm",
+                   "post_ffn_norm": "post_ffw_norm"}
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 
 
@@ -100,10 +113,27 @@ def model_config_from_gguf(reader, path: str = "", *, param_dtype: str = "float3
         raise CheckpointError(f"{path}: cannot tell the vocabulary size (no tokens, vocab_size or token_embd)")
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
+    layers = int(need("block_count"))
     head_dim = gguf_field(reader, f"{arch}.attention.key_length")
+    family = {"qwen3": dict(qk_norm=True)}.get(arch, {})
+    if arch == "gemma3":
+        # Newer converters may write the pattern (every n-th layer global, or one flag per layer: True = sliding)
+        # and the sliding layers' base; older files leave both to llama.cpp's defaults.
+        pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern", _GEMMA3_GLOBAL_EVERY)
+        sliding = (list(map(bool, pattern)) if isinstance(pattern, list)
+                   else [(i + 1) % int(pattern) != 0 for i in range(layers)])
+        if len(sliding) != layers:
+            raise CheckpointError(f"{path}: {arch}.attention.sliding_window_pattern has {len(sliding)} entries "
+                                  f"for {layers} layers")
+        family = dict(
+            qk_norm=True, norm_unit_offset=True, sandwich_norms=True, embed_scale=True, hidden_act="gelu_tanh",
+            query_pre_attn_scalar=float(hidden // heads if layers == 62 else (head_dim or hidden // heads)),
+            sliding_window=int(need("attention.sliding_window")),
+            rope_local_theta=float(gguf_field(reader, f"{arch}.rope.freq_base_swa", _GEMMA3_LOCAL_THETA)),
+            layer_types=tuple("sliding_attention" if s else "full_attention" for s in sliding))
     return ModelConfig(
         vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
-        num_layers=int(need("block_count")), num_heads=heads,
+        num_layers=layers, num_heads=heads,
         num_kv_heads=int(gguf_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim_override=int(head_dim) if head_dim and head_dim * heads != hidden else None,
         rope_theta=float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
@@ -111,7 +141,7 @@ def model_config_from_gguf(reader, path: str = "", *, param_dtype: str = "float3
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
         max_position_embeddings=int(gguf_field(reader, f"{arch}.context_length", 4096)),
-        param_dtype=param_dtype, name=arch)
+        param_dtype=param_dtype, name="gemma3_text" if arch == "gemma3" else arch, **family)
 
 
 def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -135,25 +165,26 @@ def _dequantize(t, path: str) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def _gguf_name(path: tuple[str, ...], layer: Optional[int]) -> str:
+def _gguf_name(path: tuple[str, ...], layer: Optional[int], sandwich: bool = False) -> str:
     if layer is None:
         return _GLOBAL_NAMES[path[0]]
-    return f"blk.{layer}.{_LAYER_NAMES[path[-2]]}.{'bias' if path[-1] == 'bias' else 'weight'}"
+    names = _SANDWICH_NAMES if sandwich else _LAYER_NAMES
+    return f"blk.{layer}.{names[path[-2]]}.{'bias' if path[-1] == 'bias' else 'weight'}"
 
 
 def load_gguf(path: str, *, param_dtype: str = "float32", quantize: str = "none",
               place: Optional[Place] = None) -> tuple[ModelConfig, dict]:
-    """Loads a llama/qwen2 GGUF file into (ModelConfig, param tree), dequantising every tensor (then, with
+    """Loads a llama/qwen2/qwen3/gemma3 GGUF file into (ModelConfig, param tree), dequantising every tensor (then, with
     quantize="int8", requantizing the projection kernels per output channel); `place` as in build_param_tree."""
     path = os.fspath(path)
     reader = open_gguf(path)
     cfg = replace(model_config_from_gguf(reader, path, param_dtype=param_dtype), quantize=quantize)
     tensors = {t.name: t for t in reader.tensors}
-    arch = cfg.name
+    arch = gguf_field(reader, "general.architecture")
     used = set()
 
     def fetch(leaf, layer):
-        name = _gguf_name(leaf, layer)
+        name = _gguf_name(leaf, layer, cfg.sandwich_norms)
         if name not in tensors:
             raise MissingTensorError(f"tensor {name!r} not found in {path}")
         used.add(name)
@@ -162,6 +193,8 @@ def load_gguf(path: str, *, param_dtype: str = "float32", quantize: str = "none"
         # (a tensor whose rows do not split into heads fails the shape check in build_param_tree instead)
         if arch in _PERMUTED_QK and leaf[-2] in ("q_proj", "k_proj") and array.shape[0] % (2 * heads) == 0:
             array = unpermute_qk(array, heads)
+        if arch in _UNIT_OFFSET_NORMS and leaf[-1] == "scale":
+            array = array - np.float32(1.0)  # stored 1 + w (module docstring)
         return array, f"{name!r} in {path}"
 
     params = build_param_tree(cfg, fetch, param_dtype, place)

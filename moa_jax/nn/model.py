@@ -1,10 +1,18 @@
-"""The MoA decoder: a Llama-family transformer (Llama 2/3, Mistral, Qwen2, SmolLM2) whose projections carry
-stacked LoRA experts and whose every layer has its own router. Layers are scanned (`nn.scan`), so every
-per-layer parameter has a leading L axis and compile time is flat in depth.
+"""The MoA decoder: a Llama-family transformer (Llama 2/3, Mistral, Qwen2, SmolLM2, Qwen3, Gemma 3 text) whose
+projections carry stacked LoRA experts and whose every layer has its own router. Layers are scanned (`nn.scan`),
+so every per-layer parameter has a leading L axis and compile time is flat in depth. Gemma 3's sliding and global
+layers stay one stack: each layer's window and RoPE frequencies are scanned with it (layers.layer_attention_tables).
+
+Family differences, all static config (ModelConfig), so each family compiles one program:
+  Qwen3     attn/{q,k}_norm (per-head RMSNorm before RoPE), head_dim not D/H.
+  Gemma 3   the above, RMSNorm (1 + w); embeddings times sqrt(D); four norms per layer: h + post_attn_norm(attn(
+            input_norm(h))), then h + post_ffn_norm(mlp(pre_ffn_norm(h))) (Llama: post_attn_norm is the MLP's
+            pre-norm, there are no output norms); GeGLU; attention scale query_pre_attn_scalar**-0.5.
 
 Param tree (kernels are [Din, Dout]; `lora_*` and `router` exist only with a MoAConfig, on its targets):
   embed/embedding [V, D]
   layers/input_norm/scale [L, D]              layers/post_attn_norm/scale [L, D]
+  layers/{pre,post}_ffn_norm/scale [L, D]     (sandwich_norms)    layers/attn/{q,k}_norm/scale [L, Dh] (qk_norm)
   layers/attn/{q,k,v,o}_proj/kernel [L, Din, Dout]   (+ bias [L, Dout] for q/k/v with attention_bias)
   layers/mlp/{gate,up,down}_proj/kernel [L, Din, Dout]
   layers/<...>/<proj>/lora_a [L, E, Din, R]   layers/<...>/<proj>/lora_b [L, E, R, Dout]
@@ -18,7 +26,7 @@ training stage's routings by moa_jax.routing.model_mode):
           oracle / a forced expert / the decided expert at inference.
   self    top-1 per sequence, each layer using its own router's argmax (the routing pass over a prompt).
   probe   the frozen base model, adapters off, with every layer's router read on the base hidden state entering
-          it (normalised, pooled as always): the servable routing pass of MoAConfig.route_on='base'.
+          it (normalised, pooled as always): the servable routing pass of MoAConfig.route_on='probe'.
   soft    per-sequence mixture with each layer's softmax(router) as gates.
   token   token-level top-k MoE-LoRA baseline with a load-balancing loss.
 Router logits are computed in every mode but `base` (pooled over prompt tokens) and returned per layer. Packed
@@ -38,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from moa_jax.config import ModelConfig, MoAConfig
-from moa_jax.nn.layers import MLP, Attention, RMSNorm
+from moa_jax.nn.layers import MLP, Attention, layer_attention_tables, norm
 from moa_jax.nn.lm_loss import chunked_token_nll, vocab_logits
 from moa_jax.nn.lora import Route
 from moa_jax.nn.router import Router, load_balancing_loss, masked_mean_pool, segment_mean_pool, top_k_gates
@@ -127,18 +135,24 @@ class DecoderLayer(nn.Module):
         return logits, load_balancing_loss(probs, chosen, token_mask), Route("mixture", gates=gates)
 
     @nn.compact
-    def __call__(self, h: Array, shared: tuple, layer_cache: Optional[tuple[Array, Array]]):
+    def __call__(self, h: Array, shared: tuple, layer_cache: Optional[tuple[Array, Array]],
+                 layer_table: Optional[tuple[Array, Array]] = None):
+        """layer_table: this layer's (RoPE inverse frequencies [Dh/2], window []) when cfg.layer_types is set."""
         positions, kv_valid, cache_index, prompt_mask, expert_idx, token_mask, segment_ids = shared
-        cfg, dt, pdt = self.cfg, jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype)
+        cfg = self.cfg
         segments = None if segment_ids is None else (segment_ids, self.num_segments)
-        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_norm")(h)
+        x = norm(cfg, "input_norm")(h)
         logits, balance, route = self._route(x, prompt_mask, expert_idx, token_mask, segments)
         attn_out, new_cache = Attention(cfg, self.moa, name="attn")(
             x, route, positions, kv_valid, cache_index, layer_cache, self.deterministic, self.right_padded,
-            segment_ids)
-        h = h + attn_out
-        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attn_norm")(h)
-        h = h + MLP(cfg, self.moa, name="mlp")(x, route, self.deterministic)
+            segment_ids, layer_table)
+        mlp = MLP(cfg, self.moa, name="mlp")
+        if cfg.sandwich_norms:  # Gemma: the block outputs are normed too
+            h = h + norm(cfg, "post_attn_norm")(attn_out)
+            h = h + norm(cfg, "post_ffn_norm")(mlp(norm(cfg, "pre_ffn_norm")(h), route, self.deterministic))
+        else:
+            h = h + attn_out
+            h = h + mlp(norm(cfg, "post_attn_norm")(h), route, self.deterministic)
         return h, (logits, balance, new_cache)
 
 
@@ -206,17 +220,23 @@ class MoATransformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
         h = embed(tokens)                                                                     # (B, T, D)
+        if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as HF rounds it to the weights'
+            h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
 
         scanned = nn.scan(remat_layer(cfg.remat), variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
-                          in_axes=(nn.broadcast, 0), length=cfg.num_layers)
+                          in_axes=(nn.broadcast, 0, 0), length=cfg.num_layers)
         shared = (positions, kv_valid, cache_index, prompt_mask, expert_idx, attention_mask, segment_ids)
+        # Per-layer kinds travel as scanned data ([L, Dh/2] frequencies, [L] windows), never as Python branches.
+        tables = None
+        if cfg.per_layer_attention:
+            tables = tuple(jnp.asarray(a) for a in layer_attention_tables(cfg))
         layers = scanned(cfg, self.moa, routing, deterministic, right_padded, num_segments, name="layers")
-        h, (router_logits, balance, new_kv) = layers(h, shared, layer_cache)
+        h, (router_logits, balance, new_kv) = layers(h, shared, layer_cache, tables)
 
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1)                # (B, K, D)
-        h = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(h)
+        h = norm(cfg, "final_norm")(h)
         tied = cfg.tie_word_embeddings
         weight = embed.embedding if tied else LMHead(cfg.vocab_size, jnp.dtype(cfg.param_dtype), name="lm_head")(
             cfg.hidden_size)                                                                   # [V, D] / [D, V]
