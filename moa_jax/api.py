@@ -15,6 +15,8 @@ config, the expert (domain) names and the system prompt come from that artifact 
 System prompts: `encode_prompt` and `generate` take system_prompt="auto" (default: the model's own
 `system_prompt`, i.e. the one the run trained with, None for a plain base model), None (no system turn: the chat
 template's default applies) or any string (even "", an empty system turn), as DataConfig.system_prompt does.
+Prompt format: the model's `prompt_format` ("chat" | "plain", moa_jax/data/prompt_format.py), the one the run
+trained with; None (a base model or PEFT experts) means chat when the tokenizer has a chat template, else plain.
 
 Shape glossary: B batch, T tokens, V vocab, L layers, E experts.
 """
@@ -31,17 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from moa_jax.config import ModelConfig, MoAConfig, replace
-from moa_jax.errors import UserError
-from moa_jax.generate.decode import (eos_ids, expert_indices, generate_tokens, left_pad, route_from_prompt,
+from moa_jax.config import ModelConfig, MoAConfig, replace, stage_keys
+from moa_jax.errors import UserError, check_rank_fits
+from moa_jax.generate.decode import (eos_ids, generate_tokens, left_pad, route_from_prompt, sequence_experts,
                                      until_eos)
 from moa_jax.loading.base import default_dtype, load_base_model
+from moa_jax.nn import entry
 from moa_jax.nn.model import MoATransformer
 from moa_jax.peft_import import read_peft_experts
-from moa_jax.run_artifacts import adapter_moa, check_adapter_dir, expert_names, read_run, training_system_prompt
+from moa_jax.run_artifacts import (adapter_moa, check_adapter_dir, expert_names, read_run, training_prompt_format,
+                                   training_system_prompt)
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
 from moa_jax.nn.quantize import check_quantize
-from moa_jax.routing import model_mode
+from moa_jax.routing import resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,7 @@ class MoAModel:
     source: str = ""
     domains: tuple = ()  # expert names (domain e <-> expert e), when known
     system_prompt: Optional[str] = None  # what system_prompt="auto" means: the run's training system prompt
+    prompt_format: Optional[str] = None  # "chat" | "plain": the run's; None: chat iff the tokenizer has a template
 
     @property
     def trainable(self) -> dict:
@@ -71,12 +76,14 @@ class MoAModel:
     # ---- export ---------------------------------------------------------------------------------------------
     def export_peft(self, out_dir: str) -> list[str]:
         """One PEFT LoRA adapter per expert (named by `domains`) + the router sidecar (moa_jax/export.py), which
-        records this model's tokenizer and `system_prompt` (servable routers need both). -> the adapter directories."""
+        records this model's tokenizer, `system_prompt` and prompt format (servable routers need them). -> the
+        adapter directories."""
         from moa_jax.export import export_peft
         if self.moa is None:
             raise ValueError("export_peft(): this model has no experts (loaded with moa=None)")
         return export_peft(self.trainable, self.config, self.moa, out_dir, expert_names=self.domains or None,
-                           base_model=self.source, tokenizer=self.tokenizer, system_prompt=self.system_prompt)
+                           base_model=self.source, tokenizer=self.tokenizer, system_prompt=self.system_prompt,
+                           prompt_format=self.prompt_format)
 
     def export_merged(self, expert, out_dir: str, *, dtype: Optional[str] = None) -> str:
         """Base + one expert (index or domain name) merged into a transformers-loadable checkpoint directory."""
@@ -97,13 +104,12 @@ class MoAModel:
         tokens = jnp.asarray(np.atleast_2d(np.asarray(token_ids)), jnp.int32)
         mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         pmask = mask if prompt_mask is None else jnp.asarray(prompt_mask, jnp.int32)
-        mode = model_mode(self.moa, routing)
+        plan = resolve(self.moa, routing)
         idx = None
-        if mode == "fixed":
-            idx = expert_indices(routing, tokens.shape[0], expert=expert, domain=domain, moa=self.moa)
-            if idx is None:
-                idx = self.route(tokens, attention_mask=mask, prompt_mask=pmask)
-        return np.asarray(_forward_fn(self.config, self.moa, mode)(self.params, tokens, mask, pmask, idx))
+        if plan.needs_experts:
+            idx, _ = sequence_experts(plan, self.config, self.moa, self.params, tokens, mask, pmask, expert=expert,
+                                      domain=domain)
+        return np.asarray(_forward_fn(self.config, self.moa, plan.mode)(self.params, tokens, mask, pmask, idx))
 
     def route(self, token_ids, *, attention_mask=None, prompt_mask=None) -> np.ndarray:
         """The expert the routers pick per sequence [B] from its prompt tokens."""
@@ -116,14 +122,14 @@ class MoAModel:
 
     # ---- generation -----------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, system_prompt: Optional[str] = "auto") -> list[int]:
-        """A user message (str) or a chat `messages` list -> token ids with the chat template's generation cue,
-        formatted as training formats prompts (a system turn in `messages` wins over `system_prompt`)."""
-        from moa_jax.data.tokenize import conversation
+        """A user message (str) or a chat `messages` list -> token ids in the model's prompt format (chat: with the
+        template's generation cue), formatted as training formats prompts (a system turn in `messages` wins over
+        `system_prompt`)."""
+        from moa_jax.data.prompt_format import conversation, prompt_ids, resolve_prompt_format
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         system = self.system_prompt if system_prompt == "auto" else system_prompt
-        messages = conversation({"messages": messages}, system)
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        fmt = resolve_prompt_format(self.prompt_format or "auto", self.tokenizer)
+        return list(prompt_ids(self.tokenizer, [conversation({"messages": messages}, system)], fmt)[0])
 
     def generate(self, prompts: Sequence, *, max_new_tokens: int = 64, routing: str = "router",
                  expert: Optional[int] = None, domain=None, temperature: float = 0.0, seed: int = 0,
@@ -131,7 +137,10 @@ class MoAModel:
         """Batched generation; each prompt is routed once and keeps its expert for every token. Prompts are
         strings, `messages` lists or token-id lists; system_prompt as in encode_prompt ("auto": the run's)."""
         if self.tokenizer is None:
-            raise ValueError("generate(): this model has no tokenizer; use generate_tokens() with token ids")
+            raise ValueError(f"generate(): {self.source!r} has no tokenizer files (tokenizer.json, or tokenizer.model "
+                             f"+ tokenizer_config.json), so prompts cannot be encoded or answers decoded; copy the "
+                             f"base model's tokenizer files there, or use moa_jax.generate.decode.generate_tokens "
+                             f"with token ids")
         seqs = [p if _is_token_list(p) else self.encode_prompt(p, system_prompt) for p in prompts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         tokens, mask = left_pad(seqs, pad)
@@ -156,8 +165,7 @@ def _forward_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
 
     @jax.jit
     def forward(params, tokens, mask, pmask, idx):
-        return model.apply({"params": params}, tokens, attention_mask=mask, prompt_mask=pmask, routing=mode,
-                           expert_idx=idx)[0]
+        return entry.forward(model, params, entry.ModelInputs(tokens, mask, pmask), mode=mode, expert_idx=idx)[0]
     return forward
 
 
@@ -179,10 +187,13 @@ def load_model(source: str = "smollm2-135m-instruct", *, moa: Optional[MoAConfig
     bfloat16 on accelerators); param_dtype: storage of the frozen base (default = dtype); quantize="int8":
     the frozen projection kernels as int8 with per-output-channel scales (moa_jax/nn/quantize.py).
     adapters=DIR (`<workdir>/<stage>/adapters`): trained experts and routers with the MoA config recorded beside
-    them; a `moa` given too must agree with it on every field that changes the function (MOA_FUNCTION_FIELDS:
-    experts, rank, alpha, rsLoRA, targets, dispatch, router; it may change `decision`)."""
+    them; a `moa` given too must agree with it on every field that changes the function (the MoAConfig
+    fields marked "function": experts, rank, alpha, rsLoRA, targets, dispatch, router; it may change `decision`)."""
     trained = _read_adapters(os.fspath(adapters), moa) if adapters is not None else None
     cfg, frozen, tokenizer = _load_frozen(source, dtype, param_dtype, quantize)
+    attached = trained[2] if trained is not None else moa   # the MoA config the experts will have
+    if attached is not None:
+        check_rank_fits(cfg, attached)
     if trained is not None:
         return _with_adapters(cfg, frozen, tokenizer, source, os.fspath(adapters), *trained)
     if moa is None:
@@ -197,7 +208,7 @@ class AdapterConfigError(UserError, ValueError):
 
 def _read_adapters(adapters: str, moa: Optional[MoAConfig]) -> tuple[dict, dict, MoAConfig]:
     """-> (trainable tree, the artifact's config, the MoA config to use), checked before the base model loads."""
-    from moa_jax.train.checkpoint import MOA_FUNCTION_FIELDS, config_mismatches, load_adapters  # orbax: deferred
+    from moa_jax.train.checkpoint import config_mismatches, load_adapters  # orbax: deferred
     check_adapter_dir(adapters, "point at the adapters/ folder of a finished stage (<workdir>/<stage>/adapters)")
     trainable, saved = load_adapters(adapters)
     recorded = adapter_moa(saved, adapters)
@@ -206,7 +217,7 @@ def _read_adapters(adapters: str, moa: Optional[MoAConfig]) -> tuple[dict, dict,
                                  f"trained with as load_model(..., moa=MoAConfig(...))")
     if recorded is not None and moa is not None:
         diff = config_mismatches(saved, {"moa": json.loads(json.dumps(dataclasses.asdict(moa)))},
-                                 tuple(f"moa.{f}" for f in MOA_FUNCTION_FIELDS))
+                                 tuple(k for k in stage_keys("function") if k.startswith("moa.")))
         if diff:
             raise AdapterConfigError(
                 f"{adapters}: moa= differs from the MoA config these adapters were trained with ("
@@ -217,9 +228,8 @@ def _read_adapters(adapters: str, moa: Optional[MoAConfig]) -> tuple[dict, dict,
 
 def _with_adapters(cfg: ModelConfig, frozen, tokenizer, source: str, adapters: str, trainable: dict, saved: dict,
                    moa: MoAConfig) -> MoAModel:
-    from moa_jax.train.checkpoint import MODEL_SHAPE_FIELDS, CheckpointMismatchError, config_mismatches
-    diff = config_mismatches(saved, {"model": dataclasses.asdict(cfg)},
-                             tuple(f"model.{f}" for f in MODEL_SHAPE_FIELDS))
+    from moa_jax.train.checkpoint import CheckpointMismatchError, config_mismatches
+    diff = config_mismatches(saved, {"model": dataclasses.asdict(cfg)}, stage_keys("shape"))
     if diff:
         raise CheckpointMismatchError(f"{adapters}: trained on a base model with "
                                       + ", ".join(f"{k}={a!r}" for k, a, _ in diff)
@@ -228,20 +238,22 @@ def _with_adapters(cfg: ModelConfig, frozen, tokenizer, source: str, adapters: s
     check_tree(split_params(param_shapes(cfg, moa))[1], trainable, adapters)
     params = merge_params(frozen, jax.tree_util.tree_map(jnp.asarray, trainable))
     return MoAModel(cfg, moa, params, tokenizer, source, domains=expert_names(saved, moa.num_experts),
-                    system_prompt=training_system_prompt(saved.get("data")))
+                    system_prompt=training_system_prompt(saved.get("data")),
+                    prompt_format=training_prompt_format(saved.get("data")))
 
 
 def load_run(workdir: str, stage: Optional[str] = None, *, source: Optional[str] = None, dtype: Optional[str] = None,
              quantize: Optional[str] = None) -> MoAModel:
     """A finished run's model, ready to `.generate()`: the base model the run trained on (or `source=` where it
     moved), the `stage`'s experts and routers with their MoA config, the domain names as `.domains` and the
-    training system prompt as `.system_prompt` (generate's default). Stages: the run's final model by default
-    (stage2 for the two_stage and capacity workflows, refit for add_domain), stage1, mixed_lora, moe_lora,
-    variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's."""
+    training system prompt and prompt format as `.system_prompt` and `.prompt_format` (generate's). Stages: the
+    run's final model by default (stage2 for the two_stage and capacity workflows, refit for add_domain), stage1,
+    mixed_lora, moe_lora, variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's."""
     run = read_run(workdir, stage, source)
     model = load_model(run.source, adapters=run.adapters, dtype=dtype or run.dtype,
                        quantize=quantize or run.quantize)
-    return dataclasses.replace(model, domains=run.domains, system_prompt=run.system_prompt)
+    return dataclasses.replace(model, domains=run.domains, system_prompt=run.system_prompt,
+                               prompt_format=run.prompt_format)
 
 
 def from_peft(source: str, adapter_dirs: Sequence[str], *, names: Optional[Sequence[str]] = None,

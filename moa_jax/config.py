@@ -15,11 +15,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from moa_jax.config_fields import REQUIRED, absent_values, conditions, renamed_values, roles_of, setting, with_role
 from moa_jax.data_config import DATA_MIXING, DATA_SPLITS, LENGTH_POLICIES, PACKING, DataConfig  # noqa: F401
 from moa_jax.errors import ConfigError
 from moa_jax.errors import require as _check
 from moa_jax.methods import EVAL_METHODS, unknown_methods
-from moa_jax.routing import DECISION_POLICIES, DISPATCH_MODES, ROUTE_ON, TRAIN_ROUTINGS, model_mode, stage_routing
+from moa_jax.routing import (DECISION_POLICIES, DISPATCH_MODES, LEGACY_ROUTE_ON, ROUTE_ON, TRAIN_ROUTINGS,
+                             resolve_training, routes_on_probe)
 from moa_jax.variants import Variant, parse_variant
 
 # Canonical projection names (Hugging Face / PEFT naming) and the short aliases users may write.
@@ -32,6 +34,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_MODES = ("none", "int8")  # storage of the frozen projection kernels (moa_jax/nn/quantize.py)
 # What each decoder layer keeps for the backward (moa_jax/nn/model.py, REMAT POLICIES); none of them keeps a T^2 tensor.
 REMAT_POLICIES = ("auto", "full", "projections", "none")
+HIDDEN_ACTS = ("silu", "gelu_tanh")   # the gated MLP's activation: SwiGLU (Llama, Qwen) | GeGLU (Gemma)
+LAYER_TYPES = ("full_attention", "sliding_attention")   # Hugging Face `layer_types` entries
 
 
 def check_remat(value: str, where: str) -> None:
@@ -42,7 +46,7 @@ def check_remat(value: str, where: str) -> None:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Hugging Face `rope_scaling` of type "llama3" (Llama 3.1+); "linear" is also accepted."""
+    """Hugging Face `rope_scaling` of type "llama3" (Llama 3.1+); "linear" (e.g. Gemma 3's global layers) too."""
     rope_type: str = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
@@ -56,11 +60,12 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder: Llama 2/3, Mistral, Qwen2 (qkv bias), SmolLM2 (tied embeddings)."""
-    vocab_size: int
-    hidden_size: int            # D
+    """A Llama-family decoder: Llama 2/3, Mistral, Qwen2 (qkv bias), SmolLM2 (tied embeddings), Qwen3 (q/k norms,
+    explicit head_dim) and Gemma 3 text (the fields from qk_norm on; moa_jax/nn/model.py says where each acts)."""
+    vocab_size: int = setting(REQUIRED, "shape")
+    hidden_size: int = setting(REQUIRED, "shape")   # D
     intermediate_size: int      # F
-    num_layers: int             # L
+    num_layers: int = setting(REQUIRED, "shape")    # L
     num_heads: int              # H
     num_kv_heads: int           # K
     head_dim_override: Optional[int] = None
@@ -77,8 +82,27 @@ class ModelConfig:
     remat: str = "auto"           # REMAT_POLICIES: what each layer keeps for the backward (model.py)
     loss_chunk: int = 1024        # LM loss / NLL: tokens per block of the chunked head (no [B, T, V] logits)
     name: str = "llama"
+    # Qwen3 / Gemma 3 (all off for the Llama family):
+    qk_norm: bool = setting(False, "shape")   # per-head RMSNorm on q and k before RoPE (attn/q_norm, attn/k_norm [Dh])
+    norm_unit_offset: bool = False  # Gemma: every RMSNorm scales by (1 + w), in float32, then casts
+    sandwich_norms: bool = setting(False, "shape")   # Gemma: norms on the attention and MLP outputs too (four per layer)
+    hidden_act: str = "silu"      # HIDDEN_ACTS: the gated MLP's activation (Gemma: tanh-approximated GELU)
+    embed_scale: bool = False     # Gemma: embeddings times sqrt(D), in the compute dtype
+    query_pre_attn_scalar: Optional[float] = None  # Gemma: attention scale is this**-0.5 (default Dh**-0.5)
+    layer_types: Optional[tuple] = None  # LAYER_TYPES per layer; None = every layer alike (sliding_window for all)
+    rope_local_theta: Optional[float] = None  # RoPE base of the sliding layers, unscaled (Gemma 3's 10k);
+                                              # None: they use rope_theta / rope_scaling like the others
 
     def __post_init__(self):
+        if self.layer_types is not None:  # a JSON round trip gives a list; frozen configs must stay hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            _check(len(self.layer_types) == self.num_layers,
+                   f"ModelConfig.layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+            bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+            _check(not bad, f"ModelConfig.layer_types: unknown entries {bad} (supported: {list(LAYER_TYPES)})")
+            _check("sliding_attention" not in self.layer_types or self.sliding_window is not None,
+                   "ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
+        _check(self.hidden_act in HIDDEN_ACTS, f"ModelConfig.hidden_act={self.hidden_act!r} not in {HIDDEN_ACTS}")
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             _check(getattr(self, field) > 0, f"ModelConfig.{field} must be > 0, got {getattr(self, field)}")
         _check(self.num_heads % self.num_kv_heads == 0,
@@ -94,6 +118,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_heads
+
+    @property
+    def per_layer_attention(self) -> bool:
+        """Layers differ in window or RoPE (layer_types): the model scans per-layer windows and frequencies."""
+        return self.layer_types is not None
 
     def projection_shape(self, name: str) -> tuple[int, int]:
         """(D_in, D_out) of one projection, by canonical name."""
@@ -120,20 +149,21 @@ def normalize_targets(targets) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class MoAConfig:
     """The LoRA experts and the per-layer routers (paper Sec. 3)."""
-    num_experts: int = 10         # E; E=1 is a plain LoRA
-    rank: int = 16                # R
-    alpha: float = 32.0
+    num_experts: int = setting(10, "function", "locked")   # E; E=1 is a plain LoRA
+    rank: int = setting(16, "function", "locked")          # R
+    alpha: float = setting(32.0, "function", "locked")
     dropout: float = 0.05
-    targets: tuple = PROJECTIONS  # [ours] all seven projections
-    use_rslora: bool = False      # scale alpha/sqrt(R) instead of alpha/R
-    dispatch: str = "top1"        # top1 per sequence | soft per sequence | token_topk (MoE-LoRA baseline)
-    top_k: int = 2                # token_topk only
-    router_type: str = "linear"   # [ours] bias-free linear; 'mlp' = two-layer MLP
-    router_hidden: int = 256      # mlp router only
-    decision: str = "last"        # inference policy: last router (paper) | vote over layers
-    route_on: str = "adapted"     # ROUTE_ON: the routers read the adapted routing pass (paper) | the plain base
-                                  # model's hidden states (servable; stage 2 trains the routers on those)
-    adapter_dtype: str = "float32"  # storage dtype of experts and routers (master weights)
+    targets: tuple = setting(PROJECTIONS, "function", "locked")  # [ours] all seven projections
+    use_rslora: bool = setting(False, "function", "locked")    # scale alpha/sqrt(R) instead of alpha/R
+    dispatch: str = setting("top1", "function")  # top1 per sequence | soft per sequence | token_topk (MoE-LoRA)
+    top_k: int = setting(2, "function", "variant", only_if=("dispatch", "token_topk"))   # token_topk only
+    router_type: str = setting("linear", "function", "locked")   # [ours] bias-free linear; 'mlp' = two-layer MLP
+    router_hidden: int = setting(256, "function", "locked", only_if=("router_type", "mlp"))   # mlp router only
+    decision: str = setting("last", "inert", "variant")   # inference policy: last router (paper) | vote over layers
+    # ROUTE_ON: the routers read the adapted routing pass (paper) | the probe pass, the plain base model's hidden
+    # states (servable; stage 2 trains the routers on those)
+    route_on: str = setting("adapted", "variant", "stage2", absent="adapted", renamed=LEGACY_ROUTE_ON)
+    adapter_dtype: str = setting("float32", "locked")  # storage dtype of experts and routers (master weights)
 
     def __post_init__(self):
         object.__setattr__(self, "targets", normalize_targets(self.targets))
@@ -144,10 +174,12 @@ class MoAConfig:
         _check(self.router_type in ROUTER_TYPES, f"MoAConfig.router_type={self.router_type!r} not in {ROUTER_TYPES}")
         _check(self.decision in DECISION_POLICIES,
                f"MoAConfig.decision={self.decision!r} not in {DECISION_POLICIES}")
+        if self.route_on in LEGACY_ROUTE_ON:   # configs saved before route_on's values were renamed
+            object.__setattr__(self, "route_on", LEGACY_ROUTE_ON[self.route_on])
         _check(self.route_on in ROUTE_ON, f"MoAConfig.route_on={self.route_on!r} not in {ROUTE_ON}: 'adapted' routes "
-               f"with the adapted model's routing pass, 'base' with one forward of the plain base model (servable)")
-        _check(self.route_on == "adapted" or self.dispatch == "top1",
-               f"MoAConfig.route_on='base' needs dispatch='top1' (got {self.dispatch!r}): soft and token-level "
+               f"with the adapted model's routing pass, 'probe' with one forward of the plain base model (servable)")
+        _check(not routes_on_probe(self) or self.dispatch == "top1",
+               f"MoAConfig.route_on='probe' needs dispatch='top1' (got {self.dispatch!r}): soft and token-level "
                f"dispatch route inside every forward of the adapted model")
         _check(self.top_k >= 1, f"MoAConfig.top_k must be >= 1, got {self.top_k}")
         # top_k is used only by token_topk; checking it otherwise would reject E=1 (a plain LoRA) at top_k=2.
@@ -185,7 +217,8 @@ class TrainConfig:
     warmup_frac: float = 0.1        # paper: 10% warmup, then cosine decay
     end_lr_frac: float = 0.0
     weight_decay: float = 0.0
-    adam_b2: float = 0.999          # AdamW second-moment decay (optax's default; 0.95 in the accelerator presets)
+    adam_b2: float = setting(0.999, absent=0.999)   # AdamW second-moment decay (optax's default; 0.95 in the
+                                                    # accelerator presets)
     grad_clip: float = 1.0          # global norm; in stage 1 applied per expert (independent trainings)
     grad_accum: int = 1             # micro-batches per optimiser update
     eta: float = 1.0                # [ours] router CE weight (stage 2)
@@ -198,14 +231,15 @@ class TrainConfig:
     train_routing: str = "label"    # stage 2 forward: label (teacher forcing) | router argmax | soft mixture
     loss_normalization: str = ""    # "token" (mean over all tokens) | "domain" (sum of per-domain means);
                                     # "" = "domain" for stage1 (N independent trainings), else "token"
-    router_prior: tuple = ()        # share of each domain in the batches (add_domain's re-fit sets it): the router
-                                    # CE adds log(share) to the logits, so routers learn prompts, not frequencies
+    router_prior: tuple = setting((), absent=[])   # share of each domain in the batches (add_domain's re-fit sets
+                                    # it): the router CE adds log(share) to the logits, so routers learn prompts,
+                                    # not frequencies
     init_from_peft: tuple = ()     # stage 1 only: PEFT LoRA adapter dirs ("DIR" or "domain=DIR") used as the
                                     # stage-1 experts instead of training them (matched to the domains by name)
     seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    log_every: int = setting(10, "inert")
+    checkpoint_every: int = setting(50, "inert")
+    keep_checkpoints: int = setting(2, "inert")
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"TrainConfig.stage={self.stage!r} not in {STAGES}")
@@ -280,28 +314,35 @@ class ExperimentConfig:
     that stage's resolved config is the same (stage 1 must match, or the run stops naming the differing fields).
     quantize: "int8" stores the frozen projection kernels as int8 with per-channel scales (moa_jax/nn/quantize.py).
     """
-    name: str = "custom"
-    model: str = "smollm2-135m-instruct"
+    name: str = setting("custom", "inert")
+    model: str = setting("smollm2-135m-instruct", "function", "locked")
     dtype: str = "auto"
     moa: MoAConfig = MoAConfig()
     data: DataConfig = DataConfig()
     stage1: TrainConfig = TrainConfig(stage="stage1")
-    stage2: TrainConfig = TrainConfig(stage="stage2")
+    stage2: TrainConfig = setting(TrainConfig(stage="stage2"), "variant")
     baseline: TrainConfig = TrainConfig(stage="mixed_lora", steps=0)
-    moe_lora: TrainConfig = TrainConfig(stage="moe_lora", steps=0)
+    moe_lora: TrainConfig = setting(TrainConfig(stage="moe_lora", steps=0), "variant")
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
     variants: tuple = ()
     reuse_from: str = ""
     remat: str = "auto"           # ModelConfig.remat of the loaded model (REMAT_POLICIES)
     loss_chunk: int = 1024        # ModelConfig.loss_chunk of the loaded model
-    quantize: str = "none"
+    quantize: str = setting("none", "locked")
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
         _check(self.quantize in QUANTIZE_MODES, f"ExperimentConfig.quantize={self.quantize!r} not in {QUANTIZE_MODES}")
-        names = [parse_variant(v).name for v in self.variants]
+        parsed = [parse_variant(v) for v in self.variants]
+        names = [v.name for v in parsed]
         _check(len(set(names)) == len(names), f"ExperimentConfig.variants: duplicate names in {names}")
+        may_vary = experiment_keys("variant")
+        for v in parsed:
+            for key in (s.split("=", 1)[0] for s in v.sets):
+                _check(any(key == k or key.startswith(k + ".") for k in may_vary),
+                       f"variant {v.name!r}: key {key!r} cannot vary; a variant shares stage 1 and the data, so it may "
+                       f"only set {', '.join(k + ('.*' if '.' not in k else '') for k in may_vary)}")
         _check(self.dtype in ("auto",) + DTYPES, f"ExperimentConfig.dtype={self.dtype!r} not in {('auto',) + DTYPES}")
         check_remat(self.remat, "ExperimentConfig")
         _check(self.loss_chunk >= 1, f"ExperimentConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
@@ -313,11 +354,56 @@ class ExperimentConfig:
                "ExperimentConfig: moa.dispatch='soft' with eval.methods containing 'moa_router': the evaluation "
                "generates answers, and cached decoding cannot re-pool soft gates over new tokens; use "
                "moa.dispatch=top1 (MoA as in the paper) or drop moa_router from eval.methods")
-        _check(self.data.packing == "none" or model_mode(
-            self.moa, stage_routing("stage2", self.stage2.train_routing), training=True) in ("fixed", "token"),
+        _check(self.data.packing == "none" or resolve_training(self.moa, "stage2", self.stage2.train_routing).packable,
             f"ExperimentConfig: data.packing={self.data.packing!r} with stage2.train_routing="
             f"{self.stage2.train_routing!r}: a packed row runs one expert (label routing) or token-level routing, "
             "not a decision of its own per segment; use stage2.train_routing=label or data.packing=none")
-        _check(self.moa.route_on == "adapted" or self.stage2.train_routing != "soft",
-               "ExperimentConfig: moa.route_on='base' with stage2.train_routing='soft': a soft mixture has no single "
+        _check(not routes_on_probe(self.moa)
+               or resolve_training(self.moa, "stage2", self.stage2.train_routing).per_item,
+               "ExperimentConfig: moa.route_on='probe' with stage2.train_routing='soft': a soft mixture has no single "
                "expert to take from the base model's routers; use stage2.train_routing=label (default) or router")
+
+
+# ---- which saved keys matter, derived from the field roles (moa_jax/config_fields.py) ----
+
+# A stage's saved config (workflows/two_stage.py ExperimentContext.config_dict): these sections, plus two fields of
+# ExperimentConfig under other names.
+STAGE_SECTIONS = {"model": ModelConfig, "moa": MoAConfig, "train": TrainConfig, "data": DataConfig}
+_SAVED_AS = {"model": "model.source", "name": "experiment"}
+
+
+def stage_keys(role: str) -> tuple[str, ...]:
+    """Dotted keys of a saved stage config ("moa.rank") whose field carries `role`."""
+    top = tuple(_SAVED_AS[f.name] for f in dataclasses.fields(ExperimentConfig)
+                if f.name in _SAVED_AS and role in roles_of(f))
+    return top + tuple(f"{section}.{name}" for section, cls in STAGE_SECTIONS.items() for name in with_role(cls, role))
+
+
+def stage_absent_values() -> dict:
+    """Dotted stage-config key -> the value a config saved before that field existed ran with."""
+    return {f"{section}.{name}": value for section, cls in STAGE_SECTIONS.items()
+            for name, value in absent_values(cls).items()}
+
+
+def stage_renamed_values() -> dict:
+    """Dotted stage-config key -> {old value: current value}."""
+    return {f"{section}.{name}": renamed for section, cls in STAGE_SECTIONS.items()
+            for name, renamed in renamed_values(cls).items()}
+
+
+def stage_conditions() -> dict:
+    """Dotted stage-config key -> (dotted key, value) under which it counts ("moa.top_k" only with token_topk)."""
+    return {f"{section}.{name}": (f"{section}.{other}", value) for section, cls in STAGE_SECTIONS.items()
+            for name, (other, value) in conditions(cls).items()}
+
+
+def experiment_keys(role: str) -> tuple[str, ...]:
+    """Dotted keys of an ExperimentConfig ("moa.rank", "model") whose field carries `role`; a section field with the
+    role (stage2) stands for all of its keys."""
+    out = []
+    for f in dataclasses.fields(ExperimentConfig):
+        if role in roles_of(f):
+            out.append(f.name)
+        elif dataclasses.is_dataclass(f.default):   # a section: moa, data, stage1, ...
+            out += [f"{f.name}.{name}" for name in with_role(type(f.default), role)]
+    return tuple(out)

@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from moa_jax.config_fields import setting
 from moa_jax.errors import require as _check
 
 DATA_MIXING = ("uniform", "proportional", "temperature")
 LENGTH_POLICIES = ("drop", "truncate_left", "error")
 PACKING = ("none", "domain")
 DATA_SPLITS = ("train", "validation", "test")
+PROMPT_FORMATS = ("auto", "chat", "plain")   # moa_jax/data/prompt_format.py
 
 
 @dataclass(frozen=True)
@@ -26,25 +28,28 @@ class DataConfig:
             Hugging Face dataset, a Hub id or a local dataset directory, read with `field_map`; a missing
             validation/test split is carved from train with `holdout_fraction`).
     """
-    source: str = "moa_tasks"
-    builder_config: str = "default"   # moa_tasks only: default (2000/200/200 per domain) | small | tiny | large
+    source: str = setting("moa_tasks", "function", "locked")
+    builder_config: str = setting("default", "locked")   # moa_tasks only: default (2000/200/200 per domain) | small | tiny | large
     data_dir: Optional[str] = None    # tfds data dir; None -> $MOA_JAX_DATA_DIR or ~/.cache/moa_jax/tfds
-    domains: tuple = ()               # subset and order of domains (expert ids follow it); () = all of the source
+    domains: tuple = setting((), "locked")   # subset and order of domains (expert ids follow it); () = all of the source
     field_map: str = ""               # tfds/hf source: "prompt=question,response=answer[,domain=label]"
     holdout_fraction: float = 0.05    # flat JSONL dirs, hf datasets without validation/test: share of prompts
                                       # hashed to each of validation and test
     system_prompt: Optional[str] = "auto"  # "auto": short task prompt for moa_tasks, template default otherwise;
                                            # None: template default; any string (even ""): that system message
+    prompt_format: str = setting("auto", "function", "locked", absent="chat")   # chat (the tokenizer's template) |
+                                      # plain (base models: moa_jax/data/prompt_format.py) | auto (chat iff the
+                                      # tokenizer has a template; runs record the resolved value)
     max_len: int = 256                # longest tokenised example kept (prompt + response + eos)
     length_policy: str = "drop"       # over-long examples: drop (counted + logged) | truncate_left | error
     buckets: tuple[int, ...] = (64, 128, 256)  # padded lengths T; a batch uses the smallest bucket that fits it
     batch_size: int = 8               # global batch B (all hosts together)
-    eval_batch_size: int = 0          # 0 -> batch_size
+    eval_batch_size: int = setting(0, "inert")   # 0 -> batch_size
     mixing: str = "uniform"           # domain weights: uniform | proportional (to size) | temperature
     temperature: float = 2.0          # temperature mixing: weight ~ size ** (1 / temperature)
-    packing: str = "none"             # training rows: none (one example each) | domain (consecutive examples of one
+    packing: str = setting("none", absent="none")   # training rows: none (one example each) | domain (consecutive examples of one
                                       # domain up to the largest bucket; moa_jax/data/packing.py)
-    max_segments: int = 8             # packing: most examples in one row (G, a static shape)
+    max_segments: int = setting(8, absent=8)   # packing: most examples in one row (G, a static shape)
     seed: int = 0
 
     def __post_init__(self):
@@ -56,6 +61,8 @@ class DataConfig:
                f"'hf:NAME[:CONFIG]'")
         _check(self.mixing in DATA_MIXING, f"DataConfig.mixing={self.mixing!r} not in {DATA_MIXING}")
         _check(self.temperature > 0, f"DataConfig.temperature must be > 0, got {self.temperature}")
+        _check(self.prompt_format in PROMPT_FORMATS,
+               f"DataConfig.prompt_format={self.prompt_format!r} not in {PROMPT_FORMATS}")
         _check(self.packing in PACKING, f"DataConfig.packing={self.packing!r} not in {PACKING}")
         _check(self.max_segments >= 1, f"DataConfig.max_segments must be >= 1, got {self.max_segments}")
         _check(self.length_policy in LENGTH_POLICIES,

@@ -8,10 +8,12 @@ and the base model alone:
     router.route("What is 2 + 3?")               # -> "chain_sum": generate with the adapter of that name
     router.route([{"role": "user", "content": "Spell 'cat' backward"}])
 
-It computes what router.json records (written for MoAConfig.route_on='base'; see docs/method.md):
-  1. prompt ids: the recorded chat template over [the recorded system prompt, unless the messages hold a system
-     turn] + the messages, with the generation cue, rendered to text and tokenised WITHOUT adding special tokens
-     (how moa_jax tokenised its training and test prompts);
+It computes what router.json records (written for MoAConfig.route_on='probe'; see docs/method.md):
+  1. prompt ids: the messages with the recorded system prompt first (unless they hold a system turn), rendered to
+     text in the recorded prompt format and tokenised WITHOUT adding special tokens (how moa_jax tokenised its
+     training and test prompts): "chat", the recorded chat template with the generation cue; "plain" (base models
+     without a template), the recorded bos_token, then each message's content followed by system_end (a system
+     message; nothing if it is empty) or turn_end (any other) - moa_jax/data/prompt_format.py's plain_text;
   2. one forward of the base model (output_hidden_states=True, no LM head): router l reads hidden_states[l] (the
      input of decoder layer l; index 0 = the token embeddings) through layer l's input_layernorm, in float32;
   3. mean over every prompt token -> pooled [L, D]; logits[l] = router_l(pooled[l]) -> [L, E] (linear:
@@ -61,11 +63,21 @@ class ReferenceRouter:
             msgs = [{"role": "system", "content": system}] + msgs
         return msgs
 
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The prompt as text in the recorded format (chat: template + system prompt + generation cue; plain: step 1
+        of the module docstring). Exports written before router.json recorded a format are chat."""
+        recorded = self.spec["prompt"]
+        if recorded.get("format", "chat") == "plain":
+            rule = recorded["plain"]
+            return (rule["bos_token"] or "") + "".join(
+                (m["content"] + rule["system_end"] if m["content"] else "") if m["role"] == "system"
+                else m["content"] + rule["turn_end"] for m in self.messages(prompt))
+        return self.tokenizer.apply_chat_template(self.messages(prompt), chat_template=recorded["chat_template"],
+                                                  tokenize=False, add_generation_prompt=True)
+
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """The prompt's token ids, formatted as in training (chat template + system prompt + generation cue)."""
-        text = self.tokenizer.apply_chat_template(self.messages(prompt), chat_template=self.spec["prompt"][
-            "chat_template"], tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """The prompt's token ids, formatted as in training (prompt_text, no special tokens added)."""
+        return list(self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"])
 
     @torch.no_grad()
     def logits(self, prompt: Prompt) -> np.ndarray:
@@ -121,7 +133,7 @@ def read_spec(directory: str) -> dict:
     if not spec.get("servable"):
         raise RouterNotServableError(f"{path}: route_on={spec.get('route_on')!r}: these routers read the adapted "
                                      f"model's routing pass, which one base-model forward cannot reproduce; train "
-                                     f"them with moa.route_on=base (docs/method.md) and export again")
+                                     f"them with moa.route_on=probe (docs/method.md) and export again")
     return spec
 
 
@@ -136,16 +148,28 @@ def load(directory: str, base_model: Optional[str] = None, *, device: str = "cpu
     weights = {k: v.float() for k, v in load_file(os.path.join(directory, "router.safetensors")).items()}
     if tokenizer is None:
         saved = spec["prompt"].get("tokenizer")
-        source = os.path.join(directory, saved) if saved else (base_model or spec["base_model"])
+        source = _inside(directory, saved) if saved else (base_model or spec["base_model"])
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     if model is None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(base_model or spec["base_model"], dtype=dtype)
+        # safetensors only: router.json names the base model, and a pickled checkpoint could run code on load.
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_model or spec["base_model"], dtype=dtype,
+                                                                  use_safetensors=True)
         model = model.to(device).eval()
     layers = model.config.num_hidden_layers
     if layers != spec["num_layers"] or model.config.hidden_size != spec["hidden_size"]:
         raise ValueError(f"{directory}: the routers are for L={spec['num_layers']}, D={spec['hidden_size']} but "
                          f"the base model has L={layers}, D={model.config.hidden_size}")
     return ReferenceRouter(spec, weights, model, tokenizer)
+
+
+def _inside(directory: str, relative: str) -> str:
+    """router.json's tokenizer folder, refused unless it lies inside the export directory (like moa_jax/names.py,
+    which this file cannot import)."""
+    root = os.path.realpath(directory)
+    path = os.path.realpath(os.path.join(directory, relative))
+    if os.path.isabs(relative) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{directory}/router.json: tokenizer folder {relative!r} lies outside the export directory")
+    return path
 
 
 def _is_ids(prompt) -> bool:

@@ -14,9 +14,11 @@ Three vocabularies name who picks the experts, each at its own level:
                   base (adapters off), fixed (top-1 with a given expert [B]), self (each layer's own argmax),
                   soft (per-sequence mixture), token (token-level top-k with a balance loss),
                   probe (adapters off, every router read on the base hidden state: the servable routing pass)
-`model_mode` is the only translation from the first two to the third; `MODE_TABLE` spells it out per dispatch.
-The routing pass that decides a top-1 expert from the prompt runs `routing_pass_mode(moa)`: 'self' (the adapted
-model, MoAConfig.route_on='adapted', the paper's) or 'probe' (the plain base model, route_on='base', servable).
+`resolve` (inference) and `resolve_training` (a training stage) are the one interpreter of these names: they turn
+(MoAConfig, what the caller asked) into a `RoutePlan` (the model's mode, where each sequence's expert comes from, and
+which routing pass decides), and every caller acts on the plan's fields, never on the names; `MODE_TABLE` spells
+out the mode per dispatch. The routing pass that decides a top-1 expert from the prompt is 'self' (the adapted
+model, MoAConfig.route_on='adapted', the paper's) or 'probe' (the plain base model, route_on='probe', servable).
 Inside a layer each mode becomes a ROUTE_KINDS kind of moa_jax/nn/lora.Route (how the LoRA delta is computed):
 base, probe -> base; fixed, self -> top1 (single when E = 1); soft, token -> mixture; single is also one expert shared
 by the whole batch.
@@ -26,18 +28,24 @@ chosen once from the prompt and then forced with 'fixed'), soft (per-sequence mi
 MoAConfig.decision (DECISION_POLICIES) says which routers decide a top-1 expert at inference: the last layer's
 or a vote over layers.
 
-This module imports nothing from moa_jax, so every layer can use it.
+This module imports nothing from moa_jax (and no jax), so every layer can use it.
 
 Shape glossary: B batch (sequences), T tokens, E experts.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
 DISPATCH_MODES = ("top1", "soft", "token_topk")
 DECISION_POLICIES = ("last", "vote")
 # Where the routers read at inference (MoAConfig.route_on): "adapted" = the routing pass of the adapted model (each
-# layer routed by its own router), "base" = one plain forward of the base model, no adapters (servable: a server
-# routes with its base model, then names the PEFT adapter; moa_jax/reference_router.py).
-ROUTE_ON = ("adapted", "base")
+# layer routed by its own router), "probe" = the probe pass, one plain forward of the base model, no adapters
+# (servable: a server routes with its base model, then names the PEFT adapter; moa_jax/reference_router.py).
+ROUTE_ON = ("adapted", "probe")
+LEGACY_ROUTE_ON = {"base": "probe"}   # route_on's old name for the probe pass, in configs saved before the rename
 ROUTINGS = ("router", "oracle", "forced", "base")
 TRAIN_ROUTINGS = ("label", "router", "soft")
 MODES = ("base", "fixed", "self", "probe", "soft", "token")
@@ -74,12 +82,112 @@ def stage_routing(stage: str, train_routing: str) -> str:
     return {"stage2": train_routing, "moe_lora": "router"}.get(stage, "label")
 
 
+# Where each sequence's expert comes from under a plan (RoutePlan.source).
+EXPERT_SOURCES = ("none", "labels", "expert", "routing_pass")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutePlan:
+    """One resolved routing request: what the model runs and what the caller must supply. Hashable (a static jit
+    argument and an lru_cache key).
+
+    mode        the model's static mode (MODES)
+    source      where the expert of each sequence comes from (EXPERT_SOURCES): none (adapters off, or routing
+                inside every forward), labels (the domain ids), expert (one given expert), routing_pass (a pass over
+                the prompt decides, then that expert is forced)
+    pass_mode   the mode of the routing pass that reads the routers: 'self' (adapted) or 'probe' (plain base model)
+    probe_loss  training only: the routers' CE reads a probe pass (stage 2 with route_on='probe')
+    """
+    mode: str
+    source: str = "none"
+    pass_mode: str = "self"
+    probe_loss: bool = False
+
+    @property
+    def adapters_off(self) -> bool:
+        return self.mode == "base"
+
+    @property
+    def needs_experts(self) -> bool:
+        """The model takes expert_idx [B] (one expert per sequence, forced at every layer)."""
+        return self.mode == "fixed"
+
+    @property
+    def per_item(self) -> bool:
+        """Every sequence runs with one expert (or the base) for its whole length; False for soft and token-level
+        dispatch, which mix experts inside every forward."""
+        return self.mode in ("base", "fixed")
+
+    @property
+    def needs_routing_pass(self) -> bool:
+        return self.source == "routing_pass"
+
+    @property
+    def needs_given_expert(self) -> bool:
+        """The caller must name the experts (an expert id, or one label per sequence)."""
+        return self.source in ("labels", "expert")
+
+    @property
+    def packable(self) -> bool:
+        """A packed row (consecutive examples of one domain) can train with it: the label's expert, or token-level
+        routing; not a routing decision of its own per row."""
+        return self.source == "labels" or self.mode == "token"
+
+    @property
+    def cacheable(self) -> bool:
+        """Cached decoding can run it: soft gates are pooled over the whole prompt, a cached step sees one token."""
+        return self.mode != "soft"
+
+    def given_experts(self, batch: int, num_experts: int, *, expert=None, labels=None) -> Optional[np.ndarray]:
+        """The expert per sequence [B] int32 when the caller names it (source labels / expert), checked; None when
+        a routing pass decides or nothing is routed per sequence."""
+        if self.source == "expert":
+            if expert is None or not 0 <= int(expert) < num_experts:
+                raise ValueError(f"routing='forced' needs expert in [0, {num_experts}), got {expert!r}")
+            return np.full((batch,), int(expert), np.int32)
+        if self.source == "labels":
+            if labels is None:
+                raise ValueError("routing='oracle' needs domain=[one expert id per sequence]")
+            d = np.asarray(labels, np.int32).reshape(-1)
+            if d.shape[0] != batch or d.min() < 0 or d.max() >= num_experts:
+                raise ValueError(f"domain must hold {batch} ids in [0, {num_experts}), got {d.tolist()}")
+            return d
+        return None
+
+
+def routes_on_probe(moa) -> bool:
+    """The routers read the probe pass (the plain base model): route_on='probe', the servable policy."""
+    return moa is not None and moa.route_on == "probe"
+
+
+def resolve(moa, routing: str = "router") -> RoutePlan:
+    """Inference: (MoAConfig or None, a routing of ROUTINGS) -> the plan. A model without experts runs 'base'."""
+    mode = model_mode(moa, routing)
+    pass_mode = "probe" if routes_on_probe(moa) else "self"
+    if mode == "fixed":
+        source = {"router": "routing_pass", "oracle": "labels", "forced": "expert"}[routing]
+        return RoutePlan(mode, source, pass_mode)
+    return RoutePlan(mode, "none", pass_mode)
+
+
+def resolve_training(moa, stage: str, train_routing: str) -> RoutePlan:
+    """A training stage (config.STAGES) with its TrainConfig.train_routing -> the plan of its forward. Stage 2 with
+    route_on='probe' trains the routers on a probe pass (probe_loss) and, routing with the routers, forces the
+    probe pass's decision in the LM forward, as inference will."""
+    mode = model_mode(moa, stage_routing(stage, train_routing), training=True)
+    probe = stage == "stage2" and routes_on_probe(moa)
+    if mode == "fixed":
+        return RoutePlan(mode, "labels", "probe" if probe else "self", probe)
+    if probe and mode == "self":
+        return RoutePlan("fixed", "routing_pass", "probe", True)
+    return RoutePlan(mode, "none", "probe" if probe else "self", probe)
+
+
 def routes_per_item(moa, routing: str) -> bool:
-    """True when every sequence runs with one expert (or the base) for its whole length; False for soft and
-    token-level dispatch, which mix experts inside every forward."""
-    return model_mode(moa, routing) in ("base", "fixed")
+    """resolve(moa, routing).per_item."""
+    return resolve(moa, routing).per_item
 
 
 def routing_pass_mode(moa) -> str:
-    """The model's mode for the routing pass over a prompt (MoAConfig.route_on -> 'self' | 'probe')."""
-    return "probe" if moa.route_on == "base" else "self"
+    """The model's mode for the routing pass over a prompt: 'self' (route_on='adapted') or 'probe'."""
+    return resolve(moa).pass_mode

@@ -1,5 +1,5 @@
 """A finished run's work directory read back for inference: which stage's adapters, on which base model, with which
-MoA config, expert names and system prompt. `moa_jax.load_run`, `load_model(adapters=DIR)` and
+MoA config, expert names, system prompt and prompt format. `moa_jax.load_run`, `load_model(adapters=DIR)` and
 `python -m moa_jax.cli.generate` read runs through this module only.
 
     workdir/config.json                          the run's ExperimentConfig (its `data` settings)
@@ -23,7 +23,8 @@ import json
 import os
 from typing import Optional
 
-from moa_jax.config import ConfigError, MoAConfig
+from moa_jax.config import ConfigError, DataConfig, MoAConfig
+from moa_jax.config_fields import absent_values
 from moa_jax.errors import UserError
 
 ADAPTER_FILES = ("config.json", "index.json")
@@ -43,6 +44,7 @@ class RunInfo:
     moa: MoAConfig
     domains: tuple                # expert names, expert e <-> domains[e]
     system_prompt: Optional[str]  # the system message training put before each prompt (None: none)
+    prompt_format: Optional[str]  # "chat" | "plain": how training turned prompts into text (data/prompt_format.py)
     dtype: Optional[str]          # the compute dtype the stage trained in
     quantize: str                 # "none" | "int8": how the frozen base was stored in training
     saved: dict                   # the adapters' config.json
@@ -83,6 +85,15 @@ def training_system_prompt(data: Optional[dict]) -> Optional[str]:
     if not data:
         return None
     return resolve_system_prompt(data.get("system_prompt", "auto"), data.get("source", "moa_tasks"))
+
+
+def training_prompt_format(data: Optional[dict]) -> Optional[str]:
+    """The prompt format a run trained with, from its recorded `data` settings: the resolved "chat" or "plain" a
+    stage records; a config saved before the field existed ran with chat; None when no data settings are recorded
+    (then the tokenizer decides: chat iff it has a template)."""
+    if not data:
+        return None
+    return data.get("prompt_format", absent_values(DataConfig)["prompt_format"])
 
 
 def check_adapter_dir(directory: str, what: str) -> None:
@@ -168,5 +179,5 @@ def read_run(workdir: str, stage: Optional[str] = None, source: Optional[str] = 
         raise ModelSourceError(f"{e} (the base model this run trained on, {where}); if it moved, pass its new "
                                f"location: moa_jax.load_run(..., source=PATH) or --source PATH") from None
     return RunInfo(workdir, stage, adapters, base, moa, expert_names(saved, moa.num_experts),
-                   training_system_prompt(data), saved["model"].get("dtype"),
+                   training_system_prompt(data), training_prompt_format(data), saved["model"].get("dtype"),
                    saved["model"].get("quantize") or "none", saved)

@@ -4,8 +4,8 @@
   - results.json reports routing accuracy and confusion over all 11 domains, old vs base run, new vs single LoRA,
     and the cost against retraining; results.md has the "Add a domain" section;
   - the router re-fit gives the new domains add_domain.new_share of its batches (counted over the first batches);
-  - with moa.route_on=base the routers' new outputs are then fitted on cached prompts (moa_jax/train/router_fit.py):
-    reported, old outputs bit-identical, the new output moved from the re-fit's; without route_on=base no fit;
+  - with moa.route_on=probe the routers' new outputs are then fitted on cached prompts (moa_jax/train/router_fit.py):
+    reported, old outputs bit-identical, the new output moved from the re-fit's; without route_on=probe no fit;
   - user mistakes (no/unfinished base run, a name clash, another rank, a bad spec, a bad JSONL line, a share
     outside (0, 1)) are one `error:` line and exit code 2, before any model loads.
 """
@@ -108,7 +108,7 @@ def test_router_fit_with_routers_on_the_base_model(runs, tmp_path):
     rc, _ = _run(["--exp=add_domain", f"--workdir={fitted}", "--set", f"add_domain.base_run={base}",
                   "--set", f"add_domain.new_domains=sums=jsonl:{jsonl}", "--set", "stage1.steps=3", "--set", "stage2.steps=2",
                   "--set", "eval.items_per_domain=1", "--set", "eval.methods=moa_router",
-                  "--set", "moa.route_on=base", "--set", "add_domain.router_prompts=4"])
+                  "--set", "moa.route_on=probe", "--set", "add_domain.router_prompts=4"])
     assert rc == 0
     stats = json.load(open(os.path.join(fitted, "results.json")))["add_domain"]["router_fit"]
     assert stats["examples"] == 11 * 4 and stats["prompts_per_domain"] == 4

@@ -1,10 +1,12 @@
 """The package's import graph: no import cycle among moa_jax's modules, counting imports inside functions and
 `if __name__ == "__main__":` blocks (they run too, just later), and no module imports from a layer above its own
-(the layer order in README.md "Layout")."""
+(the layer order in docs/layout.md)."""
 from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 import textwrap
 
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moa_jax")
@@ -103,7 +105,8 @@ def test_moa_jax_has_no_import_cycle():
 
 # Lowest first; a module belongs to the first layer with a prefix that names it or a package above it.
 LAYERS = [
-    ("config", "data_config", "errors", "overrides", "distributed", "routing", "methods", "variants"),
+    ("config", "config_fields", "data_config", "errors", "overrides", "distributed", "routing", "methods", "variants",
+     "names", "run_lock"),
     ("nn", "params", "sharding", "grow", "flops"),
     ("loading", "data", "peft_import"),
     ("train", "generate", "run_artifacts"),
@@ -122,14 +125,19 @@ def layer_of(module: str) -> int:
     for i, names in enumerate(LAYERS):
         if len(parts) > 1 and parts[1] in names:
             return i
-    raise AssertionError(f"{module}: in no layer; add it to LAYERS in tests/test_architecture.py and README Layout")
+    raise AssertionError(f"{module}: in no layer; add it to LAYERS in tests/test_architecture.py and docs/layout.md")
 
 
 def upward_imports(package_dir: str) -> list[str]:
-    """Every import edge "a -> b" with b in a higher layer than a (the package's own __init__ is the top)."""
+    """Every import edge "a -> b" with b in a higher layer than a. The package's face (its __init__) counts as the
+    top layer: it may hand on any name, but nothing inside the package may import it."""
     modules = package_modules(package_dir)
-    return [f"{m} -> {d}" for m, p in sorted(modules.items()) if "." in m
-            for d in sorted(imported_modules(m, p, modules)) if "." in d and layer_of(d) > layer_of(m)]
+    top = os.path.basename(package_dir)
+
+    def layer(module: str) -> int:
+        return len(LAYERS) if module == top else layer_of(module)
+    return [f"{m} -> {d}" for m, p in sorted(modules.items())
+            for d in sorted(imported_modules(m, p, modules)) if layer(d) > layer(m)]
 
 
 def test_no_module_imports_from_a_higher_layer():
@@ -183,3 +191,69 @@ def test_checker_accepts_a_layered_package(tmp_path):
         "top.py": "def run():\n    from pkg.mid import m\n    return m\n",
     })
     assert import_cycles(pkg) == []
+
+
+# ---- the repository's three top-level packages together: moa_jax < experiments < benchmarks ----
+REPO = os.path.dirname(PACKAGE_DIR)
+TOP_PACKAGES = ("moa_jax", "experiments", "benchmarks")
+
+
+def repo_modules() -> dict[str, str]:
+    out = {}
+    for top in TOP_PACKAGES:
+        out.update(package_modules(os.path.join(REPO, top)))
+    return out
+
+
+def test_top_level_packages_have_no_cycle_and_no_upward_import():
+    """One import graph over moa_jax, experiments and benchmarks (package faces included): no cycle anywhere, the
+    library imports neither top-level package, and experiments/ does not import benchmarks/."""
+    modules = repo_modules()
+    graph = {n: imported_modules(n, p, modules) for n, p in modules.items()}
+    rank = {top: i for i, top in enumerate(TOP_PACKAGES)}
+    upward = [f"{m} -> {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+              if rank[d.split(".")[0]] > rank[m.split(".")[0]]]
+    assert not upward, "imports from a higher top-level package:\n" + "\n".join(upward)
+    assert not _cycles(graph), _cycles(graph)
+    # and no loop between sub-packages (moa_jax.generate -> moa_jax.cli -> moa_jax.api -> moa_jax.generate)
+    packages: dict[str, set] = {}
+    for m, deps in graph.items():
+        packages.setdefault(_package(m), set()).update(_package(d) for d in deps if _package(d) != _package(m))
+    assert not _cycles(packages), _cycles(packages)
+
+
+def _package(module: str) -> str:
+    """moa_jax.generate.decode -> moa_jax.generate; moa_jax.config -> moa_jax.config."""
+    return ".".join(module.split(".")[:2])
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected groups of more than one module (an iterative check, no recursion limit)."""
+    seen, cycles = set(), []
+    for start in sorted(graph):
+        reach = _reachable(graph, start)
+        if start in reach and start not in seen:
+            group = sorted(v for v in reach if start in _reachable(graph, v))
+            seen.update(group)
+            cycles.append(group)
+    return cycles
+
+
+def _reachable(graph: dict, start: str) -> set:
+    reach, todo = set(), [start]
+    while todo:
+        for v in graph[todo.pop()]:
+            if v not in reach:
+                reach.add(v)
+                todo.append(v)
+    return reach
+
+
+def test_the_package_face_and_leaf_modules_import_no_jax():
+    """`import moa_jax` and its ground-floor modules stay light: no jax, no model code until a name is used."""
+    code = ("import sys, moa_jax, moa_jax.routing, moa_jax.config, moa_jax.workflows, experiments.registry\n"
+            "heavy = [m for m in ('jax', 'flax', 'moa_jax.api', 'moa_jax.nn') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert moa_jax.MoAConfig.__name__ == 'MoAConfig'   # a lazy name resolves on use\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -51,7 +51,7 @@ def test_each_cli_reports_a_user_error_in_one_line_with_exit_code_2(tmp_path):
     data = bad_jsonl_dir(tmp_path / "data")
     commands = {
         "experiments.run": (["--exp=smoke", f"--workdir={blocker}/run"], ["--workdir", "cannot write there"]),
-        "moa_jax.generate": (["--workdir", str(run_dir), "--prompt", "hi"], [f"GGUF file {tmp_path}/gone.gguf does "
+        "moa_jax.cli.generate": (["--workdir", str(run_dir), "--prompt", "hi"], [f"GGUF file {tmp_path}/gone.gguf does "
                                                                              f"not exist"]),
         "moa_jax.data.inspect": (["--source", f"jsonl:{data}", "--tokenizer", "none"],
                                  ["beta.jsonl:13: malformed JSON: the line ends before the JSON value is complete"]),

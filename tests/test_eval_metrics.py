@@ -167,8 +167,10 @@ def test_parse_variant():
     v = parse_variant("eta0.1: stage2.eta=0.1; stage2.steps=5; methods=moa_router+moa_oracle")
     assert (v.name, v.sets, v.methods) == ("eta0.1", ("stage2.eta=0.1", "stage2.steps=5"), ("moa_router", "moa_oracle"))
     assert parse_variant("vote:moa.decision=vote;methods=moa_router").methods == ("moa_router",)
-    with pytest.raises(ConfigError, match="cannot vary"):
-        parse_variant("bad: stage1.steps=3")            # stage 1 is shared by every variant
+    with pytest.raises(ConfigError, match="cannot vary"):   # stage 1 is shared by every variant
+        ExperimentConfig(variants=("bad: stage1.steps=3",))
+    with pytest.raises(ConfigError, match="cannot vary"):   # a prefix of a variant key is not enough
+        ExperimentConfig(variants=("bad: moa.decisions=vote",))
     with pytest.raises(ConfigError, match="methods"):
         parse_variant("bad: methods=base")
     with pytest.raises(ConfigError, match="NAME"):

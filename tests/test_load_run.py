@@ -6,12 +6,9 @@
   - every stage with adapters loads (stage1, mixed_lora with its one expert, an ablation variant);
   - a conflicting moa= (wrong alpha), adapters without a recorded MoA config, a bad work directory, an unfinished
     stage, a moved base model: one clear UserError each, naming what to do;
-  - the README's "Use a finished run" example runs as written (paths pointed at the smoke run);
   - the system-prompt rule (data.sources.resolve_system_prompt) and the function-field checks of checkpoints.
 """
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
@@ -25,7 +22,6 @@ import moa_jax
 from moa_jax.data.tasks import DOMAIN_NAMES, TASK_SYSTEM_PROMPT
 from moa_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What is 2 + 3?"
 
 
@@ -181,32 +177,6 @@ def test_bad_work_directories_are_clear_errors(smoke, tmp_path):
     (moved / "stage2" / "adapters" / "config.json").write_text(json.dumps(config))
     with pytest.raises(RunArtifactError, match=r"records no \['domains'\]"):
         moa_jax.load_run(str(moved))
-
-
-def _readme_block(title: str) -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
-    section = text[text.index(title):]
-    start = section.index("```python\n") + len("```python\n")
-    return section[start:section.index("\n```", start)]
-
-
-def test_readme_finished_run_example_runs(smoke, tmp_path):
-    workdir, _ = smoke
-    code = _readme_block("### Use a finished run")
-    assert 'moa_jax.load_run("runs/moa_10task")' in code and '"export/' in code
-    code = code.replace('"runs/moa_10task"', repr(workdir)).replace('"export/', f'"{tmp_path}/export/')
-    out = io.StringIO()
-    namespace: dict = {}
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md[Use a finished run]", "exec"), namespace)
-    lines = out.getvalue().splitlines()
-    assert lines[0] == str(tuple(DOMAIN_NAMES)) and lines[1] == TASK_SYSTEM_PROMPT
-    answers = [line for line in lines[2:] if line.split(" ", 1)[0] in DOMAIN_NAMES]   # (answers may hold "\n")
-    assert len(answers) >= 2 and lines[2] in answers, lines
-    assert sorted(os.listdir(tmp_path / "export" / "peft")) == sorted(   # + the run's tokenizer for the router
-        list(DOMAIN_NAMES) + ["router.json", "router.safetensors", "tokenizer"])
-    assert os.path.exists(tmp_path / "export" / "merged-chain_sum" / "model.safetensors")
-    assert len(namespace["plain"]) == 1 and namespace["adapters"][0].endswith("chain_sum")
 
 
 def test_system_prompt_rule():

@@ -136,7 +136,7 @@ def test_packed_row_equals_examples_one_per_row(routing):
     assert np.all(r_packed[:, 0, len(examples)] == 0)   # the unused segment slot pools to zeros
 
 
-@pytest.mark.parametrize("route_on", ["adapted", "base"])
+@pytest.mark.parametrize("route_on", ["adapted", "probe"])
 def test_stage2_loss_and_gradients_on_packed_rows_equal_unpacked(route_on):
     """The stage-2 objective (per-domain mean token loss + router CE per routed prompt) and its gradients on
     one packed row equal those on the same examples one per row."""

@@ -10,7 +10,7 @@
 2. The embedded SmolLM2-135M GGUF against transformers' own GGUF loading of the same file: logits, 20 greedy
    tokens through `moa_jax.load_model(...).generate`, and KV-cache decoding against the full forward.
    (Tokenizer ids vs transformers' GGUF tokenizer, plain text and chat template, are in test_loading.py.)
-3. The README example `docs/example_api.py` runs and prints what it should.
+3. The load_model example `docs/example_api.py` (docs/api.md) runs and prints what it should.
 
 Run with `pytest -s tests/test_parity.py` to see every measured max |diff| (lines starting "[parity]").
 Shape glossary: B batch, T tokens, V vocab.
@@ -312,9 +312,9 @@ def test_smollm2_kv_cache_matches_full_forward(smol):
     assert max(diffs) <= TOL
 
 
-# ------------------------------------------------------------------------------------------ README example
+# ------------------------------------------------------------------------------- docs/example_api.py
 
-def test_readme_example_runs():
+def test_example_api_runs():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.join(REPO, "docs", "example_api.py")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)

@@ -1,4 +1,4 @@
-"""Servable routing end to end on the smoke experiment (its `servable` variant: moa.route_on=base, its own stage 2):
+"""Servable routing end to end on the smoke experiment (its `servable` variant: moa.route_on=probe, its own stage 2):
   - the report lists the routing accuracy of both policies (adapted routing pass, plain base forward);
   - export_peft writes router.json (route_on, hidden state, pooling, decision, chat template, system prompt, base
     model), the training tokenizer and reference_router.py;
@@ -51,7 +51,7 @@ def test_report_lists_routing_accuracy_per_policy(smoke_run):
     res = json.load(open(os.path.join(smoke_run, "results.json")))
     assert set(res["methods"]) == {"moa_router", "moa_router[servable]"}
     assert res["methods"]["moa_router"]["routing_policy"] == {"route_on": "adapted", "decision": "last"}
-    assert res["methods"]["moa_router[servable]"]["routing_policy"] == {"route_on": "base", "decision": "last"}
+    assert res["methods"]["moa_router[servable]"]["routing_policy"] == {"route_on": "probe", "decision": "last"}
     md = open(os.path.join(smoke_run, "results.md")).read()
     table = md.split("### Routing accuracy by routing policy")[1]
     for method in ("moa_router", "moa_router[servable]"):
@@ -70,14 +70,14 @@ def test_reference_router_picks_moa_jax_expert_on_every_test_prompt(smoke_run, t
     from moa_jax.run_artifacts import training_system_prompt
     exp = get_experiment("smoke")
     trainable, cfg, moa = _stage(smoke_run, "variants/servable/stage2")
-    assert moa.route_on == "base"
+    assert moa.route_on == "probe"
     _, frozen, tokenizer = load_base_model("tiny-random", "float32")
     system = training_system_prompt(json.load(open(os.path.join(smoke_run, "config.json")))["data"])
     out = str(tmp_path / "export")
     export_peft(trainable, cfg, moa, out, expert_names=list(DOMAIN_NAMES), base_model="tiny-random",
                 tokenizer=tokenizer, system_prompt=system)
     spec = json.load(open(os.path.join(out, "router.json")))
-    assert spec["servable"] and spec["route_on"] == "base" and spec["experts"] == list(DOMAIN_NAMES)
+    assert spec["servable"] and spec["route_on"] == "probe" and spec["experts"] == list(DOMAIN_NAMES)
     assert spec["prompt"]["system_prompt"] == system and spec["prompt"]["chat_template"] == tokenizer.chat_template
     assert spec["hidden_state"]["router_l_reads"] == "hidden_states[l]" and spec["decision"] == "last"
     assert spec["router"]["tensors"] == {"kernel": [cfg.num_layers, cfg.hidden_size, moa.num_experts]}
@@ -147,6 +147,6 @@ def test_adapted_routers_export_as_not_servable(smoke_run, tmp_path):
     assert not os.path.exists(os.path.join(out, "reference_router.py"))
     with pytest.raises(reference_router.RouterNotServableError, match=r"route_on='adapted'"):
         reference_router.load(out)
-    servable = dataclasses.replace(moa, route_on="base")
+    servable = dataclasses.replace(moa, route_on="probe")
     with pytest.raises(ValueError, match=r"pass tokenizer= .* and system_prompt="):
         export_peft(trainable, cfg, servable, str(tmp_path / "x"))

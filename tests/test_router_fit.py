@@ -23,7 +23,7 @@ from tests.train_helpers import SyntheticSource, init_trees, tiny_cfg, tiny_moa
 @pytest.mark.parametrize("router_type", ["linear", "mlp"])
 def test_router_inputs_reproduce_the_base_pass_logits(router_type):
     cfg = tiny_cfg()
-    moa = replace(tiny_moa(num_experts=3), route_on="base", router_type=router_type, router_hidden=16)
+    moa = replace(tiny_moa(num_experts=3), route_on="probe", router_type=router_type, router_hidden=16)
     frozen, trainable = init_trees(cfg, moa)
     model = MoATransformer(cfg, moa)
     batch = {k: jnp.asarray(v) for k, v in SyntheticSource(batch_size=6, num_domains=3).batch(0).items()}

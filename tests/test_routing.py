@@ -45,7 +45,7 @@ def test_the_tables_cover_every_dispatch_and_routing_and_only_model_modes():
 
 def test_the_routing_pass_reads_the_adapted_model_or_the_plain_base():
     assert routing.routing_pass_mode(MoAConfig(num_experts=2)) == "self"                    # the paper's pass
-    assert routing.routing_pass_mode(MoAConfig(num_experts=2, route_on="base")) == "probe"  # servable
+    assert routing.routing_pass_mode(MoAConfig(num_experts=2, route_on="probe")) == "probe"  # servable
 
 
 def test_unknown_routing_names_the_valid_ones():
@@ -71,6 +71,51 @@ def test_routes_per_item_only_for_one_expert_per_sequence():
     assert not routing.routes_per_item(_moa("soft"), "router")
     assert not routing.routes_per_item(_moa("token_topk"), "router")
     assert routing.routes_per_item(_moa("token_topk"), "oracle") and routing.routes_per_item(None, "router")
+
+
+# ---- the resolver: (MoAConfig, request) -> RoutePlan ----
+@pytest.mark.parametrize("route_on", routing.ROUTE_ON)
+def test_resolve_gives_each_inference_request_its_plan(route_on):
+    moa = MoAConfig(num_experts=4, route_on=route_on)
+    pass_mode = {"adapted": "self", "probe": "probe"}[route_on]
+    assert routing.resolve(moa, "router") == routing.RoutePlan("fixed", "routing_pass", pass_mode)
+    assert routing.resolve(moa, "oracle") == routing.RoutePlan("fixed", "labels", pass_mode)
+    assert routing.resolve(moa, "forced") == routing.RoutePlan("fixed", "expert", pass_mode)
+    assert routing.resolve(moa, "base").adapters_off and routing.resolve(None, "router").adapters_off
+    assert not routing.resolve(_moa("soft"), "router").cacheable and not routing.resolve(_moa("soft")).per_item
+
+
+@pytest.mark.parametrize("stage, train_routing, route_on, plan", [
+    ("stage1", "router", "probe", routing.RoutePlan("fixed", "labels")),       # only stage 2 reads route_on
+    ("stage2", "label", "adapted", routing.RoutePlan("fixed", "labels")),
+    ("stage2", "label", "probe", routing.RoutePlan("fixed", "labels", "probe", probe_loss=True)),
+    ("stage2", "router", "adapted", routing.RoutePlan("self")),
+    # routing with the routers on the probe pass: its decision is forced in the LM forward, as at inference
+    ("stage2", "router", "probe", routing.RoutePlan("fixed", "routing_pass", "probe", probe_loss=True)),
+])
+def test_resolve_training_gives_each_stage_its_plan(stage, train_routing, route_on, plan):
+    assert routing.resolve_training(MoAConfig(num_experts=4, route_on=route_on), stage, train_routing) == plan
+
+
+def test_given_experts_are_checked():
+    plan = routing.resolve(_moa("top1"), "oracle")
+    assert plan.given_experts(3, 4, labels=[0, 3, 1]).tolist() == [0, 3, 1]
+    assert routing.resolve(_moa("top1"), "forced").given_experts(2, 4, expert=2).tolist() == [2, 2]
+    assert routing.resolve(_moa("top1"), "router").given_experts(2, 4) is None
+    with pytest.raises(ValueError, match="needs expert in"):
+        routing.resolve(_moa("top1"), "forced").given_experts(2, 4, expert=4)
+    with pytest.raises(ValueError, match="domain must hold 3 ids"):
+        plan.given_experts(3, 4, labels=[0, 1])
+
+
+def test_route_on_base_of_saved_configs_reads_as_probe():
+    """Configs and stage configs saved before route_on's values were renamed ('base' -> 'probe') still load, and a
+    stage saved with 'base' is reusable by a run that says 'probe'."""
+    from moa_jax.workflows.two_stage import config_differences
+    assert MoAConfig(route_on="base").route_on == "probe"
+    saved = {"stage": "stage2", "moa": {"rank": 4, "route_on": "base"}}
+    assert config_differences(saved, {"stage": "stage2", "moa": {"rank": 4, "route_on": "probe"}}) == []
+    assert config_differences(saved, {"stage": "stage2", "moa": {"rank": 4, "route_on": "adapted"}}) != []
 
 
 # ---- the method registry ----

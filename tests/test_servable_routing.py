@@ -1,4 +1,4 @@
-"""MoAConfig.route_on='base' (servable routing) on the tiny test model, without a training run:
+"""MoAConfig.route_on='probe' (servable routing) on the tiny test model, without a training run:
   - config: bad values and combinations are refused naming the field; the variant key is accepted;
   - the model's 'probe' mode: router logits of the plain base forward, independent of the adapters, equal to the
     adapted routing pass when the adapters are zero;
@@ -23,13 +23,13 @@ from tests.train_helpers import SyntheticSource, init_trees, tiny_cfg, tiny_moa
 
 
 def test_route_on_is_validated_naming_the_field():
-    with pytest.raises(ConfigError, match=r"MoAConfig.route_on='plain' not in \('adapted', 'base'\)"):
+    with pytest.raises(ConfigError, match=r"MoAConfig.route_on='plain' not in \('adapted', 'probe'\)"):
         MoAConfig(route_on="plain")
-    with pytest.raises(ConfigError, match=r"route_on='base' needs dispatch='top1'"):
-        MoAConfig(route_on="base", dispatch="soft")
+    with pytest.raises(ConfigError, match=r"route_on='probe' needs dispatch='top1'"):
+        MoAConfig(route_on="probe", dispatch="soft")
     with pytest.raises(ConfigError, match=r"stage2.train_routing='soft'"):
-        ExperimentConfig(moa=MoAConfig(route_on="base"), stage2=TrainConfig(stage="stage2", train_routing="soft"))
-    assert parse_variant("servable: moa.route_on=base; methods=moa_router").sets == ("moa.route_on=base",)
+        ExperimentConfig(moa=MoAConfig(route_on="probe"), stage2=TrainConfig(stage="stage2", train_routing="soft"))
+    assert parse_variant("servable: moa.route_on=probe; methods=moa_router").sets == ("moa.route_on=probe",)
 
 
 def _batch():
@@ -70,7 +70,7 @@ def test_route_from_prompt_honours_route_on():
     frozen, trainable = init_trees(cfg, moa)
     params = merge_params(frozen, trainable)
     batch = _batch()
-    for route_on, mode in (("adapted", "self"), ("base", "probe")):
+    for route_on, mode in (("adapted", "self"), ("probe", "probe")):
         m = replace(moa, route_on=route_on)
         idx, logits = route_from_prompt(cfg, m, params, batch["tokens"], batch["attention_mask"],
                                         batch["prompt_mask"])
@@ -95,7 +95,7 @@ def _expert_grads(grads) -> np.ndarray:
 
 
 def test_stage2_router_loss_is_taken_on_the_base_pass():
-    moa = replace(tiny_moa(), route_on="base")
+    moa = replace(tiny_moa(), route_on="probe")
     grads, metrics, cfg, frozen, trainable = _grads(moa, eta=1.0)
     batch = _batch()
     probe = _router_logits(cfg, moa, merge_params(frozen, trainable), batch, "probe")
@@ -113,9 +113,9 @@ def test_stage2_router_loss_is_taken_on_the_base_pass():
 
 
 def test_stage2_router_routing_uses_the_base_pass_decision():
-    """train_routing=router with route_on=base: the LM forward runs each sequence with the expert the base pass
+    """train_routing=router with route_on=probe: the LM forward runs each sequence with the expert the base pass
     decides (as inference will), i.e. label routing with those experts as labels."""
-    cfg, moa = tiny_cfg(), replace(tiny_moa(), route_on="base")
+    cfg, moa = tiny_cfg(), replace(tiny_moa(), route_on="probe")
     frozen, trainable = init_trees(cfg, moa)
     batch = _batch()
     probe = _router_logits(cfg, moa, merge_params(frozen, trainable), batch, "probe")

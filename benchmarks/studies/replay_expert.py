@@ -36,7 +36,8 @@ from moa_jax.data.pipeline import TrainBatches, bucket_for, collate, load_split
 from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable, merge_params
-from moa_jax.train.step import init_state, make_optimizer, segment_args, train_step
+from moa_jax.nn.entry import ModelInputs, forward
+from moa_jax.train.step import init_state, make_optimizer, train_step
 
 
 def replay(exp_name: str, domain: str, steps: int, *, dtype=None, b2=None, lr=None, rows: int = 0,
@@ -121,9 +122,9 @@ def probe_next(exp, tcfg, cfg, moa, tx, state, frozen, make_batch, steps: int, t
     out["tokens"] = {}
     for s in (steps - 1, steps) if steps else (steps,):   # no last batch before the first update
         b = {k: v[0] for k, v in make_batch(s)[0].items()}
-        logits, _ = model.apply({"params": params}, b["tokens"], attention_mask=b["attention_mask"],
-                                prompt_mask=b["prompt_mask"], routing="fixed", expert_idx=b["domain"],
-                                **segment_args(b))
+        # right_padded=False: the attention path the recorded probes used
+        logits, _ = forward(model, params, ModelInputs.of(b)._replace(right_padded=False), mode="fixed",
+                            expert_idx=b["domain"])
         logp = np.asarray(jax.nn.log_softmax(logits, -1))
         rows = []
         for i in np.flatnonzero(np.asarray(b["valid"])):

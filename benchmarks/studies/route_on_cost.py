@@ -1,4 +1,4 @@
-"""What servable routing costs a stage-2 train step: MoAConfig.route_on='base' adds a forward of the plain base
+"""What servable routing costs a stage-2 train step: MoAConfig.route_on='probe' adds a forward of the plain base
 model (no adapters; its backward reaches only the routers) to the LM forward + backward.
 
     python -m benchmarks.studies.route_on_cost [--config cpu-tiny] [--rounds 10]
@@ -21,7 +21,7 @@ def build(bc: P.BenchConfig) -> dict:
     variants = {"adapted": P.train_variant(bc, "top1", "adapted", batches)}
     moa_config = P.moa_config
     try:   # the variant is traced while the module attribute is swapped
-        P.moa_config = lambda *a, **k: replace(moa_config(*a, **k), route_on="base")
+        P.moa_config = lambda *a, **k: replace(moa_config(*a, **k), route_on="probe")
         variants["base"] = P.train_variant(bc, "top1", "base", batches)
     finally:
         P.moa_config = moa_config

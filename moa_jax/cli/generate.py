@@ -6,7 +6,8 @@
 
 Loads the run with `moa_jax.load_run`: its base model (or --source, where it moved) and the adapters of `--stage`
 (default the run's final model: the MoA stage-2 experts and routers, RUN/stage2/adapters, RUN/refit for add_domain,
-or where RUN/results.json says that stage's adapters came from), formats each prompt exactly as in training (chat template + the run's system prompt), then
+or where RUN/results.json says that stage's adapters came from), formats each prompt exactly as in training (the
+run's prompt format, chat template or plain, and its system prompt), then
 generates: 'router' lets the routers pick one expert per prompt from the prompt (as MoA is used), 'oracle' and
 'forced' use --expert, 'base' turns the adapters off. Prints, per prompt, the expert (id and the domain it was
 trained on) and the answer. A user mistake (not a run directory, a missing stage, a bad --expert, a base model that
@@ -19,7 +20,7 @@ import sys
 from typing import Optional
 
 from moa_jax.errors import UsageError, cli_main
-from moa_jax.routing import ROUTINGS
+from moa_jax.routing import ROUTINGS, resolve
 
 
 def expert_id(value: Optional[str], domains: list[str], num_experts: int) -> Optional[int]:
@@ -65,11 +66,11 @@ def _main(argv=None) -> int:
     run = read_run(args.workdir, args.stage, args.source)    # every user mistake is found before the model loads
     domains = list(run.domains or [f"expert {i}" for i in range(run.moa.num_experts)])
     expert = expert_id(args.expert, domains, run.moa.num_experts)
-    if args.routing in ("oracle", "forced") and expert is None:
+    if resolve(run.moa, args.routing).needs_given_expert and expert is None:
         raise UsageError(f"--routing {args.routing} needs --expert (an id or one of {domains})")
     model = load_run(args.workdir, args.stage, source=args.source, dtype=args.dtype)
     outs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, routing=args.routing, expert=expert,
-                          domain=[expert] * len(args.prompt) if args.routing == "oracle" else None,
+                          domain=None if expert is None else [expert] * len(args.prompt),   # oracle: one per prompt
                           temperature=args.temperature, seed=args.seed)
     for prompt, out in zip(args.prompt, outs):
         who = "none (base model)" if out.expert < 0 else f"{out.expert} ({domains[out.expert]})"

@@ -27,9 +27,10 @@ import numpy as np
 from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.generate.decode import forward_moa, generate_tokens, left_pad, route_from_prompt, until_eos
 from moa_jax.methods import MethodInfo, method_info
+from moa_jax.nn.entry import ModelInputs, lm_nll
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
-from moa_jax.routing import model_mode, routes_per_item
+from moa_jax.routing import RoutePlan, resolve
 from moa_jax.data.targets import gather_targets
 
 BASE = -1   # expert id of "adapters off"
@@ -69,10 +70,15 @@ class Method:
         return self.key or self.info.trained
 
     @property
+    def plan(self) -> RoutePlan:
+        """How it routes (moa_jax.routing.resolve of its MoAConfig and the registry's routing)."""
+        return resolve(self.moa, self.routing)
+
+    @property
     def per_item_expert(self) -> bool:
         """True when every item runs with one expert (or the base) for its whole sequence; False for soft and
         token-level dispatch, which mix experts inside every forward."""
-        return routes_per_item(self.moa, self.routing)
+        return self.plan.per_item
 
     def resolve(self, frozen: Any, trained: dict) -> "Method":
         """This method with its parameters: the frozen base merged with its adapters from `trained`
@@ -88,15 +94,14 @@ def assign_experts(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[
     """The expert each prompt's item runs with, [N] int (BASE = adapters off); None for soft / token-level
     dispatch. 'router' routes exactly as `generate_tokens(routing='router')` does: a routing pass over the
     LEFT-padded prompt tokens, batches of `batch_size` padded to the longest prompt (one compiled shape)."""
-    n = len(prompts)
-    if not method.per_item_expert:
+    n, plan = len(prompts), method.plan
+    if not plan.per_item:
         return None
-    if method.moa is None or method.routing == "base":
+    if plan.adapters_off:
         return np.full(n, BASE, np.int64)
-    if method.routing == "forced":
-        return np.zeros(n, np.int64)
-    if method.routing == "oracle":
-        return np.asarray(labels, np.int64)
+    given = plan.given_experts(n, method.moa.num_experts, expert=0, labels=labels)   # forced: the one expert
+    if given is not None:
+        return given.astype(np.int64)
     out = []
     for _, k, tokens, mask in _prompt_batches(prompts, batch_size, pad_id, max(len(p) for p in prompts)):
         idx, _ = route_from_prompt(cfg, method.moa, method.params, jnp.asarray(tokens), jnp.asarray(mask))
@@ -115,15 +120,13 @@ def _prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: i
 
 
 @functools.lru_cache(maxsize=None)
-def _nll_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str):
+def _nll_fn(cfg: ModelConfig, moa: Optional[MoAConfig], plan: RoutePlan):
     model = MoATransformer(cfg, moa)
 
     @jax.jit
     def run(params, batch):
-        nll, _ = model.apply({"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
-                             prompt_mask=batch["prompt_mask"], routing=mode,
-                             expert_idx=batch["expert"] if mode == "fixed" else None, right_padded=True,
-                             logits_at=batch["target_pos"], nll_targets=batch["target_tokens"])   # (B, K)
+        nll, _ = lm_nll(model, params, ModelInputs.of(batch), batch["target_pos"], batch["target_tokens"],
+                        mode=plan.mode, expert_idx=batch["expert"] if plan.needs_experts else None)   # (B, K)
         w = batch["target_weight"].astype(jnp.float32)
         return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)                                     # (B,), (B,)
     return run
@@ -133,15 +136,17 @@ def item_nll(cfg: ModelConfig, method: Method, batches: Sequence[dict],
              experts: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """-> (NLL sum [N], target token count [N]) of every valid row of `batches` on its response tokens, each item
     run with its expert from `experts` [N] (None: the method's soft / token-level dispatch)."""
-    mode = model_mode(method.moa, method.routing)   # base / fixed when `experts` is given, else soft / token
-    fn = _nll_fn(cfg, None if mode == "base" else forward_moa(method.moa), mode)
+    plan = method.plan   # base / fixed when `experts` is given, else soft / token
+    # the experts are given, so the NLL pass never routes itself: one compiled forward per mode
+    plan = RoutePlan(plan.mode, "labels" if plan.needs_experts else "none")
+    fn = _nll_fn(cfg, None if plan.adapters_off else forward_moa(method.moa), plan)
     sums, counts, start = [], [], 0
     for batch in batches:
         valid = np.asarray(batch["valid"]).astype(bool)
         b = {k: jnp.asarray(batch[k]) for k in ("tokens", "attention_mask", "prompt_mask")}
         pos, tgt, wt = gather_targets(np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"]))
         b.update(target_pos=jnp.asarray(pos), target_tokens=jnp.asarray(tgt), target_weight=jnp.asarray(wt))
-        if mode == "fixed":
+        if plan.needs_experts:
             idx = np.zeros(len(valid), np.int32)
             idx[valid] = experts[start:start + int(valid.sum())]
             b["expert"] = jnp.asarray(idx)
@@ -160,21 +165,22 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
     (None: the method routes itself: router top-1 from the prompt, or soft / token-level dispatch).
     -> (texts, expert used per prompt). Every batch is padded to the same shape (the longest prompt, or `pad_to`
     if longer), so decoding compiles once. `on_batch(n)` is called after each batch of n prompts (progress)."""
-    texts, used = [], []
+    texts, used, plan = [], [], method.plan
     longest = max([pad_to] + [len(p) for p in prompts])
     for start, n, tokens, mask in _prompt_batches(prompts, batch_size, pad_id, longest):
         idx = None
         if experts is not None:   # the copies that fill the last batch run with its first prompt's expert
             idx = np.asarray(experts[start:start + n], np.int32)
             idx = np.concatenate([idx, np.repeat(idx[:1], batch_size - n)])
-        if method.moa is None or method.routing == "base" or (idx is not None and (idx == BASE).all()):
+        if plan.adapters_off or (idx is not None and (idx == BASE).all()):
             routing, domain = "base", None
-        elif idx is not None:
+        elif idx is not None:   # the given experts, one per row
             routing, domain = "oracle", idx
         else:
             routing, domain = method.routing, None
-        out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing,
-                                         expert=0 if routing == "forced" else None, domain=domain,
+        # expert=0: the one expert of a forced method (read only by its plan)
+        out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing, expert=0,
+                                         domain=domain,
                                          max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
         texts.extend(decode(until_eos(row, eos_ids)) for row in out[:n])
         used.extend(int(e) for e in chosen[:n])

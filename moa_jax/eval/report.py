@@ -17,6 +17,7 @@ import math
 import os
 from typing import Optional
 
+from moa_jax.routing import LEGACY_ROUTE_ON
 from moa_jax.eval import metrics, plots
 from moa_jax.methods import METHODS, MOA
 
@@ -133,7 +134,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
 
 
 ROUTE_ON_TEXT = {"adapted": "the adapted routing pass (each layer routed by its own router)",
-                 "base": "one forward of the plain base model (servable)"}
+                 "probe": "one forward of the plain base model (servable)"}
 
 
 def _ppl_items_note(results: dict) -> str:
@@ -151,7 +152,8 @@ def _policy_table(results: dict, routed: list[str]) -> list[str]:
              _row(["method", "routers read", "decision", "routing accuracy"]), _row(["---"] * 4)]
     for m, e in rows:
         p = e["routing_policy"]
-        lines.append(_row([m, ROUTE_ON_TEXT.get(p["route_on"], p["route_on"]), p["decision"],
+        route_on = LEGACY_ROUTE_ON.get(p["route_on"], p["route_on"])   # results saved before the rename
+        lines.append(_row([m, ROUTE_ON_TEXT.get(route_on, route_on), p["decision"],
                            _fmt(e.get("mean_routing_accuracy"), "{:.3f}")]))
     return lines
 

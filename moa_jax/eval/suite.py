@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from moa_jax.config import EvalConfig, ModelConfig
 from moa_jax.data.pipeline import collate_rows
 from moa_jax.eval import metrics
 from moa_jax.eval.evaluate import Method, assign_experts, generate_answers, item_nll
@@ -221,14 +222,16 @@ def adapters_key(method: Method):
     return (method.trained_key, forward_moa(method.moa))
 
 
-def evaluate_all(ctx, trained: dict, specs: Sequence[Method], progress: bool = True) -> dict:
-    """Every method (without parameters: `Method.resolve` takes them from `trained`) on the first items_per_domain
-    test items of every domain. -> results dict. `progress`: one bar over methods x items (process 0)."""
-    ev, split = ctx.exp.eval, ctx.data["test"]
-    es = build_eval_set(split, ctx.domains, ev.items_per_domain, ev.batch_size, ctx.exp.data.buckets,
-                        ev.ppl_items_per_domain)
-    results = {"domains": list(ctx.domains), "items_per_domain": es.per_domain_counts(), "methods": {},
-               "data": data_counts(ctx.data, dict(zip(ctx.domains, es.per_domain_counts())))}
+def evaluate_all(cfg: ModelConfig, frozen: Any, tokenizer, data: dict, trained: dict, specs: Sequence[Method], *,
+                 ev: EvalConfig, buckets: Sequence[int], progress: bool = True) -> dict:
+    """Every method (without parameters: `Method.resolve` takes them from `trained`) on the first
+    ev.items_per_domain test items of every domain of `data` (split -> TokenizedSplit), on the base model `cfg` /
+    `frozen` (placed as training placed it) with `tokenizer`. -> results dict. `progress`: one bar over methods x
+    items (process 0)."""
+    split, domains = data["test"], tuple(data["train"].domains)   # expert ids follow the training domains
+    es = build_eval_set(split, domains, ev.items_per_domain, ev.batch_size, buckets, ev.ppl_items_per_domain)
+    results = {"domains": list(domains), "items_per_domain": es.per_domain_counts(), "methods": {},
+               "data": data_counts(data, dict(zip(domains, es.per_domain_counts())))}
     if es.ppl is not None:
         results["ppl_items_per_domain"] = es.ppl.per_domain_counts()
     memo = ItemMemo()
@@ -237,15 +240,15 @@ def evaluate_all(ctx, trained: dict, specs: Sequence[Method], progress: bool = T
     for spec in specs:
         bar.set_postfix(method=spec.display, refresh=False)
         if spec.routing is None:   # no model: the most common train answer
-            entry = most_common_entry(es, ctx.data["train"])
+            entry = most_common_entry(es, data["train"])
             bar.update(len(es.rows))
         else:
-            # the base as the context placed it (device or mesh): a host copy would be re-sent at every call
-            method = spec.resolve(ctx.frozen, trained)
+            # the base as the caller placed it (device or mesh): a host copy would be re-sent at every call
+            method = spec.resolve(frozen, trained)
             entry = evaluate_method(
-                ctx.cfg, es, method, pad_id=split.pad_id,
-                eos_ids=eos_ids(ctx.tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                decode=lambda ids: ctx.tokenizer.decode(ids, skip_special_tokens=True),
+                cfg, es, method, pad_id=split.pad_id,
+                eos_ids=eos_ids(tokenizer), max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                 memo=memo, memo_key=adapters_key(method), on_items=bar.update)
         results["methods"][spec.display] = entry
         log.info("eval %-22s accuracy %.3f  ppl %s  bleu %.1f  rouge-l %.1f  (%.0fs%s)", spec.display,

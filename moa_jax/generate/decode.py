@@ -2,13 +2,13 @@
 
 MoA inference routes once per sequence, from the prompt, and keeps that expert for every generated token:
   1. routing pass over the (left-padded) prompt: every layer routes with its own router ('self' mode; with
-     MoAConfig.route_on='base' one forward of the plain base model, its routers read the base hidden states:
+     MoAConfig.route_on='probe' one forward of the plain base model, its routers read the base hidden states:
      'probe' mode) and the decision policy (last router, or a vote) picks one expert per sequence;
   2. prefill the cache with that expert forced at every layer ('fixed' mode), then decode token by token with it.
 So generating with the router equals generating with the chosen expert forced (a test checks exactly that).
 Other routing (moa_jax.routing.ROUTINGS): 'oracle' (domain label given), 'forced' (one expert for all), 'base'
 (adapters off), and for the token-level MoE-LoRA baseline each token routes itself ('token' mode) during prefill
-and decoding alike; moa_jax.routing.model_mode gives the mode of each.
+and decoding alike; moa_jax.routing.resolve gives the plan of each.
 
 Prompts are LEFT-padded so every sequence's next token sits in the last column; positions count real tokens
 only, so padding changes nothing. Decoding runs as one jitted `lax.while_loop` that stops when every row has
@@ -27,47 +27,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig, MoAConfig
+from moa_jax.nn.entry import ModelInputs, forward, routing_pass
 from moa_jax.nn.model import MoATransformer, init_cache
 from moa_jax.nn.router import decide
-from moa_jax.routing import model_mode, routing_pass_mode
+from moa_jax.routing import RoutePlan, resolve
 
 Array = jax.Array
 
 
 def forward_moa(moa: Optional[MoAConfig]) -> Optional[MoAConfig]:
     """`moa` without its decision policy and routing source, which only the routing pass uses: the key of every
-    other compiled forward (so 'last' and 'vote', 'adapted' and 'base' share them) and of results that depend on
+    other compiled forward (so 'last' and 'vote', 'adapted' and 'probe' share them) and of results that depend on
     the adapters alone."""
     return None if moa is None else dataclasses.replace(moa, decision="last", route_on="adapted")
 
 
-def expert_indices(routing: str, batch: int, *, expert: Optional[int], domain, moa: MoAConfig) -> Optional[Array]:
-    """The expert per sequence for 'oracle' / 'forced'; None when the router decides."""
-    if routing == "forced":
-        if expert is None or not 0 <= int(expert) < moa.num_experts:
-            raise ValueError(f"routing='forced' needs expert in [0, {moa.num_experts}), got {expert!r}")
-        return jnp.full((batch,), int(expert), jnp.int32)
-    if routing == "oracle":
-        if domain is None:
-            raise ValueError("routing='oracle' needs domain=[one expert id per sequence]")
-        d = np.asarray(domain, np.int32).reshape(-1)
-        if d.shape[0] != batch or d.min() < 0 or d.max() >= moa.num_experts:
-            raise ValueError(f"domain must hold {batch} ids in [0, {moa.num_experts}), got {d.tolist()}")
-        return jnp.asarray(d)
-    return None
+def sequence_experts(plan: RoutePlan, cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, attention_mask,
+                     prompt_mask=None, *, expert: Optional[int] = None, domain=None):
+    """-> (expert per sequence [B] int32, -1 where the adapters are off or routing happens inside every forward;
+    router logits [L, B, E] when a routing pass decided, else None): the given experts, or the routing pass."""
+    b = tokens.shape[0]
+    if not plan.needs_experts:
+        return jnp.full((b,), -1, jnp.int32), None
+    given = plan.given_experts(b, moa.num_experts, expert=expert, labels=domain)
+    if given is not None:
+        return jnp.asarray(given), None
+    return route_from_prompt(cfg, moa, params, tokens, attention_mask, prompt_mask)
 
 
 @functools.lru_cache(maxsize=None)
 def _route_fn(cfg: ModelConfig, moa: MoAConfig):
     model = MoATransformer(cfg, moa)
-    mode = routing_pass_mode(moa)
+    mode = resolve(moa).pass_mode
 
     @jax.jit
     def route(params, tokens, attention_mask, prompt_mask):
-        # only the last position's logits: the routing pass needs the router logits, not the LM head's
-        _, aux = model.apply({"params": params}, tokens, attention_mask=attention_mask, prompt_mask=prompt_mask,
-                             routing=mode, logits_at=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1))
-        logits = aux["router_logits"]                                                   # (L, B, E)
+        logits = routing_pass(model, params, ModelInputs(tokens, attention_mask, prompt_mask), mode=mode)  # (L, B, E)
         return decide(logits, moa.decision), logits
     return route
 
@@ -87,8 +82,8 @@ def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tok
     def decode(params, tokens, attention_mask, expert_idx, eos_ids, temperature, rng):
         b, p = tokens.shape
         cache = init_cache(cfg, b, p + max_new_tokens)
-        logits, aux = model.apply({"params": params}, tokens, attention_mask=attention_mask, routing=mode,
-                                  expert_idx=expert_idx, cache=cache)
+        logits, aux = forward(model, params, ModelInputs(tokens, attention_mask), mode=mode, expert_idx=expert_idx,
+                              cache=cache)                                                  # prefill
 
         def pick(logits_last, key):
             if greedy:
@@ -107,8 +102,8 @@ def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tok
         def body(carry):
             i, out, cache, done, rng = carry
             prev = out[:, i - 1][:, None]                                               # (B, 1)
-            step_logits, step_aux = model.apply({"params": params}, prev, attention_mask=jnp.ones_like(prev),
-                                                routing=mode, expert_idx=expert_idx, cache=cache)
+            step_logits, step_aux = forward(model, params, ModelInputs(prev, jnp.ones_like(prev)), mode=mode,
+                                            expert_idx=expert_idx, cache=cache)
             rng, key = jax.random.split(rng)
             nxt = pick(step_logits[:, -1], key)
             nxt = jnp.where(done, eos_ids[0], nxt)   # finished rows keep emitting EOS (trimmed by the caller)
@@ -127,23 +122,15 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
     expert per sequence [B] (-1 for base), router logits [L, B, E] or None)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
-    b = tokens.shape[0]
-    mode = model_mode(moa, routing)
-    if mode == "soft":
+    plan = resolve(moa, routing)
+    if not plan.cacheable:
         # The per-sequence gates come from pooling the prompt; a cached decode step sees only its new token and
         # would re-pool over it alone. Soft MoA is evaluated by perplexity (full forward) instead.
         raise ValueError("generation with dispatch='soft' is not supported (cached decoding would re-pool the "
                          "routers over each new token); evaluate soft mixtures by perplexity, or use top1")
-    router_logits = None
-    if mode == "base":
-        idx = jnp.full((b,), -1, jnp.int32)
-    elif mode == "fixed":
-        idx = expert_indices(routing, b, expert=expert, domain=domain, moa=moa)
-        if idx is None:
-            idx, router_logits = route_from_prompt(cfg, moa, params, tokens, attention_mask, prompt_mask)
-    else:  # soft / token: routing happens inside every forward
-        idx = jnp.full((b,), -1, jnp.int32)
-    decode = decode_fn(cfg, forward_moa(moa), mode, int(max_new_tokens), temperature <= 0.0)
+    idx, router_logits = sequence_experts(plan, cfg, moa, params, tokens, attention_mask, prompt_mask,
+                                          expert=expert, domain=domain)
+    decode = decode_fn(cfg, forward_moa(moa), plan.mode, int(max_new_tokens), temperature <= 0.0)
     out = decode(params, tokens, attention_mask, jnp.maximum(idx, 0), jnp.asarray(eos_ids, jnp.int32),
                  jnp.float32(max(temperature, 1e-6)), jax.random.PRNGKey(seed))
     return np.asarray(out), np.asarray(idx), router_logits

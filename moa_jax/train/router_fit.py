@@ -1,6 +1,6 @@
-"""Fit the routers' new outputs on cached router inputs of the plain base model (MoAConfig.route_on='base').
+"""Fit the routers' new outputs on cached router inputs of the plain base model (MoAConfig.route_on='probe').
 
-With route_on='base' every router reads a hidden state of the frozen base model, pooled over the prompt: its input
+With route_on='probe' every router reads a hidden state of the frozen base model, pooled over the prompt: its input
 depends on no expert and no router. Fitting the outputs of newly added domains (add_domain) with the old outputs
 fixed is then multinomial logistic regression on fixed features, a convex problem. A short SGD re-fit (20 steps of
 8 rows) leaves it unconverged: a new domain close to an old one (basic_arithmetic next to chain_sum) ends just below
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from moa_jax.config import ModelConfig, MoAConfig
 from moa_jax.data.pipeline import collate_rows
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
@@ -119,17 +121,18 @@ def fit_new_outputs(features: np.ndarray, labels: np.ndarray, kernel: np.ndarray
     return out, stats
 
 
-def fit_routers(ctx, trainable, n_old: int, prompts_per_domain: int):
-    """add_domain's router fit: with an ExperimentContext `ctx` (model, frozen base, tokenised data), the routers'
-    new outputs (experts n_old..) fitted on cached base-model router inputs of the first
-    `prompts_per_domain` training prompts of every domain. -> (trainable, stats)."""
+def fit_routers(cfg: ModelConfig, moa: MoAConfig, frozen, data, trainable, n_old: int, prompts_per_domain: int, *,
+                batch_size: int, buckets: Sequence[int]):
+    """add_domain's router fit: the routers' new outputs (experts n_old..) of `trainable` fitted on cached
+    base-model router inputs (the model `cfg`/`moa` on the frozen base `frozen`) of the first `prompts_per_domain`
+    prompts of every domain of the TokenizedSplit `data`, read in batches of `batch_size` padded to `buckets`.
+    -> (trainable, stats)."""
     t0 = time.perf_counter()
-    data, batch_size = ctx.data["train"], ctx.exp.data.eval_batch
     rows = np.concatenate([data.domain_rows(d)[:prompts_per_domain] for d in range(len(data.domains))])
-    model = MoATransformer(ctx.cfg, ctx.exp.moa)
+    model = MoATransformer(cfg, moa)
     features_of = jax.jit(lambda frozen, tree, batch: router_inputs(model, frozen, tree, batch))
-    features = [np.asarray(features_of(ctx.frozen, trainable, batch))[batch["valid"].astype(bool)]
-                for batch in collate_rows(data, rows, batch_size, ctx.exp.data.buckets)]
+    features = [np.asarray(features_of(frozen, trainable, batch))[batch["valid"].astype(bool)]
+                for batch in collate_rows(data, rows, batch_size, buckets)]
     flat = traverse_util.flatten_dict(jax.device_get(trainable))
     key = router_kernel_key(trainable)
     flat[key], stats = fit_new_outputs(np.concatenate(features), data.domain[rows], np.asarray(flat[key]), n_old)

@@ -2,7 +2,7 @@
 
 Loss = masked LM cross-entropy on response tokens + eta * mean over layers of the router CE against the domain
 label (stage 2) [+ balance_coef * load-balancing loss for the token-level MoE-LoRA baseline]. With
-MoAConfig.route_on='base' the router CE is taken on a second, adapter-free forward of the base model (the servable
+MoAConfig.route_on='probe' the router CE is taken on a second, adapter-free forward of the base model (the servable
 routing pass, `base_router_logits`); the LM forward is unchanged (label routing, or that pass's decision).
 Only the trainable tree (experts + routers) gets gradients and optimiser state. Stage 1 is N independent
 single-domain trainings done at once: the LM loss is the sum over domains of each domain's mean token loss, and
@@ -30,10 +30,11 @@ from flax import traverse_util
 
 from moa_jax.config import TrainConfig
 from moa_jax.nn.lm_loss import token_nll
+from moa_jax.nn.entry import ModelInputs, lm_nll, routing_pass
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import merge_params
 from moa_jax.nn.router import decide, router_accuracy, router_ce_loss
-from moa_jax.routing import model_mode, stage_routing
+from moa_jax.routing import resolve_training
 
 Params = dict[str, Any]
 
@@ -127,24 +128,21 @@ def next_token_targets(tokens, loss_mask):
 def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: TrainConfig, num_domains: int):
     """One micro-batch [B, T] -> (loss, aux metrics)."""
     params = merge_params(frozen, trainable)
-    mode = model_mode(model.moa, stage_routing(tcfg.stage, tcfg.train_routing), training=True)
+    plan = resolve_training(model.moa, tcfg.stage, tcfg.train_routing)
     valid = batch["valid"].astype(jnp.float32)
-    expert_idx = batch["domain"] if mode == "fixed" else None
+    expert_idx = batch["domain"] if plan.needs_given_expert else None
     base_logits = None
-    if tcfg.stage == "stage2" and model.moa.route_on == "base":
+    if plan.probe_loss:
         base_logits = base_router_logits(model, params, batch)                            # (L, B, E)
-        if mode == "self":   # route the LM forward as inference will: the base pass's decision
-            mode, expert_idx = "fixed", decide(jax.lax.stop_gradient(base_logits), model.moa.decision)
+        if plan.needs_routing_pass:   # route the LM forward as inference will: the probe pass's decision
+            expert_idx = decide(jax.lax.stop_gradient(base_logits), model.moa.decision)
     if "target_pos" in batch:   # compact: logits only where the next token is a target
         pos, targets, weights = batch["target_pos"], batch["target_tokens"], batch["target_weight"]
     else:
         pos, targets, weights = next_token_targets(batch["tokens"], batch["loss_mask"])
     # Batches are right-padded (moa_jax/data/pipeline.py); the NLL comes chunked, without [B, K, V] logits.
-    nll, aux = model.apply(
-        {"params": params}, batch["tokens"], attention_mask=batch["attention_mask"],
-        prompt_mask=batch["prompt_mask"], routing=mode, expert_idx=expert_idx,
-        deterministic=False, rngs={"dropout": rng}, logits_at=pos, nll_targets=targets, right_padded=True,
-        **segment_args(batch))
+    nll, aux = lm_nll(model, params, ModelInputs.of(batch), pos, targets, mode=plan.mode, expert_idx=expert_idx,
+                      rng=rng)
     weights = weights * batch["valid"][:, None]
     nll, w, dom_sum, dom_cnt = nll_loss_terms(nll, weights, batch["domain"], num_domains)
     if tcfg.normalization == "domain":
@@ -174,21 +172,10 @@ def loss_fn(trainable, frozen, batch, rng, *, model: MoATransformer, tcfg: Train
 
 def base_router_logits(model: MoATransformer, params, batch) -> jax.Array:
     """Router logits [L, B, E] ([L, B, G, E] for packed rows) of the servable routing pass
-    (MoAConfig.route_on='base'): one forward of the frozen base model, no adapters and no dropout, every layer's
-    router on the base hidden state entering it, pooled over the prompt. Only the routers get gradients from it (nothing else of the trainable tree is used); only one
-    position reaches the LM head."""
-    tokens = batch["tokens"]
-    _, aux = model.apply({"params": params}, tokens, attention_mask=batch["attention_mask"],
-                         prompt_mask=batch["prompt_mask"], routing="probe", right_padded=True,
-                         logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32), **segment_args(batch))
-    return aux["router_logits"]
-
-
-def segment_args(batch) -> dict:
-    """The model's packed-row arguments of a batch (moa_jax/data/packing.py), or none for one example per row."""
-    if "segment_ids" not in batch:
-        return {}
-    return {"segment_ids": batch["segment_ids"], "num_segments": batch["segment_valid"].shape[-1]}
+    (MoAConfig.route_on='probe'): one forward of the frozen base model, no adapters and no dropout, every layer's
+    router on the base hidden state entering it, pooled over the prompt. Only the routers get gradients from it
+    (nothing else of the trainable tree is used); only one position reaches the LM head."""
+    return routing_pass(model, params, ModelInputs.of(batch), mode="probe")
 
 
 def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *, model: MoATransformer,

@@ -71,7 +71,15 @@ def resolve_job(preset: Job | ExperimentConfig, assignments: Sequence[str]) -> J
 
 
 def run_job(job: Job, workdir: str, progress: bool = True) -> dict:
-    """Run the job's workflow in `workdir` (it writes its report there) and return its results."""
+    """Run the job's workflow in `workdir` (it writes its report there) and return its results. The work directory
+    is locked for the run (moa_jax/run_lock.py): a second run on it is refused with one error line."""
+    import jax
+    from moa_jax.run_lock import run_lock
+    with run_lock(workdir, enabled=jax.process_index() == 0):
+        return _dispatch(job, workdir, progress)
+
+
+def _dispatch(job: Job, workdir: str, progress: bool) -> dict:
     if job.workflow == "add_domain":
         from moa_jax.workflows.add_domain import run_add_domain
         return run_add_domain(job.section, workdir, job.overrides, progress=progress)

@@ -12,16 +12,16 @@ Steps (OUT = the work directory):
      matched by domain NAME, old expert k keeps domain k's name;
   3. OUT/new_experts: only the new experts train, on the new domains' data, with label routing (stage-1 settings;
      default steps = stage1.steps * N_new / N, so each new expert sees as many examples as an old one did);
-  4. OUT/refit: the new experts and the routers' new outputs (`add_domain.refit_routers=new`, default; `all`: every router
-     output) train on all domains (stage-2 settings; default steps = stage2.steps / 2), the new domains
+  4. OUT/refit: the new experts and the routers' new outputs (`add_domain.refit_routers=new`, default; `all`: every
+     router output) train on all domains (stage-2 settings; default steps = stage2.steps / 2), the new domains
      `add_domain.new_share` of every batch (default 0.5; uniform mixing would give them only N_new / (N + N_new), too
      little for a short re-fit), the old ones the rest; the router CE adds log(share) of each domain to its logit
      (TrainConfig.router_prior: logit adjustment), so that share does not become the routers' prior;
      in both phases old experts get no update, no weight decay and no optimiser-state change: bit-identical
      (checked against the base run's adapters before the evaluation);
-  4b. with moa.route_on='base' (the routers read the plain base model): the routers' new outputs are fitted to
-     convergence on cached router inputs of `add_domain.router_prompts` training prompts per domain (moa_jax/train/router_fit.py;
-     the re-fit's few SGD steps leave a new domain close to an old one just below it); old outputs untouched;
+  4b. with moa.route_on='probe' (the routers read the plain base model): the routers' new outputs are fitted to
+     convergence on cached router inputs of `add_domain.router_prompts` training prompts per domain
+     (moa_jax/train/router_fit.py; the re-fit's few SGD steps leave a new domain close to an old one just below it); old outputs untouched;
   5. evaluation on the same test items of every domain: moa_router / moa_oracle (the grown MoA), single_lora (the
      base run's stage-1 experts + each new-expert-phase expert, i.e. a single LoRA trained on the new domain
      alone) and moa_router[base_run] (the base run's MoA, N experts); results.json / results.md as usual plus an
@@ -45,18 +45,18 @@ import typing
 
 import jax
 
-from moa_jax.config import DATA_SPLITS, ConfigError, ExperimentConfig, replace
+from moa_jax.config import DATA_SPLITS, ConfigError, ExperimentConfig, experiment_keys, replace
 from moa_jax.data.new_domains import extend_split, new_domain_examples, only, parse_new_domains
 from moa_jax.data.pipeline import TrainBatches, domain_weights, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.eval.evaluate import Method
-from moa_jax.eval.suite import evaluate_all
 from moa_jax.workflows.sections import AddDomainConfig
 from moa_jax.workflows.two_stage import ExperimentContext, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable
 from moa_jax.train.router_fit import fit_routers
+from moa_jax.routing import routes_on_probe
 from moa_jax.run_artifacts import RunArtifactError, read_json, stage_adapters
 from moa_jax.train.checkpoint import load_adapters, lookup_key, save_adapters
 from moa_jax.train.loop import train_stage
@@ -64,10 +64,6 @@ from moa_jax.train.metrics_log import read_metrics
 from moa_jax.train.step import make_optimizer
 
 log = logging.getLogger("moa_jax")
-# What the grown model shares with its base run (the surgery keeps the base model and the adapters' shape).
-LOCKED_KEYS = ("model", "quantize", "moa.rank", "moa.alpha", "moa.use_rslora", "moa.targets", "moa.router_type",
-               "moa.router_hidden", "moa.num_experts", "moa.adapter_dtype", "data.source", "data.builder_config",
-               "data.domains")
 
 
 def experiment_from_dict(d: dict, cls=ExperimentConfig):
@@ -130,7 +126,7 @@ def load_base_run(path: str) -> BaseRun:
 
 def _check_locked(base: ExperimentConfig, child: ExperimentConfig, where: str) -> None:
     a, b = (json.loads(json.dumps(dataclasses.asdict(c), default=str)) for c in (base, child))
-    for key in LOCKED_KEYS:
+    for key in experiment_keys("locked"):   # the base model, the adapters' shape and the data stay the base run's
         if lookup_key(a, key) != lookup_key(b, key):
             raise ConfigError(f"{where} was trained with {key}={lookup_key(a, key)!r}, not {lookup_key(b, key)!r}: "
                               f"add_domain keeps the base run's model and adapter shape; drop that --set, or train "
@@ -155,16 +151,17 @@ def plan(base: BaseRun, new_specs, sets) -> tuple[ExperimentConfig, list, dict]:
     specs = parse_new_domains(new_specs)
     clash = [d.name for d in specs if d.name in base.domains]
     if clash:
-        raise ConfigError(f"add_domain.new_domains: {clash} already exist in add_domain.base_run={base.workdir} (its domains: "
-                          f"{list(base.domains)}); name the new domain apart: NAME=SPEC")
+        raise ConfigError(f"add_domain.new_domains: {clash} already exist in add_domain.base_run={base.workdir} (its "
+                          f"domains: {list(base.domains)}); name the new domain apart: NAME=SPEC")
     keys = {s.split("=", 1)[0].strip() for s in sets}
     child = apply_overrides(base.exp, sets)
     _check_locked(base.exp, child, f"add_domain.base_run={base.workdir}")
     n_old, n_new = len(base.domains), len(specs)
     old = {s: load_text_split(base.exp.data, s) for s in DATA_SPLITS}
     if tuple(old["train"].domains) != base.domains:
-        raise ConfigError(f"add_domain.base_run={base.workdir}: its data now has domains {list(old['train'].domains)}, but its "
-                          f"experts are {list(base.domains)}; restore its data source")
+        raise ConfigError(f"add_domain.base_run={base.workdir}: its data now has domains "
+                          f"{list(old['train'].domains)}, but its experts are {list(base.domains)}; restore its data "
+                          f"source")
     sizes = {s: len(old[s].examples[base.domains[0]]) for s in DATA_SPLITS}
     new = new_domain_examples(specs, sizes, child.data.holdout_fraction)
     texts = {s: extend_split(old[s], new[s]) for s in DATA_SPLITS}
@@ -324,8 +321,10 @@ def run_add_domain(settings: AddDomainConfig, workdir: str, sets=(), progress: b
     refit, wall2 = _train(ctx, "refit", refit_cfg, experts, refit_src, n_old, progress,
                           routers=settings.refit_routers == "new")
     fit_stats = None
-    if exp.moa.route_on == "base" and settings.router_prompts > 0:
-        refit, fit_stats = fit_routers(ctx, refit, n_old, settings.router_prompts)
+    if routes_on_probe(exp.moa) and settings.router_prompts > 0:
+        refit, fit_stats = fit_routers(ctx.cfg, exp.moa, ctx.frozen, ctx.data["train"], refit, n_old,
+                                       settings.router_prompts, batch_size=exp.data.eval_batch,
+                                       buckets=exp.data.buckets)
         if jax.process_index() == 0:   # refit/adapters: the grown model as evaluated (its checkpoints: the SGD re-fit)
             adapters = os.path.join(ctx.stage_dirs["refit"], "adapters")
             save_adapters(adapters, refit, {**load_adapters(adapters)[1], "router_fit": fit_stats})
@@ -340,7 +339,7 @@ def run_add_domain(settings: AddDomainConfig, workdir: str, sets=(), progress: b
         specs_eval.insert(0, Method("single_lora"))
     else:
         log.info("add_domain: the base run has no stage-1 adapters; single_lora is not evaluated")
-    results = evaluate_all(ctx, trained, specs_eval, progress)
+    results = ctx.evaluate(trained, specs_eval, progress)
     section = summary_section(results, base, new_names)
     section["old_experts_bit_identical"] = not changed
     section["new_share"], section["refit_routers"] = settings.new_share, settings.refit_routers

@@ -36,7 +36,6 @@ from flax import traverse_util
 from moa_jax.flops import forward_flops
 from moa_jax.config import ExperimentConfig, ModelConfig, replace
 from moa_jax.eval.evaluate import Method
-from moa_jax.eval.suite import evaluate_all
 from moa_jax.workflows.sections import CapacityConfig
 from moa_jax.workflows.two_stage import prepare, train_all
 from moa_jax.methods import METHODS
@@ -139,7 +138,7 @@ def run_capacity(exp: ExperimentConfig, study: CapacityConfig, workdir: str, pro
         params[arm.name] = adapter_params(tree, with_router=arm.method == "moa_router")
         specs.append(Method(arm.method, moa, label=arm.label, key=f"{key}[{arm.name}]"))
         stages.update({os.path.join(arm.subdir, k): v for k, v in arm_ctx.stage_dirs.items()})
-    results = evaluate_all(ctx, trained, specs, progress)
+    results = ctx.evaluate(trained, specs, progress)
     section = {"arms": {a.name: {"method": a.method, "rank": a.rank, "alpha": a.exp.moa.alpha,
                                  "directory": os.path.join(workdir, a.subdir)} for a in arms},
                "rows": capacity_rows(results, arms, params, ctx.cfg, exp),

@@ -1,5 +1,5 @@
-"""The two_stage workflow: one MoA experiment end to end: base model + data -> stage 1 -> stage 2 -> baselines -> ablation variants ->
-evaluation -> report.
+"""The two_stage workflow, one MoA experiment end to end: base model + data -> stage 1 -> stage 2 -> baselines ->
+ablation variants -> evaluation -> report.
 
     workdir/config.json                  the resolved ExperimentConfig
     workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
@@ -32,15 +32,18 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from moa_jax.train.checkpoint import MOA_FUNCTION_FIELDS, CheckpointMismatchError, config_mismatches, load_adapters
+from moa_jax.train.checkpoint import CheckpointMismatchError, config_mismatches, load_adapters
 from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
-                            replace)
+                            experiment_keys, replace, stage_absent_values, stage_keys,
+                            stage_renamed_values)
 from moa_jax.data.pipeline import TrainBatches, load_split
+from moa_jax.data.prompt_format import resolve_prompt_format
 from moa_jax.data.sources import load_text_split
-from moa_jax.errors import check_writable
+from moa_jax.errors import check_rank_fits, check_writable
 from moa_jax.methods import METHODS
 from moa_jax.variants import Variant, parse_variant
 from moa_jax.loading.base import check_base_model, default_dtype, load_base_model
+from moa_jax.loading.tokenizer import MissingTokenizerError
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
 from moa_jax.train.metrics_log import log_eval_scalars
@@ -79,14 +82,22 @@ class ExperimentContext:
     stage_dirs: dict = dataclasses.field(default_factory=dict)  # "stage1", "variants/eta0/stage2" -> its directory
 
     def config_dict(self, stage: str, moa: MoAConfig, tcfg: TrainConfig) -> dict:
+        """A stage's resolved config (checkpoints, adapters/config.json): data.prompt_format as chat or plain, the
+        format the tokenizer resolved, so loading never guesses (<workdir>/config.json keeps the setting as given)."""
+        data = replace(self.exp.data, prompt_format=resolve_prompt_format(self.exp.data.prompt_format, self.tokenizer))
         return {"experiment": self.exp.name, "stage": stage, "model": {"source": self.exp.model,
                 **dataclasses.asdict(self.cfg)}, "moa": dataclasses.asdict(moa), "train": dataclasses.asdict(tcfg),
-                "data": dataclasses.asdict(self.exp.data), "domains": list(self.domains)}
+                "data": dataclasses.asdict(data), "domains": list(self.domains)}
 
     def source(self, seed_offset: int, accum: int) -> TrainBatches:
         data_cfg = replace(self.exp.data, seed=self.exp.data.seed + seed_offset)
         return TrainBatches(self.data["train"], data_cfg, process_index=jax.process_index(),
                              process_count=jax.process_count(), micro_batches=accum)
+
+    def evaluate(self, trained: dict, specs, progress: bool) -> dict:
+        """eval.suite.evaluate_all on this context's base model, tokenizer and data."""
+        return evaluate_all(self.cfg, self.frozen, self.tokenizer, self.data, trained, specs, ev=self.exp.eval,
+                            buckets=self.exp.data.buckets, progress=progress)
 
     def train(self, stage: str, moa: MoAConfig, tcfg: TrainConfig, init: Any, source, progress: bool,
               subdir: str = ""):
@@ -106,14 +117,6 @@ class ExperimentContext:
                            desc=label)
 
 
-# Config entries that do not change what a stage learns (ignored when deciding whether adapters can be reused).
-# Stage-config fields added after runs were saved, with the value that reproduces what those runs did.
-_ADDED_FIELDS = {"moa.route_on": "adapted", "train.router_prior": [], "data.packing": "none", "data.max_segments": 8,
-                 "train.adam_b2": 0.999}
-_REUSE_IGNORED = ("experiment", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "moa.decision", "data.eval_batch_size")
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'key: saved -> current' for every training-relevant entry where two stage configs differ."""
     def flat(d, prefix=""):
@@ -124,10 +127,13 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     a, b = flat(json.loads(json.dumps(saved, default=str))), flat(json.loads(json.dumps(current, default=str)))
     for side in (a, b):   # a config written before a field existed ran with what that field's default means
         if "moa.rank" in side:
-            for key, value in _ADDED_FIELDS.items():
+            for key, value in stage_absent_values().items():
                 side.setdefault(key, value)
-    # route_on changes how stage 2 trains the routers; no other stage reads it
-    ignored = _REUSE_IGNORED + (() if current.get("stage") == "stage2" else ("moa.route_on",))
+        for key, renamed in stage_renamed_values().items():
+            if side.get(key) in renamed:
+                side[key] = renamed[side[key]]
+    # fields that do not change what a stage learns, and the stage-2-only ones outside stage 2
+    ignored = stage_keys("inert") + (() if current.get("stage") == "stage2" else stage_keys("stage2"))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in ignored and a.get(k) != b.get(k)]
 
@@ -156,10 +162,6 @@ def _reuse(other_workdir: str, stage: str, config: dict, cfg: ModelConfig, moa: 
     return trainable, os.path.dirname(directory)
 
 
-# What a work directory's runs must share (config.json keys; checkpoint.MUST_MATCH checks the same per stage).
-RUN_DIR_KEYS = ("model", "data.source") + tuple(f"moa.{f}" for f in MOA_FUNCTION_FIELDS)
-
-
 def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
     """A work directory holding checkpoints of another configuration is refused before anything loads."""
     path = os.path.join(workdir, "config.json")
@@ -173,7 +175,8 @@ def check_run_dir(workdir: str, exp: ExperimentConfig) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable ({e}); use a new --workdir, or delete {workdir}") from None
     current = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
-    for key, a, b in config_mismatches(saved, current, RUN_DIR_KEYS)[:1]:
+    # what a work directory's runs must share: the fields marked "function" (checkpoint.MUST_MATCH per stage)
+    for key, a, b in config_mismatches(saved, current, experiment_keys("function"))[:1]:
         raise CheckpointMismatchError(
             f"{workdir} holds a run with {key}={a!r} ({path}) but this command has {key}={b!r}; use a new "
             f"--workdir, or --set {key}={','.join(a) if isinstance(a, list) else a} to continue that run")
@@ -210,15 +213,20 @@ def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None, work
     t0 = time.perf_counter()
     # each base leaf goes onto the mesh as soon as it is read: the host never holds the whole base
     cfg, frozen, tokenizer = load_base_model(exp.model, dtype, exp.quantize, leaf_placer(mesh, exp.mesh.fsdp))
+    if tokenizer is None:   # a checkpoint saved without its tokenizer: logits only, nothing to tokenise data with
+        raise MissingTokenizerError(f"model={exp.model!r} has weights but no tokenizer files (tokenizer.json, or "
+                                    f"tokenizer.model + tokenizer_config.json); training tokenises the data with it: "
+                                    f"copy the base model's tokenizer files into that directory")
     cfg = replace(cfg, remat=exp.remat, loss_chunk=exp.loss_chunk)
+    check_rank_fits(cfg, exp.moa)   # the first point the projection widths are known
     log.info("base model %s loaded in %.1fs: L=%d D=%d V=%d", exp.model, time.perf_counter() - t0,
              cfg.num_layers, cfg.hidden_size, cfg.vocab_size)
     data = {split: load_split(exp.data, tokenizer, split, text) for split, text in texts.items()}
     for split, ts in data.items():
         log.info("%s", ts.report)
     shardings = param_shardings(mesh, frozen, exp.mesh.fsdp)
-    record = {"workflow": workflow, "final_stage": final_stage, **({workflow: dataclasses.asdict(section)} if section is not None else {}),
-              **dataclasses.asdict(exp)}
+    record = {"workflow": workflow, "final_stage": final_stage,
+              **({workflow: dataclasses.asdict(section)} if section is not None else {}), **dataclasses.asdict(exp)}
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(record, f, indent=1, default=str)
     return ExperimentContext(exp, workdir, cfg, tokenizer, mesh, frozen, shardings, data, domains)
@@ -344,7 +352,7 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
     ctx = prepare(exp, workdir)
     trained = train_all(ctx, progress)
     specs = [Method(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
-    results = evaluate_all(ctx, trained, specs, progress)
+    results = ctx.evaluate(trained, specs, progress)
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages=dict(ctx.stage_dirs),
                    variants={v.name: list(v.sets) for v, _ in plans},
