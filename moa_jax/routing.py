@@ -181,13 +181,3 @@ def resolve_training(moa, stage: str, train_routing: str) -> RoutePlan:
     if probe and mode == "self":
         return RoutePlan("fixed", "routing_pass", "probe", True)
     return RoutePlan(mode, "none", "probe" if probe else "self", probe)
-
-
-def routes_per_item(moa, routing: str) -> bool:
-    """resolve(moa, routing).per_item."""
-    return resolve(moa, routing).per_item
-
-
-def routing_pass_mode(moa) -> str:
-    """The model's mode for the routing pass over a prompt: 'self' (route_on='adapted') or 'probe'."""
-    return resolve(moa).pass_mode

@@ -105,8 +105,8 @@ def test_moa_jax_has_no_import_cycle():
 
 # Lowest first; a module belongs to the first layer with a prefix that names it or a package above it.
 LAYERS = [
-    ("config", "config_fields", "data_config", "errors", "overrides", "distributed", "routing", "methods", "variants",
-     "names", "run_lock"),
+    ("config", "config_fields", "data_config", "model_config", "errors", "overrides", "distributed", "routing",
+     "methods", "variants", "names", "run_lock"),
     ("nn", "params", "sharding", "grow", "flops"),
     ("loading", "data", "peft_import"),
     ("train", "generate", "run_artifacts"),

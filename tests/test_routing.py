@@ -39,13 +39,13 @@ def test_every_training_routing_translates_to_its_mode(dispatch, name):
 def test_the_tables_cover_every_dispatch_and_routing_and_only_model_modes():
     assert set(EXPECTED) == {(d, r) for d in routing.DISPATCH_MODES for r in routing.ROUTINGS}
     assert set(EXPECTED_TRAINING) == {(d, r) for d in routing.DISPATCH_MODES for r in routing.TRAIN_ROUTINGS}
-    pass_modes = {routing.routing_pass_mode(MoAConfig(num_experts=2, route_on=r)) for r in routing.ROUTE_ON}
+    pass_modes = {routing.resolve(MoAConfig(num_experts=2, route_on=r)).pass_mode for r in routing.ROUTE_ON}
     assert {m for modes in routing.MODE_TABLE.values() for m in modes} | pass_modes == set(routing.MODES)
 
 
 def test_the_routing_pass_reads_the_adapted_model_or_the_plain_base():
-    assert routing.routing_pass_mode(MoAConfig(num_experts=2)) == "self"                    # the paper's pass
-    assert routing.routing_pass_mode(MoAConfig(num_experts=2, route_on="probe")) == "probe"  # servable
+    assert routing.resolve(MoAConfig(num_experts=2)).pass_mode == "self"                    # the paper's pass
+    assert routing.resolve(MoAConfig(num_experts=2, route_on="probe")).pass_mode == "probe"  # servable
 
 
 def test_unknown_routing_names_the_valid_ones():
@@ -67,10 +67,10 @@ def test_each_training_stage_runs_its_mode(stage, train_routing, dispatch, mode)
 
 
 def test_routes_per_item_only_for_one_expert_per_sequence():
-    assert routing.routes_per_item(_moa("top1"), "router")
-    assert not routing.routes_per_item(_moa("soft"), "router")
-    assert not routing.routes_per_item(_moa("token_topk"), "router")
-    assert routing.routes_per_item(_moa("token_topk"), "oracle") and routing.routes_per_item(None, "router")
+    assert routing.resolve(_moa("top1"), "router").per_item
+    assert not routing.resolve(_moa("soft"), "router").per_item
+    assert not routing.resolve(_moa("token_topk"), "router").per_item
+    assert routing.resolve(_moa("token_topk"), "oracle").per_item and routing.resolve(None, "router").per_item
 
 
 # ---- the resolver: (MoAConfig, request) -> RoutePlan ----
