@@ -19,9 +19,9 @@ Three vocabularies name who picks the experts, each at its own level:
 which routing pass decides), and every caller acts on the plan's fields, never on the names; `MODE_TABLE` spells
 out the mode per dispatch. The routing pass that decides a top-1 expert from the prompt is 'self' (the adapted
 model, MoAConfig.route_on='adapted', the paper's) or 'probe' (the plain base model, route_on='probe', servable).
-Inside a layer each mode becomes a ROUTE_KINDS kind of moa_jax/nn/lora.Route (how the LoRA delta is computed):
-base, probe -> base; fixed, self -> top1 (single when E = 1); soft, token -> mixture; single is also one expert shared
-by the whole batch.
+Inside a layer each mode is read through its ModeSpec (MODE_SPECS) and becomes a moa_jax/nn/lora.Route (how the
+LoRA delta is computed): base, probe -> Route.off(); fixed, self -> Route.top1 (one expert per sequence); soft,
+token -> Route.mixture (gated experts).
 
 MoAConfig.dispatch (DISPATCH_MODES) says how the routers pick when they decide: top1 (one expert per sequence,
 chosen once from the prompt and then forced with 'fixed'), soft (per-sequence mixture), token_topk (MoE-LoRA).
@@ -48,8 +48,42 @@ ROUTE_ON = ("adapted", "probe")
 LEGACY_ROUTE_ON = {"base": "probe"}   # route_on's old name for the probe pass, in configs saved before the rename
 ROUTINGS = ("router", "oracle", "forced", "base")
 TRAIN_ROUTINGS = ("label", "router", "soft")
-MODES = ("base", "fixed", "self", "probe", "soft", "token")
-ROUTE_KINDS = ("base", "single", "top1", "mixture")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeSpec:
+    """What one model mode does inside every layer (moa_jax/nn/model.py reads these flags, never the mode's name).
+    With adapters on, exactly one of the four pick flags is set."""
+    reads_routers: bool            # the layer's router runs on the pooled prompt (its logits are returned)
+    adapters: bool                 # the LoRA deltas are applied
+    given_expert: bool = False     # top-1 with the caller's expert_idx [B]
+    own_argmax: bool = False       # top-1 with each layer's own router argmax
+    sequence_gates: bool = False   # per-sequence mixture, softmax(router logits)
+    token_gates: bool = False      # token-level top-k mixture with a balance loss
+
+    @property
+    def one_expert_per_row(self) -> bool:
+        """No per-row decision of the layers' own (packed rows may run it: a row's segments share the row's route)."""
+        return not (self.own_argmax or self.sequence_gates)
+
+
+MODE_SPECS = {
+    "base": ModeSpec(reads_routers=False, adapters=False),
+    "fixed": ModeSpec(reads_routers=True, adapters=True, given_expert=True),
+    "self": ModeSpec(reads_routers=True, adapters=True, own_argmax=True),
+    "probe": ModeSpec(reads_routers=True, adapters=False),
+    "soft": ModeSpec(reads_routers=True, adapters=True, sequence_gates=True),
+    "token": ModeSpec(reads_routers=True, adapters=True, token_gates=True),
+}
+MODES = tuple(MODE_SPECS)
+
+
+def mode_spec(mode: str) -> ModeSpec:
+    """A model mode (MODES) -> its ModeSpec; a ValueError names the valid modes."""
+    if mode not in MODE_SPECS:
+        raise ValueError(f"routing={mode!r} is not one of {MODES}")
+    return MODE_SPECS[mode]
+
 
 # (routing, training?) -> model mode under each dispatch, in DISPATCH_MODES order (top1, soft, token_topk).
 # Inference 'router' with top1 is 'fixed': the expert comes from a routing pass over the prompt ('self' mode,

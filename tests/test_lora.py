@@ -108,9 +108,9 @@ def test_single_expert_route_equals_top1():
     """E=1: `lora_delta` takes the 2-D `lora_single` path for a top1 route; it must equal the gather path."""
     x, a, b, _, _ = _arrays(seed=2, num_experts=1)
     idx = jnp.zeros((B,), jnp.int32)
-    out = lora_delta(x, a, b, Route("top1", expert_idx=idx), SCALE)
+    out = lora_delta(x, a, b, Route.top1(idx), SCALE)
     np.testing.assert_allclose(out, lora_top1(x, a, b, idx, SCALE), **TOL)
-    np.testing.assert_allclose(out, lora_delta(x, a, b, Route("single"), SCALE), **TOL)
+    np.testing.assert_allclose(out, lora_delta(x, a, b, Route.single(), SCALE), **TOL)
 
 
 def test_top1_gradient_only_reaches_own_expert():
@@ -130,15 +130,15 @@ def test_top1_gradient_only_reaches_own_expert():
         assert np.abs(ga[own]).max() > 0 and np.abs(gb[own]).max() > 0
 
 
-def test_lora_delta_rejects_unknown_route_kind():
+def test_lora_delta_refuses_the_adapters_off_route():
     x, a, b, _, _ = _arrays()
-    with pytest.raises(ValueError, match="route kind 'bogus'"):
-        lora_delta(x, a, b, Route("bogus"), SCALE)
+    with pytest.raises(ValueError, match="no LoRA delta"):
+        lora_delta(x, a, b, Route.off(), SCALE)
 
 
 def test_adapted_dense_with_zero_lora_b_is_plain_dense():
     x, _, _, _, _ = _arrays()
-    route = Route("top1", expert_idx=jnp.array([0, 1, 2]))
+    route = Route.top1(jnp.array([0, 1, 2]))
     layer = AdaptedDense(features=DOUT, use_bias=False, num_experts=E, rank=R, scale=SCALE)
     params = layer.init(jax.random.PRNGKey(0), x, route)["params"]
     assert set(params) == {"kernel", "lora_a", "lora_b"}
@@ -149,7 +149,7 @@ def test_adapted_dense_with_zero_lora_b_is_plain_dense():
     bias = jnp.arange(DOUT, dtype=jnp.float32)                          # non-zero, so the test sees it
     for lyr, p, expected in ((layer, params, x @ params["kernel"]),
                              (biased, {**params, "bias": bias}, x @ params["kernel"] + bias)):
-        for r in (route, Route("base"), Route("mixture", gates=jnp.full((B, E), 1.0 / E))):
+        for r in (route, Route.off(), Route.mixture(jnp.full((B, E), 1.0 / E))):
             np.testing.assert_array_equal(lyr.apply({"params": p}, x, r), expected)
 
     # ... and with non-zero lora_b the delta is exactly the dispatch function's

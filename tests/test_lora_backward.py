@@ -62,7 +62,7 @@ def test_adapted_dense_merged_path_equals_two_gemm_path(monkeypatch):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(3, 16, DIN)), jnp.float32)
     assert lora.merge_is_cheaper(48, DIN, DOUT, jnp.float32)
-    params = layer.init(jax.random.PRNGKey(0), x, lora.Route("single"))["params"]
+    params = layer.init(jax.random.PRNGKey(0), x, lora.Route.single())["params"]
     params = {**params, "lora_b": jnp.asarray(rng.normal(size=params["lora_b"].shape), jnp.float32),
               "bias": jnp.asarray(rng.normal(size=params["bias"].shape), jnp.float32)}
 
@@ -70,7 +70,7 @@ def test_adapted_dense_merged_path_equals_two_gemm_path(monkeypatch):
         f = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x, route)))
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
 
-    routes = (lora.Route("single"), lora.Route("top1", expert_idx=jnp.zeros((3,), jnp.int32)))
+    routes = (lora.Route.single(), lora.Route.top1(jnp.zeros((3,), jnp.int32)))
     merged = [run(r) for r in routes]
     monkeypatch.setattr(lora, "merge_is_cheaper", lambda *a: False)
     unmerged = [run(r) for r in routes]
@@ -90,7 +90,7 @@ def test_adapted_dense_one_expert_batch_branch_equals_gather_path(monkeypatch, t
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(3, tokens, DIN)), jnp.float32)
     assert lora.merge_is_cheaper(x.size // DIN, DIN, DOUT, jnp.float32) == (tokens == 16)
-    route = lora.Route("top1", expert_idx=jnp.asarray(idx, jnp.int32))
+    route = lora.Route.top1(jnp.asarray(idx, jnp.int32))
     params = layer.init(jax.random.PRNGKey(0), x, route)["params"]
     params = {**params, "lora_b": jnp.asarray(rng.normal(size=params["lora_b"].shape), jnp.float32),
               "bias": jnp.asarray(rng.normal(size=params["bias"].shape), jnp.float32)}

@@ -43,6 +43,19 @@ def test_the_tables_cover_every_dispatch_and_routing_and_only_model_modes():
     assert {m for modes in routing.MODE_TABLE.values() for m in modes} | pass_modes == set(routing.MODES)
 
 
+def test_every_adapted_mode_picks_its_experts_one_way_and_the_plan_agrees_with_its_spec():
+    for mode, spec in routing.MODE_SPECS.items():
+        picks = [spec.given_expert, spec.own_argmax, spec.sequence_gates, spec.token_gates]
+        assert sum(picks) == (1 if spec.adapters else 0), mode
+        assert spec.reads_routers or not spec.adapters, mode
+        plan = routing.RoutePlan(mode)
+        assert plan.adapters_off == (not spec.reads_routers), mode          # 'probe' reads routers, adapters off
+        assert plan.needs_experts == spec.given_expert, mode
+    assert routing.mode_spec("fixed").one_expert_per_row and not routing.mode_spec("soft").one_expert_per_row
+    with pytest.raises(ValueError, match=r"routing='tokens' is not one of"):
+        routing.mode_spec("tokens")
+
+
 def test_the_routing_pass_reads_the_adapted_model_or_the_plain_base():
     assert routing.resolve(MoAConfig(num_experts=2)).pass_mode == "self"                    # the paper's pass
     assert routing.resolve(MoAConfig(num_experts=2, route_on="probe")).pass_mode == "probe"  # servable

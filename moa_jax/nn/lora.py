@@ -28,20 +28,41 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.nn.quantize import SCALE_LEAF, dequantize, int8_kernel_init, int8_matmul, int8_scale_init
-from moa_jax.routing import ROUTE_KINDS
 
 Array = jax.Array
 
 
 class Route(NamedTuple):
-    """How one layer's adapters pick experts. `kind` is static; the arrays are data (never shapes).
-
-    kind (moa_jax.routing.ROUTE_KINDS): "base" (no adapter), "single" (expert 0 for every token), "top1"
-          (expert_idx [B]), "mixture" (gates [B, E] or [B, T, E]).
+    """How one layer's adapters pick experts, built by its constructors. Which fields are set is the (static)
+    dispatch; the arrays are data (never shapes):
+      Route.off()              no adapter: the base projection only
+      Route.single()           expert 0 for every token
+      Route.top1(expert_idx)   expert_idx [B]: sequence b through expert expert_idx[b]
+      Route.mixture(gates)     gates [B, E] or [B, T, E]: the gated sum of every expert's delta
     """
-    kind: str
+    adapted: bool = True
     expert_idx: Optional[Array] = None
     gates: Optional[Array] = None
+
+    @classmethod
+    def off(cls) -> "Route":
+        return cls(adapted=False)
+
+    @classmethod
+    def single(cls) -> "Route":
+        return cls()
+
+    @classmethod
+    def top1(cls, expert_idx: Array) -> "Route":
+        return cls(expert_idx=expert_idx)
+
+    @classmethod
+    def mixture(cls, gates: Array) -> "Route":
+        return cls(gates=gates)
+
+    def one_expert(self, num_experts: int) -> bool:
+        """Every token through the same expert, known statically: Route.single(), or top-1 over one expert."""
+        return self.adapted and self.gates is None and (self.expert_idx is None or num_experts == 1)
 
 
 def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
@@ -121,7 +142,8 @@ def may_share_expert(route: Route, num_experts: int, deterministic: bool) -> boo
     """Static rule: a forward-only (deterministic) top-1 route over several experts checks at run time whether the
     whole batch runs one expert (a forced expert, a single-domain batch) and then takes the single-expert path
     (`lax.cond`); mixed batches keep the gather path. Training steps (deterministic=False) never branch."""
-    return route.kind == "top1" and num_experts > 1 and deterministic
+    return route.adapted and route.gates is None and route.expert_idx is not None and num_experts > 1 \
+        and deterministic
 
 
 def _scale(scale: float, x: Array) -> Array:
@@ -167,14 +189,14 @@ def lora_loop_reference(x: Array, lora_a: Array, lora_b: Array, weights: Array, 
 
 
 def lora_delta(x: Array, lora_a: Array, lora_b: Array, route: Route, scale: float) -> Array:
-    """Dispatch on the (static) route kind."""
-    if route.kind == "single" or (route.kind == "top1" and lora_a.shape[0] == 1):
+    """Dispatch on the (static) structure of the route."""
+    if not route.adapted:
+        raise ValueError("Route.off() has no LoRA delta")
+    if route.one_expert(lora_a.shape[0]):
         return lora_single(x, lora_a, lora_b, scale)
-    if route.kind == "top1":
+    if route.gates is None:
         return lora_top1(x, lora_a, lora_b, route.expert_idx, scale)
-    if route.kind == "mixture":
-        return lora_mixture(x, lora_a, lora_b, route.gates, scale)
-    raise ValueError(f"route kind {route.kind!r} is not one of {ROUTE_KINDS}")
+    return lora_mixture(x, lora_a, lora_b, route.gates, scale)
 
 
 def lora_a_init(key, shape, dtype=jnp.float32):
@@ -252,7 +274,7 @@ class AdaptedDense(nn.Module):
             lora_a = self.param("lora_a", lora_a_init, (self.num_experts, d_in, self.rank), self.adapter_dtype)
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.num_experts, self.rank, self.features),
                                 self.adapter_dtype)
-        adapted = self.num_experts > 0 and route.kind != "base"
+        adapted = self.num_experts > 0 and route.adapted
         dropout = adapted and self.dropout > 0 and not deterministic
         merge = merge_is_cheaper(x.size // d_in, d_in, self.features, self.dtype)
 
@@ -270,8 +292,7 @@ class AdaptedDense(nn.Module):
                 y = y + lora_delta(x_in, lora_a, lora_b, route, self.scale).astype(y.dtype)
             return y
 
-        shared = route.kind == "single" or (route.kind == "top1" and self.num_experts == 1)
-        if adapted and shared and not dropout and merge:
+        if adapted and route.one_expert(self.num_experts) and not dropout and merge:
             y = one_expert(0)
         elif adapted and may_share_expert(route, self.num_experts, deterministic):
             idx, dt = route.expert_idx, jax.eval_shape(base_matmul, x).dtype

@@ -20,7 +20,7 @@ Param tree (kernels are [Din, Dout]; `lora_*` and `router` exist only with a MoA
   final_norm/scale [D]                        lm_head/kernel [D, V] (absent with tied embeddings)
 
 Routing modes (static `routing` argument of __call__; moa_jax.routing.MODES, translated from the user's and the
-training stage's routings by moa_jax.routing.model_mode):
+training stage's routings by moa_jax.routing.resolve; the layers read each mode's flags, routing.MODE_SPECS):
   base    the frozen base model, adapters off.
   fixed   top-1 per sequence with a given expert_idx [B]: domain labels in training (teacher forcing), the
           oracle / a forced expert / the decided expert at inference.
@@ -50,7 +50,7 @@ from moa_jax.nn.layers import MLP, Attention, layer_attention_tables, norm
 from moa_jax.nn.lm_loss import chunked_token_nll, vocab_logits
 from moa_jax.nn.lora import Route
 from moa_jax.nn.router import Router, load_balancing_loss, masked_mean_pool, segment_mean_pool, top_k_gates
-from moa_jax.routing import MODES
+from moa_jax.routing import mode_spec
 
 Array = jax.Array
 
@@ -113,26 +113,27 @@ class DecoderLayer(nn.Module):
     def _route(self, x: Array, prompt_mask: Array, expert_idx: Array, token_mask: Array, segments):
         """-> (pooled router logits [B, E] f32 ([B, G, E] per segment of packed rows), balance loss, Route)."""
         lead = x.shape[:1] if segments is None else (x.shape[0], segments[1])
-        if self.moa is None or self.routing == "base":
+        spec = mode_spec(self.routing)
+        if self.moa is None or not spec.reads_routers:
             num_experts = 1 if self.moa is None else self.moa.num_experts
-            return jnp.zeros((*lead, num_experts), jnp.float32), jnp.zeros((), jnp.float32), Route("base")
+            return jnp.zeros((*lead, num_experts), jnp.float32), jnp.zeros((), jnp.float32), Route.off()
         router = Router(self.moa.num_experts, self.moa.router_type, self.moa.router_hidden,
                         param_dtype=jnp.dtype(self.moa.adapter_dtype), name="router")
         pooled = (masked_mean_pool(x, prompt_mask) if segments is None
                   else segment_mean_pool(x, prompt_mask, segments[0], segments[1]))      # (B, D) | (B, G, D)
         logits = router(pooled)                                                  # (B, E) | (B, G, E)
         zero = jnp.zeros((), jnp.float32)
-        if self.routing == "probe":
-            return logits, zero, Route("base")
-        if self.routing == "fixed":
-            return logits, zero, Route("top1", expert_idx=expert_idx)
-        if self.routing == "self":
-            return logits, zero, Route("top1", expert_idx=jnp.argmax(logits, -1).astype(jnp.int32))
-        if self.routing == "soft":
-            return logits, zero, Route("mixture", gates=jax.nn.softmax(logits, -1))
-        # token: every token routed by the same router, top-k, with a load-balancing loss
+        if not spec.adapters:                                                    # probe: routers read, base runs
+            return logits, zero, Route.off()
+        if spec.given_expert:
+            return logits, zero, Route.top1(expert_idx)
+        if spec.own_argmax:
+            return logits, zero, Route.top1(jnp.argmax(logits, -1).astype(jnp.int32))
+        if spec.sequence_gates:
+            return logits, zero, Route.mixture(jax.nn.softmax(logits, -1))
+        # token gates: every token routed by the same router, top-k, with a load-balancing loss
         gates, probs, chosen = top_k_gates(router(x), self.moa.top_k)            # (B, T, E)
-        return logits, load_balancing_loss(probs, chosen, token_mask), Route("mixture", gates=gates)
+        return logits, load_balancing_loss(probs, chosen, token_mask), Route.mixture(gates)
 
     @nn.compact
     def __call__(self, h: Array, shared: tuple, layer_cache: Optional[tuple[Array, Array]],
@@ -187,20 +188,19 @@ class MoATransformer(nn.Module):
         segment's prompt: router_logits are then [L, B, G, E]. One expert per row (fixed), base, probe or token
         routing only; no KV cache.
         """
-        if routing not in MODES:
-            raise ValueError(f"routing={routing!r} is not one of {MODES}")
-        if routing == "token" and self.moa is not None and self.moa.top_k > self.moa.num_experts:
+        spec = mode_spec(routing)
+        if spec.token_gates and self.moa is not None and self.moa.top_k > self.moa.num_experts:
             raise ValueError(f"routing='token' needs MoAConfig.top_k={self.moa.top_k} <= "
                              f"num_experts={self.moa.num_experts}")
         cfg = self.cfg
         b, t = tokens.shape
         attention_mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
         prompt_mask = attention_mask if prompt_mask is None else prompt_mask
-        if routing == "fixed" and expert_idx is None and self.moa is not None:
+        if spec.given_expert and expert_idx is None and self.moa is not None:
             raise ValueError("routing='fixed' needs expert_idx [B] (the expert of each sequence)")
         expert_idx = jnp.zeros((b,), jnp.int32) if expert_idx is None else jnp.asarray(expert_idx, jnp.int32)
         if segment_ids is not None:
-            if cache is not None or routing in ("self", "soft") or num_segments < 1:
+            if cache is not None or not spec.one_expert_per_row or num_segments < 1:
                 raise ValueError(f"segment_ids (packed rows) needs num_segments >= 1 (got {num_segments}), no KV "
                                  f"cache, and one expert per row: routing 'fixed', 'base', 'probe' or 'token', "
                                  f"not {routing!r}")
