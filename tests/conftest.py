@@ -5,7 +5,9 @@ XLA_FLAGS must be set before jax is first imported, so it comes first in this fi
 """
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+FORCE_8_DEVICES = "--xla_force_host_platform_device_count=8"
+if FORCE_8_DEVICES not in os.environ.get("XLA_FLAGS", "").split():   # pytest-xdist workers inherit it
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FORCE_8_DEVICES).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -52,16 +54,26 @@ SMOKE_VARIANT = "eta0:stage2.eta=0;methods=moa_router"
 
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
-    """The smoke experiment run once per session through `python -m experiments.run`'s entry point, with 1 test
-    item per domain and one ablation variant (eta = 0). -> (workdir, console output). Read only."""
+    """The smoke experiment through `python -m experiments.run`'s entry point, with 1 test item per domain and one
+    ablation variant (eta = 0). -> (workdir, console output). Read only.
+
+    Run once per test session, also under pytest-xdist: the first worker to ask runs it under a lock in the folder
+    all workers share, the others wait and read it."""
     import contextlib
+    import fcntl
     import io
 
     from experiments import run
-    workdir = str(tmp_path_factory.mktemp("smoke"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "eval.items_per_domain=1",
-                       "--set", f"variants={SMOKE_VARIANT}"])
-    assert rc == 0
-    return workdir, out.getvalue()
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    workdir, console = shared / "smoke", shared / "smoke.console.txt"
+    with open(shared / "smoke.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not console.exists():
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set",
+                               "eval.items_per_domain=1", "--set", f"variants={SMOKE_VARIANT}"])
+            assert rc == 0, out.getvalue()[-4000:]
+            console.write_text(out.getvalue())
+    return str(workdir), console.read_text()

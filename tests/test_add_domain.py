@@ -35,13 +35,20 @@ def _run(args):
     return rc, out.getvalue()
 
 
+def stage_dir(workdir, stage):
+    """A stage's folder as the run's results.json records it (a reused stage stays in the run it came from)."""
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)["stages"][stage]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """-> (base workdir, add_domain workdir, JSONL path): smoke with 3 methods, then add_domain from it."""
+def runs(smoke, tmp_path_factory):
+    """-> (base workdir, add_domain workdir, JSONL path): smoke with 3 methods (its stages reused from the session's
+    smoke run), then add_domain from it."""
     root = tmp_path_factory.mktemp("add_domain")
     base, grown = str(root / "smoke"), str(root / "grown")
     rc, _ = _run(["--exp=smoke", f"--workdir={base}", "--set", "eval.items_per_domain=1",
-                  "--set", "eval.methods=single_lora,moa_router,moa_oracle"])
+                  "--set", "eval.methods=single_lora,moa_router,moa_oracle", "--set", f"reuse_from={smoke[0]}"])
     assert rc == 0
     jsonl = root / "adding.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 3}.", "response": str(2 * i + 3)}) + "\n"
@@ -56,7 +63,7 @@ def runs(tmp_path_factory):
 
 def test_old_experts_bit_identical_and_new_expert_trained(runs):
     base, grown, _ = runs
-    old = traverse_util.flatten_dict(load_adapters(os.path.join(base, "stage2", "adapters"))[0])
+    old = traverse_util.flatten_dict(load_adapters(os.path.join(stage_dir(base, "stage2"), "adapters"))[0])
     new, cfg = load_adapters(os.path.join(grown, "refit", "adapters"))
     new = traverse_util.flatten_dict(new)
     assert cfg["domains"] == list(DOMAIN_NAMES) + ["sums"] and cfg["moa"]["num_experts"] == 11
@@ -114,7 +121,7 @@ def test_router_fit_with_routers_on_the_base_model(runs, tmp_path):
     assert stats["examples"] == 11 * 4 and stats["prompts_per_domain"] == 4
     assert stats["objective_after"] < stats["objective_before"]
     assert json.load(open(os.path.join(grown, "results.json")))["add_domain"]["router_fit"] is None   # adapted
-    old = traverse_util.flatten_dict(load_adapters(os.path.join(base, "stage2", "adapters"))[0])
+    old = traverse_util.flatten_dict(load_adapters(os.path.join(stage_dir(base, "stage2"), "adapters"))[0])
     new = traverse_util.flatten_dict(load_adapters(os.path.join(fitted, "refit", "adapters"))[0])
     kernels = [k for k in old if "router" in k and k[-2] != "hidden"]
     assert kernels and all(np.array_equal(new[k][..., :10], old[k]) for k in kernels)

@@ -28,13 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(smoke, tmp_path_factory):
+    """The smoke preset with its servable variant, stage 1 and stage 2 reused from the session's smoke run."""
     from experiments import run
     assert SERVABLE in get_experiment("smoke").variants
     workdir = str(tmp_path_factory.mktemp("servable"))
     with contextlib.redirect_stdout(io.StringIO()):
         rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "eval.items_per_domain=1",
-                       "--set", "eval.methods=moa_router"])
+                       "--set", "eval.methods=moa_router", "--set", f"reuse_from={smoke[0]}"])
     assert rc == 0
     return workdir
 
@@ -42,7 +43,9 @@ def smoke_run(tmp_path_factory):
 def _stage(workdir, stage):
     from moa_jax.config import ModelConfig, MoAConfig
     from moa_jax.train.checkpoint import load_adapters
-    trainable, saved = load_adapters(os.path.join(workdir, stage, "adapters"))
+    with open(os.path.join(workdir, "results.json")) as f:   # a reused stage stays in the run it came from
+        folder = json.load(f)["stages"][stage]
+    trainable, saved = load_adapters(os.path.join(folder, "adapters"))
     cfg = ModelConfig(**{k: v for k, v in saved["model"].items() if k != "source"})
     return trainable, cfg, MoAConfig(**saved["moa"])
 

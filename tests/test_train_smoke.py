@@ -5,8 +5,10 @@ The smoke run is `python -m experiments.run --exp=smoke` shrunk further with --s
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 import pytest
@@ -39,17 +41,81 @@ def stage_snapshot(workdir):
     return out
 
 
-@pytest.mark.slow  # two runs of the CLI: ~40 s of CPU, mostly start-up and compilation
-def test_smoke_experiment_runs_then_resumes_without_retraining(tmp_path):
-    workdir = str(tmp_path / "run")
-    cache = str(tmp_path / "jax_cache")  # the second run reuses the first run's compiled evaluation programs
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", ""))
-    # one CPU device (conftest forces 8 for the sharding tests; the smoke batch of 2 does not divide 8)
-    args = ["--exp=smoke", f"--workdir={workdir}", "--no_progress"] + [f"--set={s}" for s in SHRINK]
-    first = run_cli(*args, env=env)
+def comparable(results: dict, prefix: str = "") -> dict:
+    """results.json flattened to dotted keys, without what differs between equal runs: timings and the paths of
+    the stage folders and figures."""
+    out = {}
+    for k, v in results.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(comparable(v, key + "."))
+        elif not (k.endswith("seconds") or key.startswith(("stages.", "figures."))):
+            out[key] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    """One CPU device (conftest forces 8 for the sharding tests; the smoke batch of 2 does not divide 8) and a
+    compilation cache shared by this module's runs (their programs are the same)."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                  if not f.startswith("--xla_force_host_platform_device_count")))
+
+
+def shrunk_args(workdir) -> list[str]:
+    return ["--exp=smoke", f"--workdir={workdir}", "--no_progress"] + [f"--set={s}" for s in SHRINK]
+
+
+@pytest.fixture(scope="module")
+def fresh_run(tmp_path_factory, cli_env):
+    """The shrunk smoke run, alone on its work directory -> (workdir, its results.json as written)."""
+    workdir = str(tmp_path_factory.mktemp("fresh") / "run")
+    first = run_cli(*shrunk_args(workdir), env=cli_env)
     assert first.returncode == 0, first.stderr[-4000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        return workdir, json.load(f)
+
+
+def test_a_second_run_on_the_same_workdir_exits_2_and_the_first_finishes_unchanged(tmp_path, cli_env, fresh_run):
+    """Two runs started on one work directory: the second exits 2 naming the first's pid while the first trains,
+    and the first finishes with results equal to the same run alone (every value but timings and paths) and with
+    each metrics row once."""
+    workdir, log = str(tmp_path / "run"), tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen([sys.executable, "-m", "experiments.run", *shrunk_args(workdir)], cwd=ROOT,
+                                 env=cli_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        metrics = os.path.join(workdir, "stage1", "metrics.jsonl")
+        while first.poll() is None and not os.path.exists(metrics):   # the first run is training stage 1
+            time.sleep(0.05)
+        assert first.poll() is None, log.read_text()[-4000:]
+        first.send_signal(signal.SIGSTOP)   # still running (and holding the lock) however fast this machine is
+        try:
+            second = run_cli(*shrunk_args(workdir), env=cli_env)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert second.returncode == 2, second.stderr[-4000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: {workdir} is in use by another run (pid {first.pid}); wait for it to finish or use another "
+            f"--workdir")
+        first.wait(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, log.read_text()[-4000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert comparable(json.load(f)) == comparable(fresh_run[1])
+    assert stage_snapshot(workdir) == stage_snapshot(fresh_run[0])   # no metrics row written twice
+
+
+@pytest.mark.slow  # one run of the CLI beside the shared first run: mostly start-up and compilation
+def test_smoke_experiment_runs_then_resumes_without_retraining(cli_env, fresh_run):
+    workdir, _ = fresh_run
+    args = shrunk_args(workdir)
+    env = cli_env
 
     for name in ("config.json", "results.json", "results.md"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
