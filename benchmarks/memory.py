@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-SHAPE_NAMES = ("llama3-8b", "qwen2-7b", "qwen3-8b", "gemma3-4b", "gpu-1b", "smollm2", "cpu-tiny", "smoke")
+SHAPE_NAMES = ("llama3-8b", "qwen2-7b", "qwen3-8b", "gemma3-4b", "gemma3-270m", "gpu-1b", "smollm2", "cpu-tiny", "smoke")
 REMATS = ("full", "projections", "none")
 GIB = 2 ** 30
 NO_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion,while-loop-expensive-invariant-code-motion"
@@ -73,7 +73,7 @@ def model_config(name: str, dtype: str, remat: str, loss_chunk: int):
     from benchmarks import programs as P
     from moa_jax.config import replace
     table = {"llama3-8b": P.llama3_8b, "qwen2-7b": P.qwen2_7b, "qwen3-8b": qwen3_8b, "gemma3-4b": gemma3_4b,
-             "gpu-1b": lambda: P.gpu_1b().model,
+             "gemma3-270m": gemma3_270m, "gpu-1b": lambda: P.gpu_1b().model,
              "smollm2": lambda: P.smollm2().model, "cpu-tiny": lambda: P.cpu_tiny().model,
              "smoke": lambda: P.smoke().model}
     return replace(table[name](), dtype=dtype, param_dtype=dtype, remat=remat, loss_chunk=loss_chunk)
@@ -102,6 +102,22 @@ def gemma3_4b():
                        qk_norm=True, norm_unit_offset=True, sandwich_norms=True, embed_scale=True,
                        hidden_act="gelu_tanh", query_pre_attn_scalar=256.0, dtype="bfloat16",
                        param_dtype="bfloat16", name="gemma3-4b")
+
+
+def gemma3_270m():
+    """Gemma 3 270M as the known model gemma3-270m loads it: 18 layers, every 6th global, window 512, head_dim 256
+    over 4 query heads and 1 kv head, the tied 262k-entry head (1.7x the body's FLOPs per target token)."""
+    from moa_jax.config import ModelConfig
+    layers = 18
+    return ModelConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_layers=layers, num_heads=4,
+                       num_kv_heads=1, head_dim_override=256, rope_theta=1e6, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, max_position_embeddings=32768, sliding_window=512,
+                       rope_local_theta=10000.0,
+                       layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                         for i in range(layers)),
+                       qk_norm=True, norm_unit_offset=True, sandwich_norms=True, embed_scale=True,
+                       hidden_act="gelu_tanh", query_pre_attn_scalar=256.0, dtype="bfloat16",
+                       param_dtype="bfloat16", name="gemma3-270m")
 
 
 def activation_estimate(cfg, moa, batch: int, seq: int, targets: int, devices: int) -> int:

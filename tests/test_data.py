@@ -257,6 +257,11 @@ def test_inspect_cli_prints_counts_lengths_and_examples(tiny_dir, tok, tmp_path,
     out = capsys.readouterr().out
     assert "moa_tasks/tiny:test: 160 examples in 10 domains" in out and "[[" in out and "p95" in out
     assert all(d in out for d in DOMAIN_NAMES)
+    assert "prompt format: chat" in out and "<|im_start|>user" in out      # auto: the tokenizer has a template
+    assert data_inspect.main(["--config", "tiny", "--data-dir", tiny_dir, "--split", "test", "--examples", "1",
+                              "--prompt-format", "plain"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt format: plain" in out and "<|im_start|>" not in out
     monkeypatch.undo()
     root = make_jsonl_dir(tmp_path / "j")
     assert data_inspect.main(["--source", f"jsonl:{root}", "--tokenizer", "none"]) == 0

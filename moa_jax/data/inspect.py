@@ -4,6 +4,7 @@
     python -m moa_jax.data.inspect --source jsonl:/data/mytasks --split validation --examples 1
     python -m moa_jax.data.inspect --config tiny --tokenizer /path/to/hf_model_dir --max-len 128
     python -m moa_jax.data.inspect --max-len 128 --pack-len 128 --examples 0   # what packing='domain' gives
+    python -m moa_jax.data.inspect --tokenizer gemma3-270m --prompt-format plain   # a base model without a template
 
 Tokenizer: "smollm2-135m-instruct" (default: the embedded GGUF), a Hugging Face model directory or hub name, or
 "none" (counts and character lengths only). Rendered examples mark the loss tokens: the prompt as the model sees
@@ -22,6 +23,7 @@ import numpy as np
 
 from moa_jax.config import DataConfig
 from moa_jax.data.packing import packing_report
+from moa_jax.data.prompt_format import PROMPT_FORMATS, resolve_prompt_format
 from moa_jax.data.sources import load_text_split, resolve_system_prompt
 from moa_jax.data.tasks import DataError
 from moa_jax.data.tokenize import tokenize_split
@@ -51,6 +53,9 @@ def _main(argv=None) -> int:
     ap.add_argument("--tokenizer", default="smollm2-135m-instruct",
                     help='the embedded "smollm2-135m-instruct" (default), a Hugging Face model directory, or "none"')
     ap.add_argument("--system-prompt", default="auto", help='"auto", "none" or the text')
+    ap.add_argument("--prompt-format", default="auto", choices=PROMPT_FORMATS,
+                    help="chat (the tokenizer's chat template), plain (text only: base models without a template) "
+                         "or auto (chat when the tokenizer has a template); data.prompt_format of a run")
     ap.add_argument("--max-len", type=int, default=256, help="token budget per example (default 256; the length policy applies above it)")
     ap.add_argument("--examples", type=int, default=2, help="rendered examples per domain")
     ap.add_argument("--pack-len", type=int, default=0,
@@ -64,7 +69,8 @@ def _main(argv=None) -> int:
     cfg = DataConfig(source=args.source, builder_config=args.config, data_dir=args.data_dir,
                      field_map=args.field_map, domains=tuple(d for d in args.domains.split(",") if d),
                      system_prompt=None if args.system_prompt == "none" else args.system_prompt,
-                     max_len=args.max_len, buckets=tuple(sorted({64, 128, 256, args.max_len})))
+                     max_len=args.max_len, buckets=tuple(sorted({64, 128, 256, args.max_len})),
+                     prompt_format=args.prompt_format)
     text = load_text_split(cfg, args.split)
     print(f"{text.name}: {sum(text.counts().values())} examples in {len(text.domains)} domains")
     if text.census is not None and text.census.line_level:
@@ -83,7 +89,7 @@ def _main(argv=None) -> int:
     system = resolve_system_prompt(cfg.system_prompt, cfg.source)
     data = tokenize_split(text, tok, max_len=cfg.max_len, policy=cfg.length_policy, system_prompt=system,
                           prompt_format=cfg.prompt_format)
-    print(f"system prompt: {system!r}")
+    print(f"system prompt: {system!r}; prompt format: {resolve_prompt_format(cfg.prompt_format, tok)}")
     print(data.report)
     if args.pack_len:
         print(packing_report(data, args.pack_len))
