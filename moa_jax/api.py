@@ -3,6 +3,9 @@
     model = moa_jax.load_model("smollm2-135m-instruct", moa=moa_jax.MoAConfig(num_experts=10, rank=16))
     logits = model.logits(ids, routing="forced", expert=3)        # numpy [B, T, V]
     outs = model.generate(["What is 2 + 3?"], max_new_tokens=16)  # text + chosen expert per prompt
+    outs = model.generate(["Tell a story"], temperature=0.8, top_p=0.9, seed=1)   # sampled (nucleus)
+    for piece in model.generate_stream("What is 2 + 3?"):         # the same answer, piece by piece as decoded
+        print(piece.text, end="")
     small = moa_jax.load_model("smollm2-135m-instruct", quantize="int8")  # int8 frozen projections
     run = moa_jax.load_run("runs/moa_10task")                     # a finished run's stage 2, ready to generate
     run.export_peft("export/")                                    # one PEFT adapter per domain + the routers
@@ -26,7 +29,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,8 @@ from moa_jax.config import ModelConfig, MoAConfig, replace, stage_keys
 from moa_jax.errors import UserError, check_rank_fits
 from moa_jax.generate.decode import (eos_ids, generate_tokens, left_pad, route_from_prompt, sequence_experts,
                                      until_eos)
+from moa_jax.generate.sampling import check_sampling
+from moa_jax.generate.stream import TextPiece, stream_text
 from moa_jax.loading.base import default_dtype, load_base_model
 from moa_jax.nn import entry
 from moa_jax.nn.model import MoATransformer
@@ -132,27 +137,49 @@ class MoAModel:
         return list(prompt_ids(self.tokenizer, [conversation({"messages": messages}, system)], fmt)[0])
 
     def generate(self, prompts: Sequence, *, max_new_tokens: int = 64, routing: str = "router",
-                 expert: Optional[int] = None, domain=None, temperature: float = 0.0, seed: int = 0,
-                 system_prompt: Optional[str] = "auto") -> list[Generation]:
+                 expert: Optional[int] = None, domain=None, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, system_prompt: Optional[str] = "auto") -> list[Generation]:
         """Batched generation; each prompt is routed once and keeps its expert for every token. Prompts are
-        strings, `messages` lists or token-id lists; system_prompt as in encode_prompt ("auto": the run's)."""
-        if self.tokenizer is None:
-            raise ValueError(f"generate(): {self.source!r} has no tokenizer files (tokenizer.json, or tokenizer.model "
-                             f"+ tokenizer_config.json), so prompts cannot be encoded or answers decoded; copy the "
-                             f"base model's tokenizer files there, or use moa_jax.generate.decode.generate_tokens "
-                             f"with token ids")
-        seqs = [p if _is_token_list(p) else self.encode_prompt(p, system_prompt) for p in prompts]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        tokens, mask = left_pad(seqs, pad)
-        eos = eos_ids(self.tokenizer)
+        strings, `messages` lists or token-id lists; system_prompt as in encode_prompt ("auto": the run's).
+        Greedy by default; temperature > 0 samples, optionally from the top_k best tokens and/or the nucleus of
+        probability top_p (0 / 1.0: off; moa_jax/generate/sampling.py), reproducibly for a given seed."""
+        tokens, mask, eos = self._prompt_batch("generate", prompts, system_prompt)
         out, idx, _ = generate_tokens(self.config, self.moa, self.params, tokens, mask, routing=routing,
                                       expert=expert, domain=domain, max_new_tokens=max_new_tokens,
-                                      eos_ids=eos, temperature=temperature, seed=seed)
+                                      eos_ids=eos, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         results = []
         for row, e in zip(out, idx):
             ids = until_eos(row, eos)
             results.append(Generation(self.tokenizer.decode(ids, skip_special_tokens=True), int(e), tuple(ids)))
         return results
+
+    def generate_stream(self, prompt, *, max_new_tokens: int = 64, routing: str = "router",
+                        expert: Optional[int] = None, domain=None, temperature: float = 0.0, top_k: int = 0,
+                        top_p: float = 1.0, seed: int = 0,
+                        system_prompt: Optional[str] = "auto") -> Iterator[TextPiece]:
+        """One prompt's answer as it is decoded: TextPieces (text, expert, token_ids) whose texts concatenate to
+        generate([prompt], same arguments)[0].text; the arguments are generate's (domain: the prompt's label).
+        The same decoding program, streamed (moa_jax/generate/stream.py); leaving the loop early stops it."""
+        tokens, mask, eos = self._prompt_batch("generate_stream", [prompt], system_prompt)
+        domain = None if domain is None else [domain] if np.ndim(domain) == 0 else domain
+        check_sampling(temperature, top_k, top_p)     # here, not first inside the decoding thread
+
+        def run(on_token):
+            generate_tokens(self.config, self.moa, self.params, tokens, mask, routing=routing, expert=expert,
+                            domain=domain, max_new_tokens=max_new_tokens, eos_ids=eos, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, on_token=on_token)
+        return stream_text(run, self.tokenizer, eos)
+
+    def _prompt_batch(self, caller: str, prompts: Sequence, system_prompt) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """Prompts -> (left-padded tokens [B, T], attention mask [B, T], the EOS ids)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{caller}(): {self.source!r} has no tokenizer files (tokenizer.json, or tokenizer.model "
+                             f"+ tokenizer_config.json), so prompts cannot be encoded or answers decoded; copy the "
+                             f"base model's tokenizer files there, or use moa_jax.generate.decode.generate_tokens "
+                             f"with token ids")
+        seqs = [p if _is_token_list(p) else self.encode_prompt(p, system_prompt) for p in prompts]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return (*left_pad(seqs, pad), eos_ids(self.tokenizer))
 
 
 def _is_token_list(p) -> bool:

@@ -118,6 +118,13 @@ def test_other_cli_user_errors_in_process(tmp_path, capsys):
                       capsys.readouterr().err, f"--out {blocker}: is a file, not a directory")
     assert_user_error(generate_cli.main(["--workdir", str(tmp_path), "--prompt", "hi"]), capsys.readouterr().err,
                       "not a run directory (no config.json)")
+    for flags, message in ((["--top-p", "0"], "--top-p 0.0: give a probability in (0, 1]"),
+                           (["--top-k", "-2", "--temperature", "1"], "--top-k -2: give a whole number >= 0"),
+                           (["--top-k", "5", "--top_p", "0.9"], "--top-k 5 and --top-p 0.9 filter sampling, but "
+                                                              "--temperature 0.0 decodes greedily")):
+        # sampling flags are checked first of all (here before the work directory is)
+        assert_user_error(generate_cli.main(["--workdir", str(tmp_path), "--prompt", "hi", *flags]),
+                          capsys.readouterr().err, message)
 
 
 def test_a_bug_keeps_its_traceback_and_long_messages_keep_their_first_line(capsys):

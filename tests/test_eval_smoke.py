@@ -132,6 +132,25 @@ def test_generate_cli_prints_expert_and_answer(smoke, capsys):
     assert "needs --expert" in capsys.readouterr().err
 
 
+def test_generate_cli_passes_the_sampling_flags(smoke, capsys, monkeypatch):
+    """--temperature / --top-k / --top-p / --seed reach MoAModel.generate (which tests/test_sampling_stream.py
+    checks); the model is a stand-in, so nothing compiles."""
+    from moa_jax import api
+    from moa_jax.cli.generate import main
+    seen = {}
+
+    class Model:
+        def generate(self, prompts, **kw):
+            seen.update(kw)
+            return [api.Generation("ok", 0, (1,)) for _ in prompts]
+    monkeypatch.setattr(api, "load_run", lambda *a, **kw: Model())
+    assert main(["--workdir", smoke[0], "--prompt", "hi", "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9",
+                 "--seed", "3"]) == 0
+    assert {k: seen[k] for k in ("temperature", "top_k", "top_p", "seed")} == dict(temperature=0.7, top_k=40,
+                                                                                   top_p=0.9, seed=3)
+    assert "answer: ok" in capsys.readouterr().out
+
+
 def test_cli_prompt_format_matches_training(smoke):
     """The CLI's encoding of a test question == the prompt tokens training and evaluation used for it."""
     from experiments.registry import get_experiment

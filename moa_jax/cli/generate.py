@@ -2,7 +2,7 @@
 
     python -m moa_jax.cli.generate --workdir runs/moa_10task --prompt "What is 12 + 30?" [--prompt ...]
         [--routing router|oracle|forced|base] [--expert N|DOMAIN] [--max_new_tokens 32] [--temperature 0]
-        [--stage STAGE] [--source PATH]
+        [--top-k 0] [--top-p 1.0] [--seed 0] [--stage STAGE] [--source PATH]
 
 Loads the run with `moa_jax.load_run`: its base model (or --source, where it moved) and the adapters of `--stage`
 (default the run's final model: the MoA stage-2 experts and routers, RUN/stage2/adapters, RUN/refit for add_domain,
@@ -10,8 +10,11 @@ or where RUN/results.json says that stage's adapters came from), formats each pr
 run's prompt format, chat template or plain, and its system prompt), then
 generates: 'router' lets the routers pick one expert per prompt from the prompt (as MoA is used), 'oracle' and
 'forced' use --expert, 'base' turns the adapters off. Prints, per prompt, the expert (id and the domain it was
-trained on) and the answer. A user mistake (not a run directory, a missing stage, a bad --expert, a base model that
-is no longer where the run found it) is one `error:` line and exit code 2, found before the model loads.
+trained on) and the answer. Decoding is greedy unless --temperature > 0, which samples (reproducibly for a --seed),
+optionally from the --top-k best tokens and/or the nucleus of probability --top-p (moa_jax/generate/sampling.py).
+A user mistake (not a run directory, a missing stage, a bad --expert, a base model that
+is no longer where the run found it, a --top-p outside (0, 1], a negative --top-k, either without --temperature)
+is one `error:` line and exit code 2, found before the model loads.
 """
 from __future__ import annotations
 
@@ -52,7 +55,12 @@ def _main(argv=None) -> int:
                         "--expert picks it; base: no adapters")
     parser.add_argument("--expert", default=None, help="expert id or domain name (routing oracle / forced)")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0,
+                        help="sample from the K most likely tokens only (0 = off, the default; needs --temperature)")
+    parser.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0,
+                        help="nucleus sampling: from the smallest set of most likely tokens whose probability "
+                        "reaches P, in (0, 1] (1.0 = off, the default; after --top-k; needs --temperature)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     parser.add_argument("--stage", default=None, help="whose adapters: default the run's final model (stage2, or "
                         "refit for add_domain), stage1, mixed_lora, moe_lora, variants/NAME/stage2")
@@ -62,6 +70,8 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from moa_jax.api import load_run
+    from moa_jax.generate.sampling import check_sampling
+    check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
     from moa_jax.run_artifacts import read_run
     run = read_run(args.workdir, args.stage, args.source)    # every user mistake is found before the model loads
     domains = list(run.domains or [f"expert {i}" for i in range(run.moa.num_experts)])
@@ -71,7 +81,7 @@ def _main(argv=None) -> int:
     model = load_run(args.workdir, args.stage, source=args.source, dtype=args.dtype)
     outs = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, routing=args.routing, expert=expert,
                           domain=None if expert is None else [expert] * len(args.prompt),   # oracle: one per prompt
-                          temperature=args.temperature, seed=args.seed)
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     for prompt, out in zip(args.prompt, outs):
         who = "none (base model)" if out.expert < 0 else f"{out.expert} ({domains[out.expert]})"
         print(f"prompt: {prompt}\nexpert: {who} [routing={args.routing}]\nanswer: {out.text}\n")

@@ -12,7 +12,10 @@ and decoding alike; moa_jax.routing.resolve gives the plan of each.
 
 Prompts are LEFT-padded so every sequence's next token sits in the last column; positions count real tokens
 only, so padding changes nothing. Decoding runs as one jitted `lax.while_loop` that stops when every row has
-emitted EOS or after max_new_tokens.
+emitted EOS or after max_new_tokens. The next token is greedy by default, or a draw at a temperature with optional
+top-k / nucleus filters (sampling.py). Streaming is the same program with `on_token`: an ordered host callback
+hands each step's new tokens to the host as they are decoded, and its answer can end the loop early (stream.py
+turns that into a generator of text pieces).
 
 Shape glossary: B batch, P prompt tokens (padded), N new tokens, S = P + N cache slots, L layers, E experts.
 """
@@ -20,13 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+import itertools
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from moa_jax.config import ModelConfig, MoAConfig
+from moa_jax.generate.sampling import check_sampling, pick
 from moa_jax.nn.entry import ModelInputs, forward, routing_pass
 from moa_jax.nn.model import MoATransformer, init_cache
 from moa_jax.nn.router import decide
@@ -73,27 +79,46 @@ def route_from_prompt(cfg: ModelConfig, moa: MoAConfig, params, tokens, attentio
     return _route_fn(cfg, moa)(params, tokens, attention_mask, prompt_mask)
 
 
+# Streaming: the host function of each running stream, by the id its decode program is called with (the compiled
+# program is shared, so the function cannot be baked into it).
+_LISTENERS: dict[int, Callable[[int, np.ndarray], bool]] = {}
+_LISTENER_IDS = itertools.count()
+
+
+def _to_listener(listener, step, tokens) -> np.ndarray:
+    """Host side of the stream callback: hand (step, tokens [B]) on; -> whether to stop decoding."""
+    return np.bool_(bool(_LISTENERS[int(listener)](int(step), np.asarray(tokens))))
+
+
 @functools.lru_cache(maxsize=None)
-def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tokens: int, greedy: bool):
-    """The jitted decode program for (cfg, moa, routing mode, length, greedy or sampled), compiled once per key."""
+def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tokens: int, greedy: bool,
+              top_k: int = 0, nucleus: bool = False, stream: bool = False):
+    """The jitted decode program for (cfg, moa, routing mode, length, greedy or sampled, the top-k size, whether
+    the nucleus filter applies, streamed or not), compiled once per key. decode(params, tokens, attention_mask,
+    expert_idx, eos_ids, temperature, rng, top_p=1.0, listener=-1) -> new tokens [B, N]; `listener` (stream=True)
+    is the id in _LISTENERS of the host function that receives every step."""
     model = MoATransformer(cfg, moa)
 
     @jax.jit
-    def decode(params, tokens, attention_mask, expert_idx, eos_ids, temperature, rng):
+    def decode(params, tokens, attention_mask, expert_idx, eos_ids, temperature, rng, top_p=1.0, listener=-1):
         b, p = tokens.shape
         cache = init_cache(cfg, b, p + max_new_tokens)
         logits, aux = forward(model, params, ModelInputs(tokens, attention_mask), mode=mode, expert_idx=expert_idx,
                               cache=cache)                                                  # prefill
+        choose = functools.partial(pick, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k,
+                                   nucleus=nucleus)
 
-        def pick(logits_last, key):
-            if greedy:
-                return jnp.argmax(logits_last, axis=-1).astype(jnp.int32)
-            return jax.random.categorical(key, logits_last / temperature, axis=-1).astype(jnp.int32)
+        def finished(i, nxt, done):
+            done = done | jnp.isin(nxt, eos_ids)
+            if stream:   # the host sees every step in order; its True ends decoding after this step
+                done = done | io_callback(_to_listener, jax.ShapeDtypeStruct((), jnp.bool_), listener, i, nxt,
+                                          ordered=True)
+            return done
 
         rng, key = jax.random.split(rng)
-        first = pick(logits[:, -1], key)                                                 # (B,)
+        first = choose(logits[:, -1], key)                                                 # (B,)
         out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-        done = jnp.isin(first, eos_ids)
+        done = finished(jnp.zeros((), jnp.int32), first, jnp.zeros((b,), bool))
 
         def cond(carry):
             i, _, _, done, _ = carry
@@ -105,10 +130,10 @@ def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tok
             step_logits, step_aux = forward(model, params, ModelInputs(prev, jnp.ones_like(prev)), mode=mode,
                                             expert_idx=expert_idx, cache=cache)
             rng, key = jax.random.split(rng)
-            nxt = pick(step_logits[:, -1], key)
+            nxt = choose(step_logits[:, -1], key)
             nxt = jnp.where(done, eos_ids[0], nxt)   # finished rows keep emitting EOS (trimmed by the caller)
             out = out.at[:, i].set(nxt)
-            return i + 1, out, step_aux["cache"], done | jnp.isin(nxt, eos_ids), rng
+            return i + 1, out, step_aux["cache"], finished(i, nxt, done), rng
 
         _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.ones((), jnp.int32), out, aux["cache"], done, rng))
         return out
@@ -117,9 +142,15 @@ def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tok
 
 def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, attention_mask, *,
                     routing: str = "router", expert: Optional[int] = None, domain=None, prompt_mask=None,
-                    max_new_tokens: int = 32, eos_ids=(2,), temperature: float = 0.0, seed: int = 0):
+                    max_new_tokens: int = 32, eos_ids=(2,), temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int = 0,
+                    on_token: Optional[Callable[[int, np.ndarray, np.ndarray], bool]] = None):
     """Left-padded prompts [B, P] -> (new tokens [B, N] with everything after the first EOS set to EOS,
-    expert per sequence [B] (-1 for base), router logits [L, B, E] or None)."""
+    expert per sequence [B] (-1 for base), router logits [L, B, E] or None). temperature / top_k / top_p as in
+    moa_jax/generate/sampling.py (a SamplingError for values that cannot work). on_token(step, tokens [B],
+    experts [B]) is called on the host with each step's new tokens as they are decoded (from the thread running
+    the program); returning True ends decoding after that step (the columns not reached stay 0)."""
+    check_sampling(temperature, top_k, top_p)
     tokens = jnp.asarray(tokens, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     plan = resolve(moa, routing)
@@ -130,9 +161,20 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
                          "routers over each new token); evaluate soft mixtures by perplexity, or use top1")
     idx, router_logits = sequence_experts(plan, cfg, moa, params, tokens, attention_mask, prompt_mask,
                                           expert=expert, domain=domain)
-    decode = decode_fn(cfg, forward_moa(moa), plan.mode, int(max_new_tokens), temperature <= 0.0)
-    out = decode(params, tokens, attention_mask, jnp.maximum(idx, 0), jnp.asarray(eos_ids, jnp.int32),
-                 jnp.float32(max(temperature, 1e-6)), jax.random.PRNGKey(seed))
+    greedy = temperature <= 0.0
+    decode = decode_fn(cfg, forward_moa(moa), plan.mode, int(max_new_tokens), greedy,
+                       0 if greedy else int(top_k), not greedy and top_p < 1.0, on_token is not None)
+    args = (params, tokens, attention_mask, jnp.maximum(idx, 0), jnp.asarray(eos_ids, jnp.int32),
+            jnp.float32(max(temperature, 1e-6)), jax.random.PRNGKey(seed), jnp.float32(top_p))
+    if on_token is None:
+        out = decode(*args)
+    else:
+        listener, experts = next(_LISTENER_IDS), np.asarray(idx)
+        _LISTENERS[listener] = lambda step, new: on_token(step, new, experts)
+        try:
+            out = jax.block_until_ready(decode(*args, jnp.int32(listener)))
+        finally:
+            del _LISTENERS[listener]
     return np.asarray(out), np.asarray(idx), router_logits
 
 
