@@ -5,6 +5,7 @@ the model; each name below is imported on first use.
 
     model = moa_jax.load_run("runs/moa_10task")          # a trained run's final model
     model.generate(["What is 12 + 7?"])                  # routed answers
+    model.save_pretrained("my-moa"); moa_jax.from_pretrained("my-moa")   # one folder, rebuilt bit for bit
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import importlib
 
 _EXPORTS = {
     "Generation": "moa_jax.api", "MoAModel": "moa_jax.api", "from_peft": "moa_jax.api",
-    "load_model": "moa_jax.api", "load_run": "moa_jax.api",
+    "from_pretrained": "moa_jax.api", "load_model": "moa_jax.api", "load_run": "moa_jax.api",
     "ConfigError": "moa_jax.config", "MeshConfig": "moa_jax.config", "ModelConfig": "moa_jax.config",
     "MoAConfig": "moa_jax.config", "RopeScaling": "moa_jax.config",
 }

@@ -9,6 +9,8 @@
     small = moa_jax.load_model("smollm2-135m-instruct", quantize="int8")  # int8 frozen projections
     run = moa_jax.load_run("runs/moa_10task")                     # a finished run's stage 2, ready to generate
     run.export_peft("export/")                                    # one PEFT adapter per domain + the routers
+    run.save_pretrained("my-moa")                                 # experts, routers, config: one folder
+    same = moa_jax.from_pretrained("my-moa")                      # rebuilt (base model from the recorded source)
 
 `source` is the embedded model's name, a Hugging Face checkpoint directory (Llama / Mistral / Qwen2), a .gguf
 file or a Hub id. `moa=None` gives the plain base model. Experts start fresh (lora_b = 0, so the model equals its
@@ -72,6 +74,7 @@ class MoAModel:
     domains: tuple = ()  # expert names (domain e <-> expert e), when known
     system_prompt: Optional[str] = None  # what system_prompt="auto" means: the run's training system prompt
     prompt_format: Optional[str] = None  # "chat" | "plain": the run's; None: chat iff the tokenizer has a template
+    peft_layouts: tuple = ()  # experts imported from PEFT: each adapter's own shape (export_peft writes it back)
 
     @property
     def trainable(self) -> dict:
@@ -88,7 +91,7 @@ class MoAModel:
             raise ValueError("export_peft(): this model has no experts (loaded with moa=None)")
         return export_peft(self.trainable, self.config, self.moa, out_dir, expert_names=self.domains or None,
                            base_model=self.source, tokenizer=self.tokenizer, system_prompt=self.system_prompt,
-                           prompt_format=self.prompt_format)
+                           prompt_format=self.prompt_format, layouts=self.peft_layouts or None)
 
     def export_merged(self, expert, out_dir: str, *, dtype: Optional[str] = None) -> str:
         """Base + one expert (index or domain name) merged into a transformers-loadable checkpoint directory."""
@@ -101,6 +104,31 @@ class MoAModel:
             expert = self.domains.index(expert)
         return export_merged(self.params, self.config, self.moa, int(expert), out_dir, base_source=self.source,
                              tokenizer=self.tokenizer, dtype=dtype)
+
+    # ---- save / share -----------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str) -> str:
+        """This model as a self-describing folder (moa_jax/pretrained.py): experts and routers as
+        adapters.safetensors, config.json with the base model's source, the ModelConfig, MoA config, domains,
+        system prompt, prompt format and PEFT layouts. `moa_jax.from_pretrained(out_dir)` rebuilds it. -> out_dir."""
+        from moa_jax.pretrained import pretrained_config, write_pretrained
+        if self.moa is None:
+            raise ValueError("save_pretrained(): this model has no experts (loaded with moa=None); its base model "
+                             f"loads with moa_jax.load_model({self.source!r})")
+        return write_pretrained(out_dir, self.trainable, pretrained_config(
+            self.source, self.config, self.moa, self.domains, self.system_prompt, self.prompt_format,
+            self.peft_layouts))
+
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token=None, revision: Optional[str] = None,
+                    commit_message: str = "Upload MoA model (moa_jax)"):
+        """save_pretrained into a temporary folder, then create the Hub model repository `repo_id` (if needed)
+        and upload the folder (huggingface_hub). -> huggingface_hub's CommitInfo. The base model is not uploaded:
+        loaders fetch it from the recorded source (pass `source=` to from_pretrained where that is a local path)."""
+        import tempfile
+        from moa_jax.pretrained import upload_pretrained
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(os.path.join(tmp, "model"))
+            return upload_pretrained(folder, repo_id, private=private, token=token, revision=revision,
+                                     commit_message=commit_message)
 
     # ---- forward --------------------------------------------------------------------------------------------
     def logits(self, token_ids, *, attention_mask=None, prompt_mask=None, routing: str = "router",
@@ -295,5 +323,23 @@ def from_peft(source: str, adapter_dirs: Sequence[str], *, names: Optional[Seque
     trainable = traverse_util.flatten_dict(jax.device_get(init_trainable(cfg, experts.moa, jax.random.PRNGKey(seed))))
     trainable.update(experts.lora)
     params = merge_params(frozen, jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(trainable)))
-    return MoAModel(cfg, experts.moa, params, tokenizer, source, domains=experts.names)
+    return MoAModel(cfg, experts.moa, params, tokenizer, source, domains=experts.names,
+                    peft_layouts=experts.layouts)
+
+
+def from_pretrained(path: str, *, source: Optional[str] = None, dtype: Optional[str] = None,
+                    quantize: Optional[str] = None) -> MoAModel:
+    """The model `MoAModel.save_pretrained` wrote to `path` (a folder, or a Hub repository id ORG/NAME[@REVISION]
+    that push_to_hub uploaded): the base model from the recorded source (or `source=` where it is now) in the
+    recorded dtypes and storage (or dtype= / quantize=), the experts and routers, domains, system prompt, prompt
+    format and PEFT layouts as saved."""
+    from moa_jax.pretrained import read_pretrained
+    info = read_pretrained(path)
+    recorded = info.model
+    model = load_model(source or info.source, adapters=info.directory, dtype=dtype or recorded.get("dtype"),
+                       param_dtype=None if dtype else recorded.get("param_dtype"),
+                       quantize=quantize or recorded.get("quantize"))
+    config = replace(model.config, **{k: recorded[k] for k in ("remat", "loss_chunk") if k in recorded})
+    return dataclasses.replace(model, config=config, domains=info.domains, system_prompt=info.system_prompt,
+                               prompt_format=info.prompt_format, peft_layouts=info.layouts)
 

@@ -1,7 +1,7 @@
 """Ship trained experts: each expert as a Hugging Face PEFT LoRA adapter plus a router sidecar, or one expert
 merged into the base weights as a plain transformers checkpoint.
 
-    export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...")
+    export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...", layouts=None)
       out_dir/<name>/adapter_config.json + adapter_model.safetensors     (one PEFT adapter per expert)
       out_dir/router.safetensors + router.json                           (router weights [L, D, E] and how to route)
       out_dir/tokenizer/ + reference_router.py                           (servable export: moa.route_on='probe')
@@ -18,7 +18,10 @@ deltas for the base weights they were trained on: experts trained on the embedde
 full-precision Hub id, whose weights differ slightly, so a server's routing and outputs can differ from moa_jax's
 (check with the reference router on your prompts). Tensors are converted
 from our layout (lora_a [L, E, Din, R], lora_b [L, E, R, Dout]) to PEFT's torch Linear layout
-(lora_A.weight [R, Din], lora_B.weight [Dout, R]); scaling = lora_alpha / r in PEFT equals our scale.
+(lora_A.weight [R, Din], lora_B.weight [Dout, R]); scaling = lora_alpha / r in PEFT equals our scale. Every
+expert is written at the MoAConfig's rank on its targets, except experts imported from PEFT adapters
+(moa_jax/peft_import.py `ExpertLayout`, `layouts=`): each is written back in its own adapter's shape (its ranks,
+projections, layers, adapter_config.json and dtype), as long as the tree holds nothing outside that shape.
 Expert names follow moa_jax/names.py and every file is placed with `names.inside`: nothing is written outside
 out_dir, whatever the names.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -41,6 +45,9 @@ from moa_jax.loading.tree import expected_shapes, numpy_dtype
 from moa_jax.nn.quantize import SCALE_LEAF, dequantize
 from moa_jax.export_router import NOT_GIVEN, write_router_sidecar
 from moa_jax.names import check_name, inside
+from moa_jax.peft_import import ExpertLayout
+
+log = logging.getLogger("moa_jax")
 
 _MODULE_PREFIX = {p: "self_attn" for p in ATTENTION_PROJECTIONS} | {"gate_proj": "mlp", "up_proj": "mlp",
                                                                       "down_proj": "mlp"}
@@ -64,6 +71,35 @@ def peft_state_dict(trainable: dict, cfg: ModelConfig, moa: MoAConfig, expert: i
     return out
 
 
+def layout_state_dict(trainable: dict, moa: MoAConfig, expert: int,
+                      layout: ExpertLayout) -> Optional[dict[str, np.ndarray]]:
+    """One imported expert's tensors in its own PEFT adapter's shape (only its modules, each at its own rank,
+    lora_B divided by the scale ratio the import multiplied it by, in the adapter's dtype); None when the tree holds
+    weights outside that shape (the expert changed after import)."""
+    flat = traverse_util.flatten_dict(trainable)
+    ranks = {(layer, proj): r for layer, proj, r in layout.modules}
+    if any(proj not in moa.targets for _, proj in ranks):
+        return None
+    dtype = numpy_dtype(layout.dtype)
+    out = {}
+    for proj in moa.targets:
+        module = _MODULE_PREFIX[proj]
+        a = np.asarray(flat[("layers", _GROUP[module], proj, "lora_a")][:, expert], np.float32)   # (L, Din, R)
+        b = np.asarray(flat[("layers", _GROUP[module], proj, "lora_b")][:, expert], np.float32)   # (L, R, Dout)
+        for layer in range(a.shape[0]):
+            r = ranks.get((layer, proj), 0)
+            if a[layer, :, r:].any() or b[layer, r:].any():
+                return None
+            if r == 0:
+                continue
+            ratio = layout.scale_ratio(r, moa)
+            b_r = b[layer, :r] if ratio == 1.0 else b[layer, :r] / np.float32(ratio)   # (r, Dout)
+            key = f"base_model.model.model.layers.{layer}.{module}.{proj}"
+            out[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[layer, :, :r].T).astype(dtype)   # (r, Din)
+            out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b_r.T).astype(dtype)               # (Dout, r)
+    return out
+
+
 def adapter_config(moa: MoAConfig, base_model: str) -> dict:
     """PEFT's adapter_config.json; an embedded model's name (e.g. smollm2-135m-instruct) becomes its Hub id."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": hub_id(base_model),
@@ -74,16 +110,20 @@ def adapter_config(moa: MoAConfig, base_model: str) -> dict:
 
 def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
                 expert_names: Optional[Sequence[str]] = None, base_model: str = "", *, tokenizer=None,
-                system_prompt: Any = NOT_GIVEN, prompt_format: Optional[str] = None) -> list[str]:
+                system_prompt: Any = NOT_GIVEN, prompt_format: Optional[str] = None,
+                layouts: Optional[Sequence[ExpertLayout]] = None) -> list[str]:
     """Write one PEFT adapter directory per expert and the router sidecar (moa_jax/export_router.py). -> the adapter
     directories. tokenizer: the one training used (its chat template is recorded and it is saved to tokenizer/);
     system_prompt: the system message training added to every prompt (None: none). A servable export
     (moa.route_on='probe') needs both, since routing reads the formatted prompt. prompt_format: the run's "chat" |
-    "plain" (moa_jax/data/prompt_format.py; None: chat iff the tokenizer has a chat template)."""
+    "plain" (moa_jax/data/prompt_format.py; None: chat iff the tokenizer has a chat template). layouts: one
+    ExpertLayout per expert for experts imported from PEFT (written back in their own shape, layout_state_dict)."""
     from safetensors.numpy import save_file
     names = list(expert_names or [f"expert_{e}" for e in range(moa.num_experts)])
     if len(names) != moa.num_experts:
         raise ValueError(f"expert_names has {len(names)} names for {moa.num_experts} experts")
+    if layouts and len(layouts) != moa.num_experts:
+        raise ValueError(f"layouts has {len(layouts)} entries for {moa.num_experts} experts")
     for name in names:   # before anything is written: a name from the data must not become a path
         check_name(name, "export_peft: expert name")
     os.makedirs(out_dir, exist_ok=True)
@@ -91,9 +131,14 @@ def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
     for e, name in enumerate(names):
         d = inside(out_dir, name, "expert folder")
         os.makedirs(d, exist_ok=True)
-        save_file(peft_state_dict(trainable, cfg, moa, e), inside(d, "adapter_model.safetensors"))
+        own = layout_state_dict(trainable, moa, e, layouts[e]) if layouts else None
+        if layouts and own is None:
+            log.warning("export_peft: expert %s holds weights outside the PEFT adapter it was imported from; "
+                        "exported at rank %d on %s", name, moa.rank, list(moa.targets))
+        save_file(own if own is not None else peft_state_dict(trainable, cfg, moa, e),
+                  inside(d, "adapter_model.safetensors"))
         with open(inside(d, "adapter_config.json"), "w") as f:
-            json.dump(adapter_config(moa, base_model), f, indent=1)
+            json.dump(layouts[e].config if own is not None else adapter_config(moa, base_model), f, indent=1)
         dirs.append(d)
     router = traverse_util.flatten_dict(trainable)
     router = {"/".join(k[2:]): np.asarray(v, np.float32) for k, v in router.items() if k[:2] == ("layers", "router")}

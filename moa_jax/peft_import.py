@@ -3,6 +3,7 @@
     experts = read_peft_experts(["/adapters/math", "/adapters/code"], cfg)
     experts.moa, experts.names          # the MoAConfig that holds them, and one name per expert
     experts.lora                        # {("layers", "attn"|"mlp", proj, "lora_a"|"lora_b"): array}
+    experts.layouts                     # per expert: the (layer, projection, rank) it adapts and its config
 
 Each directory is what `PeftModel.save_pretrained` writes: `adapter_config.json` + `adapter_model.safetensors`
 (pickled `adapter_model.bin` files are refused, never unpickled). Tensors are mapped from PEFT's torch Linear
@@ -19,6 +20,12 @@ per module is read from the tensors, so `rank_pattern` is honoured). Anything PE
 plain delta x A B cannot (DoRA, LoRA biases, `alpha_pattern`, `modules_to_save`, adapted embeddings or heads) is
 refused with the file and the key.
 
+Each expert keeps its adapter's own shape as an ExpertLayout (the rank of every (layer, projection) it adapts, its
+adapter_config.json and tensor dtype), so `export_peft` writes it back as it came rather than padded to the
+shared rank on the shared targets: bit-identical when the expert's scale ratio is 1 or a power of two (the same
+rank, alpha and rsLoRA for all adapters, or PEFT's usual alpha = 2r); with another ratio lora_B comes back within
+float32 rounding of the original (B is multiplied by the ratio on import and divided by it on export).
+
 Shape glossary: L layers, E experts, Din/Dout projection widths, R rank.
 """
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from moa_jax.config import PROJECTIONS, ModelConfig, MoAConfig
+from moa_jax.config import DTYPES, PROJECTIONS, ModelConfig, MoAConfig
 from moa_jax.loading.resolve import CheckpointError
 from moa_jax.loading.tree import numpy_dtype
 from moa_jax.names import check_name
@@ -60,14 +67,46 @@ class PeftAdapter:
     path: str
     config: dict
     tensors: dict        # (layer, proj) -> (A [R, Din], B [Dout, R]) as float32 numpy
+    dtype: str = "float32"   # the tensors' dtype in the file
 
     def scale(self, rank: int) -> float:
-        alpha = float(self.config.get("lora_alpha", 8))
-        return alpha / (rank ** 0.5 if self.config.get("use_rslora", False) else rank)
+        return peft_scale(self.config, rank)
 
     @property
     def ranks(self) -> set[int]:
         return {a.shape[0] for a, _ in self.tensors.values()}
+
+
+def peft_scale(config: dict, rank: int) -> float:
+    """PEFT's LoRA scaling of a module of `rank` under adapter_config.json `config`: lora_alpha / r (/ sqrt(r))."""
+    alpha = float(config.get("lora_alpha", 8))
+    return alpha / (rank ** 0.5 if config.get("use_rslora", False) else rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """One imported adapter's own shape: the (layer, projection, rank) of each module it adapts, sorted, its
+    adapter_config.json and its tensors' dtype. export_peft writes the expert back in this shape."""
+    modules: tuple       # ((layer, proj, rank), ...)
+    config: dict
+    dtype: str = "float32"
+
+    def scale_ratio(self, rank: int, moa: MoAConfig) -> float:
+        """The factor lora_b carries on import (exactly 1.0 when the MoAConfig took this adapter's scale)."""
+        return peft_scale(self.config, rank) / moa.scale
+
+    def to_json(self) -> dict:
+        return {"modules": [list(m) for m in self.modules], "config": self.config, "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpertLayout":
+        return cls(tuple((int(layer), str(proj), int(rank)) for layer, proj, rank in d["modules"]),
+                   dict(d["config"]), str(d.get("dtype", "float32")))
+
+
+def expert_layout(adapter: PeftAdapter) -> ExpertLayout:
+    return ExpertLayout(tuple((layer, proj, a.shape[0]) for (layer, proj), (a, _) in sorted(adapter.tensors.items())),
+                        adapter.config, adapter.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +116,7 @@ class PeftExperts:
     names: tuple[str, ...]
     lora: dict           # ("layers", group, proj, "lora_a"|"lora_b") -> numpy [L, E, Din, R] | [L, E, R, Dout]
     base_model: str      # base_model_name_or_path of the first adapter
+    layouts: tuple = ()  # one ExpertLayout per expert
 
 
 def read_peft_adapter(path: str, cfg: ModelConfig) -> PeftAdapter:
@@ -112,6 +152,7 @@ def read_peft_adapter(path: str, cfg: ModelConfig) -> PeftAdapter:
     except (SafetensorError, OSError) as e:
         raise PeftImportError(f"{weights_file} is not a valid safetensors file: {e}") from None
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    dtypes = {str(v.dtype) for v in raw.values()}
     for key, value in raw.items():
         m = _KEY.match(key)
         if m is None:
@@ -138,7 +179,8 @@ def read_peft_adapter(path: str, cfg: ModelConfig) -> PeftAdapter:
         tensors[(layer, proj)] = (a, b)
     if not tensors:
         raise PeftImportError(f"{weights_file} holds no LoRA tensors")
-    return PeftAdapter(os.path.abspath(path), config, tensors)
+    dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+    return PeftAdapter(os.path.abspath(path), config, tensors, dtype if dtype in DTYPES else "float32")
 
 
 def experts_moa(adapters: Sequence[PeftAdapter], moa: Optional[MoAConfig] = None) -> MoAConfig:
@@ -208,7 +250,8 @@ def read_peft_experts(adapter_dirs: Sequence[str], cfg: ModelConfig, *, names: O
     adapters = [read_peft_adapter(d, cfg) for d in dirs]
     moa = experts_moa(adapters, moa)
     return PeftExperts(moa, names, stack_experts(adapters, cfg, moa),
-                       str(adapters[0].config.get("base_model_name_or_path") or ""))
+                       str(adapters[0].config.get("base_model_name_or_path") or ""),
+                       tuple(expert_layout(a) for a in adapters))
 
 
 def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:

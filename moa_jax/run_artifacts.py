@@ -5,7 +5,8 @@ MoA config, expert names, system prompt and prompt format. `moa_jax.load_run`, `
     workdir/config.json                          the run's ExperimentConfig (its `data` settings)
     workdir/<stage>/adapters/config.json         the stage's resolved config: model (source, dtype, quantize, sizes),
                                                  moa, data, domains (expert order), stage
-    workdir/<stage>/adapters/index.json + .npy   the trained experts and routers (train/checkpoint.py)
+    workdir/<stage>/adapters/adapters.safetensors  the trained experts and routers (train/checkpoint.py; older
+                                                 runs: index.json + one .npy file per array, still read)
     workdir/results.json                         "stages": where each stage's adapters are (reuse_from: another run)
 
 Stages: stage1 (experts, untrained routers), stage2 (the MoA model), mixed_lora (one LoRA on all domains, E=1),
@@ -27,7 +28,9 @@ from moa_jax.config import ConfigError, DataConfig, MoAConfig
 from moa_jax.config_fields import absent_values
 from moa_jax.errors import UserError
 
-ADAPTER_FILES = ("config.json", "index.json")
+# An adapters folder (train/checkpoint.py save_adapters): config.json + the weights as WEIGHTS_FILE, or, as written
+# by older versions, LEGACY_INDEX naming one .npy file per array.
+CONFIG_FILE, WEIGHTS_FILE, LEGACY_INDEX = "config.json", "adapters.safetensors", "index.json"
 
 
 class RunArtifactError(UserError, FileNotFoundError):
@@ -96,21 +99,34 @@ def training_prompt_format(data: Optional[dict]) -> Optional[str]:
     return data.get("prompt_format", absent_values(DataConfig)["prompt_format"])
 
 
+def adapter_weights(directory: str) -> Optional[str]:
+    """The file holding an adapters folder's arrays (WEIGHTS_FILE, or a legacy LEGACY_INDEX); None if neither."""
+    for name in (WEIGHTS_FILE, LEGACY_INDEX):
+        if os.path.exists(os.path.join(directory, name)):
+            return name
+    return None
+
+
+def has_adapters(directory: str) -> bool:
+    return adapter_weights(directory) is not None
+
+
 def check_adapter_dir(directory: str, what: str) -> None:
-    missing = [f for f in ADAPTER_FILES if not os.path.exists(os.path.join(directory, f))]
+    missing = ([] if os.path.exists(os.path.join(directory, CONFIG_FILE)) else [CONFIG_FILE]) + \
+              ([] if has_adapters(directory) else [WEIGHTS_FILE])
     if missing:
         raise RunArtifactError(f"{directory}: no adapter artifact here (missing {', '.join(missing)}); {what}")
 
 
 def available_stages(workdir: str) -> list[str]:
     """The stages of `workdir` whose adapters can be loaded (its own and, from results.json, reused ones)."""
-    found = {os.path.relpath(os.path.dirname(os.path.dirname(p)), workdir)
-             for pattern in ("*/adapters/index.json", "variants/*/*/adapters/index.json")
-             for p in glob.glob(os.path.join(glob.escape(workdir), pattern))}
+    found = {os.path.relpath(os.path.dirname(p), workdir)
+             for pattern in ("*/adapters", "variants/*/*/adapters")
+             for p in glob.glob(os.path.join(glob.escape(workdir), pattern)) if has_adapters(p)}
     results = os.path.join(workdir, "results.json")
     if os.path.exists(results):
         for stage, directory in read_json(results).get("stages", {}).items():
-            if os.path.exists(os.path.join(directory, "adapters", "index.json")):
+            if has_adapters(os.path.join(directory, "adapters")):
                 found.add(stage)
     return sorted(found)
 
@@ -127,7 +143,7 @@ def stage_adapters(workdir: str, stage: str) -> str:
     if not os.path.isdir(os.path.join(stage_dir, "adapters")) and os.path.exists(results):
         stage_dir = read_json(results).get("stages", {}).get(stage, stage_dir)   # reuse_from: another run's
     adapters = os.path.join(stage_dir, "adapters")
-    if os.path.exists(os.path.join(adapters, "index.json")):
+    if has_adapters(adapters):
         check_adapter_dir(adapters, "the stage's artifact is incomplete; re-run the experiment command")
         return adapters
     stages = available_stages(workdir)

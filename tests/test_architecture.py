@@ -109,7 +109,7 @@ LAYERS = [
      "methods", "variants", "names", "run_lock"),
     ("nn", "params", "sharding", "grow", "flops"),
     ("loading", "data", "peft_import"),
-    ("train", "generate", "run_artifacts"),
+    ("train", "generate", "run_artifacts", "pretrained"),
     ("eval",),
     ("workflows",),
     ("api", "export", "export_router", "reference_router"),

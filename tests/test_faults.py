@@ -88,9 +88,13 @@ def test_inside_keeps_paths_in_their_folder_even_through_symlinks(tmp_path):
 
 
 def test_load_adapters_keeps_index_paths_inside_the_folder(tmp_path):
-    from moa_jax.train.checkpoint import load_adapters, save_adapters
+    """The adapters format of older versions: index.json naming one .npy file per array."""
+    from moa_jax.train.checkpoint import load_adapters
     adapters = tmp_path / "adapters"
-    save_adapters(str(adapters), {"layers": {"w": np.ones(2, np.float32)}}, {})
+    adapters.mkdir()
+    np.save(adapters / "0000.npy", np.ones(2, np.float32))
+    (adapters / "index.json").write_text(json.dumps({"layers/w": "0000.npy"}))
+    (adapters / "config.json").write_text("{}")
     np.save(tmp_path / "planted.npy", np.zeros(2, np.float32))
     assert load_adapters(str(adapters))[0]["layers"]["w"].tolist() == [1.0, 1.0]
     (adapters / "index.json").write_text(json.dumps({"layers/w": "../planted.npy"}))

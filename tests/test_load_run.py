@@ -142,7 +142,7 @@ def test_load_model_reads_the_recorded_moa_and_refuses_a_conflict(smoke, tmp_pat
     with pytest.raises(AdapterConfigError, match=r"records no MoA config: pass the one the adapters were trained"):
         moa_jax.load_model("tiny-random", adapters=bare)
     assert moa_jax.load_model("tiny-random", adapters=bare, moa=recorded).moa == recorded
-    with pytest.raises(UserError, match=r"no adapter artifact here \(missing config.json, index.json\)"):
+    with pytest.raises(UserError, match=r"no adapter artifact here \(missing config.json, adapters.safetensors\)"):
         moa_jax.load_model("tiny-random", adapters=str(tmp_path))
 
 

@@ -4,6 +4,7 @@ Tiny Llama and Qwen2 models and PEFT adapters of different ranks, alphas, rsLoRA
 the fly; each imported expert forced must give PEFT's logits with that adapter active, and each merged export
 loaded by transformers must give our logits with that expert forced.
 """
+import dataclasses
 import json
 import os
 
@@ -183,3 +184,46 @@ def test_unusable_adapters_are_refused_by_name(peft_setup, tmp_path):
     with pytest.raises(PeftImportError, match="adapter_model.safetensors not found"):
         read_peft_experts([str(tmp_path)], cfg)
 
+
+
+def test_export_writes_each_adapter_back_in_its_own_rank_and_targets(peft_setup, tmp_path):
+    """Adapters of rank 8 on q, v and of rank 16 on all seven projections share one MoA model (rank 16, seven
+    targets); each exports back in its own shape, bit-identical (scale ratio 2 for both). The rank-2 "chat"
+    adapter's scale ratio is 1.5: its lora_B comes back within float32 rounding. save_pretrained keeps the shapes."""
+    base_dir, dirs = peft_setup
+    qv, wide = str(tmp_path / "qv8"), str(tmp_path / "all16")
+    _peft_adapter(base_dir, qv, 5, 8, 16.0, False, ["q_proj", "v_proj"])
+    _peft_adapter(base_dir, wide, 6, 16, 32.0, False, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    originals = [qv, wide, dirs[2]]
+    model = moa_jax.from_peft(base_dir, originals, dtype="float32")
+    assert model.moa.rank == 16 and len(model.moa.targets) == 7
+    out = model.export_peft(str(tmp_path / "out"))
+    for original, exported in zip(originals, out):
+        theirs = load_file(os.path.join(original, "adapter_model.safetensors"))
+        ours = load_file(os.path.join(exported, "adapter_model.safetensors"))
+        assert sorted(ours) == sorted(theirs)
+        assert {k: (v.dtype, v.shape) for k, v in ours.items()} == {k: (v.dtype, v.shape) for k, v in theirs.items()}
+        exact = original != dirs[2]
+        for k, v in theirs.items():
+            if exact or "lora_A" in k:
+                assert ours[k].tobytes() == v.tobytes(), k
+            else:
+                np.testing.assert_allclose(ours[k], v, rtol=2.0 ** -23, atol=0)
+        config, saved = (json.load(open(os.path.join(d, "adapter_config.json"))) for d in (exported, original))
+        assert config == saved
+    assert len(load_file(os.path.join(out[0], "adapter_model.safetensors"))) == 2 * 2 * 2   # L * (q, v) * (A, B)
+    back = moa_jax.from_pretrained(model.save_pretrained(str(tmp_path / "saved")))
+    assert back.peft_layouts == model.peft_layouts
+    again = back.export_peft(str(tmp_path / "again"))
+    for a, b in zip(out, again):
+        assert (open(os.path.join(a, "adapter_model.safetensors"), "rb").read()
+                == open(os.path.join(b, "adapter_model.safetensors"), "rb").read())
+    # weights outside an adapter's own shape (here: expert 0 changed on k_proj) export in the shared shape
+    flat = traverse_util.flatten_dict(model.params)
+    key = ("layers", "attn", "k_proj", "lora_b")
+    flat[key] = flat[key].at[:, 0].set(1.0)
+    changed = dataclasses.replace(model, params=traverse_util.unflatten_dict(flat))
+    padded = changed.export_peft(str(tmp_path / "changed"))
+    assert len(load_file(os.path.join(padded[0], "adapter_model.safetensors"))) == 2 * 7 * 2
+    assert json.load(open(os.path.join(padded[0], "adapter_config.json")))["r"] == 16

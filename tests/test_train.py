@@ -370,7 +370,7 @@ def test_adapter_artifact_round_trip(tmp_path, standard_run):
     wrong = config_dict(tiny_cfg(), tiny_moa(rank=8), tcfg)
     with pytest.raises(CheckpointMismatchError, match=r"moa.rank=4 .* moa.rank=8"):
         load_adapters(str(tmp_path / "adapters"), wrong)
-    with pytest.raises(FileNotFoundError, match="index.json"):
+    with pytest.raises(FileNotFoundError, match="adapters.safetensors"):
         load_adapters(str(tmp_path / "nothing"))
 
 

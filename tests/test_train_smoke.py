@@ -127,7 +127,7 @@ def test_smoke_experiment_runs_then_resumes_without_retraining(cli_env, fresh_ru
         assert "moa_oracle" in f.read()
     smoke = get_experiment("smoke")
     for stage in STAGES:
-        for name in ("adapters/index.json", "adapters/config.json", "metrics.jsonl"):
+        for name in ("adapters/adapters.safetensors", "adapters/config.json", "metrics.jsonl"):
             assert os.path.exists(os.path.join(workdir, stage, name)), (stage, name)
         with open(os.path.join(workdir, stage, "adapters", "config.json")) as f:
             assert json.load(f)["moa"]["num_experts"] == 2

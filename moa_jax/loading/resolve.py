@@ -56,6 +56,11 @@ PICKLE_HINT = ("pickle checkpoints (pytorch_model.bin) are never loaded; convert
                 "(model.save_pretrained(dir, safe_serialization=True))")
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """`ORG/NAME` or `ORG/NAME@REVISION` (whether the Hub has it is not asked)."""
+    return _HUB_ID.fullmatch(source) is not None
+
+
 def hub_id(source: str) -> str:
     """The Hub id for an embedded model's name or an `ORG/NAME@REVISION` source (without the revision, which
     PEFT's base_model_name_or_path cannot hold); any other source (a Hub id, a directory) unchanged."""

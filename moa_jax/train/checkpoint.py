@@ -19,8 +19,11 @@ Saves are asynchronous (orbax writes in a background thread). `check_saves` surf
 error without waiting, so the loop stops at the next step instead of at the next checkpoint (or never); an OSError
 (disk full, permissions, the folder changed under us) becomes a CheckpointWriteError (a UserError).
 
-Adapter artifacts (`save_adapters` / `load_adapters`): the trainable tree alone plus `config.json` beside it;
-what stage 2 starts from and what export.py turns into PEFT adapters. Every file of one lies inside its folder
+Adapter artifacts (`save_adapters` / `load_adapters`): the trainable tree alone as `adapters.safetensors` (flat
+keys "layers/attn/q_proj/lora_a", ..., each array's dtype kept, bfloat16 included, and each array's digest in the
+file's metadata, checked on reading) plus `config.json` beside it, written atomically; what stage 2 starts from,
+what export.py turns into PEFT adapters and what `MoAModel.save_pretrained` writes. Adapters written by older
+versions (`index.json` naming one `.npy` file per array) still load; every file of one lies inside its folder
 (moa_jax/names.py `inside`), whatever index.json says.
 """
 from __future__ import annotations
@@ -30,10 +33,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import Any, Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -41,6 +46,7 @@ from flax import traverse_util
 from moa_jax.config import stage_conditions, stage_keys
 from moa_jax.errors import UserError
 from moa_jax.names import inside
+from moa_jax.run_artifacts import CONFIG_FILE, LEGACY_INDEX, WEIGHTS_FILE, adapter_weights
 from moa_jax.sharding import gather_to_host
 
 log = logging.getLogger("moa_jax")
@@ -69,7 +75,11 @@ class _DamagedStep(Exception):
 
 
 class AdapterNotFoundError(UserError, FileNotFoundError):
-    """A directory that should hold adapters (index.json + config.json + .npy files) does not."""
+    """A directory that should hold adapters (config.json + adapters.safetensors, or a legacy index.json) does not."""
+
+
+class AdapterCorruptError(UserError, ValueError):
+    """An adapters file cannot be read, or its arrays differ from the digests it records."""
 
 
 def lookup_key(cfg: dict, dotted: str):
@@ -286,37 +296,63 @@ def _quiet_failed_saves() -> None:
 
 
 def save_adapters(directory: str, trainable: Any, config: dict) -> None:
-    """Write the trainable tree (as .npy files per leaf, no pickle) and config.json, atomically."""
+    """Write the trainable tree as one safetensors file (WEIGHTS_FILE, keys "layers/attn/q_proj/lora_a", ..., every
+    dtype kept, bfloat16 included; the digest of each array in its metadata) and config.json, atomically: into
+    `<directory>.tmp`, then renamed over `directory`."""
+    from safetensors.numpy import save_file
     tmp = directory.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    flat = traverse_util.flatten_dict(jax.device_get(trainable))
-    index = {}
-    for i, (k, v) in enumerate(sorted(flat.items())):
-        fname = f"{i:04d}.npy"
-        np.save(inside(tmp, fname), np.asarray(v), allow_pickle=False)
-        index["/".join(k)] = fname
-    with open(os.path.join(tmp, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    if os.path.exists(tmp):   # a save killed before its rename
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    flat = {"/".join(k): np.ascontiguousarray(v)
+            for k, v in sorted(traverse_util.flatten_dict(jax.device_get(trainable)).items())}
+    save_file(flat, inside(tmp, WEIGHTS_FILE), metadata={"digests": json.dumps(state_digests(flat))})
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=1, default=str)
     if os.path.exists(directory):
-        import shutil
         shutil.rmtree(directory)
     os.replace(tmp, directory)
 
 
 def load_adapters(directory: str, current_config: Optional[dict] = None) -> tuple[dict, dict]:
-    """-> (trainable tree of numpy arrays, saved config). Refuses incompatible configs, naming the field."""
-    index_path = os.path.join(directory, "index.json")
-    if not os.path.exists(index_path):
-        raise AdapterNotFoundError(f"{directory}: no adapter artifact here (missing index.json); point at the "
+    """-> (trainable tree of numpy arrays, saved config). Refuses incompatible configs, naming the field. Reads
+    WEIGHTS_FILE, or the legacy LEGACY_INDEX + .npy files of older versions (every file inside `directory`)."""
+    weights = adapter_weights(directory)
+    if weights is None:
+        raise AdapterNotFoundError(f"{directory}: no adapter artifact here (missing {WEIGHTS_FILE}); point at the "
                                    f"adapters/ folder of a finished stage")
-    with open(os.path.join(directory, "config.json")) as f:
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
         saved = json.load(f)
     if current_config is not None:
         check_compatible(saved, current_config, directory)
-    with open(index_path) as f:
-        index = json.load(f)
-    flat = {tuple(k.split("/")): np.load(inside(directory, v, "index.json entry"), allow_pickle=False)
-            for k, v in index.items()}
-    return traverse_util.unflatten_dict(flat), saved
+    if weights == WEIGHTS_FILE:
+        flat = _read_weights(inside(directory, WEIGHTS_FILE))
+    else:
+        with open(os.path.join(directory, LEGACY_INDEX)) as f:
+            index = json.load(f)
+        flat = {k: _legacy_array(np.load(inside(directory, v, f"{LEGACY_INDEX} entry"), allow_pickle=False))
+                for k, v in index.items()}
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}), saved
+
+
+def _legacy_array(a: np.ndarray) -> np.ndarray:
+    """np.save wrote bfloat16 (ml_dtypes) as raw 2-byte records (dtype V2); they are bfloat16 again here."""
+    return a.view(ml_dtypes.bfloat16) if a.dtype == np.dtype("V2") else a
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    """{"layers/attn/q_proj/lora_a": array} of a WEIGHTS_FILE, checked against the digests it records."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="numpy") as f:
+            digests = json.loads((f.metadata() or {}).get("digests", "null"))
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterCorruptError(f"{path} is damaged ({_short_reason(e)}); re-run the stage that wrote it") from None
+    if digests is not None:
+        got = state_digests(flat)
+        bad = sorted(k for k in set(got) | set(digests) if got.get(k) != digests.get(k))
+        if bad:
+            raise AdapterCorruptError(f"{path} is damaged ({len(bad)} array(s) differ from their digest, e.g. "
+                                      f"{bad[0]}); re-run the stage that wrote it")
+    return flat
