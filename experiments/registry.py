@@ -2,7 +2,8 @@
 
 A preset is a function returning an ExperimentConfig; `--set key=value` adjusts any field from the command line.
 A preset gives the same config on every backend: the 10-task job has a CPU-budget preset (`moa_10task`) and an
-accelerator-budget one (`moa_10task_accel`), chosen by name (BUDGETS).
+accelerator-budget one (`moa_10task_accel`), chosen by name (BUDGETS). Presets leave `moa.num_experts` to the data
+(one expert per domain: 10 on the embedded data), so `--set data.source=...` needs no expert count.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def smoke() -> ExperimentConfig:
     """
     return ExperimentConfig(
         name="smoke", model="tiny-random",
-        moa=MoAConfig(num_experts=10, rank=4, alpha=8.0, dropout=0.0),
+        moa=MoAConfig(rank=4, alpha=8.0, dropout=0.0),
         data=DataConfig(builder_config="tiny", batch_size=8, buckets=(128, 256), max_len=256),
         stage1=TrainConfig(stage="stage1", steps=2, log_every=1, checkpoint_every=1),
         stage2=TrainConfig(stage="stage2", steps=2, log_every=1, checkpoint_every=1),
@@ -105,7 +106,7 @@ def _moa_10task(name: str, budget: str) -> ExperimentConfig:
     s1, s2, batch, items, eval_batch, packing, b2 = BUDGETS[budget]
     return ExperimentConfig(
         name=name,
-        moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05, route_on="probe"),
+        moa=MoAConfig(rank=16, alpha=32.0, dropout=0.05, route_on="probe"),
         data=DataConfig(batch_size=batch, buckets=(64, 96, 128), max_len=128, packing=packing),
         stage1=TrainConfig(stage="stage1", steps=s1, learning_rate=1e-3, adam_b2=b2, log_every=10,
                            checkpoint_every=40),
@@ -269,7 +270,7 @@ def moa_7b() -> ExperimentConfig:
     """
     return ExperimentConfig(
         name="moa_7b", model=MODEL_REQUIRED, dtype="bfloat16", remat="full", loss_chunk=1024,
-        moa=MoAConfig(num_experts=10, rank=16, alpha=32.0, dropout=0.05, route_on="probe"),
+        moa=MoAConfig(rank=16, alpha=32.0, dropout=0.05, route_on="probe"),
         data=DataConfig(batch_size=32, buckets=(128, 256, 512), max_len=512),
         stage1=TrainConfig(stage="stage1", steps=1500, learning_rate=2e-4, adam_b2=0.95, log_every=10,
                            checkpoint_every=250),

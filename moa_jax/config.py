@@ -28,6 +28,7 @@ from moa_jax.variants import Variant, parse_variant
 
 _PROJECTION_ALIASES = {p.removesuffix("_proj"): p for p in PROJECTIONS}
 ROUTER_TYPES = ("linear", "mlp")
+EXPERTS_FROM_DATA = 0   # MoAConfig.num_experts left unset: one expert per domain of the run's data
 
 
 def normalize_targets(targets) -> tuple[str, ...]:
@@ -47,7 +48,9 @@ def normalize_targets(targets) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class MoAConfig:
     """The LoRA experts and the per-layer routers (paper Sec. 3)."""
-    num_experts: int = setting(10, "function", "locked")   # E; E=1 is a plain LoRA
+    # E; E=1 is a plain LoRA. 0 (EXPERTS_FROM_DATA): the data's domain count, resolved by `for_domains` before a run
+    # builds anything, so checkpoints and adapters record the number
+    num_experts: int = setting(EXPERTS_FROM_DATA, "function", "locked")
     rank: int = setting(16, "function", "locked")          # R
     alpha: float = setting(32.0, "function", "locked")
     dropout: float = 0.05
@@ -65,7 +68,8 @@ class MoAConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", normalize_targets(self.targets))
-        _check(self.num_experts >= 1, f"MoAConfig.num_experts must be >= 1, got {self.num_experts}")
+        _check(self.num_experts >= 0, f"MoAConfig.num_experts must be >= 1 (or 0: one per domain of the data), got "
+               f"{self.num_experts}")
         _check(self.rank >= 1, f"MoAConfig.rank must be >= 1, got {self.rank}")
         _check(0.0 <= self.dropout < 1.0, f"MoAConfig.dropout must be in [0, 1), got {self.dropout}")
         _check(self.dispatch in DISPATCH_MODES, f"MoAConfig.dispatch={self.dispatch!r} not in {DISPATCH_MODES}")
@@ -80,14 +84,33 @@ class MoAConfig:
                f"MoAConfig.route_on='probe' needs dispatch='top1' (got {self.dispatch!r}): soft and token-level "
                f"dispatch route inside every forward of the adapted model")
         _check(self.top_k >= 1, f"MoAConfig.top_k must be >= 1, got {self.top_k}")
-        # top_k is used only by token_topk; checking it otherwise would reject E=1 (a plain LoRA) at top_k=2.
-        _check(self.dispatch != "token_topk" or self.top_k <= self.num_experts,
+        # top_k is used only by token_topk; checking it otherwise would reject E=1 (a plain LoRA) at top_k=2. An
+        # unset E is checked when the data resolves it (for_domains re-runs this).
+        _check(self.dispatch != "token_topk" or self.num_experts == EXPERTS_FROM_DATA
+               or self.top_k <= self.num_experts,
                f"MoAConfig.top_k={self.top_k} must be <= num_experts={self.num_experts} for dispatch='token_topk'")
         _check(self.adapter_dtype in DTYPES, f"MoAConfig.adapter_dtype={self.adapter_dtype!r} not in {DTYPES}")
 
     @property
     def scale(self) -> float:
         return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+
+    def for_domains(self, domains) -> "MoAConfig":
+        """This config on data with these domains, one expert each: num_experts = len(domains) when left unset (0);
+        a set value that differs is a ConfigError."""
+        n = len(domains)
+        if self.num_experts == EXPERTS_FROM_DATA:
+            return dataclasses.replace(self, num_experts=n)
+        _check(self.num_experts == n, f"moa.num_experts={self.num_experts} but the data has {n} domains "
+               f"{list(domains)}: MoA trains one expert per domain; leave moa.num_experts unset (it follows the "
+               f"data) or --set moa.num_experts={n}")
+        return self
+
+    def check_experts_known(self) -> None:
+        """Building a model needs the expert count; only a run's data can stand in for it (`for_domains`)."""
+        _check(self.num_experts != EXPERTS_FROM_DATA, "MoAConfig.num_experts is unset (0 = one expert per domain of "
+               "a run's data) and there is no data here to take it from: set num_experts, e.g. "
+               "MoAConfig(num_experts=4, ...)")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ def merge_params(frozen: Params, trainable: Params) -> Params:
 
 
 def _init_fn(cfg: ModelConfig, moa: Optional[MoAConfig]):
+    if moa is not None:   # every parameter tree is built here: the expert count must be a number by now
+        moa.check_experts_known()
     model = MoATransformer(cfg, moa)
 
     def init(rng):

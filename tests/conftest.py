@@ -55,13 +55,15 @@ SMOKE_VARIANT = "eta0:stage2.eta=0;methods=moa_router"
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
     """The smoke experiment through `python -m experiments.run`'s entry point, with 1 test item per domain and one
-    ablation variant (eta = 0). -> (workdir, console output). Read only.
+    ablation variant (eta = 0), without progress bars. -> (workdir, console output: the moa_jax log lines, then what
+    it printed). Read only.
 
     Run once per test session, also under pytest-xdist: the first worker to ask runs it under a lock in the folder
     all workers share, the others wait and read it."""
     import contextlib
     import fcntl
     import io
+    import logging
 
     from experiments import run
     base = tmp_path_factory.getbasetemp()
@@ -71,9 +73,18 @@ def smoke(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not console.exists():
             out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set",
-                               "eval.items_per_domain=1", "--set", f"variants={SMOKE_VARIANT}"])
+            # the log lines a console shows (run.main's own logging set-up is a no-op under pytest's handlers)
+            handler, moa_log = logging.StreamHandler(out), logging.getLogger("moa_jax")
+            level = moa_log.level
+            moa_log.addHandler(handler)
+            moa_log.setLevel(logging.INFO)
+            try:
+                with contextlib.redirect_stdout(out):
+                    rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set",
+                                   "eval.items_per_domain=1", "--set", f"variants={SMOKE_VARIANT}"])
+            finally:
+                moa_log.removeHandler(handler)
+                moa_log.setLevel(level)
             assert rc == 0, out.getvalue()[-4000:]
             console.write_text(out.getvalue())
     return str(workdir), console.read_text()

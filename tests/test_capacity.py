@@ -105,6 +105,7 @@ def test_plan():
     job = moa_10task_capacity()
     exp, study = job.exp, job.section
     assert job.workflow == "capacity" and study.rank == 2
+    exp = replace(exp, moa=exp.moa.for_domains(DOMAIN_NAMES))   # as prepare() resolves it: one expert per domain
     arms = plan_arms(exp, study)
     assert [(a.label, a.rank, a.exp.moa.alpha) for a in arms] == [
         ("moa_router", 16, 32.0), ("moa_router[r2]", 2, 4.0), ("mixed_lora[r2]", 2, 4.0),

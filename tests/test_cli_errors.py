@@ -94,6 +94,13 @@ def test_experiment_cli_user_errors_are_found_before_the_model_loads(tmp_path, c
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 2 and "'cdoe'" in warned[0] and "'mth'" in warned[1], warned
 
+    caplog.clear()   # a set expert count must be the data's domain count (unset, it follows the data)
+    rc, err = run_experiment_cli(capsys, caplog, f"--workdir={tmp_path / 'w4'}", "--set", f"data.source=jsonl:{good}",
+                                 "--set", "moa.num_experts=4")
+    assert_user_error(rc, err, "moa.num_experts=4 but the data has 5 domains", "leave moa.num_experts unset (it "
+                      "follows the data) or --set moa.num_experts=5")
+    assert "base model" not in caplog.text
+
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 4)
     rc, err = run_experiment_cli(capsys, caplog, f"--workdir={tmp_path / 'w3'}", "--set", f"data.source=jsonl:{good}",

@@ -1,12 +1,12 @@
 """Bad configuration values raise ConfigError (a ValueError) naming the field; good edge cases construct."""
 import pytest
 
-from moa_jax.config import ConfigError, MoAConfig, normalize_targets
+from moa_jax.config import EXPERTS_FROM_DATA, ConfigError, MoAConfig, normalize_targets
 from tests.conftest import make_tiny_cfg
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(num_experts=0), r"MoAConfig\.num_experts must be >= 1, got 0"),
+    (dict(num_experts=-1), r"MoAConfig\.num_experts must be >= 1 \(or 0: one per domain of the data\), got -1"),
     (dict(rank=0), r"MoAConfig\.rank must be >= 1, got 0"),
     (dict(targets=("q_proj", "qq")), r"MoAConfig\.targets: unknown projection 'qq'"),
     (dict(targets=()), r"MoAConfig\.targets is empty"),
@@ -40,6 +40,23 @@ def test_single_expert_is_a_valid_plain_lora():
     assert moa.num_experts == 1 and moa.top_k == 2
     MoAConfig(num_experts=1, dispatch="soft")
     MoAConfig(num_experts=2, dispatch="token_topk", top_k=2)
+
+
+def test_num_experts_follows_the_data_unless_set():
+    """Unset (0), the expert count is the data's domain count; a set count must equal it; a model is never built
+    with it unset."""
+    from moa_jax.params import param_shapes
+    assert MoAConfig().num_experts == EXPERTS_FROM_DATA
+    assert MoAConfig(rank=4).for_domains(("math", "geo")) == MoAConfig(num_experts=2, rank=4)
+    assert MoAConfig(num_experts=2).for_domains(("math", "geo")).num_experts == 2
+    with pytest.raises(ConfigError, match=r"^moa\.num_experts=4 but the data has 2 domains \['math', 'geo'\]: MoA "
+                       r"trains one expert per domain; leave moa\.num_experts unset \(it follows the data\) or "
+                       r"--set moa\.num_experts=2$"):
+        MoAConfig(num_experts=4).for_domains(("math", "geo"))
+    with pytest.raises(ConfigError, match=r"MoAConfig\.top_k=2 must be <= num_experts=1"):   # re-validated
+        MoAConfig(dispatch="token_topk").for_domains(("one",))
+    with pytest.raises(ConfigError, match=r"MoAConfig\.num_experts is unset .* set num_experts"):
+        param_shapes(make_tiny_cfg(), MoAConfig(rank=4))
 
 
 def test_targets_normalised_and_scale():

@@ -188,20 +188,46 @@ def test_data_pipeline_example_runs(tmp_path):
                                        "valid"}
 
 
-def test_data_jsonl_worked_example_runs(tmp_path):
-    """docs/data.md's worked JSONL example: the shell lines write the files, inspect reads them, the config loads."""
-    from moa_jax.data import load_split
+# The worked example's training, shrunk for the suite (the page's command takes about a minute; compiling is most of
+# it): one stage-2 step on stage 1's fresh experts (one train step compiled, not two), MoA only, one test item per
+# domain, no ablation variant.
+WORKED_EXAMPLE_SHRINK = ("stage1.steps=0", "stage2.steps=1", "eval.methods=moa_oracle", "eval.items_per_domain=1",
+                         "eval.max_new_tokens=2", "variants=", "data.buckets=64", "data.max_len=64")
+
+
+def test_data_jsonl_worked_example_runs(tmp_path, monkeypatch):
+    """docs/data.md's worked JSONL example as written: bash writes the files; the `python -m` commands run in-process
+    through their modules' main (start-up and the embedded GGUF read shared): inspect lists both domains, the
+    training runs to its report (shrunk by WORKED_EXAMPLE_SHRINK) with moa.num_experts following the data (2); the
+    Python config loads the files."""
+    import json
+    import shlex
+
+    from experiments import run
+    from moa_jax.data import inspect, load_split
     from tests.data_helpers import tiny_tokenizer
-    shell = _block("docs/data.md", "Worked example:", "bash")
-    shell = shell.replace("python -m", f"{sys.executable} -m")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(["bash", "-c", shell], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=600)
+    shell = _block("docs/data.md", "Worked example:", "bash").splitlines()
+    commands = [shlex.split(line) for line in shell if line.startswith("python -m ")]
+    assert [c[2] for c in commands] == ["moa_jax.data.inspect", "experiments.run"], shell
+    assert not any("num_experts" in arg for arg in commands[1])   # it follows the data
+    proc = subprocess.run(["bash", "-c", "\n".join(line for line in shell if not line.startswith("python -m "))],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "math" in proc.stdout and "geo" in proc.stdout, proc.stdout
+
+    monkeypatch.chdir(tmp_path)   # the commands' relative paths: mydata/, runs/mydata
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert inspect.main(commands[0][3:]) == 0
+    assert "double" in out.getvalue() and "square" in out.getvalue(), out.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert run.main(commands[1][3:] + ["--no_progress"] + [f"--set={s}" for s in WORKED_EXAMPLE_SHRINK]) == 0
+    assert "report: runs/mydata/results.md" in out.getvalue()
+    for stage in ("stage1", "stage2"):
+        saved = json.load(open(tmp_path / "runs" / "mydata" / stage / "adapters" / "config.json"))
+        assert saved["moa"]["num_experts"] == 2 and saved["domains"] == ["double", "square"]
+
     code = _block("docs/data.md", "Worked example:")
     namespace: dict = {}
     exec("from moa_jax.config import DataConfig\n" + code, namespace)
     cfg = dataclasses.replace(namespace["cfg"], source=f"jsonl:{tmp_path / 'mydata'}", holdout_fraction=0.0)
-    train = load_split(cfg, tiny_tokenizer(), "train")
-    assert len(train) == 3
+    train_split = load_split(cfg, tiny_tokenizer(), "train")
+    assert len(train_split) == 200 and train_split.domains == ("square", "double")

@@ -93,6 +93,7 @@ def _tb_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_has_losses_learning_rates_and_evaluation(smoke):
+    """Training scalars are `train/<metrics.jsonl key>`, the evaluation's `eval/<metric>/<method>`."""
     from moa_jax.train.metrics_log import EVAL_METRICS, eval_tag
     workdir, _ = smoke
     res = json.load(open(os.path.join(workdir, "results.json")))
@@ -100,16 +101,19 @@ def test_tensorboard_has_losses_learning_rates_and_evaluation(smoke):
         tb = _tb_scalars(os.path.join(workdir, stage, "tensorboard"))
         rows = [json.loads(line) for line in open(os.path.join(workdir, stage, "metrics.jsonl"))]
         assert [r["step"] for r in rows] == [1, 2]
-        for key in ("loss", "lm_loss", "learning_rate") + (("router_acc", "learning_rate_router") if router else ()):
-            assert tb[key] == [(r["step"], pytest.approx(r[key])) for r in rows], (stage, key)
-        assert ("learning_rate_router" in tb) == router
+        assert set(tb) == {f"train/{key}" for r in rows for key in r if key != "step"}, (stage, sorted(tb))
+        for key in ("loss", "lm_loss", "learning_rate", f"loss/{DOMAIN_NAMES[0]}") + (
+                ("router_acc", "learning_rate_router") if router else ()):
+            assert tb[f"train/{key}"] == [(r["step"], pytest.approx(r[key])) for r in rows], (stage, key)
+        assert ("train/learning_rate_router" in tb) == router
     eval_tb = _tb_scalars(os.path.join(workdir, "eval", "tensorboard"))
     final = res["steps"]["stage2"]
     for method, entry in res["methods"].items():
         assert eval_tb[eval_tag("accuracy", method)] == [(final, pytest.approx(entry["mean_accuracy"]))]
         assert (eval_tag("ppl", method) in eval_tb) == (method != "most_common")
         assert (eval_tag("routing_accuracy", method) in eval_tb) == method.startswith("moa_router")
-    assert eval_tag("bleu", "moa_router[eta0]") == "eval_bleu/moa_router.eta0"
+    assert eval_tag("accuracy", "moa_router") == "eval/accuracy/moa_router"
+    assert eval_tag("bleu", "moa_router[eta0]") == "eval/bleu/moa_router.eta0"
     assert len(eval_tb) == sum(e[f"mean_{m}"] is not None for e in res["methods"].values() for m in EVAL_METRICS)
 
 

@@ -1,5 +1,10 @@
 """What training shows and logs besides the loss: the learning rate of every logged step is the one the optimizer
-applied, and the progress bar names the LM loss and the router accuracy (never the summed objective `loss`)."""
+applied, the progress bar names the LM loss and the router accuracy (never the summed objective `loss`), and every
+logged step is one console line (losses, router accuracy, throughput, ETA)."""
+import json
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +12,7 @@ import optax
 import pytest
 
 from moa_jax.config import TrainConfig
-from moa_jax.train.metrics_log import progress_fields
+from moa_jax.train.metrics_log import log_line, progress_fields
 from moa_jax.train.step import logged_learning_rates, make_optimizer
 
 
@@ -53,3 +58,32 @@ def test_progress_bar_shows_lm_loss_and_router_accuracy_not_the_objective():
     assert progress_fields(stage1) == {"lm_loss": "2.616"}
     stage2 = {"loss": 4.1, "lm_loss": 2.5, "router_loss": 1.6, "router_acc": 0.875}
     assert progress_fields(stage2) == {"lm_loss": "2.500", "router_acc": "0.875"}
+
+
+def test_without_progress_bar_each_logged_step_is_one_console_line(smoke):
+    """The session's smoke run (--no_progress, every step logged): per stage, one console line per metrics.jsonl
+    row, with the losses, the router accuracy where routers train, the throughput and, before the last step, the
+    ETA."""
+    workdir, console = smoke
+    number, stages = r"\d+\.\d+", ("stage1", "stage2", "mixed_lora", "variants/eta0/stage2")
+    for stage in stages:
+        rows = [json.loads(line) for line in open(os.path.join(workdir, stage, "metrics.jsonl"))]
+        lines = [line for line in console.splitlines() if line.startswith(f"{stage} step ")]
+        total = rows[-1]["step"]
+        assert len(lines) == len(rows) == total, (stage, lines)   # smoke logs every step
+        routers = stage.endswith("stage2")
+        for line, row in zip(lines, rows):
+            want = (rf"{stage} step {row['step']}/{total}: loss {number} lm_loss {number}"
+                    + (rf" router_loss {number} router_acc {number}" if routers else "") + r" \| \d+ tokens/s"
+                    + (r" \| ETA \d+:\d\d:\d\d" if row["step"] < total else ""))
+            assert re.fullmatch(want, line), (line, want)
+            assert f"lm_loss {row['lm_loss']:.4f}" in line
+
+
+def test_log_line_shows_each_stage_s_losses_and_the_eta():
+    stage1 = {"loss": 23.41649, "lm_loss": 2.61621, "tokens_per_s": 1234.4, "seconds": 10.0}
+    assert log_line("stage1", 20, 80, stage1, 10) == (
+        "stage1 step 20/80: loss 23.4165 lm_loss 2.6162 | 1234 tokens/s | ETA 0:01:00")
+    moe = {"loss": 2.6, "lm_loss": 2.5, "balance_loss": 1.01, "tokens_per_s": 10.0, "seconds": 3600.0}
+    assert log_line("moe_lora", 1, 3, moe, 1) == (
+        "moe_lora step 1/3: loss 2.6000 lm_loss 2.5000 balance_loss 1.0100 | 10 tokens/s | ETA 2:00:00")

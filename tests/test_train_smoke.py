@@ -1,7 +1,8 @@
 """The experiment runner end to end ("has a pulse"), resume of a finished run, and typed `--set` overrides.
 
-The smoke run is `python -m experiments.run --exp=smoke` shrunk further with --set (2 of the 10 tiny domains, batch
-2, one evaluation method on one item per domain); the vocabulary is still the embedded tokenizer's 49k.
+The smoke run is `python -m experiments.run --exp=smoke` shrunk further with --set (2 of the 10 tiny domains, so 2
+experts: moa.num_experts follows the data; batch 2, one evaluation method on one item per domain); the vocabulary is
+still the embedded tokenizer's 49k.
 """
 import json
 import os
@@ -19,7 +20,7 @@ from moa_jax.config import ConfigError, DataConfig, ExperimentConfig
 from moa_jax.overrides import apply_overrides, valid_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHRINK = ["data.domains=chain_sum,spell_backward", "moa.num_experts=2", "data.batch_size=2",
+SHRINK = ["data.domains=chain_sum,spell_backward", "data.batch_size=2",
           "data.buckets=64,128", "data.max_len=128", "eval.methods=moa_oracle", "eval.items_per_domain=1",
           "eval.max_new_tokens=2", "eval.batch_size=2", "variants="]
 STAGES = ("stage1", "stage2")
@@ -130,7 +131,7 @@ def test_smoke_experiment_runs_then_resumes_without_retraining(cli_env, fresh_ru
         for name in ("adapters/adapters.safetensors", "adapters/config.json", "metrics.jsonl"):
             assert os.path.exists(os.path.join(workdir, stage, name)), (stage, name)
         with open(os.path.join(workdir, stage, "adapters", "config.json")) as f:
-            assert json.load(f)["moa"]["num_experts"] == 2
+            assert json.load(f)["moa"]["num_experts"] == 2   # not set: one expert per domain of the data
     before = stage_snapshot(workdir)
     for stage in STAGES:
         tcfg, (lines, ckpts) = getattr(smoke, stage), before[stage]

@@ -5,6 +5,7 @@
         batch = source.batch(...)  -> global arrays         # each process feeds its own rows
         state, metrics = train_step(state, frozen, batch)   # jitted once, donated, explicit shardings
         log on log steps; checkpoint on checkpoint steps     # host reads device values only there
+                                                            # (metrics.jsonl, TensorBoard, one console line)
 
 Faults: restore skips a damaged checkpoint (checkpoint.py: digests, finiteness); a failed background save stops
 the run at the next step (`check_saves`); a NaN/inf loss in the first updates after a resume blames the checkpoint
@@ -17,6 +18,7 @@ Shape glossary: A micro-batches per update, B batch rows, T tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -28,11 +30,12 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moa_jax.errors import UserError
 from moa_jax.train.checkpoint import StageCheckpointer, save_adapters
 from moa_jax.config import TrainConfig
-from moa_jax.train.metrics_log import MetricsLogger, progress_fields, summarize
+from moa_jax.train.metrics_log import MetricsLogger, log_line, progress_fields, summarize
 from moa_jax.nn.model import MoATransformer
 from moa_jax.data.targets import gather_targets
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, gather_to_host, micro_batch_sharding,
@@ -136,29 +139,34 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=start)   # drops rows logged past `start`
     history: list[dict] = []
     acc, count = None, 0
-    bar = tqdm(total=tcfg.steps, initial=start, desc=desc, disable=not (progress and is_main), dynamic_ncols=True)
-    logger.start_clock()
-    for step in range(start, tcfg.steps):
-        batch = _put_micro(mesh, _stack_micro(source, step, tcfg.grad_accum))
-        state, metrics = step_fn(state, frozen, batch)
-        ckpt.check_saves()   # a failed background save stops the run here, not at the next checkpoint
-        acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
-        count += 1
-        done = step + 1
-        bar.update(1)
-        if done % tcfg.log_every == 0 or done == tcfg.steps:
-            _check_finite(state, ckpt, done, resumed_from)
-            resumed_from = None
-            row = logger.log(done, {**summarize(acc, count, domain_names), **logged_learning_rates(tcfg, done)})
-            history.append({"step": done, **row})
-            bar.set_postfix(progress_fields(row), refresh=False)
-            if on_log is not None:
-                on_log(done, row)
-            acc, count = None, 0
-        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-            _check_finite(state, ckpt, done, resumed_from)
-            resumed_from = None
-            ckpt.save(done, state, {"config": config})
+    show_bar = progress and is_main
+    bar = tqdm(total=tcfg.steps, initial=start, desc=desc, disable=not show_bar, dynamic_ncols=True)
+    # one log line per logged row, bar or not; with the bar, the lines go above it (it stays the console's last line)
+    with logging_redirect_tqdm(tqdm_class=tqdm) if show_bar else contextlib.nullcontext():
+        logger.start_clock()
+        for step in range(start, tcfg.steps):
+            batch = _put_micro(mesh, _stack_micro(source, step, tcfg.grad_accum))
+            state, metrics = step_fn(state, frozen, batch)
+            ckpt.check_saves()   # a failed background save stops the run here, not at the next checkpoint
+            acc = metrics if acc is None else jax.tree_util.tree_map(jnp.add, acc, metrics)
+            count += 1
+            done = step + 1
+            bar.update(1)
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                _check_finite(state, ckpt, done, resumed_from)
+                resumed_from = None
+                row = logger.log(done, {**summarize(acc, count, domain_names), **logged_learning_rates(tcfg, done)})
+                history.append({"step": done, **row})
+                bar.set_postfix(progress_fields(row), refresh=False)
+                if is_main:
+                    log.info("%s", log_line(desc, done, tcfg.steps, row, count))
+                if on_log is not None:
+                    on_log(done, row)
+                acc, count = None, 0
+            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+                _check_finite(state, ckpt, done, resumed_from)
+                resumed_from = None
+                ckpt.save(done, state, {"config": config})
     bar.close()
     ckpt.close()
     logger.close()

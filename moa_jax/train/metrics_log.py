@@ -2,8 +2,10 @@
 averages per method as TensorBoard scalars.
 
 The jitted step returns a flat dict of device scalars (plus per-domain vectors); the loop adds them up on device
-(no host sync) and reads the sums only on logging steps. TensorBoard events are written with tensorboardX, which
-needs no TensorFlow.
+(no host sync) and reads the sums only on logging steps. Each logged row is one console line (`log_line`), one
+metrics.jsonl row under the step's own key names, and TensorBoard scalars under `train/<key>` (`train/lm_loss`,
+`train/loss/<domain>`, `train/learning_rate`); the evaluation's are `eval/<metric>/<method>`. TensorBoard events are
+written with tensorboardX, which needs no TensorFlow.
 """
 from __future__ import annotations
 
@@ -44,6 +46,33 @@ def progress_fields(row: dict[str, float]) -> dict[str, str]:
     return {k: f"{row[k]:.3f}" for k in PROGRESS_KEYS if k in row}
 
 
+# The console line's losses, under their metrics.jsonl names: the objective, then its parts where the stage has them
+# (stage 2's router CE, the MoE-LoRA balance loss); router_acc where the stage trains routers.
+LINE_LOSSES = ("loss", "lm_loss", "router_loss", "balance_loss")
+
+
+def log_line(label: str, step: int, total: int, row: dict[str, float], steps_logged: int) -> str:
+    """A logged row -> one console line, e.g.
+    `stage2 step 20/40: loss 4.1000 lm_loss 2.5000 router_loss 1.6000 router_acc 0.875 | 812 tokens/s | ETA 0:01:10`.
+    `steps_logged`: the steps the row averages; the ETA assumes the remaining steps take as long as those did (the
+    first row's interval includes compilation, so its ETA is high)."""
+    parts = [f"{k} {row[k]:.4f}" for k in LINE_LOSSES if k in row]
+    if "router_acc" in row:
+        parts.append(f"router_acc {row['router_acc']:.3f}")
+    line = f"{label} step {step}/{total}: {' '.join(parts)}"
+    if "tokens_per_s" in row:
+        line += f" | {row['tokens_per_s']:.0f} tokens/s"
+    if "seconds" in row and step < total:
+        eta = round(row["seconds"] / max(steps_logged, 1) * (total - step))
+        line += f" | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+    return line
+
+
+def train_tag(key: str) -> str:
+    """TensorBoard tag of a metrics.jsonl key: `train/<key>` (`train/loss/<domain>` for a domain's LM loss)."""
+    return f"train/{key}"
+
+
 class MetricsLogger:
     """JSONL (always) + TensorBoard (when tensorboardX is importable) in `directory`; one line per log step.
 
@@ -77,7 +106,7 @@ class MetricsLogger:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
             if self._tb is not None:
                 for k, v in metrics.items():
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(train_tag(k), v, step)
                 self._tb.flush()
         return metrics
 
@@ -107,15 +136,15 @@ EVAL_METRICS = ("accuracy", "score", "ppl", "bleu", "rouge_l", "routing_accuracy
 
 
 def eval_tag(metric: str, method: str) -> str:
-    """TensorBoard tag of a method's mean metric; a variant's label `moa_router[eta0]` becomes `moa_router.eta0`
-    (TensorBoard tags allow only letters, digits and `_./-`)."""
-    return f"eval_{metric}/{method.replace('[', '.').replace(']', '')}"
+    """TensorBoard tag of a method's mean metric: `eval/<metric>/<method>`; a variant's label `moa_router[eta0]`
+    becomes `moa_router.eta0` (TensorBoard tags allow only letters, digits and `_./-`)."""
+    return f"eval/{metric}/{method.replace('[', '.').replace(']', '')}"
 
 
 def log_eval_scalars(directory: str, results: dict, step: int) -> int:
-    """The evaluation's averages over domains as TensorBoard scalars `eval_<metric>/<method>` (eval_tag) at training step
-    `step`, in `directory`/tensorboard (one chart per metric, one line per method). -> scalars written (0 without
-    tensorboardX). Metrics a method does not have (PPL of most_common, routing of non-router methods) are left out."""
+    """The evaluation's averages over domains as TensorBoard scalars `eval/<metric>/<method>` (eval_tag) at training
+    step `step`, in `directory`/tensorboard. -> scalars written (0 without tensorboardX). Metrics a method does not
+    have (PPL of most_common, routing of non-router methods) are left out."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:   # optional dependency: results.json has everything

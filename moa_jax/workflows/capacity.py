@@ -125,8 +125,8 @@ def run_capacity(exp: ExperimentConfig, study: CapacityConfig, workdir: str, pro
     t0 = time.perf_counter()
     if exp.variants:
         log.info("capacity study: the ablation variants %s are not run", [v.split(":")[0] for v in exp.variants])
-    arms = plan_arms(exp, study)
     ctx = prepare(replace(exp, variants=()), workdir, workflow="capacity", section=study)
+    arms = plan_arms(ctx.exp, study)   # with moa.num_experts from the data (the parameter-matched rank needs it)
     trained, specs, params, stages = {}, [], {}, {}
     for arm in arms:
         arm_ctx = dataclasses.replace(ctx, exp=arm.exp, workdir=os.path.join(workdir, arm.subdir), stage_dirs={})

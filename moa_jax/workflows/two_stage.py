@@ -33,8 +33,8 @@ import jax
 from flax import traverse_util
 
 from moa_jax.train.checkpoint import CheckpointMismatchError, config_mismatches, load_adapters
-from moa_jax.config import (DATA_SPLITS, ConfigError, ExperimentConfig, ModelConfig, MoAConfig, TrainConfig,
-                            experiment_keys, replace, stage_absent_values, stage_keys,
+from moa_jax.config import (DATA_SPLITS, EXPERTS_FROM_DATA, ConfigError, ExperimentConfig, ModelConfig, MoAConfig,
+                            TrainConfig, experiment_keys, replace, stage_absent_values, stage_keys,
                             stage_renamed_values)
 from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.prompt_format import resolve_prompt_format
@@ -195,16 +195,18 @@ def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None, work
             section: Any = None, final_stage: str = "stage2") -> ExperimentContext:
     """Check what is cheap to check (work directory, data files, model file, mesh), then load the base model,
     tokenise the data, build the mesh and place the frozen weights. `texts`: split -> TextSplit read already
-    (default: read from exp.data). <workdir>/config.json records the experiment, the workflow, its section and the
-    stage of its final model (what `moa_jax.load_run(workdir)` loads)."""
+    (default: read from exp.data). moa.num_experts is resolved from the data's domains here (MoAConfig.for_domains),
+    before anything is built: the context's `exp` holds the number, and so do <workdir>/config.json (the experiment,
+    the workflow, its section and the stage of its final model: what `moa_jax.load_run(workdir)` loads) and every
+    stage's checkpoints and adapters."""
     check_writable(workdir)
-    check_run_dir(workdir, exp)
     texts = texts or {split: load_text_split(exp.data, split) for split in DATA_SPLITS}
     log_domain_census(texts["train"])
     domains = tuple(texts["train"].domains)
-    if exp.moa.num_experts != len(domains):
-        raise ConfigError(f"moa.num_experts={exp.moa.num_experts} but the data has {len(domains)} domains "
-                          f"{list(domains)}: MoA trains one expert per domain; --set moa.num_experts={len(domains)}")
+    if exp.moa.num_experts == EXPERTS_FROM_DATA:
+        log.info("moa.num_experts=%d: one expert per domain of the data", len(domains))
+    exp = replace(exp, moa=exp.moa.for_domains(domains))
+    check_run_dir(workdir, exp)
     mesh = make_mesh(exp.mesh)
     check_experts_divisible(mesh, exp.moa.num_experts)
     check_batch_divisible(mesh, exp.data.batch_size)
@@ -347,9 +349,11 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
     """The whole experiment; writes results.json and the report (results.md, plots) and returns the results."""
     from moa_jax.eval.report import write_report
     t0 = time.perf_counter()
-    plans = plan_variants(exp)   # a bad variant fails now, not after hours of training
+    plan_variants(exp)   # a bad variant fails now, not after hours of training
     parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory
     ctx = prepare(exp, workdir)
+    exp = ctx.exp   # moa.num_experts from the data
+    plans = plan_variants(exp)
     trained = train_all(ctx, progress)
     specs = [Method(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
     results = ctx.evaluate(trained, specs, progress)
