@@ -23,7 +23,7 @@ from moa_jax.model_config import (ATTENTION_PROJECTIONS, DTYPES, HIDDEN_ACTS, LA
                                   check_remat)
 from moa_jax.methods import EVAL_METHODS, unknown_methods
 from moa_jax.routing import (DECISION_POLICIES, DISPATCH_MODES, LEGACY_ROUTE_ON, ROUTE_ON, TRAIN_ROUTINGS,
-                             resolve_training, routes_on_probe)
+                             resolve, resolve_training, routes_on_probe)
 from moa_jax.variants import Variant, parse_variant
 
 _PROJECTION_ALIASES = {p.removesuffix("_proj"): p for p in PROJECTIONS}
@@ -80,13 +80,13 @@ class MoAConfig:
             object.__setattr__(self, "route_on", LEGACY_ROUTE_ON[self.route_on])
         _check(self.route_on in ROUTE_ON, f"MoAConfig.route_on={self.route_on!r} not in {ROUTE_ON}: 'adapted' routes "
                f"with the adapted model's routing pass, 'probe' with one forward of the plain base model (servable)")
-        _check(not routes_on_probe(self) or self.dispatch == "top1",
+        _check(not routes_on_probe(self) or resolve(self).needs_routing_pass,
                f"MoAConfig.route_on='probe' needs dispatch='top1' (got {self.dispatch!r}): soft and token-level "
                f"dispatch route inside every forward of the adapted model")
         _check(self.top_k >= 1, f"MoAConfig.top_k must be >= 1, got {self.top_k}")
         # top_k is used only by token_topk; checking it otherwise would reject E=1 (a plain LoRA) at top_k=2. An
         # unset E is checked when the data resolves it (for_domains re-runs this).
-        _check(self.dispatch != "token_topk" or self.num_experts == EXPERTS_FROM_DATA
+        _check(not resolve(self).token_level or self.num_experts == EXPERTS_FROM_DATA
                or self.top_k <= self.num_experts,
                f"MoAConfig.top_k={self.top_k} must be <= num_experts={self.num_experts} for dispatch='token_topk'")
         _check(self.adapter_dtype in DTYPES, f"MoAConfig.adapter_dtype={self.adapter_dtype!r} not in {DTYPES}")
@@ -271,7 +271,7 @@ class ExperimentConfig:
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")
         _check(self.moe_lora.stage == "moe_lora", "ExperimentConfig.moe_lora.stage must be 'moe_lora'")
-        _check(self.moa.dispatch != "soft" or "moa_router" not in self.eval.methods,
+        _check(resolve(self.moa).cacheable or "moa_router" not in self.eval.methods,
                "ExperimentConfig: moa.dispatch='soft' with eval.methods containing 'moa_router': the evaluation "
                "generates answers, and cached decoding cannot re-pool soft gates over new tokens; use "
                "moa.dispatch=top1 (MoA as in the paper) or drop moa_router from eval.methods")

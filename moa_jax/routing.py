@@ -153,6 +153,11 @@ class RoutePlan:
         return self.mode in ("base", "fixed")
 
     @property
+    def token_level(self) -> bool:
+        """Every token is routed on its own (token-level top-k MoE-LoRA), inside every forward."""
+        return self.mode == "token"
+
+    @property
     def needs_routing_pass(self) -> bool:
         return self.source == "routing_pass"
 
