@@ -149,7 +149,7 @@ def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
 
 # ---- merged export: base + one expert as a plain transformers checkpoint ------------------------------------------
 SHARD_BYTES = 2 << 30   # tensors per safetensors shard; also bounds the host memory the export needs
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_MERGED_DTYPES = ("float32", "float16", "bfloat16")   # what export_merged writes
 
 
 def hf_config_dict(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
@@ -183,22 +183,6 @@ def hf_config_dict(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> 
 def _special_token_ids(tokenizer) -> dict:
     names = ("bos_token_id", "eos_token_id", "pad_token_id")
     return {n: int(getattr(tokenizer, n)) for n in names if getattr(tokenizer, n, None) is not None}
-
-
-def _write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str) -> None:
-    """The safetensors format written directly: safetensors' numpy writer has no bfloat16."""
-    header, offset = {}, 0
-    for key, array in tensors.items():
-        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(array.shape),
-                       "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)   # the format aligns the data to 8 bytes
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
 
 
 def merged_plan(cfg: ModelConfig) -> list[tuple[tuple, Optional[int], str, tuple]]:
@@ -250,10 +234,11 @@ def export_merged(params: dict, cfg: ModelConfig, moa: MoAConfig, expert: int, o
     models) config.json is written from the ModelConfig. dtype: of the written weights (default: the base's;
     an int8 base is written dequantised, in float32 unless dtype says otherwise). -> out_dir."""
     dtype = dtype or (cfg.param_dtype if cfg.quantize == "none" else "float32")
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"dtype={dtype!r} not in {list(_ST_DTYPES)}")
+    if dtype not in _MERGED_DTYPES:
+        raise ValueError(f"dtype={dtype!r} not in {list(_MERGED_DTYPES)}")
     if not 0 <= expert < moa.num_experts:
         raise ValueError(f"expert {expert} not in [0, {moa.num_experts})")
+    from safetensors.numpy import save_file
     np_dtype = numpy_dtype(dtype)
     flat = traverse_util.flatten_dict(params)
     shards = _shard_plan(merged_plan(cfg), np_dtype.itemsize)
@@ -262,9 +247,10 @@ def export_merged(params: dict, cfg: ModelConfig, moa: MoAConfig, expert: int, o
     os.makedirs(out_dir, exist_ok=True)
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
-        tensors = {key: merged_tensor(flat, moa, expert, path, layer).astype(np_dtype)
+        # contiguous: save_file writes each array's buffer as it lies in memory (bfloat16 included)
+        tensors = {key: np.ascontiguousarray(merged_tensor(flat, moa, expert, path, layer).astype(np_dtype))
                    for path, layer, key, _ in shard}
-        _write_safetensors(inside(out_dir, name), tensors, dtype)
+        save_file(tensors, inside(out_dir, name))
         weight_map.update({key: name for key in tensors})
         total += sum(a.nbytes for a in tensors.values())
     if len(shards) > 1:
