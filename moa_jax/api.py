@@ -40,6 +40,7 @@ from flax import traverse_util
 
 from moa_jax.config import ModelConfig, MoAConfig, replace, stage_keys
 from moa_jax.errors import UserError, check_rank_fits
+from moa_jax.eval.calibration import applied_routing_policy
 from moa_jax.generate.decode import (eos_ids, generate_tokens, left_pad, route_from_prompt, sequence_experts,
                                      until_eos)
 from moa_jax.generate.sampling import check_sampling
@@ -141,16 +142,17 @@ class MoAModel:
         idx = None
         if plan.needs_experts:
             idx, _ = sequence_experts(plan, self.config, self.moa, self.params, tokens, mask, pmask, expert=expert,
-                                      domain=domain)
+                                      domain=domain, names=self.domains)
         return np.asarray(_forward_fn(self.config, self.moa, plan.mode)(self.params, tokens, mask, pmask, idx))
 
     def route(self, token_ids, *, attention_mask=None, prompt_mask=None) -> np.ndarray:
-        """The expert the routers pick per sequence [B] from its prompt tokens."""
+        """The expert the routers pick per sequence [B] from its prompt tokens, under the model's routing policy
+        (MoAConfig: early exit, abstention; -1 = abstained to the base model)."""
         if self.moa is None:
             raise ValueError("route(): this model has no experts (loaded with moa=None)")
         tokens = jnp.asarray(np.atleast_2d(np.asarray(token_ids)), jnp.int32)
         mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        idx, _ = route_from_prompt(self.config, self.moa, self.params, tokens, mask, prompt_mask)
+        idx, _ = route_from_prompt(self.config, self.moa, self.params, tokens, mask, prompt_mask, names=self.domains)
         return np.asarray(idx)
 
     # ---- generation -----------------------------------------------------------------------------------------
@@ -174,7 +176,8 @@ class MoAModel:
         tokens, mask, eos = self._prompt_batch("generate", prompts, system_prompt)
         out, idx, _ = generate_tokens(self.config, self.moa, self.params, tokens, mask, routing=routing,
                                       expert=expert, domain=domain, max_new_tokens=max_new_tokens,
-                                      eos_ids=eos, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                                      eos_ids=eos, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                      names=self.domains)
         results = []
         for row, e in zip(out, idx):
             ids = until_eos(row, eos)
@@ -195,7 +198,7 @@ class MoAModel:
         def run(on_token):
             generate_tokens(self.config, self.moa, self.params, tokens, mask, routing=routing, expert=expert,
                             domain=domain, max_new_tokens=max_new_tokens, eos_ids=eos, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, on_token=on_token)
+                            top_k=top_k, top_p=top_p, seed=seed, names=self.domains, on_token=on_token)
         return stream_text(run, self.tokenizer, eos)
 
     def _prompt_batch(self, caller: str, prompts: Sequence, system_prompt) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -303,11 +306,16 @@ def load_run(workdir: str, stage: Optional[str] = None, *, source: Optional[str]
     moved), the `stage`'s experts and routers with their MoA config, the domain names as `.domains` and the
     training system prompt and prompt format as `.system_prompt` and `.prompt_format` (generate's). Stages: the
     run's final model by default (stage2 for the two_stage and capacity workflows, refit for add_domain), stage1,
-    mixed_lora, moe_lora, variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's."""
+    mixed_lora, moe_lora, variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's.
+    Stage 2 routes with the policy the run settled on after training (<workdir>/routing.json: early exit,
+    temperature, abstention threshold and fall-back, moa_jax/eval/calibration.py), when the run wrote one."""
     run = read_run(workdir, stage, source)
     model = load_model(run.source, adapters=run.adapters, dtype=dtype or run.dtype,
                        quantize=quantize or run.quantize)
-    return dataclasses.replace(model, domains=run.domains, system_prompt=run.system_prompt,
+    moa = model.moa
+    if run.stage == "stage2" and moa is not None:   # the routing policy picked on validation (routing.json)
+        moa = applied_routing_policy(workdir, moa)
+    return dataclasses.replace(model, moa=moa, domains=run.domains, system_prompt=run.system_prompt,
                                prompt_format=run.prompt_format)
 
 

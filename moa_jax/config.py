@@ -22,8 +22,8 @@ from moa_jax.model_config import (ATTENTION_PROJECTIONS, DTYPES, HIDDEN_ACTS, LA
                                   PROJECTIONS, QUANTIZE_MODES, REMAT_POLICIES, ModelConfig, RopeScaling,
                                   check_remat)
 from moa_jax.methods import EVAL_METHODS, unknown_methods
-from moa_jax.routing import (DECISION_POLICIES, DISPATCH_MODES, LEGACY_ROUTE_ON, ROUTE_ON, TRAIN_ROUTINGS,
-                             resolve, resolve_training, routes_on_probe)
+from moa_jax.routing import (AUTO, DECISION_POLICIES, DISPATCH_MODES, FALLBACK_BASE, LEGACY_ROUTE_ON, ROUTE_ON,
+                             TRAIN_ROUTINGS, resolve, resolve_training, routes_on_probe)
 from moa_jax.variants import Variant, parse_variant
 
 _PROJECTION_ALIASES = {p.removesuffix("_proj"): p for p in PROJECTIONS}
@@ -64,6 +64,19 @@ class MoAConfig:
     # ROUTE_ON: the routers read the adapted routing pass (paper) | the probe pass, the plain base model's hidden
     # states (servable; stage 2 trains the routers on those)
     route_on: str = setting("adapted", "variant", "stage2", absent="adapted", renamed=LEGACY_ROUTE_ON)
+    # The routing decision at inference (moa_jax/eval/calibration.py fits the AUTO ones on validation after stage 2;
+    # the run's routing.json records what it picked and load_run applies it):
+    # exit_layer: 0 = every router decides; k = the routing pass stops at layer k and routers 1..k decide (early exit);
+    # AUTO (-1) = the shallowest k whose validation routing accuracy is within exit_tolerance points of the best
+    exit_layer: int = setting(0, "inert", "variant")
+    exit_tolerance: float = setting(0.5, "inert", "variant")
+    # temperature dividing the deciding logits (calibration); AUTO (-1) = fitted on validation (minimum NLL)
+    temperature: float = setting(1.0, "inert", "variant")
+    # abstain when the calibrated confidence is below this (0 = never); AUTO (-1) = the largest threshold that keeps
+    # abstain_coverage of the in-domain validation prompts routed
+    abstain_below: float = setting(0.0, "inert", "variant")
+    abstain_coverage: float = setting(0.98, "inert", "variant")
+    fallback: str = setting(FALLBACK_BASE, "inert", "variant")   # where abstained prompts go: base | an expert's name
     adapter_dtype: str = setting("float32", "locked")  # storage dtype of experts and routers (master weights)
 
     def __post_init__(self):
@@ -89,6 +102,18 @@ class MoAConfig:
         _check(not resolve(self).token_level or self.num_experts == EXPERTS_FROM_DATA
                or self.top_k <= self.num_experts,
                f"MoAConfig.top_k={self.top_k} must be <= num_experts={self.num_experts} for dispatch='token_topk'")
+        _check(self.exit_layer >= AUTO, f"MoAConfig.exit_layer={self.exit_layer}: 0 (every router), k >= 1 (stop "
+               f"after layer k) or {AUTO} (picked on validation)")
+        _check(self.exit_tolerance >= 0, f"MoAConfig.exit_tolerance={self.exit_tolerance} must be >= 0 (points)")
+        _check(self.temperature > 0 or self.temperature == AUTO, f"MoAConfig.temperature={self.temperature}: "
+               f"a temperature > 0, or {AUTO} (fitted on validation)")
+        _check(0.0 <= self.abstain_below <= 1.0 or self.abstain_below == AUTO, f"MoAConfig.abstain_below="
+               f"{self.abstain_below}: a probability in [0, 1] (0 = never abstain), or {AUTO} (picked on validation)")
+        _check(0.0 < self.abstain_coverage <= 1.0, f"MoAConfig.abstain_coverage={self.abstain_coverage} must be in "
+               f"(0, 1]")
+        _check(bool(self.fallback), "MoAConfig.fallback is empty: 'base' (adapters off) or an expert's domain name")
+        _check(self.abstain_below == 0.0 or resolve(self).needs_routing_pass, f"MoAConfig.abstain_below needs "
+               f"dispatch='top1' (got {self.dispatch!r}): only a top-1 decision from the prompt can abstain")
         _check(self.adapter_dtype in DTYPES, f"MoAConfig.adapter_dtype={self.adapter_dtype!r} not in {DTYPES}")
 
     @property
@@ -111,6 +136,11 @@ class MoAConfig:
         _check(self.num_experts != EXPERTS_FROM_DATA, "MoAConfig.num_experts is unset (0 = one expert per domain of "
                "a run's data) and there is no data here to take it from: set num_experts, e.g. "
                "MoAConfig(num_experts=4, ...)")
+
+
+# The MoAConfig fields only the routing pass's decision reads (the adapters' forward does not depend on them).
+ROUTING_DECISION_FIELDS = ("decision", "route_on", "exit_layer", "exit_tolerance", "temperature", "abstain_below",
+                           "abstain_coverage", "fallback")
 
 
 @dataclass(frozen=True)

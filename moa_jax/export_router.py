@@ -12,6 +12,8 @@ router.json (format "moa_jax.router/1"):
                      the input of decoder layer l, index 0 = embeddings) through layer l's input_layernorm, float32
   pooling            mean over every prompt token (the formatted prompt, see prompt; no padding)
   decision           "last" | "vote" (and its rule)
+  routing_policy     exit_layer k (routers 1..k decide; k = num_layers: every router), the calibration temperature,
+                     abstain_below (0 = never) and fallback ("base" or an expert name), with the rule in words
   router             type linear | mlp, the tensors of router.safetensors [L, ...] and the formula
   prompt             format (chat | plain, moa_jax/data/prompt_format.py), chat_template, system_prompt, the plain
                      format's pieces, how the prompt is tokenised, the tokenizer/ folder
@@ -39,6 +41,10 @@ FORMAT = "moa_jax.router/1"     # reference_router.FORMAT reads it
 NOT_GIVEN: Any = type("NotGiven", (), {"__repr__": lambda self: "NOT_GIVEN"})()
 DECISION_RULES = {"last": "argmax of the last layer's logits",
                   "vote": "most frequent argmax over layers; ties to the larger mean softmax probability"}
+POLICY_RULE = ("routers 1..exit_layer decide (the base forward may stop at layer exit_layer's input norm); the "
+               "decision's probabilities are softmax(logits / temperature) ('vote': their mean over those routers); "
+               "if the decided expert's probability is below abstain_below the prompt goes to fallback: 'base' = the "
+               "base model with no adapter, else that expert")
 ROUTER_FORMULAS = {"linear": "logits[l] = pooled[l] @ kernel[l]",
                    "mlp": "logits[l] = gelu_tanh(pooled[l] @ hidden/kernel[l]) @ out/kernel[l]"}
 
@@ -66,6 +72,10 @@ def router_spec(cfg: ModelConfig, moa: MoAConfig, names: Sequence[str], tensors:
         "pooling": {"kind": "mean", "over": "every prompt token (the prompt formatted as 'prompt' says: system "
                     "prompt included, chat's generation cue included); no padding, no response"},
         "decision": moa.decision, "decision_rule": DECISION_RULES[moa.decision],
+        "routing_policy": {"exit_layer": moa.exit_layer if moa.exit_layer > 0 else cfg.num_layers,
+                           "temperature": moa.temperature if moa.temperature > 0 else 1.0,
+                           "abstain_below": max(moa.abstain_below, 0.0), "fallback": moa.fallback,
+                           "rule": POLICY_RULE},
         "router": {"type": moa.router_type, "formula": ROUTER_FORMULAS[moa.router_type],
                    "activation": "gelu (tanh approximation)" if moa.router_type == "mlp" else None,
                    "tensors": {k: list(v.shape) for k, v in tensors.items()}},

@@ -19,7 +19,12 @@ It computes what router.json records (written for MoAConfig.route_on='probe'; se
   3. mean over every prompt token -> pooled [L, D]; logits[l] = router_l(pooled[l]) -> [L, E] (linear:
      pooled @ kernel[l]; mlp: gelu_tanh(pooled @ hidden/kernel[l]) @ out/kernel[l]);
   4. decision 'last': argmax of the last router; 'vote': the most frequent argmax over layers, ties to the larger
-     mean softmax probability.
+     mean softmax probability;
+  5. router.json's routing_policy: with exit_layer k < L only routers 1..k decide ('last' = router k) and the base
+     forward stops at layer k's input norm (early exit: layers k..L never run); the decision's probabilities
+     (softmax of the logits divided by the calibration temperature; 'vote': their mean over routers) give the
+     confidence, and below abstain_below the prompt goes to the fall-back: route() returns None for the base model
+     (generate without an adapter) or the named expert.
 The routers were trained on the base weights moa_jax loaded; a server whose base differs (e.g. full precision
 instead of the embedded Q4_1 GGUF) can route differently: run this module on your prompts to check.
 
@@ -79,19 +84,37 @@ class ReferenceRouter:
         """The prompt's token ids, formatted as in training (prompt_text, no special tokens added)."""
         return list(self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"])
 
+    @property
+    def policy(self) -> dict:
+        """router.json's routing_policy (exports written before it existed: every router, T = 1, never abstain)."""
+        return {"exit_layer": self.spec["num_layers"], "temperature": 1.0, "abstain_below": 0.0, "fallback": "base",
+                **self.spec.get("routing_policy", {})}
+
     @torch.no_grad()
     def logits(self, prompt: Prompt) -> np.ndarray:
-        """Router logits [L, E] float32 of one prompt (a str, a messages list, or token ids)."""
+        """Router logits [k, E] float32 of one prompt (a str, a messages list, or token ids): routers 1..k, k the
+        policy's exit_layer; the base forward stops at layer k's input norm (layers after it never run)."""
         ids = list(prompt) if _is_ids(prompt) else self.prompt_ids(prompt)
         decoder = self.model.get_decoder()
         device = next(self.model.parameters()).device
-        out = decoder(input_ids=torch.tensor([ids], device=device), output_hidden_states=True)
-        rows = []
-        for layer in range(self.spec["num_layers"]):
-            x = decoder.layers[layer].input_layernorm(out.hidden_states[layer])      # (1, T, D)
-            pooled = x[0].float().mean(dim=0)                                       # (D,)
-            rows.append(self._router(layer, pooled.cpu()))
-        return torch.stack(rows).numpy()                                             # (L, E)
+        k = int(self.policy["exit_layer"])
+        normed: list = []
+
+        def keep(module, inputs, output):   # layer l's input_layernorm(hidden_states[l]), (1, T, D)
+            normed.append(output)
+            if len(normed) == k:
+                raise _ExitReached
+
+        hooks = [decoder.layers[layer].input_layernorm.register_forward_hook(keep) for layer in range(k)]
+        try:
+            decoder(input_ids=torch.tensor([ids], device=device))
+        except _ExitReached:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        rows = [self._router(layer, x[0].float().mean(dim=0).cpu()) for layer, x in enumerate(normed)]   # (E,) each
+        return torch.stack(rows).numpy()                                             # (k, E)
 
     def _router(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
         w = self.weights
@@ -101,11 +124,38 @@ class ReferenceRouter:
         return pooled @ w["kernel"][layer]
 
     def route_index(self, prompt: Prompt) -> int:
-        return decide(self.logits(prompt), self.spec["decision"])
+        """The expert id this prompt goes to; -1: it abstained to the base model (no adapter)."""
+        p = self.policy
+        fallback = -1 if p["fallback"] == "base" else self.experts.index(p["fallback"])
+        return decide_or_abstain(self.logits(prompt), self.spec["decision"], float(p["temperature"]),
+                                 float(p["abstain_below"]), fallback)[0]
 
-    def route(self, prompt: Prompt) -> str:
-        """The name of the expert (PEFT adapter directory) this prompt goes to."""
-        return self.experts[self.route_index(prompt)]
+    def route(self, prompt: Prompt) -> Optional[str]:
+        """The name of the expert (PEFT adapter directory) this prompt goes to; None: generate with the base model
+        alone (the prompt abstained and the fall-back is the base model)."""
+        index = self.route_index(prompt)
+        return None if index < 0 else self.experts[index]
+
+
+class _ExitReached(Exception):
+    """Raised inside the base forward once the deciding routers' inputs are computed (early exit)."""
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def decide_or_abstain(logits: np.ndarray, policy: str, temperature: float = 1.0, abstain_below: float = 0.0,
+                      fallback: int = -1) -> tuple[int, float]:
+    """logits [k, E] -> (expert, calibrated confidence): the decision, or `fallback` (-1 = base model) when the
+    confidence is below `abstain_below`. Confidence: softmax(logits[-1] / T) ('last') or the mean over routers of
+    softmax(logits[l] / T) ('vote'), at the decided expert (moa_jax.nn.router.decide_or_abstain)."""
+    chosen = decide(logits, policy)
+    z = logits.astype(np.float32) / np.float32(temperature)
+    probs = softmax(z[-1]) if policy == "last" else softmax(z).mean(axis=0)
+    conf = float(probs[chosen])
+    return (fallback if conf < abstain_below else chosen), conf
 
 
 def decide(logits: np.ndarray, policy: str) -> int:

@@ -26,7 +26,8 @@ token -> Route.mixture (gated experts).
 MoAConfig.dispatch (DISPATCH_MODES) says how the routers pick when they decide: top1 (one expert per sequence,
 chosen once from the prompt and then forced with 'fixed'), soft (per-sequence mixture), token_topk (MoE-LoRA).
 MoAConfig.decision (DECISION_POLICIES) says which routers decide a top-1 expert at inference: the last layer's
-or a vote over layers.
+or a vote over layers; MoAConfig.exit_layer, temperature, abstain_below and fallback refine that decision
+(early exit, calibration, abstention: `RoutingPolicy`).
 
 This module imports nothing from moa_jax (and no jax), so every layer can use it.
 
@@ -47,6 +48,8 @@ DECISION_POLICIES = ("last", "vote")
 ROUTE_ON = ("adapted", "probe")
 LEGACY_ROUTE_ON = {"base": "probe"}   # route_on's old name for the probe pass, in configs saved before the rename
 ROUTINGS = ("router", "oracle", "forced", "base")
+AUTO = -1                # MoAConfig.exit_layer / temperature / abstain_below: picked on validation after stage 2
+FALLBACK_BASE = "base"   # MoAConfig.fallback: abstained prompts run the base model (adapters off)
 TRAIN_ROUTINGS = ("label", "router", "soft")
 
 
@@ -220,3 +223,47 @@ def resolve_training(moa, stage: str, train_routing: str) -> RoutePlan:
     if probe and mode == "self":
         return RoutePlan("fixed", "routing_pass", "probe", True)
     return RoutePlan(mode, "none", "probe" if probe else "self", probe)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingPolicy:
+    """How a top-1 decision is made from the prompt, with every AUTO setting of MoAConfig resolved.
+
+    exit_layer      routers 1..exit_layer decide (the routing pass stops after layer exit_layer); the number of
+                    layers L = every router
+    decision        'last' | 'vote' over those routers
+    temperature     divides the deciding logits before the softmax (calibration)
+    abstain_below   a calibrated confidence below it abstains (0 = never)
+    fallback        the expert id an abstained prompt runs with, -1 = the base model (adapters off)
+    """
+    exit_layer: int
+    decision: str = "last"
+    temperature: float = 1.0
+    abstain_below: float = 0.0
+    fallback: int = -1
+
+    @property
+    def abstains(self) -> bool:
+        return self.abstain_below > 0.0
+
+
+def routing_policy(moa, num_layers: int, expert_names=None) -> RoutingPolicy:
+    """MoAConfig + the model's L (+ the expert names, to find a named fall-back) -> its RoutingPolicy. An AUTO
+    setting not yet resolved on validation acts as its neutral value (every router, T = 1, never abstain)."""
+    k = moa.exit_layer if moa.exit_layer > 0 else num_layers
+    if k > num_layers:
+        raise ValueError(f"MoAConfig.exit_layer={moa.exit_layer} but the model has {num_layers} layers")
+    return RoutingPolicy(k, moa.decision, moa.temperature if moa.temperature > 0 else 1.0,
+                         max(moa.abstain_below, 0.0), fallback_index(moa.fallback, expert_names))
+
+
+def fallback_index(fallback: str, expert_names=None) -> int:
+    """MoAConfig.fallback -> -1 (base) or the expert id of that name; an expert id as text is accepted too."""
+    if fallback == FALLBACK_BASE:
+        return -1
+    names = list(expert_names or ())
+    if fallback in names:
+        return names.index(fallback)
+    if fallback.isdigit():
+        return int(fallback)
+    raise ValueError(f"MoAConfig.fallback={fallback!r} is neither 'base' nor an expert name {names}")

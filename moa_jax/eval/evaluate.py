@@ -90,10 +90,11 @@ class Method:
 
 
 def assign_experts(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[int]], labels: Sequence[int], *,
-                   pad_id: int, batch_size: int) -> Optional[np.ndarray]:
-    """The expert each prompt's item runs with, [N] int (BASE = adapters off); None for soft / token-level
-    dispatch. 'router' routes exactly as `generate_tokens(routing='router')` does: a routing pass over the
-    LEFT-padded prompt tokens, batches of `batch_size` padded to the longest prompt (one compiled shape)."""
+                   pad_id: int, batch_size: int, names: Sequence[str] = ()) -> Optional[np.ndarray]:
+    """The expert each prompt's item runs with, [N] int (BASE = adapters off, an abstained prompt's base fall-back
+    included); None for soft / token-level dispatch. 'router' routes exactly as `generate_tokens(routing='router')`
+    does: a routing pass over the LEFT-padded prompt tokens, batches of `batch_size` padded to the longest prompt
+    (one compiled shape), under the method's routing policy (names: the expert names, for a named fall-back)."""
     n, plan = len(prompts), method.plan
     if not plan.per_item:
         return None
@@ -104,7 +105,8 @@ def assign_experts(cfg: ModelConfig, method: Method, prompts: Sequence[Sequence[
         return given.astype(np.int64)
     out = []
     for _, k, tokens, mask in _prompt_batches(prompts, batch_size, pad_id, max(len(p) for p in prompts)):
-        idx, _ = route_from_prompt(cfg, method.moa, method.params, jnp.asarray(tokens), jnp.asarray(mask))
+        idx, _ = route_from_prompt(cfg, method.moa, method.params, jnp.asarray(tokens), jnp.asarray(mask),
+                                   names=names)
         out.append(np.asarray(jax.device_get(idx), np.int64)[:k])
     return np.concatenate(out)
 
@@ -137,6 +139,12 @@ def item_nll(cfg: ModelConfig, method: Method, batches: Sequence[dict],
     """-> (NLL sum [N], target token count [N]) of every valid row of `batches` on its response tokens, each item
     run with its expert from `experts` [N] (None: the method's soft / token-level dispatch)."""
     plan = method.plan   # base / fixed when `experts` is given, else soft / token
+    if plan.needs_experts and (np.asarray(experts) == BASE).any():
+        # items that abstained to the base model: their NLL with the adapters off, the others' with their experts
+        base = item_nll(cfg, dataclasses.replace(method, moa=None), batches, np.full(len(experts), BASE))
+        routed = item_nll(cfg, method, batches, np.maximum(experts, 0))
+        off = np.asarray(experts) == BASE
+        return np.where(off, base[0], routed[0]), np.where(off, base[1], routed[1])
     # the experts are given, so the NLL pass never routes itself: one compiled forward per mode
     plan = RoutePlan(plan.mode, "labels" if plan.needs_experts else "none")
     fn = _nll_fn(cfg, None if plan.adapters_off else forward_moa(method.moa), plan)
@@ -175,13 +183,17 @@ def generate_answers(cfg: ModelConfig, method: Method, prompts: Sequence[Sequenc
         if plan.adapters_off or (idx is not None and (idx == BASE).all()):
             routing, domain = "base", None
         elif idx is not None:   # the given experts, one per row
-            routing, domain = "oracle", idx
+            routing, domain = "oracle", np.maximum(idx, 0)
         else:
             routing, domain = method.routing, None
         # expert=0: the one expert of a forced method (read only by its plan)
         out, chosen, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing=routing, expert=0,
                                          domain=domain,
                                          max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
+        if routing == "oracle" and (idx == BASE).any():   # rows that abstained to the base model: its answers
+            base_out, _, _ = generate_tokens(cfg, method.moa, method.params, tokens, mask, routing="base",
+                                             max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids))
+            out, chosen = np.where((idx == BASE)[:, None], base_out, out), idx
         texts.extend(decode(until_eos(row, eos_ids)) for row in out[:n])
         used.extend(int(e) for e in chosen[:n])
         if on_batch is not None:

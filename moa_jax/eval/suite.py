@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from moa_jax.config import EvalConfig, ModelConfig
 from moa_jax.data.pipeline import collate_rows
 from moa_jax.eval import metrics
-from moa_jax.eval.evaluate import Method, assign_experts, generate_answers, item_nll
+from moa_jax.eval.evaluate import BASE, Method, assign_experts, generate_answers, item_nll
 from moa_jax.generate.decode import eos_ids, forward_moa
 
 log = logging.getLogger("moa_jax")
@@ -177,7 +177,8 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
     more of the N items are done (generated, or taken from the memo)."""
     t0 = time.perf_counter()
     n_dom, n = len(es.domains), len(es.rows)
-    experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size)  # [N]/None
+    experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size,
+                             names=es.domains)                                                      # [N]/None
     share = memo is not None and memo_key is not None and experts is not None
     todo = memo.missing(memo_key, experts) if share else np.arange(n)
     if len(todo):
@@ -194,7 +195,8 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
         sums, counts, texts = memo.get(memo_key, experts)
     per_domain = score_texts(es, texts)
     if es.ppl is not None:   # PPL over its own items: their experts as the method routes, then one NLL pass
-        ppl_experts = assign_experts(cfg, method, es.ppl.prompts, es.ppl.labels, pad_id=pad_id, batch_size=batch_size)
+        ppl_experts = assign_experts(cfg, method, es.ppl.prompts, es.ppl.labels, pad_id=pad_id, batch_size=batch_size,
+                                     names=es.domains)
         sums, counts = item_nll(cfg, method, es.ppl.batches, ppl_experts)
     labels = es.labels if es.ppl is None else es.ppl.labels
     for d, name in enumerate(es.domains):
@@ -203,9 +205,16 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
         per_domain[name].update(ppl=float(np.exp(nll)), nll=nll)
     confusion = None
     if method.info.routing_accuracy and experts is not None:
-        confusion = metrics.confusion_matrix(es.labels, experts, n_dom, method.moa.num_experts)
-        for name, acc in zip(es.domains, metrics.routing_accuracy(confusion)):
+        routed = experts != BASE   # an abstained item (base fall-back) is in no column, and counts as missed
+        confusion = metrics.confusion_matrix(es.labels[routed], experts[routed], n_dom, method.moa.num_experts)
+        accuracy = metrics.routing_accuracy(confusion)
+        if not routed.all():
+            totals = np.asarray(es.per_domain_counts(), np.float64)
+            accuracy = np.diag(confusion)[:n_dom] / np.maximum(totals, 1.0)
+        for d, (name, acc) in enumerate(zip(es.domains, accuracy)):
             per_domain[name]["routing_accuracy"] = float(acc)
+            if not routed.all():
+                per_domain[name]["abstained"] = float(np.mean(~routed[es.labels == d]))
     entry = _entry(es, method.name, method.display, per_domain, texts, time.perf_counter() - t0)
     entry["items_computed"] = int(len(todo))   # the rest came from the memo
     if confusion is not None:

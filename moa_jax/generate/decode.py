@@ -5,7 +5,9 @@ MoA inference routes once per sequence, from the prompt, and keeps that expert f
      MoAConfig.route_on='probe' one forward of the plain base model, its routers read the base hidden states:
      'probe' mode) and the decision policy (last router, or a vote) picks one expert per sequence;
   2. prefill the cache with that expert forced at every layer ('fixed' mode), then decode token by token with it.
-So generating with the router equals generating with the chosen expert forced (a test checks exactly that).
+So generating with the router equals generating with the chosen expert forced (a test checks exactly that). The
+MoAConfig's routing policy may stop the routing pass early (after layer k) and let a prompt abstain when its
+calibrated confidence is low: it then runs the fall-back, a named expert or the base model (adapters off).
 Other routing (moa_jax.routing.ROUTINGS): 'oracle' (domain label given), 'forced' (one expert for all), 'base'
 (adapters off), and for the token-level MoE-LoRA baseline each token routes itself ('token' mode) during prefill
 and decoding alike; moa_jax.routing.resolve gives the plan of each.
@@ -31,52 +33,65 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from moa_jax.config import ModelConfig, MoAConfig
+from moa_jax.config import ROUTING_DECISION_FIELDS, ModelConfig, MoAConfig
 from moa_jax.generate.sampling import check_sampling, pick
 from moa_jax.nn.entry import ModelInputs, forward, routing_pass
 from moa_jax.nn.model import MoATransformer, init_cache
-from moa_jax.nn.router import decide
-from moa_jax.routing import RoutePlan, resolve
+from moa_jax.nn.router import decide, decide_or_abstain
+from moa_jax.routing import RoutePlan, RoutingPolicy, resolve, routing_policy
 
 Array = jax.Array
 
 
 def forward_moa(moa: Optional[MoAConfig]) -> Optional[MoAConfig]:
-    """`moa` without its decision policy and routing source, which only the routing pass uses: the key of every
-    other compiled forward (so 'last' and 'vote', 'adapted' and 'probe' share them) and of results that depend on
-    the adapters alone."""
-    return None if moa is None else dataclasses.replace(moa, decision="last", route_on="adapted")
+    """`moa` without its routing decision (policy, routing source, early exit, calibration, abstention), which only
+    the routing pass uses: the key of every other compiled forward (so 'last' and 'vote', 'adapted' and 'probe'
+    share them) and of results that depend on the adapters alone."""
+    if moa is None:
+        return None
+    return dataclasses.replace(moa, **{f.name: f.default for f in dataclasses.fields(MoAConfig)
+                                       if f.name in ROUTING_DECISION_FIELDS})
 
 
 def sequence_experts(plan: RoutePlan, cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, attention_mask,
-                     prompt_mask=None, *, expert: Optional[int] = None, domain=None):
-    """-> (expert per sequence [B] int32, -1 where the adapters are off or routing happens inside every forward;
-    router logits [L, B, E] when a routing pass decided, else None): the given experts, or the routing pass."""
+                     prompt_mask=None, *, expert: Optional[int] = None, domain=None, names=()):
+    """-> (expert per sequence [B] int32, -1 where the adapters are off (the base model, an abstained prompt's
+    fall-back included) or routing happens inside every forward; router logits [k, B, E] when a routing pass
+    decided, else None): the given experts, or the routing pass. names: the expert names (a named fall-back)."""
     b = tokens.shape[0]
     if not plan.needs_experts:
         return jnp.full((b,), -1, jnp.int32), None
     given = plan.given_experts(b, moa.num_experts, expert=expert, labels=domain)
     if given is not None:
         return jnp.asarray(given), None
-    return route_from_prompt(cfg, moa, params, tokens, attention_mask, prompt_mask)
+    return route_from_prompt(cfg, moa, params, tokens, attention_mask, prompt_mask, names=names)
 
 
 @functools.lru_cache(maxsize=None)
-def _route_fn(cfg: ModelConfig, moa: MoAConfig):
+def _route_fn(cfg: ModelConfig, moa: MoAConfig, policy: RoutingPolicy):
     model = MoATransformer(cfg, moa)
     mode = resolve(moa).pass_mode
 
     @jax.jit
     def route(params, tokens, attention_mask, prompt_mask):
-        logits = routing_pass(model, params, ModelInputs(tokens, attention_mask, prompt_mask), mode=mode)  # (L, B, E)
-        return decide(logits, moa.decision), logits
+        logits = routing_pass(model, params, ModelInputs(tokens, attention_mask, prompt_mask), mode=mode,
+                              exit_layer=policy.exit_layer)                                     # (k, B, E)
+        if not policy.abstains:
+            return decide(logits, policy.decision), logits
+        idx, _ = decide_or_abstain(logits, policy.decision, policy.temperature, policy.abstain_below, policy.fallback)
+        return idx, logits
     return route
 
 
-def route_from_prompt(cfg: ModelConfig, moa: MoAConfig, params, tokens, attention_mask, prompt_mask=None):
-    """-> (expert per sequence [B] int32, router logits [L, B, E]) from the routing pass."""
+def route_from_prompt(cfg: ModelConfig, moa: MoAConfig, params, tokens, attention_mask, prompt_mask=None, *,
+                      names=()):
+    """-> (expert per sequence [B] int32, -1 for a prompt that abstained to the base model; router logits
+    [k, B, E] of the routers that decided) from the routing pass, under the MoAConfig's routing policy (early exit
+    after layer k, calibration, abstention; moa_jax.routing.routing_policy). names: the expert names, which a
+    named fall-back needs."""
     prompt_mask = attention_mask if prompt_mask is None else prompt_mask
-    return _route_fn(cfg, moa)(params, tokens, attention_mask, prompt_mask)
+    policy = routing_policy(moa, cfg.num_layers, names)
+    return _route_fn(cfg, moa, policy)(params, tokens, attention_mask, prompt_mask)
 
 
 # Streaming: the host function of each running stream, by the id its decode program is called with (the compiled
@@ -143,10 +158,11 @@ def decode_fn(cfg: ModelConfig, moa: Optional[MoAConfig], mode: str, max_new_tok
 def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, attention_mask, *,
                     routing: str = "router", expert: Optional[int] = None, domain=None, prompt_mask=None,
                     max_new_tokens: int = 32, eos_ids=(2,), temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, seed: int = 0,
+                    top_p: float = 1.0, seed: int = 0, names: Sequence[str] = (),
                     on_token: Optional[Callable[[int, np.ndarray, np.ndarray], bool]] = None):
     """Left-padded prompts [B, P] -> (new tokens [B, N] with everything after the first EOS set to EOS,
-    expert per sequence [B] (-1 for base), router logits [L, B, E] or None). temperature / top_k / top_p as in
+    expert per sequence [B] (-1 for base, an abstained prompt's base fall-back included: it generates with the
+    adapters off), router logits [k, B, E] or None; names: the expert names, for a named fall-back). temperature / top_k / top_p as in
     moa_jax/generate/sampling.py (a SamplingError for values that cannot work). on_token(step, tokens [B],
     experts [B]) is called on the host with each step's new tokens as they are decoded (from the thread running
     the program); returning True ends decoding after that step (the columns not reached stay 0)."""
@@ -160,21 +176,34 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
         raise ValueError("generation with dispatch='soft' is not supported (cached decoding would re-pool the "
                          "routers over each new token); evaluate soft mixtures by perplexity, or use top1")
     idx, router_logits = sequence_experts(plan, cfg, moa, params, tokens, attention_mask, prompt_mask,
-                                          expert=expert, domain=domain)
+                                          expert=expert, domain=domain, names=names)
     greedy = temperature <= 0.0
-    decode = decode_fn(cfg, forward_moa(moa), plan.mode, int(max_new_tokens), greedy,
-                       0 if greedy else int(top_k), not greedy and top_p < 1.0, on_token is not None)
     args = (params, tokens, attention_mask, jnp.maximum(idx, 0), jnp.asarray(eos_ids, jnp.int32),
             jnp.float32(max(temperature, 1e-6)), jax.random.PRNGKey(seed), jnp.float32(top_p))
-    if on_token is None:
-        out = decode(*args)
-    else:
+
+    def run(mode: str):
+        decode = decode_fn(cfg, forward_moa(moa), mode, int(max_new_tokens), greedy,
+                           0 if greedy else int(top_k), not greedy and top_p < 1.0, on_token is not None)
+        if on_token is None:
+            return decode(*args)
         listener, experts = next(_LISTENER_IDS), np.asarray(idx)
         _LISTENERS[listener] = lambda step, new: on_token(step, new, experts)
         try:
-            out = jax.block_until_ready(decode(*args, jnp.int32(listener)))
+            return jax.block_until_ready(decode(*args, jnp.int32(listener)))
         finally:
             del _LISTENERS[listener]
+
+    # Prompts that abstained to the base model (-1 from a routing pass) generate with the adapters off.
+    to_base = np.asarray(idx) < 0 if plan.needs_routing_pass else np.zeros(tokens.shape[0], bool)
+    if to_base.all():
+        out = run("base")
+    elif to_base.any():
+        if on_token is not None:
+            raise ValueError("streaming a batch whose prompts go partly to the base model (abstained) and partly to "
+                             "experts is not supported: stream one prompt at a time")
+        out = np.where(to_base[:, None], np.asarray(run("base")), np.asarray(run(plan.mode)))
+    else:
+        out = run(plan.mode)
     return np.asarray(out), np.asarray(idx), router_logits
 
 

@@ -14,6 +14,7 @@ Shape glossary: B batch, T tokens, K target positions, L layers, E experts, V vo
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -64,12 +65,25 @@ def lm_nll(model: MoATransformer, params, x: ModelInputs, at: Array, targets: Ar
                        logits_at=at, nll_targets=targets, **x.model_kwargs())
 
 
-def routing_pass(model: MoATransformer, params, x: ModelInputs, *, mode: str) -> Array:
+def routing_pass(model: MoATransformer, params, x: ModelInputs, *, mode: str, exit_layer: int = 0) -> Array:
     """Router logits [L, B, E] ([L, B, G, E] for packed rows) of a routing pass in `mode` ('self' or 'probe');
-    the LM head runs at one position only."""
+    the LM head runs at one position only. exit_layer k (1..L; 0 = L): the pass stops after layer k, running the
+    first k layers only (early exit) -> logits [k, B, E], equal to the full pass's first k."""
     at = jnp.zeros((x.tokens.shape[0], 1), jnp.int32)
+    if 0 < exit_layer < model.cfg.num_layers:
+        model, params = early_exit_model(model, params, exit_layer)
     _, aux = model.apply({"params": params}, x.tokens, routing=mode, logits_at=at, **x.model_kwargs())
     return aux["router_logits"]
+
+
+def early_exit_model(model: MoATransformer, params, layers: int) -> tuple[MoATransformer, Any]:
+    """The decoder cut after its first `layers` layers (config and parameters [L, ...] -> [layers, ...]); the
+    final norm and LM head stay (a routing pass reads them at one position)."""
+    cfg = model.cfg
+    short = dataclasses.replace(cfg, num_layers=layers,
+                                layer_types=None if cfg.layer_types is None else cfg.layer_types[:layers])
+    cut = dict(params, layers=jax.tree_util.tree_map(lambda a: a[:layers], params["layers"]))
+    return MoATransformer(short, model.moa), cut
 
 
 def forward(model: MoATransformer, params, x: ModelInputs, *, mode: str, expert_idx: Optional[Array] = None,

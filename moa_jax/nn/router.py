@@ -4,7 +4,9 @@ decision policies, as pure functions; plus the thin `Router` module that owns th
 MoA routes per SEQUENCE from the PROMPT: each layer's router reads the layer's (normalised) input hidden states,
 mean-pooled over prompt tokens only (pad and response excluded, since the response does not exist at inference),
 and outputs logits over the E experts. Training supervises every layer's logits with the domain label
-(cross-entropy, averaged over layers). At inference the decision is the last layer's argmax (paper) or a vote.
+(cross-entropy, averaged over layers). At inference the decision is the last layer's argmax (paper) or a vote, over
+every router or, with an early exit, over the first k; a calibrated confidence below a threshold abstains (the
+sequence goes to a fall-back: the base model or a named expert).
 The token-level MoE-LoRA baseline instead routes each token (top-k) with a load-balancing loss.
 
 Shape glossary: B batch, T tokens, G segments of a packed row, D model width, E experts, L layers, k top-k.
@@ -64,6 +66,27 @@ def decide(logits: Array, policy: str = "last") -> Array:
         tie_break = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)   # (B, E), in [0, 1)
         return jnp.argmax(votes + 0.5 * tie_break, axis=-1).astype(jnp.int32)
     raise ValueError(f"unknown decision policy {policy!r}; valid: 'last', 'vote'")
+
+
+def decision_probs(logits: Array, policy: str = "last", temperature: float = 1.0) -> Array:
+    """logits [L, B, E] -> the probabilities [B, E] the decision reads, calibrated by `temperature`: last:
+    softmax(logits[-1] / T); vote: the mean over layers of softmax(logits[l] / T). Their value at the decided expert
+    is the confidence that abstention compares with its threshold."""
+    z = logits.astype(jnp.float32) / temperature
+    if policy == "last":
+        return jax.nn.softmax(z[-1], axis=-1)
+    return jnp.mean(jax.nn.softmax(z, axis=-1), axis=0)
+
+
+def decide_or_abstain(logits: Array, policy: str = "last", temperature: float = 1.0, abstain_below: float = 0.0,
+                      fallback: int = -1) -> tuple[Array, Array]:
+    """logits [L, B, E] of the routers that decide (an early exit passes its first k) -> (expert per sequence [B]
+    int32, confidence [B] f32). A sequence whose calibrated confidence (decision_probs at the decided expert) is
+    below `abstain_below` gets `fallback` instead: -1 = the base model (adapters off) or an expert id."""
+    chosen = decide(logits, policy)                                                       # (B,)
+    probs = decision_probs(logits, policy, temperature)                                   # (B, E)
+    confidence = jnp.take_along_axis(probs, chosen[:, None], axis=-1)[:, 0]
+    return jnp.where(confidence < abstain_below, jnp.int32(fallback), chosen), confidence
 
 
 def top_k_gates(logits: Array, k: int) -> tuple[Array, Array, Array]:

@@ -33,22 +33,24 @@ import jax
 from flax import traverse_util
 
 from moa_jax.train.checkpoint import CheckpointMismatchError, config_mismatches, load_adapters
-from moa_jax.config import (DATA_SPLITS, EXPERTS_FROM_DATA, ConfigError, ExperimentConfig, ModelConfig, MoAConfig,
-                            TrainConfig, experiment_keys, replace, stage_absent_values, stage_keys,
+from moa_jax.config import (DATA_SPLITS, EXPERTS_FROM_DATA, ROUTING_DECISION_FIELDS, ConfigError, ExperimentConfig,
+                            ModelConfig, MoAConfig, TrainConfig, experiment_keys, replace, stage_absent_values, stage_keys,
                             stage_renamed_values)
 from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.prompt_format import resolve_prompt_format
-from moa_jax.data.sources import load_text_split
+from moa_jax.data.sources import load_text_split, resolve_system_prompt
 from moa_jax.errors import check_rank_fits, check_writable
 from moa_jax.methods import METHODS
 from moa_jax.variants import Variant, parse_variant
 from moa_jax.loading.base import check_base_model, default_dtype, load_base_model
 from moa_jax.loading.tokenizer import MissingTokenizerError
+from moa_jax.eval.calibration import routing_study, write_routing_file
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.suite import evaluate_all
 from moa_jax.train.metrics_log import log_eval_scalars
 from moa_jax.nn.model import MoATransformer
-from moa_jax.params import check_tree, init_trainable, param_shapes, split_params
+from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
+from moa_jax.routing import resolve
 from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
 from moa_jax.run_artifacts import RunArtifactError, stage_adapters
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
@@ -289,7 +291,8 @@ def train_stage2(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, pro
 
 def _moe_setup(exp: ExperimentConfig) -> tuple[MoAConfig, TrainConfig]:
     tcfg = exp.moe_lora if exp.moe_lora.steps else replace(exp.moe_lora, steps=exp.stage2.steps)
-    return replace(exp.moa, dispatch="token_topk", decision="last", route_on="adapted"), tcfg
+    return replace(exp.moa, dispatch="token_topk", decision="last", route_on="adapted", exit_layer=0,
+                   abstain_below=0.0), tcfg
 
 
 def train_moe_lora(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, progress: bool, subdir: str = ""):
@@ -298,6 +301,28 @@ def train_moe_lora(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, p
     init = stage1 if tcfg.expert_init == "stage1" else init_trainable(ctx.cfg, moe, jax.random.fold_in(_key(exp), 4))
     trained, _ = ctx.train("moe_lora", moe, tcfg, init, ctx.source(1, exp.stage2.grad_accum), progress, subdir)
     return moe, trained
+
+
+def study_routing(ctx: ExperimentContext, trained: dict):
+    """The routing study of stage 2 (moa_jax/eval/calibration.py: early exit, calibration, abstention), when MoA
+    routes top-1 from the prompt: replaces trained["moa"]'s MoAConfig by the one with its AUTO routing settings
+    resolved, and returns the study for the report (None when there is nothing to study)."""
+    if "moa" not in trained or not resolve(trained["moa"][0]).needs_routing_pass:
+        return None
+    exp, (moa, trainable) = ctx.exp, trained["moa"]
+    t0 = time.perf_counter()
+    resolved, report = routing_study(
+        ctx.cfg, moa, merge_params(ctx.frozen, trainable), ctx.data, ctx.tokenizer, names=ctx.domains,
+        system_prompt=resolve_system_prompt(exp.data.system_prompt, exp.data.source),
+        prompt_format=resolve_prompt_format(exp.data.prompt_format, ctx.tokenizer),
+        test_items=exp.eval.items_per_domain, batch_size=exp.eval.batch_size)
+    trained["moa"] = (resolved, trainable)
+    report["seconds"] = time.perf_counter() - t0
+    log.info("routing: exit after layer %d of %d, temperature %.3g, abstain below %.3g (fall-back %s); OOD "
+             "abstained %.2f", report["exit_rule"]["exit_layer"], ctx.cfg.num_layers,
+             report["calibration"]["temperature"], report["abstention"]["threshold"], moa.fallback,
+             report["abstention"]["out_of_domain_abstained"])
+    return report
 
 
 # ---- ablation variants --------------------------------------------------------------------------------------------
@@ -319,7 +344,8 @@ def _training_key(exp: ExperimentConfig, method: str) -> tuple:
     """What a method's training depends on beyond the shared stage 1 (equal keys -> train once)."""
     if method == "moe_lora":
         return ("moe_lora",) + _moe_setup(exp)
-    return ("stage2", exp.stage2, replace(exp.moa, decision="last"))
+    inert = {f: MoAConfig.__dataclass_fields__[f].default for f in ROUTING_DECISION_FIELDS if f != "route_on"}
+    return ("stage2", exp.stage2, replace(exp.moa, **inert))
 
 
 def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool = True) -> list[Method]:
@@ -340,7 +366,8 @@ def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool 
                 done[tkey] = name
             else:
                 log.info("variant %s/%s: reuses the adapters of %s", variant.name, method, done[tkey])
-            moa = replace(trained[done[tkey]][0], decision=vexp.moa.decision)
+            moa = replace(trained[done[tkey]][0], **{f: getattr(vexp.moa, f) for f in ROUTING_DECISION_FIELDS
+                                                     if f != "route_on"})
             specs.append(Method(method, moa, label=f"{method}[{variant.name}]", key=done[tkey]))
     return specs
 
@@ -355,13 +382,18 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
     exp = ctx.exp   # moa.num_experts from the data
     plans = plan_variants(exp)
     trained = train_all(ctx, progress)
+    routing = study_routing(ctx, trained)   # settles stage 2's AUTO routing settings before anything routes with it
     specs = [Method(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
     results = ctx.evaluate(trained, specs, progress)
+    if routing is not None:
+        results["routing"] = routing
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages=dict(ctx.stage_dirs),
                    variants={v.name: list(v.sets) for v, _ in plans},
                    steps={"stage1": exp.stage1.steps, "stage2": exp.stage2.steps, "batch_size": exp.data.batch_size})
     if jax.process_index() == 0:
+        if routing is not None:
+            write_routing_file(workdir, routing)
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         write_report(results, workdir)
