@@ -171,11 +171,12 @@ def split_prompts(split, per_domain: int) -> tuple[list, np.ndarray]:
     return [list(split.tokens(r)[:split.prompt_len[r]]) for r in rows], np.asarray(split.domain[rows])
 
 
-def full_pass_logits(cfg, moa, params, prompts: list, pad_id: int, batch_size: int) -> np.ndarray:
-    """Every router's logits [L, N, E] of a full routing pass (no early exit, no abstention) over the prompts."""
+def full_pass_logits(cfg, moa, params, prompts: list, pad_id: int, batch_size: int, length: int = 0) -> np.ndarray:
+    """Every router's logits [L, N, E] of a full routing pass (no early exit, no abstention) over the prompts,
+    left-padded to at least `length` (one length for every call: one compiled pass)."""
     from moa_jax.generate.decode import left_pad, route_from_prompt
     full = dataclasses.replace(moa, exit_layer=0, abstain_below=0.0, temperature=1.0, fallback="base")
-    longest = max(len(p) for p in prompts)
+    longest = max([length] + [len(p) for p in prompts])
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -227,8 +228,10 @@ def routing_study(cfg, moa, params, data: dict, tokenizer, *, names: Sequence[st
     fallback_index(moa.fallback, names)   # an unknown fall-back name fails here
     val_prompts, val_labels = split_prompts(data["validation"], VALIDATION_PROMPTS)
     test_prompts, test_labels = split_prompts(data["test"], test_items)
-    val = full_pass_logits(cfg, moa, params, val_prompts, pad_id, batch_size)                  # (L, Nv, E)
-    test = full_pass_logits(cfg, moa, params, test_prompts, pad_id, batch_size)                # (L, Nt, E)
+    ood = ood_prompts(tokenizer, system_prompt, prompt_format, names)
+    length = max(len(p) for group in [val_prompts, test_prompts, *ood.values()] for p in group)
+    val = full_pass_logits(cfg, moa, params, val_prompts, pad_id, batch_size, length)          # (L, Nv, E)
+    test = full_pass_logits(cfg, moa, params, test_prompts, pad_id, batch_size, length)        # (L, Nt, E)
     val_acc, test_acc = exit_accuracy(val, val_labels, policy), exit_accuracy(test, test_labels, policy)
     rule_k = pick_exit_layer(val_acc, moa.exit_tolerance)
     k = rule_k if moa.exit_layer == AUTO else (moa.exit_layer or cfg.num_layers)
@@ -239,8 +242,8 @@ def routing_study(cfg, moa, params, data: dict, tokenizer, *, names: Sequence[st
     threshold = rule_t if moa.abstain_below == AUTO else moa.abstain_below
     resolved = resolved_policy(moa, rule_k, fitted, rule_t)
 
-    ood = ood_prompts(tokenizer, system_prompt, prompt_format, names)
-    ood_conf = {src: confidence(full_pass_logits(cfg, moa, params, p, pad_id, batch_size)[:k], policy, temperature)
+    ood_conf = {src: confidence(full_pass_logits(cfg, moa, params, p, pad_id, batch_size, length)[:k], policy,
+                                temperature)
                 for src, p in ood.items()}
     all_ood = np.concatenate(list(ood_conf.values()))
     val_ok = decide(val[:k], policy) == val_labels

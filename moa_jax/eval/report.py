@@ -112,6 +112,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
         md += ["", "## Routing accuracy per domain (router decision from the prompt vs the domain label)", ""]
         md += _per_domain_table(results, "routing_accuracy", "{:.3f}", routed)
         md += _policy_table(results, routed)
+    md += _routing_study(results.get("routing"))
     for m in routed:
         conf = results["methods"][m].get("confusion")
         if conf:
@@ -131,6 +132,36 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
     if figures:
         md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
     return "\n".join(md) + "\n"
+
+
+def _routing_study(study) -> list[str]:
+    """The "Routing" section: early exit per k, calibration, abstention (moa_jax/eval/calibration.py)."""
+    if not study:
+        return []
+    rule, cal, ab = study["exit_rule"], study["calibration"], study["abstention"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"
+    lines = ["", "## Routing: early exit, calibration, abstention (stage 2, "
+             f"{study['routing_pass']}, decision {study['decision']})", "",
+             f"Policy in use: exit after layer {rule['exit_layer']} of {study['num_layers']} ({rule['set_by']}; rule: "
+             f"{rule['rule']} -> k = {rule['rule_k']}), temperature {cal['temperature']:.3f} ({cal['set_by']}), abstain "
+             f"below {ab['threshold']:.3f} ({ab['set_by']}; rule: {ab['rule']} -> {ab['rule_threshold']:.3f}), "
+             f"fall-back {ab['fallback']}. Prompts: {study['prompts']['validation']} validation, "
+             f"{study['prompts']['test']} test, {sum(study['prompts']['out_of_domain'].values())} out of domain.", "",
+             _row(["k (routers 1..k)", "validation accuracy", "test accuracy", "routing pass / full base prefill"]),
+             _row(["---"] * 4)]
+    lines += [_row([r["k"], fmt(r["validation_accuracy"]), fmt(r["test_accuracy"]),
+                    fmt(r.get("share_of_prefill"))]) for r in study["by_exit_layer"]]
+    lines += ["", _row(["calibration", "before (T = 1)", f"after (T = {cal['temperature']:.3f})"]), _row(["---"] * 3)]
+    lines += [_row([name, fmt(cal[key]["before"]), fmt(cal[key]["after"])]) for name, key in
+              (("validation NLL", "validation_nll"), ("validation ECE", "validation_ece"), ("test ECE", "test_ece"))]
+    at = ab["at_threshold"]
+    lines += ["", _row(["abstention at the threshold", "coverage", "accuracy of the routed", "accuracy of all"]),
+              _row(["---"] * 4)]
+    lines += [_row([split, fmt(at[split]["coverage"]), fmt(at[split]["accuracy_routed"]),
+                    fmt(at[split]["accuracy_all"])]) for split in ("validation", "test")]
+    lines += ["", f"Out-of-domain prompts abstained: {fmt(ab['out_of_domain_abstained'])} ("
+              + ", ".join(f"{s} {fmt(v)}" for s, v in ab["out_of_domain_by_source"].items()) + ")."]
+    return lines
 
 
 ROUTE_ON_TEXT = {"adapted": "the adapted routing pass (each layer routed by its own router)",
