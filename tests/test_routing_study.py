@@ -1,7 +1,7 @@
 """The routing study on the session's smoke run (moa_jax/eval/calibration.py), without training again:
   - `--set reuse_from=SMOKE` with the AUTO settings re-uses stage 1 and stage 2 and settles the policy on validation
-    (exit layer by the rule, fitted temperature, the coverage threshold); results.json's "Routing" section, routing.json,
-    results.md, load_run(...).moa and an export's router.json all carry the same policy;
+    (exit layer by the rule, fitted temperature, the coverage threshold); results.json's "Routing" section,
+    routing.json, results.md, load_run(...).moa and an export's router.json all carry the same policy;
   - the exported reference_router.py, in a process where jax cannot be imported, makes moa_jax's decision on the
     smoke test prompts with an early exit, a temperature and an abstention threshold (None = the base model).
 """

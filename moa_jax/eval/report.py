@@ -143,8 +143,8 @@ def _routing_study(study) -> list[str]:
     lines = ["", "## Routing: early exit, calibration, abstention (stage 2, "
              f"{study['routing_pass']}, decision {study['decision']})", "",
              f"Policy in use: exit after layer {rule['exit_layer']} of {study['num_layers']} ({rule['set_by']}; rule: "
-             f"{rule['rule']} -> k = {rule['rule_k']}), temperature {cal['temperature']:.3f} ({cal['set_by']}), abstain "
-             f"below {ab['threshold']:.3f} ({ab['set_by']}; rule: {ab['rule']} -> {ab['rule_threshold']:.3f}), "
+             f"{rule['rule']} -> k = {rule['rule_k']}), temperature {cal['temperature']:.3f} ({cal['set_by']}), "
+             f"abstain below {ab['threshold']:.3f} ({ab['set_by']}; rule: {ab['rule']} -> {ab['rule_threshold']:.3f}), "
              f"fall-back {ab['fallback']}. Prompts: {study['prompts']['validation']} validation, "
              f"{study['prompts']['test']} test, {sum(study['prompts']['out_of_domain'].values())} out of domain.", "",
              _row(["k (routers 1..k)", "validation accuracy", "test accuracy", "routing pass / full base prefill"]),

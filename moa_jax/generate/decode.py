@@ -162,7 +162,8 @@ def generate_tokens(cfg: ModelConfig, moa: Optional[MoAConfig], params, tokens, 
                     on_token: Optional[Callable[[int, np.ndarray, np.ndarray], bool]] = None):
     """Left-padded prompts [B, P] -> (new tokens [B, N] with everything after the first EOS set to EOS,
     expert per sequence [B] (-1 for base, an abstained prompt's base fall-back included: it generates with the
-    adapters off), router logits [k, B, E] or None; names: the expert names, for a named fall-back). temperature / top_k / top_p as in
+    adapters off), router logits [k, B, E] or None; names: the expert names, for a named fall-back).
+    temperature / top_k / top_p as in
     moa_jax/generate/sampling.py (a SamplingError for values that cannot work). on_token(step, tokens [B],
     experts [B]) is called on the host with each step's new tokens as they are decoded (from the thread running
     the program); returning True ends decoding after that step (the columns not reached stay 0)."""

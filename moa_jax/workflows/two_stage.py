@@ -34,8 +34,8 @@ from flax import traverse_util
 
 from moa_jax.train.checkpoint import CheckpointMismatchError, config_mismatches, load_adapters
 from moa_jax.config import (DATA_SPLITS, EXPERTS_FROM_DATA, ROUTING_DECISION_FIELDS, ConfigError, ExperimentConfig,
-                            ModelConfig, MoAConfig, TrainConfig, experiment_keys, replace, stage_absent_values, stage_keys,
-                            stage_renamed_values)
+                            ModelConfig, MoAConfig, TrainConfig, experiment_keys, replace, stage_absent_values,
+                            stage_keys, stage_renamed_values)
 from moa_jax.data.pipeline import TrainBatches, load_split
 from moa_jax.data.prompt_format import resolve_prompt_format
 from moa_jax.data.sources import load_text_split, resolve_system_prompt
