@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 
 from moa_jax.config import (ConfigError, DataConfig, EvalConfig, ExperimentConfig, MeshConfig, MoAConfig, TrainConfig,
                             replace)
+from moa_jax.routing import AUTO
 from moa_jax.workflows import Job
 from moa_jax.workflows.sections import AddDomainConfig, CapacityConfig
 
@@ -106,7 +107,9 @@ def _moa_10task(name: str, budget: str) -> ExperimentConfig:
     s1, s2, batch, items, eval_batch, packing, b2 = BUDGETS[budget]
     return ExperimentConfig(
         name=name,
-        moa=MoAConfig(rank=16, alpha=32.0, dropout=0.05, route_on="probe"),
+        # the early-exit layer and the calibration temperature are picked on validation after stage 2 (docs/method.md,
+        # "Early exit, calibration and abstention"); abstention stays off unless asked (the report gives its rule's pick)
+        moa=MoAConfig(rank=16, alpha=32.0, dropout=0.05, route_on="probe", exit_layer=AUTO, temperature=AUTO),
         data=DataConfig(batch_size=batch, buckets=(64, 96, 128), max_len=128, packing=packing),
         stage1=TrainConfig(stage="stage1", steps=s1, learning_rate=1e-3, adam_b2=b2, log_every=10,
                            checkpoint_every=40),
