@@ -108,7 +108,7 @@ def _moa_10task(name: str, budget: str) -> ExperimentConfig:
     return ExperimentConfig(
         name=name,
         # the early-exit layer and the calibration temperature are picked on validation after stage 2 (docs/method.md,
-        # "Early exit, calibration and abstention"); abstention stays off unless asked (the report gives its rule's pick)
+        # "Early exit, calibration and abstention"); abstention stays off unless asked (the report shows its rule)
         moa=MoAConfig(rank=16, alpha=32.0, dropout=0.05, route_on="probe", exit_layer=AUTO, temperature=AUTO),
         data=DataConfig(batch_size=batch, buckets=(64, 96, 128), max_len=128, packing=packing),
         stage1=TrainConfig(stage="stage1", steps=s1, learning_rate=1e-3, adam_b2=b2, log_every=10,
