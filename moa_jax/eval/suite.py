@@ -124,7 +124,9 @@ def score_texts(es: EvalSet, texts: Sequence[str]) -> dict[str, dict]:
     return out
 
 
-def _entry(es: EvalSet, kind: str, label: str, per_domain: dict, texts: Sequence[str], seconds: float) -> dict:
+def method_entry(es: EvalSet, kind: str, label: str, per_domain: dict, texts: Sequence[str],
+                 seconds: float) -> dict:
+    """A method's results entry: per-domain scores, their means and sample completions."""
     step = max(1, len(texts) // SAMPLES_PER_METHOD)
     entry = {"kind": kind, "label": label, "per_domain": per_domain, "seconds": seconds,
              "samples": [{"domain": es.domains[es.labels[i]], "completion": texts[i], "reference": es.references[i]}
@@ -144,7 +146,7 @@ def most_common_entry(es: EvalSet, train_split) -> dict:
     per_domain = score_texts(es, texts)
     for row in per_domain.values():
         row["ppl"] = row["nll"] = None
-    entry = _entry(es, "most_common", "most_common", per_domain, texts, time.perf_counter() - t0)
+    entry = method_entry(es, "most_common", "most_common", per_domain, texts, time.perf_counter() - t0)
     entry["answers"] = answers
     return entry
 
@@ -170,14 +172,22 @@ class ItemMemo:
 
 def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, max_new_tokens: int,
                     batch_size: int, decode, memo: Optional[ItemMemo] = None, memo_key=None,
-                    on_items: Optional[Callable[[int], None]] = None) -> dict:
+                    on_items: Optional[Callable[[int], None]] = None, experts: Optional[np.ndarray] = None) -> dict:
     """NLL + greedy generation + scores (+ routing accuracy and confusion for router-routed top-1 MoA) of one
     method. With a `memo` and a `memo_key` naming the method's adapters, items already evaluated with the same
     adapters and expert are taken from the memo instead of being run again. `on_items(n)` reports progress: n
-    more of the N items are done (generated, or taken from the memo)."""
+    more of the N items are done (generated, or taken from the memo). `experts` [N]: the expert of every item,
+    chosen outside the model (a peer router, benchmarks/studies/peer_routers.py) for a top-1 method's adapters;
+    the entry then has their routing accuracy and confusion (PPL over the generation items only)."""
     t0 = time.perf_counter()
     n_dom, n = len(es.domains), len(es.rows)
-    experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size)  # [N]/None
+    given = experts is not None
+    if given:
+        if not method.per_item_expert or es.ppl is not None:
+            raise ValueError("experts= needs a one-expert-per-item method and PPL over the generation items")
+        experts = np.asarray(experts, np.int64)
+    else:
+        experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size)
     share = memo is not None and memo_key is not None and experts is not None
     todo = memo.missing(memo_key, experts) if share else np.arange(n)
     if len(todo):
@@ -202,14 +212,15 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
         nll = float(sums[sel].sum() / max(counts[sel].sum(), 1.0))
         per_domain[name].update(ppl=float(np.exp(nll)), nll=nll)
     confusion = None
-    if method.info.routing_accuracy and experts is not None:
+    if (method.info.routing_accuracy or given) and experts is not None:
         confusion = metrics.confusion_matrix(es.labels, experts, n_dom, method.moa.num_experts)
         for name, acc in zip(es.domains, metrics.routing_accuracy(confusion)):
             per_domain[name]["routing_accuracy"] = float(acc)
-    entry = _entry(es, method.name, method.display, per_domain, texts, time.perf_counter() - t0)
+    entry = method_entry(es, method.name, method.display, per_domain, texts, time.perf_counter() - t0)
     entry["items_computed"] = int(len(todo))   # the rest came from the memo
     if confusion is not None:
         entry["confusion"] = confusion.tolist()
+    if confusion is not None and not given:
         entry["routing_policy"] = {"route_on": method.moa.route_on, "decision": method.moa.decision}
     return entry
 
