@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moa_jax.config import EvalConfig, ModelConfig
+from moa_jax.data import tasks
 from moa_jax.data.pipeline import collate_rows
 from moa_jax.eval import metrics
 from moa_jax.eval.evaluate import Method, assign_experts, generate_answers, item_nll
@@ -50,10 +51,10 @@ def eval_rows(split, items_per_domain: int) -> np.ndarray:
 
 
 def score_completion(domain: str, completion: str, example: dict) -> float:
-    """Verifier score for the embedded tasks; normalised exact match against the reference elsewhere."""
-    from moa_jax.data import tasks
+    """Verifier score for the registered reasoning-gym domains (moa_jax/data/tasks.py, the embedded ten and the
+    wide registry); normalised exact match against the reference elsewhere."""
     answer = tasks.extract_answer(completion)
-    if domain in tasks.DOMAIN_NAMES and example.get("metadata"):
+    if tasks.has_verifier(domain) and example.get("metadata"):
         return tasks.score(domain, answer, example)
     return float(" ".join(answer.lower().split()) == " ".join(reference_text(example).lower().split()))
 
@@ -243,6 +244,9 @@ def evaluate_all(cfg: ModelConfig, frozen: Any, tokenizer, data: dict, trained: 
     es = build_eval_set(split, domains, ev.items_per_domain, ev.batch_size, buckets, ev.ppl_items_per_domain)
     results = {"domains": list(domains), "items_per_domain": es.per_domain_counts(), "methods": {},
                "data": data_counts(data, dict(zip(domains, es.per_domain_counts())))}
+    families = {d: tasks.family_of(d) for d in domains}
+    if any(families.values()):   # registered reasoning-gym domains: the report groups routing by family
+        results["families"] = families
     if es.ppl is not None:
         results["ppl_items_per_domain"] = es.ppl.per_domain_counts()
     memo = ItemMemo()
