@@ -175,6 +175,31 @@ def moa_10task_gemma3() -> ExperimentConfig:
                    eval=replace(exp.eval, items_per_domain=10))
 
 
+@register
+def moa_52task() -> ExperimentConfig:
+    """Routing among many similar domains: moa_10task's model and method over the 52 reasoning-gym domains of the
+    wide registry (moa_jax/data/tasks.py WIDE_DOMAINS, builder config `wide`: 160/20/20 examples per domain), in
+    families of similar tasks (chain_sum / decimal_chain_sum / basic_arithmetic, gcd / lcm, word_sorting /
+    number_sorting, ...).
+
+    Command: python -m experiments.run --exp=moa_52task
+    Budget (meant for <= 60 min on a 2-core CPU; not run in full yet): stage 1 = 80 and stage 2 = 40 steps of 8
+    rows packed with examples of one domain, rows up to 256 tokens (number_sorting's prompt is ~220), 4 test items
+    per domain (208 in all); methods most_common, base, moa_router, moa_oracle (no mixed LoRA, no single LoRA).
+    Routing: moa.route_on=probe, as moa_10task. The report adds routing accuracy per family and the worst
+    confusions; `python -m benchmarks.studies.peer_routers --workdir runs/moa_52task` puts the peer routers beside.
+    Runtime: not measured; a 3-step piece on a 2-core Xeon under load ~10 suggests ~20 s of a quiet machine per
+    step, so ~40 min of training and ~10 of evaluation and compiling (docs/experiments.md says how, and how rough).
+    Expected: routing errors, if any, inside families of similar domains (the confusion table says which).
+    """
+    exp = _moa_10task("moa_52task", "cpu")
+    return replace(exp, data=replace(exp.data, builder_config="wide", buckets=(128, 256), max_len=256),
+                   stage1=replace(exp.stage1, steps=80, checkpoint_every=40),
+                   stage2=replace(exp.stage2, steps=40, checkpoint_every=40),
+                   eval=replace(exp.eval, items_per_domain=4,
+                                methods=("most_common", "base", "moa_router", "moa_oracle")))
+
+
 # Ablations of moa_10task (ExperimentConfig.variants): each variant trains only what it changes, from the shared stage 1.
 ABLATIONS = (
     "eta0: stage2.eta=0",                         # no routing loss: routers stay at their random init

@@ -82,6 +82,37 @@ def routing_accuracy(confusion: np.ndarray) -> np.ndarray:
         return np.where(rows > 0, diag / np.maximum(rows, 1), np.nan)
 
 
+def family_routing(confusion: np.ndarray, domains: Sequence[str], families: Mapping[str, str]) -> dict[str, dict]:
+    """Routing per family of similar domains (confusion [D, E], expert j = domain j): family -> {domains, items,
+    accuracy (share of its items routed to their own domain), within_family (share routed to ANOTHER domain of the
+    same family), elsewhere (share routed outside the family)}. Domains without a family are left out."""
+    confusion = np.asarray(confusion, np.int64)
+    out: dict[str, dict] = {}
+    for fam in dict.fromkeys(families[d] for d in domains if families.get(d)):
+        members = [i for i, d in enumerate(domains) if families.get(d) == fam]
+        inside = [j for j in members if j < confusion.shape[1]]
+        items = int(confusion[members].sum())
+        own = int(sum(confusion[i, i] for i in members if i < confusion.shape[1]))
+        same = int(confusion[np.ix_(members, inside)].sum()) - own
+        n = max(items, 1)
+        out[fam] = {"domains": len(members), "items": items, "accuracy": own / n, "within_family": same / n,
+                    "elsewhere": (items - own - same) / n}
+    return out
+
+
+def worst_confusions(confusion: np.ndarray, domains: Sequence[str], k: int = 10) -> list[dict]:
+    """The k largest off-diagonal cells of a confusion [D, E] (expert j = domain j): {domain, routed_to, items,
+    share (of the domain's items)}, most items first (ties: larger share, then domain order)."""
+    confusion = np.asarray(confusion, np.int64)
+    rows = confusion.sum(axis=1)
+    cells = [(int(confusion[i, j]), confusion[i, j] / rows[i], i, j) for i in range(confusion.shape[0])
+             for j in range(confusion.shape[1]) if i != j and confusion[i, j] > 0]
+    cells.sort(key=lambda c: (-c[0], -c[1], c[2], c[3]))
+    names = list(domains)
+    return [{"domain": names[i], "routed_to": names[j] if j < len(names) else f"expert {j}", "items": n,
+             "share": float(share)} for n, share, i, j in cells[:k]]
+
+
 # ---- baselines and aggregation -----------------------------------------------------------------------------------
 def most_common_answer(answers: Iterable[str]) -> str:
     """The most frequent answer; ties go to the one seen first (so the result is a pure function of the order)."""

@@ -120,6 +120,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
             md += [_row(["domain \\ expert"] + [str(j) for j in range(len(conf[0]))]),
                    _row(["---"] * (len(conf[0]) + 1))]
             md += [_row([f"{i} {d}"] + [str(v) for v in conf[i]]) for i, d in enumerate(results["domains"])]
+            md += _family_tables(results, m, conf)
     if results.get("variants"):
         md += ["", "## Ablation variants (each trained from the shared stage 1; reported as `method[NAME]`)", ""]
         md += [f"- `{name}`: " + (", ".join(f"`{s}`" for s in sets) or "the main run's settings")
@@ -161,6 +162,30 @@ def _routing_study(study) -> list[str]:
                     fmt(at[split]["accuracy_all"])]) for split in ("validation", "test")]
     lines += ["", f"Out-of-domain prompts abstained: {fmt(ab['out_of_domain_abstained'])} ("
               + ", ".join(f"{s} {fmt(v)}" for s, v in ab["out_of_domain_by_source"].items()) + ")."]
+    return lines
+
+
+def _family_tables(results: dict, method: str, conf: list, worst: int = 10) -> list[str]:
+    """Routing of `method` per family of similar domains (results["families"]) and its worst confusions."""
+    lines = []
+    families = results.get("families") or {}
+    fams = metrics.family_routing(conf, results["domains"], families) if families else {}
+    if fams:
+        lines += ["", f"### Routing of `{method}` per family (within family: routed to another domain of the same "
+                      f"family)", "", _row(["family", "domains", "items", "routing accuracy", "within family",
+                                            "elsewhere"]), _row(["---"] * 6)]
+        lines += [_row([f, str(r["domains"]), str(r["items"]), f"{r['accuracy']:.3f}", f"{r['within_family']:.3f}",
+                        f"{r['elsewhere']:.3f}"]) for f, r in fams.items()]
+    cells = metrics.worst_confusions(conf, results["domains"], worst)
+    lines += ["", f"### Worst confusions of `{method}` (the {worst} largest off-diagonal cells)", ""]
+    if not cells:
+        return lines + ["(none: every item went to its own domain's expert)"]
+    lines += [_row(["domain", "routed to", "items", "share of the domain's items", "same family"]),
+              _row(["---"] * 5)]
+    for c in cells:
+        fam = families.get(c["domain"], "")
+        same = "yes" if fam and families.get(c["routed_to"]) == fam else "no"
+        lines.append(_row([c["domain"], c["routed_to"], str(c["items"]), f"{c['share']:.2f}", same]))
     return lines
 
 

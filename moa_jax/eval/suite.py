@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moa_jax.config import EvalConfig, ModelConfig
+from moa_jax.data import tasks
 from moa_jax.data.pipeline import collate_rows
 from moa_jax.eval import metrics
 from moa_jax.eval.evaluate import BASE, Method, assign_experts, generate_answers, item_nll
@@ -50,10 +51,10 @@ def eval_rows(split, items_per_domain: int) -> np.ndarray:
 
 
 def score_completion(domain: str, completion: str, example: dict) -> float:
-    """Verifier score for the embedded tasks; normalised exact match against the reference elsewhere."""
-    from moa_jax.data import tasks
+    """Verifier score for the registered reasoning-gym domains (moa_jax/data/tasks.py, the embedded ten and the
+    wide registry); normalised exact match against the reference elsewhere."""
     answer = tasks.extract_answer(completion)
-    if domain in tasks.DOMAIN_NAMES and example.get("metadata"):
+    if tasks.has_verifier(domain) and example.get("metadata"):
         return tasks.score(domain, answer, example)
     return float(" ".join(answer.lower().split()) == " ".join(reference_text(example).lower().split()))
 
@@ -124,7 +125,9 @@ def score_texts(es: EvalSet, texts: Sequence[str]) -> dict[str, dict]:
     return out
 
 
-def _entry(es: EvalSet, kind: str, label: str, per_domain: dict, texts: Sequence[str], seconds: float) -> dict:
+def method_entry(es: EvalSet, kind: str, label: str, per_domain: dict, texts: Sequence[str],
+                 seconds: float) -> dict:
+    """A method's results entry: per-domain scores, their means and sample completions."""
     step = max(1, len(texts) // SAMPLES_PER_METHOD)
     entry = {"kind": kind, "label": label, "per_domain": per_domain, "seconds": seconds,
              "samples": [{"domain": es.domains[es.labels[i]], "completion": texts[i], "reference": es.references[i]}
@@ -144,7 +147,7 @@ def most_common_entry(es: EvalSet, train_split) -> dict:
     per_domain = score_texts(es, texts)
     for row in per_domain.values():
         row["ppl"] = row["nll"] = None
-    entry = _entry(es, "most_common", "most_common", per_domain, texts, time.perf_counter() - t0)
+    entry = method_entry(es, "most_common", "most_common", per_domain, texts, time.perf_counter() - t0)
     entry["answers"] = answers
     return entry
 
@@ -170,15 +173,23 @@ class ItemMemo:
 
 def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, max_new_tokens: int,
                     batch_size: int, decode, memo: Optional[ItemMemo] = None, memo_key=None,
-                    on_items: Optional[Callable[[int], None]] = None) -> dict:
+                    on_items: Optional[Callable[[int], None]] = None, experts: Optional[np.ndarray] = None) -> dict:
     """NLL + greedy generation + scores (+ routing accuracy and confusion for router-routed top-1 MoA) of one
     method. With a `memo` and a `memo_key` naming the method's adapters, items already evaluated with the same
     adapters and expert are taken from the memo instead of being run again. `on_items(n)` reports progress: n
-    more of the N items are done (generated, or taken from the memo)."""
+    more of the N items are done (generated, or taken from the memo). `experts` [N]: the expert of every item,
+    chosen outside the model (a peer router, benchmarks/studies/peer_routers.py) for a top-1 method's adapters;
+    the entry then has their routing accuracy and confusion (PPL over the generation items only)."""
     t0 = time.perf_counter()
     n_dom, n = len(es.domains), len(es.rows)
-    experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size,
-                             names=es.domains)                                                      # [N]/None
+    given = experts is not None
+    if given:
+        if not method.per_item_expert or es.ppl is not None:
+            raise ValueError("experts= needs a one-expert-per-item method and PPL over the generation items")
+        experts = np.asarray(experts, np.int64)
+    else:
+        experts = assign_experts(cfg, method, es.prompts, es.labels, pad_id=pad_id, batch_size=batch_size,
+                                 names=es.domains)
     share = memo is not None and memo_key is not None and experts is not None
     todo = memo.missing(memo_key, experts) if share else np.arange(n)
     if len(todo):
@@ -204,7 +215,7 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
         nll = float(sums[sel].sum() / max(counts[sel].sum(), 1.0))
         per_domain[name].update(ppl=float(np.exp(nll)), nll=nll)
     confusion = None
-    if method.info.routing_accuracy and experts is not None:
+    if (method.info.routing_accuracy or given) and experts is not None:
         routed = experts != BASE   # an abstained item (base fall-back) is in no column, and counts as missed
         confusion = metrics.confusion_matrix(es.labels[routed], experts[routed], n_dom, method.moa.num_experts)
         accuracy = metrics.routing_accuracy(confusion)
@@ -215,10 +226,11 @@ def evaluate_method(cfg, es: EvalSet, method: Method, *, pad_id: int, eos_ids, m
             per_domain[name]["routing_accuracy"] = float(acc)
             if not routed.all():
                 per_domain[name]["abstained"] = float(np.mean(~routed[es.labels == d]))
-    entry = _entry(es, method.name, method.display, per_domain, texts, time.perf_counter() - t0)
+    entry = method_entry(es, method.name, method.display, per_domain, texts, time.perf_counter() - t0)
     entry["items_computed"] = int(len(todo))   # the rest came from the memo
     if confusion is not None:
         entry["confusion"] = confusion.tolist()
+    if confusion is not None and not given:
         entry["routing_policy"] = {"route_on": method.moa.route_on, "decision": method.moa.decision}
     return entry
 
@@ -241,6 +253,9 @@ def evaluate_all(cfg: ModelConfig, frozen: Any, tokenizer, data: dict, trained: 
     es = build_eval_set(split, domains, ev.items_per_domain, ev.batch_size, buckets, ev.ppl_items_per_domain)
     results = {"domains": list(domains), "items_per_domain": es.per_domain_counts(), "methods": {},
                "data": data_counts(data, dict(zip(domains, es.per_domain_counts())))}
+    families = {d: tasks.family_of(d) for d in domains}
+    if any(families.values()):   # registered reasoning-gym domains: the report groups routing by family
+        results["families"] = families
     if es.ppl is not None:
         results["ppl_items_per_domain"] = es.ppl.per_domain_counts()
     memo = ItemMemo()

@@ -1,4 +1,5 @@
-"""tfds builder of the embedded dataset: ten reasoning-gym domains (see `moa_jax.data.tasks`), text only.
+"""tfds builder of the embedded dataset: ten reasoning-gym domains (see `moa_jax.data.tasks`), text only; the
+`wide` config holds the 52 domains of the wide registry (tasks.WIDE_DOMAINS) instead.
 
 Written as array_record so it is built and read WITHOUT TensorFlow (`builder.as_data_source()`; `tfds.load`
 would need TensorFlow). Built on first use into `default_data_dir()` (`$MOA_JAX_DATA_DIR` or
@@ -8,11 +9,12 @@ Splits: per domain, the generator's de-duplicated prompt stream is cut in the or
 Prompts are therefore distinct within a domain across all splits (disjoint splits), and the test set of a smaller
 config is a prefix of the larger one's (the `tiny` test items are the first 16 `default` test items).
 
-Features per example: domain (ClassLabel over the ten names), prompt, answer, metadata (JSON of the reasoning-gym
+Features per example: domain (ClassLabel over the config's domain names), prompt, answer, metadata (JSON of the reasoning-gym
 entry metadata, for its verifier), index (position within its domain and split: N per domain).
 
 Versioning: the data is a pure function of the task registry and the pinned reasoning_gym version. Any change to
-either must bump VERSION and REGISTRY_FINGERPRINT together (a test fails otherwise).
+either must bump VERSION and REGISTRY_FINGERPRINT together (a test fails otherwise); the `wide` config has its own
+pair, WIDE_VERSION and WIDE_FINGERPRINT.
 """
 from __future__ import annotations
 
@@ -35,14 +37,22 @@ log = logging.getLogger("moa_jax.data")
 
 # sha256 of the registry (see registry_fingerprint) that VERSION was built from.
 REGISTRY_FINGERPRINT = "c2f38af269096cf2"
+# The same for the wide registry (tasks.WIDE_DOMAINS) and WIDE_VERSION, the version of the `wide` config.
+WIDE_FINGERPRINT = "48f01e2f624522b7"
+WIDE_VERSION = "1.0.0"
 
 
 @dataclasses.dataclass
 class MoaTasksConfig(tfds.core.BuilderConfig):
-    """Examples per domain in each split."""
+    """Examples per domain in each split; `wide`: the 52 domains of tasks.WIDE_DOMAINS instead of the ten."""
     n_train: int = 2000
     n_validation: int = 200
     n_test: int = 200
+    wide: bool = False
+
+    @property
+    def domain_names(self) -> tuple:
+        return tasks.WIDE_DOMAIN_NAMES if self.wide else tasks.DOMAIN_NAMES
 
 
 BUILDER_CONFIGS = (
@@ -50,13 +60,17 @@ BUILDER_CONFIGS = (
                    n_test=200),
     MoaTasksConfig(name="small", description="500/100/100 per domain", n_train=500, n_validation=100, n_test=100),
     MoaTasksConfig(name="tiny", description="64/16/16 per domain (tests)", n_train=64, n_validation=16, n_test=16),
+    MoaTasksConfig(name="wide", description="52 domains, 160/20/20 per domain", n_train=160, n_validation=20,
+                   n_test=20, wide=True, version=WIDE_VERSION),
 )
 
 
-def registry_fingerprint() -> str:
-    """Identifies the generated content: domain names, generators, seeds, options and reasoning_gym version."""
+def registry_fingerprint(domains=None) -> str:
+    """Identifies the generated content: domain names, generators, seeds, options and reasoning_gym version
+    (`domains`: default tasks.DOMAINS; the `wide` config's is tasks.WIDE_DOMAINS)."""
     import reasoning_gym
-    spec = [(d.name, d.generator, d.seed, sorted((k, repr(v)) for k, v in d.options.items())) for d in tasks.DOMAINS]
+    spec = [(d.name, d.generator, d.seed, sorted((k, repr(v)) for k, v in d.options.items()))
+            for d in (tasks.DOMAINS if domains is None else domains)]
     blob = json.dumps([spec, getattr(reasoning_gym, "__version__", "0.1.25")], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -73,7 +87,7 @@ class MoaTasks(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             description=f"moa_jax embedded reasoning-gym domains; registry {registry_fingerprint()}",
             features=tfds.features.FeaturesDict({
-                "domain": tfds.features.ClassLabel(names=list(tasks.DOMAIN_NAMES)),
+                "domain": tfds.features.ClassLabel(names=list(self.builder_config.domain_names)),
                 "prompt": tfds.features.Text(),
                 "answer": tfds.features.Text(),
                 "metadata": tfds.features.Text(),
@@ -89,7 +103,7 @@ class MoaTasks(tfds.core.GeneratorBasedBuilder):
         sizes = {"test": cfg.n_test, "validation": cfg.n_validation, "train": cfg.n_train}
         # One pass over each domain's stream, cut into splits (order matters: test first, see module docstring).
         per_split = {s: [] for s in sizes}
-        for name in tasks.DOMAIN_NAMES:
+        for name in cfg.domain_names:
             stream = tasks.generate(name, sum(sizes.values()))
             for split, n in sizes.items():
                 for i in range(n):
