@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.studies import peer_routers as pr
 
-ROUTERS = ("oracle", "moa_router", "tfidf", "centroid", "arrow")
+ROUTERS = ("oracle", "moa_router", "moa_router_early_exit", "tfidf", "centroid", "arrow")
 FIT = 8   # train prompts per domain for the classifier and the centroids
 
 
@@ -49,6 +49,8 @@ def test_our_router_and_the_oracle_are_the_runs_own(study):
     with open(os.path.join(workdir, "results.json")) as f:
         run = json.load(f)["methods"]
     assert res["routers"]["moa_router"]["confusion"] == run["moa_router"]["confusion"]
+    # the smoke preset routes with every router (exit_layer=0), so the early-exit row is the full pass's
+    assert res["routers"]["moa_router_early_exit"]["confusion"] == run["moa_router"]["confusion"]
     for ours, theirs in (("moa_router", "moa_router"), ("oracle", "moa_oracle")):
         assert res["routers"][ours]["mean_ppl"] == pytest.approx(run[theirs]["mean_ppl"], rel=1e-5)
         assert res["routers"][ours]["mean_accuracy"] == run[theirs]["mean_accuracy"]

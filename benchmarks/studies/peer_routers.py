@@ -7,7 +7,8 @@ RUN is a finished `python -m experiments.run` work directory (two_stage workflow
 stage's experts (default: stage2, the MoA model) and the same test items the run's evaluation used (the first
 `--items-per-domain` test items of every domain; default: the run's eval.items_per_domain):
   oracle      the domain label (routing accuracy 1 by definition; the run's moa_oracle)
-  moa_router  our routers, as the run evaluates them (the stage's MoAConfig: route_on, decision)
+  moa_router  our routers on the full routing pass (the stage's route_on and decision; every router, no abstention)
+  moa_router_early_exit  the same routers cut after the layer the run picked on validation (routing.json)
   tfidf       TF-IDF + logistic regression (scikit-learn) on the TRAIN prompts' text: the paper's classifier + LoRA
               baseline (Table 3; the paper's classifier is a roberta-base)
   centroid    training-free: the base model (adapters off) over the prompt, final hidden state (after the final
@@ -19,8 +20,8 @@ stage's experts (default: stage2, the MoA model) and the same test items the run
               the largest routing weight averaged over the prompt's tokens and all adapted modules (a definition
               of ours: Arrow itself never picks one)
 The classifier and the centroids see only the run's train split (at most --fit-items-per-domain prompts per domain,
-the first ones), never validation or test prompts. The early-exit variant of our router is not here yet: it belongs
-in ROUTERS, next to moa_router.
+the first ones), never validation or test prompts. `moa_router` is our routers on the full routing pass,
+`moa_router_early_exit` the same routers cut at the layer the run picked on validation (routing.json).
 
 For every router but Arrow, answer accuracy and PPL come from moa_jax itself (moa_jax.eval.suite.evaluate_method):
 each test item runs with its chosen expert for the whole sequence, greedy decoding, the domain's verifier; items
@@ -49,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moa_jax.eval.calibration import applied_routing_policy
 from moa_jax.eval.evaluate import Method, assign_experts
 from moa_jax.eval.suite import EvalSet, ItemMemo, adapters_key, build_eval_set, evaluate_method
 from moa_jax.generate.decode import eos_ids, left_pad
@@ -74,9 +76,10 @@ class Run:
     def domains(self) -> tuple:
         return self.es.domains
 
-    def method(self, name: str) -> Method:
-        """A registered method on this stage's adapters (its parameters resolved)."""
-        return Method(name, key="moa").resolve(self.frozen, {"moa": (self.moa, self.trainable)})
+    def method(self, name: str, moa=None) -> Method:
+        """A registered method on this stage's adapters (its parameters resolved), routed as `moa` says (default:
+        the stage's MoAConfig)."""
+        return Method(name, key="moa").resolve(self.frozen, {"moa": (moa or self.moa, self.trainable)})
 
 
 @dataclasses.dataclass
@@ -126,16 +129,29 @@ def route_oracle(run: Run, args) -> Choice:
     return Choice(run.es.labels.astype(np.int64), 0.0, "the domain label")
 
 
-def route_ours(run: Run, args) -> Choice:
-    method = run.method("moa_router")
+def _route_moa(run: Run, moa, how: str) -> Choice:
+    method = run.method("moa_router", moa)
     call = functools.partial(assign_experts, run.cfg, method, run.es.prompts, run.es.labels,
                              pad_id=run.train.pad_id, batch_size=run.exp.eval.batch_size)
     call()                                                     # compile
     t0 = time.perf_counter()
     experts = call()
-    moa = run.moa
-    return Choice(experts, time.perf_counter() - t0,
-                  f"MoA routers (route_on={moa.route_on}, decision={moa.decision}), one routing pass")
+    return Choice(experts, time.perf_counter() - t0, f"MoA routers (route_on={moa.route_on}, decision="
+                                                     f"{moa.decision}), {how}")
+
+
+def route_ours(run: Run, args) -> Choice:
+    """Our routers on the full routing pass (every router; no calibration or abstention: the paper's decision)."""
+    moa = dataclasses.replace(run.moa, exit_layer=0, temperature=1.0, abstain_below=0.0)
+    return _route_moa(run, moa, "one full routing pass")
+
+
+def route_ours_early_exit(run: Run, args) -> Choice:
+    """Our routers with the early exit the run picked on validation (<workdir>/routing.json); a run without one
+    routes with every router, as moa_router. Abstention is left off here, so every prompt gets an expert."""
+    moa = dataclasses.replace(applied_routing_policy(run.workdir, run.moa), abstain_below=0.0)
+    k = moa.exit_layer if moa.exit_layer > 0 else run.cfg.num_layers
+    return _route_moa(run, moa, f"a routing pass cut after layer {k} of {run.cfg.num_layers}")
 
 
 def tfidf_classifier(texts: list[str], labels: np.ndarray):
@@ -217,11 +233,11 @@ def route_centroid(run: Run, args) -> Choice:
                   f"nearest cosine centroid of the base model's pooled final hidden state ({len(rows)} train prompts)")
 
 
-# The routers in table order: name -> (function(run, args) -> Choice). The early-exit variant of our router goes
-# next to moa_router.
+# The routers in table order: name -> (function(run, args) -> Choice).
 ROUTERS: dict[str, Callable[[Run, Any], Choice]] = {
     "oracle": route_oracle,
     "moa_router": route_ours,
+    "moa_router_early_exit": route_ours_early_exit,
     "tfidf": route_tfidf,
     "centroid": route_centroid,
 }
