@@ -92,9 +92,10 @@ def smoke() -> ExperimentConfig:
         name="smoke", model="tiny-random",
         moa=MoAConfig(rank=4, alpha=8.0, dropout=0.0),
         data=DataConfig(builder_config="tiny", batch_size=8, buckets=(128, 256), max_len=256),
-        stage1=TrainConfig(stage="stage1", steps=2, log_every=1, checkpoint_every=1),
-        stage2=TrainConfig(stage="stage2", steps=2, log_every=1, checkpoint_every=1),
-        baseline=TrainConfig(stage="mixed_lora", steps=0, log_every=1, checkpoint_every=2),
+        stage1=TrainConfig(stage="stage1", steps=2, log_every=1, checkpoint_every=1, eval_every=1, eval_batches=2),
+        stage2=TrainConfig(stage="stage2", steps=2, log_every=1, checkpoint_every=1, eval_every=1, eval_batches=2),
+        baseline=TrainConfig(stage="mixed_lora", steps=0, log_every=1, checkpoint_every=2, eval_every=2,
+                             eval_batches=2),
         eval=EvalConfig(items_per_domain=2, max_new_tokens=4, batch_size=8),
         mesh=MeshConfig(), variants=(SERVABLE,))
 
