@@ -285,12 +285,13 @@ class ExperimentConfig:
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")
         _check(self.moe_lora.stage == "moe_lora", "ExperimentConfig.moe_lora.stage must be 'moe_lora'")
         if self.eval.adapters == "best":   # every evaluated stage needs its validation record
-            trains = {"stage1": True, "stage2": True, "baseline": "mixed_lora" in self.eval.methods,
-                      "moe_lora": "moe_lora" in self.eval.methods}
+            trains = {"stage1": not self.stage1.init_from_peft, "stage2": True,
+                      "baseline": "mixed_lora" in self.eval.methods, "moe_lora": "moe_lora" in self.eval.methods}
             off = [k for k, used in trains.items() if used and getattr(self, k).eval_every == 0]
-            _check(not off, f"ExperimentConfig: eval.adapters='best' evaluates each stage's lowest-validation-loss "
-                   f"adapters, but {', '.join(k + '.eval_every' for k in off)} is 0 (no validation): set it, e.g. "
-                   f"--set {off[0]}.eval_every=10")
+            if off:
+                raise ConfigError(f"ExperimentConfig: eval.adapters='best' evaluates each stage's lowest-validation-"
+                                  f"loss adapters, but {', '.join(k + '.eval_every' for k in off)} is 0 (no "
+                                  f"validation): set it, e.g. --set {off[0]}.eval_every=10")
         _check(resolve(self.moa).cacheable or "moa_router" not in self.eval.methods,
                "ExperimentConfig: moa.dispatch='soft' with eval.methods containing 'moa_router': the evaluation "
                "generates answers, and cached decoding cannot re-pool soft gates over new tokens; use "

@@ -57,7 +57,19 @@ def watched_pair(tmp_path_factory, compile_cache):  # noqa: F811
     """The same stage-2 run (dropout on: training draws from its RNG) without and with validation every step
     (log every 2 steps, 3 steps: step 1 validates between log steps), the latter logging to a fake W&B run.
     -> (plain final, plain history, watched workdir, watched final, watched history, fake wandb)."""
-    no_tensorboard()
+    had_tb = "tensorboardX" in sys.modules
+    saved_tb = sys.modules.get("tensorboardX")
+    no_tensorboard()   # JSONL only here (TensorBoard is the smoke run's test); restored below for the session
+    try:
+        return _watched_pair(tmp_path_factory)
+    finally:
+        if had_tb:
+            sys.modules["tensorboardX"] = saved_tb
+        else:
+            sys.modules.pop("tensorboardX", None)
+
+
+def _watched_pair(tmp_path_factory):
     moa = tiny_moa(dropout=0.1)
     plain_cfg = make_train_config(steps=3, log_every=2)
     watched_cfg = make_train_config(steps=3, log_every=2, eval_every=1, eval_batches=2)
@@ -69,8 +81,8 @@ def watched_pair(tmp_path_factory, compile_cache):  # noqa: F811
     finally:
         del sys.modules["wandb"]
     workdir = tmp_path_factory.mktemp("watched")
-    watched, hist = run_stage(workdir, watched_cfg, moa, SyntheticSource(), on_log=functools.partial(sink.log, "stage2"),
-                              validation=SyntheticSource(seed=7))
+    watched, hist = run_stage(workdir, watched_cfg, moa, SyntheticSource(), validation=SyntheticSource(seed=7),
+                              on_log=functools.partial(sink.log, "stage2"))
     sink.finish()
     return plain, plain_hist, workdir, watched, hist, fake
 
