@@ -2,7 +2,8 @@
 ablation variants -> evaluation -> report.
 
     workdir/config.json                  the resolved ExperimentConfig
-    workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
+    workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/,
+                                         and with eval_every best_adapters/ (lowest validation loss)
     workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
     workdir/arms/<NAME>/stage1/ ...       one arm of the capacity study (moa_jax/workflows/capacity.py)
     workdir/results.json  results.md  *.png            the report (moa_jax/eval/report.py)
