@@ -24,7 +24,6 @@ Shape glossary: NB validation batches, B batch rows, T tokens, N domains.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Optional, Sequence
 
 import jax
@@ -36,7 +35,6 @@ from moa_jax.train.checkpoint import read_best, save_best
 from moa_jax.train.metrics_log import summarize
 from moa_jax.train.step import validation_metrics
 
-log = logging.getLogger("moa_jax")
 PREFIX = "eval/"
 SELECT_KEY = PREFIX + "loss"   # the value the best step minimises
 
