@@ -301,15 +301,17 @@ def _with_adapters(cfg: ModelConfig, frozen, tokenizer, source: str, adapters: s
 
 
 def load_run(workdir: str, stage: Optional[str] = None, *, source: Optional[str] = None, dtype: Optional[str] = None,
-             quantize: Optional[str] = None) -> MoAModel:
+             quantize: Optional[str] = None, best: bool = False) -> MoAModel:
     """A finished run's model, ready to `.generate()`: the base model the run trained on (or `source=` where it
     moved), the `stage`'s experts and routers with their MoA config, the domain names as `.domains` and the
     training system prompt and prompt format as `.system_prompt` and `.prompt_format` (generate's). Stages: the
     run's final model by default (stage2 for the two_stage and capacity workflows, refit for add_domain), stage1,
     mixed_lora, moe_lora, variants/NAME/stage2 (moa_jax/run_artifacts.py). dtype / quantize default to the run's.
     Stage 2 routes with the policy the run settled on after training (<workdir>/routing.json: early exit,
-    temperature, abstention threshold and fall-back, moa_jax/eval/calibration.py), when the run wrote one."""
-    run = read_run(workdir, stage, source)
+    temperature, abstention threshold and fall-back, moa_jax/eval/calibration.py), when the run wrote one.
+    best=True: the stage's adapters of lowest validation loss (<stage>/best_adapters, kept when it trained with
+    eval_every) instead of its final ones."""
+    run = read_run(workdir, stage, source, best=best)
     model = load_model(run.source, adapters=run.adapters, dtype=dtype or run.dtype,
                        quantize=quantize or run.quantize)
     moa = model.moa

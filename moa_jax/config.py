@@ -191,6 +191,9 @@ class TrainConfig:
     log_every: int = setting(10, "inert")
     checkpoint_every: int = setting(50, "inert")
     keep_checkpoints: int = setting(2, "inert")
+    eval_every: int = setting(0, "inert")     # validation loss every N steps and at the last step (0 = off); the
+                                              # lowest is kept as <stage>/best_adapters (moa_jax/train/validation.py)
+    eval_batches: int = setting(4, "inert")   # validation batches of data.batch_size rows, the same ones each time
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"TrainConfig.stage={self.stage!r} not in {STAGES}")
@@ -210,6 +213,8 @@ class TrainConfig:
         _check(0.0 < self.adam_b2 < 1.0, f"TrainConfig.adam_b2 must be in (0, 1), got {self.adam_b2}")
         _check(self.learning_rate > 0, f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.router_lr_mult > 0, f"TrainConfig.router_lr_mult must be > 0, got {self.router_lr_mult}")
+        _check(self.eval_every >= 0, f"TrainConfig.eval_every must be >= 0 (0 = no validation), got {self.eval_every}")
+        _check(self.eval_batches >= 1, f"TrainConfig.eval_batches must be >= 1, got {self.eval_batches}")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):   # step counts: 0 would divide by zero
             key = "baseline" if self.stage == "mixed_lora" else self.stage   # its ExperimentConfig field
             _check(getattr(self, name) >= 1, f"TrainConfig.{name} must be >= 1, got "
@@ -228,6 +233,9 @@ def replace(cfg, **changes):
 # ---- evaluation and experiments (the methods: moa_jax/methods.py) ----
 
 
+EVAL_ADAPTERS = ("final", "best")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Test-split evaluation: perplexity, greedy-generation metrics (verifier accuracy, BLEU-4, ROUGE-L) and
@@ -240,9 +248,12 @@ class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 32
     methods: tuple = ("most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle")
+    adapters: str = "final"         # which adapters of each stage are evaluated: the final ones | "best": the
+                                    # lowest validation loss (<stage>/best_adapters; needs the stages' eval_every)
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))
+        _check(self.adapters in EVAL_ADAPTERS, f"EvalConfig.adapters={self.adapters!r} not in {EVAL_ADAPTERS}")
         bad = unknown_methods(self.methods)
         _check(not bad, f"EvalConfig.methods: unknown {bad}; valid: {EVAL_METHODS}")
         _check(self.items_per_domain >= 1, f"EvalConfig.items_per_domain must be >= 1, got {self.items_per_domain}")
@@ -281,6 +292,8 @@ class ExperimentConfig:
     remat: str = "auto"           # ModelConfig.remat of the loaded model (REMAT_POLICIES)
     loss_chunk: int = 1024        # ModelConfig.loss_chunk of the loaded model
     quantize: str = setting("none", "locked")
+    wandb: str = setting("", "inert")   # a Weights & Biases project: training rows are logged there too (needs the
+                                        # wandb package; WANDB_MODE=offline keeps them local); "" = off
 
     def __post_init__(self):
         object.__setattr__(self, "variants", tuple(self.variants))
@@ -301,6 +314,14 @@ class ExperimentConfig:
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")
         _check(self.moe_lora.stage == "moe_lora", "ExperimentConfig.moe_lora.stage must be 'moe_lora'")
+        if self.eval.adapters == "best":   # every evaluated stage needs its validation record
+            trains = {"stage1": not self.stage1.init_from_peft, "stage2": True,
+                      "baseline": "mixed_lora" in self.eval.methods, "moe_lora": "moe_lora" in self.eval.methods}
+            off = [k for k, used in trains.items() if used and getattr(self, k).eval_every == 0]
+            if off:
+                raise ConfigError(f"ExperimentConfig: eval.adapters='best' evaluates each stage's lowest-validation-"
+                                  f"loss adapters, but {', '.join(k + '.eval_every' for k in off)} is 0 (no "
+                                  f"validation): set it, e.g. --set {off[0]}.eval_every=10")
         _check(resolve(self.moa).cacheable or "moa_router" not in self.eval.methods,
                "ExperimentConfig: moa.dispatch='soft' with eval.methods containing 'moa_router': the evaluation "
                "generates answers, and cached decoding cannot re-pool soft gates over new tokens; use "

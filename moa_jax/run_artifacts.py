@@ -7,6 +7,7 @@ MoA config, expert names, system prompt and prompt format. `moa_jax.load_run`, `
                                                  moa, data, domains (expert order), stage
     workdir/<stage>/adapters/adapters.safetensors  the trained experts and routers (train/checkpoint.py; older
                                                  runs: index.json + one .npy file per array, still read)
+    workdir/<stage>/best_adapters/               the same for the step of lowest validation loss (eval_every)
     workdir/results.json                         "stages": where each stage's adapters are (reuse_from: another run)
 
 Stages: stage1 (experts, untrained routers), stage2 (the MoA model), mixed_lora (one LoRA on all domains, E=1),
@@ -31,6 +32,8 @@ from moa_jax.errors import UserError
 # An adapters folder (train/checkpoint.py save_adapters): config.json + the weights as WEIGHTS_FILE, or, as written
 # by older versions, LEGACY_INDEX naming one .npy file per array.
 CONFIG_FILE, WEIGHTS_FILE, LEGACY_INDEX = "config.json", "adapters.safetensors", "index.json"
+# Beside a stage's adapters/: the adapters of its lowest validation loss (moa_jax/train/validation.py)
+BEST_ADAPTERS = "best_adapters"
 
 
 class RunArtifactError(UserError, FileNotFoundError):
@@ -166,14 +169,18 @@ def final_stage(workdir: str) -> str:
     return (read_json(path).get("final_stage") if os.path.exists(path) else None) or "stage2"
 
 
-def read_run(workdir: str, stage: Optional[str] = None, source: Optional[str] = None) -> RunInfo:
-    """Everything needed to rebuild a stage's model (default: the run's final model), checked (the base model too)
-    before anything loads."""
+def read_run(workdir: str, stage: Optional[str] = None, source: Optional[str] = None, best: bool = False) -> RunInfo:
+    """Everything needed to rebuild a stage's model (default: the run's final model; `best`: the stage's adapters
+    of lowest validation loss instead of its final ones), checked (the base model too) before anything loads."""
     from moa_jax.loading.base import check_base_model
     from moa_jax.loading.resolve import ModelSourceError
     workdir = os.fspath(workdir)
     stage = stage or final_stage(workdir)
     adapters = stage_adapters(workdir, stage)
+    if best:
+        adapters = os.path.join(os.path.dirname(adapters), BEST_ADAPTERS)
+        check_adapter_dir(adapters, f"stage {stage!r} kept no best adapters: it trained without validation "
+                          f"({stage}.eval_every=0); load its final adapters (best=False)")
     where = os.path.join(adapters, "config.json")
     saved = read_json(where)
     missing = [key for key in ("model", "moa", "domains") if key not in saved]

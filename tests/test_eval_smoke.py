@@ -93,15 +93,17 @@ def _tb_scalars(directory: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_has_losses_learning_rates_and_evaluation(smoke):
-    """Training scalars are `train/<metrics.jsonl key>`, the evaluation's `eval/<metric>/<method>`."""
-    from moa_jax.train.metrics_log import EVAL_METRICS, eval_tag
+    """Training scalars are `train/<metrics.jsonl key>` (validation's `eval/<key>` keys are their own tags), the
+    evaluation's `eval/<metric>/<method>`."""
+    from moa_jax.train.metrics_log import EVAL_METRICS, eval_tag, train_tag
     workdir, _ = smoke
     res = json.load(open(os.path.join(workdir, "results.json")))
     for stage, router in (("stage1", False), ("stage2", True)):
         tb = _tb_scalars(os.path.join(workdir, stage, "tensorboard"))
         rows = [json.loads(line) for line in open(os.path.join(workdir, stage, "metrics.jsonl"))]
         assert [r["step"] for r in rows] == [1, 2]
-        assert set(tb) == {f"train/{key}" for r in rows for key in r if key != "step"}, (stage, sorted(tb))
+        assert set(tb) == {train_tag(key) for r in rows for key in r if key != "step"}, (stage, sorted(tb))
+        assert train_tag("lm_loss") == "train/lm_loss" and train_tag("eval/lm_loss") == "eval/lm_loss"
         for key in ("loss", "lm_loss", "learning_rate", f"loss/{DOMAIN_NAMES[0]}") + (
                 ("router_acc", "learning_rate_router") if router else ()):
             assert tb[f"train/{key}"] == [(r["step"], pytest.approx(r[key])) for r in rows], (stage, key)

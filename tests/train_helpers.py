@@ -116,9 +116,9 @@ def make_train_config(**changes):
     return TrainConfig(**{**base, **changes})
 
 
-def run_stage(workdir, tcfg, moa, source, mesh_cfg=None, devices=None, on_log=None, config=None):
-    """train_stage of the tiny model from init_trees on a mesh (default: one device)
-    -> (final trainable numpy tree, history)."""
+def run_stage(workdir, tcfg, moa, source, mesh_cfg=None, devices=None, on_log=None, config=None, validation=None):
+    """train_stage of the tiny model from init_trees on a mesh (default: one device), validating on `validation`
+    (a source like `source`) when tcfg.eval_every asks -> (final trainable numpy tree, history)."""
     cfg = tiny_cfg()
     frozen, trainable = init_trees(cfg, moa)
     devices = jax.devices()[:1] if devices is None and mesh_cfg is None else devices
@@ -127,7 +127,7 @@ def run_stage(workdir, tcfg, moa, source, mesh_cfg=None, devices=None, on_log=No
     domains = [f"d{i}" for i in range(moa.num_experts)]
     return train_stage(model=MoATransformer(cfg, moa), tcfg=tcfg, mesh=mesh, frozen=frozen_dev, trainable=trainable,
                        source=source, workdir=os.fspath(workdir), config=config or config_dict(cfg, moa, tcfg),
-                       domain_names=domains, progress=False, on_log=on_log)
+                       domain_names=domains, progress=False, on_log=on_log, validation=validation)
 
 
 def flat_np(tree) -> dict[str, np.ndarray]:

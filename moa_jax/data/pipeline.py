@@ -180,6 +180,33 @@ class TrainBatches:
         return out
 
 
+class ValidationBatches:
+    """A fixed sample of a split to validate on during training, by index (a `BatchSource`): `num_batches` batches of
+    cfg.batch_size rows, one example per row, taken round-robin over the domains (each domain's rows in order), all
+    padded to one length (one compiled shape). A split with fewer rows fills the last batches with rows whose
+    `valid` is 0. batch(i) is this host's rows of batch i."""
+
+    def __init__(self, data: TokenizedSplit, cfg: DataConfig, num_batches: int, *, process_index: int = 0,
+                 process_count: int = 1):
+        per_domain = [data.domain_rows(d) for d in range(len(data.domains))]
+        order = [int(r[k]) for k in range(max((len(r) for r in per_domain), default=0)) for r in per_domain
+                 if k < len(r)]
+        if not order:
+            raise DataError(f"the {data.name} split has no examples to validate on: set the stages' eval_every=0")
+        n = num_batches * cfg.batch_size
+        rows = np.asarray(order[:n], np.int64)
+        self.valid = np.concatenate([np.ones(len(rows), np.int32), np.zeros(n - len(rows), np.int32)])
+        self.rows = np.concatenate([rows, np.full(n - len(rows), rows[0])])
+        self.examples = len(rows)
+        self.seq_len = bucket_for(int(data.lengths[rows].max()), cfg.buckets)
+        self.data, self.batch_size = data, cfg.batch_size
+        self._host = _host_slice(cfg.batch_size, process_index, process_count)
+
+    def batch(self, index: int) -> dict:
+        sel = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return collate(self.data, self.rows[sel][self._host], self.seq_len, self.valid[sel][self._host])
+
+
 def _row_key(domain: int, k: int) -> np.ndarray:
     """Packed row k of `domain` as an element of the mixed stream (resolved by TrainBatches.global_rows)."""
     return np.asarray([domain, k], np.int64)

@@ -125,6 +125,7 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
         md += ["", "## Ablation variants (each trained from the shared stage 1; reported as `method[NAME]`)", ""]
         md += [f"- `{name}`: " + (", ".join(f"`{s}`" for s in sets) or "the main run's settings")
                for name, sets in results["variants"].items()]
+    md += _validation_table(results)
     md += _data_table(results.get("data"))
     mca = results["methods"].get("most_common", {}).get("answers")
     if mca:
@@ -211,6 +212,24 @@ def _policy_table(results: dict, routed: list[str]) -> list[str]:
         route_on = LEGACY_ROUTE_ON.get(p["route_on"], p["route_on"])   # results saved before the rename
         lines.append(_row([m, ROUTE_ON_TEXT.get(route_on, route_on), p["decision"],
                            _fmt(e.get("mean_routing_accuracy"), "{:.3f}")]))
+    return lines
+
+
+def _validation_table(results: dict) -> list[str]:
+    """Each stage's best validation step (TrainConfig.eval_every) and which adapters the evaluation ran."""
+    stages = results.get("validation") or {}
+    if not stages:
+        return []
+    which = results.get("evaluated_adapters", "final")
+    lines = ["", "## Validation during training (lowest validation loss per stage)", "",
+             f"The evaluation above ran each stage's {which} adapters"
+             + (" (`eval.adapters=best`)." if which == "best" else "; `eval.adapters=best` evaluates the best ones "
+                                                                     "(`<stage>/best_adapters`)."), "",
+             _row(["stage", "best step", "validation loss", "validation LM loss", "routing accuracy"]),
+             _row(["---"] * 5)]
+    for label, v in stages.items():
+        lines.append(_row([label, str(v["best_step"]), _fmt(v["best_loss"], "{:.4f}"), _fmt(v.get("best_lm_loss"),
+                           "{:.4f}"), _fmt(v.get("best_router_acc"), "{:.3f}")]))
     return lines
 
 

@@ -46,7 +46,7 @@ from flax import traverse_util
 from moa_jax.config import stage_conditions, stage_keys
 from moa_jax.errors import UserError
 from moa_jax.names import inside
-from moa_jax.run_artifacts import CONFIG_FILE, LEGACY_INDEX, WEIGHTS_FILE, adapter_weights
+from moa_jax.run_artifacts import BEST_ADAPTERS, CONFIG_FILE, LEGACY_INDEX, WEIGHTS_FILE, adapter_weights
 from moa_jax.sharding import gather_to_host
 
 log = logging.getLogger("moa_jax")
@@ -312,6 +312,21 @@ def save_adapters(directory: str, trainable: Any, config: dict) -> None:
     if os.path.exists(directory):
         shutil.rmtree(directory)
     os.replace(tmp, directory)
+
+
+def save_best(stage_dir: str, trainable: Any, config: dict, record: dict) -> None:
+    """The adapters with the lowest validation loss so far, as save_adapters writes them, into
+    <stage_dir>/best_adapters; `record` ({"step", "loss", "metrics"}) goes into its config.json as "validation"."""
+    save_adapters(os.path.join(stage_dir, BEST_ADAPTERS), trainable, {**config, "validation": record})
+
+
+def read_best(stage_dir: str) -> Optional[dict]:
+    """The validation record of <stage_dir>/best_adapters ({"step", "loss", "metrics"}); None without one."""
+    path = os.path.join(stage_dir, BEST_ADAPTERS, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("validation")
 
 
 def load_adapters(directory: str, current_config: Optional[dict] = None) -> tuple[dict, dict]:

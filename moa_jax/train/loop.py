@@ -4,6 +4,7 @@
     for step in range(state.step, steps):
         batch = source.batch(...)  -> global arrays         # each process feeds its own rows
         state, metrics = train_step(state, frozen, batch)   # jitted once, donated, explicit shardings
+        validate on validation steps                        # fixed validation batches; best adapters kept
         log on log steps; checkpoint on checkpoint steps     # host reads device values only there
                                                             # (metrics.jsonl, TensorBoard, one console line)
 
@@ -41,6 +42,7 @@ from moa_jax.data.targets import gather_targets
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, gather_to_host, micro_batch_sharding,
                               param_shardings, replicated, tree_leaf_sharding)
 from moa_jax.train.step import TrainState, init_state, logged_learning_rates, make_optimizer, train_step
+from moa_jax.train.validation import Validator, validation_line
 
 log = logging.getLogger("moa_jax")
 BATCH_KEYS = ("tokens", "loss_mask", "prompt_mask", "attention_mask", "domain", "valid")
@@ -108,11 +110,14 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
                 source: BatchSource, workdir: str, config: dict, domain_names: Sequence[str],
                 frozen_shardings: Any = None, progress: bool = True, desc: str = "train",
                 on_log: Optional[Callable[[int, dict], None]] = None,
-                tx: Optional[optax.GradientTransformation] = None) -> tuple[Any, list[dict]]:
+                tx: Optional[optax.GradientTransformation] = None,
+                validation: Optional[BatchSource] = None) -> tuple[Any, list[dict]]:
     """Train one stage in `workdir` (resuming if it holds checkpoints). -> (final trainable tree, log history).
 
     frozen: the base weights, already placed on the mesh. trainable: the initial experts/routers (host or device).
     tx: the optimiser (default make_optimizer(tcfg, trainable); add_domain wraps it to freeze the old experts).
+    validation: the validation batches (moa_jax/data/pipeline.py ValidationBatches) that tcfg.eval_every > 0 runs
+    on (moa_jax/train/validation.py); their rows join the log (`eval/` keys) and on_log.
     """
     if model.moa is not None:
         check_experts_divisible(mesh, model.moa.num_experts)
@@ -136,6 +141,14 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
     step_fn = jit_train_step(model=model, tcfg=tcfg, tx=tx, num_domains=len(domain_names), mesh=mesh,
                              state_shards=shards, frozen_shardings=frozen_shardings)
     is_main = jax.process_index() == 0
+    validator = None
+    if tcfg.eval_every and validation is not None:
+        validator = Validator(model=model, tcfg=tcfg, mesh=mesh, trainable_shardings=shards.trainable,
+                              batches=_put_micro(mesh, _stack_micro(validation, 0, tcfg.eval_batches)),
+                              frozen_shardings=frozen_shardings, domain_names=domain_names, stage_dir=workdir,
+                              config=config, resume_step=start, is_main=is_main)
+    elif tcfg.eval_every:
+        log.info("%s: eval_every=%d but no validation batches were given: no validation", desc, tcfg.eval_every)
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=start)   # drops rows logged past `start`
     history: list[dict] = []
     acc, count = None, 0
@@ -152,17 +165,28 @@ def train_stage(*, model: MoATransformer, tcfg: TrainConfig, mesh, frozen: Any, 
             count += 1
             done = step + 1
             bar.update(1)
+            val_row = {}
+            if validator is not None and validator.due(done):
+                with logger.clock_paused():   # the throughput counts training only
+                    val_row = validator(state.trainable, frozen, done)
+            row = None
             if done % tcfg.log_every == 0 or done == tcfg.steps:
                 _check_finite(state, ckpt, done, resumed_from)
                 resumed_from = None
-                row = logger.log(done, {**summarize(acc, count, domain_names), **logged_learning_rates(tcfg, done)})
-                history.append({"step": done, **row})
+                row = logger.log(done, {**summarize(acc, count, domain_names), **logged_learning_rates(tcfg, done),
+                                        **val_row})
                 bar.set_postfix(progress_fields(row), refresh=False)
                 if is_main:
                     log.info("%s", log_line(desc, done, tcfg.steps, row, count))
+                acc, count = None, 0
+            elif val_row:   # a validation step between log steps: a row of its own
+                row = logger.log(done, dict(val_row))
+            if row is not None:
+                history.append({"step": done, **row})
+                if val_row and is_main:
+                    log.info("%s", validation_line(desc, done, tcfg.steps, val_row, validator.best["step"]))
                 if on_log is not None:
                     on_log(done, row)
-                acc, count = None, 0
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
                 _check_finite(state, ckpt, done, resumed_from)
                 resumed_from = None

@@ -4,11 +4,14 @@ averages per method as TensorBoard scalars.
 The jitted step returns a flat dict of device scalars (plus per-domain vectors); the loop adds them up on device
 (no host sync) and reads the sums only on logging steps. Each logged row is one console line (`log_line`), one
 metrics.jsonl row under the step's own key names, and TensorBoard scalars under `train/<key>` (`train/lm_loss`,
-`train/loss/<domain>`, `train/learning_rate`); the evaluation's are `eval/<metric>/<method>`. TensorBoard events are
+`train/loss/<domain>`, `train/learning_rate`). Validation during training (moa_jax/train/validation.py) adds keys
+`eval/<key>` to the row of its step (or a row of its own), the same names as TensorBoard tags; the final
+evaluation's averages are `eval/<metric>/<method>`. TensorBoard events are
 written with tensorboardX, which needs no TensorFlow.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -69,8 +72,9 @@ def log_line(label: str, step: int, total: int, row: dict[str, float], steps_log
 
 
 def train_tag(key: str) -> str:
-    """TensorBoard tag of a metrics.jsonl key: `train/<key>` (`train/loss/<domain>` for a domain's LM loss)."""
-    return f"train/{key}"
+    """TensorBoard tag of a metrics.jsonl key: `train/<key>` (`train/loss/<domain>` for a domain's LM loss); a
+    validation key is its own tag (`eval/lm_loss`, moa_jax/train/validation.py)."""
+    return key if key.startswith("eval/") else f"train/{key}"
 
 
 class MetricsLogger:
@@ -95,12 +99,15 @@ class MetricsLogger:
             self._tb = None
 
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """One row. A training row (it has `seq_tokens`) gets the throughput since the previous one; a row of
+        validation metrics alone leaves the clock alone."""
         now = time.perf_counter()
-        if self._last_time is not None and "seq_tokens" in metrics:
-            elapsed = max(now - self._last_time, 1e-9)
-            metrics["tokens_per_s"] = metrics["seq_tokens"] / elapsed
-            metrics["seconds"] = elapsed
-        self._last_time = now
+        if "seq_tokens" in metrics:
+            if self._last_time is not None:
+                elapsed = max(now - self._last_time, 1e-9)
+                metrics["tokens_per_s"] = metrics["seq_tokens"] / elapsed
+                metrics["seconds"] = elapsed
+            self._last_time = now
         if self.enabled:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -126,6 +133,16 @@ class MetricsLogger:
 
     def start_clock(self) -> None:
         self._last_time = time.perf_counter()
+
+    @contextlib.contextmanager
+    def clock_paused(self):
+        """Time spent inside (validation) is left out of the next row's `seconds` and throughput."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._last_time is not None:
+                self._last_time += time.perf_counter() - t0
 
     def close(self) -> None:
         if self._tb is not None:

@@ -216,6 +216,40 @@ def train_step(state: TrainState, frozen: Params, batch: dict[str, jax.Array], *
     return new_state, metrics
 
 
+def validation_metrics(trainable: Params, frozen: Params, batches: dict[str, jax.Array], *, model: MoATransformer,
+                       tcfg: TrainConfig, num_domains: int) -> dict[str, jax.Array]:
+    """Pure: the stage's loss on fixed validation batches [NB, B, ...] (the micro-batch layout of `train_step`), with
+    the training forward (the same routing plan) but no dropout and no random key, so it never touches the
+    training state's RNG. Pooled over all NB batches: `lm_loss` (mean NLL per response token), per-domain sums, and
+    `loss`, the stage's objective (with per-domain normalisation the sum of the domains' mean losses; + eta x
+    `router_loss` in stage 2, + balance_coef x `balance_loss` for MoE-LoRA); `router_acc` over the routed prompts."""
+    def one(carry, mb):
+        _, m = loss_fn(trainable, frozen, mb, None, model=model, tcfg=tcfg, num_domains=num_domains)
+        return carry, m
+
+    _, ms = jax.lax.scan(one, None, batches)                                                # each leaf (NB, ...)
+    tokens = jnp.sum(ms["tokens"])
+    dom_sum, dom_cnt = jnp.sum(ms["domain_loss_sum"], 0), jnp.sum(ms["domain_tokens"], 0)   # (N,), (N,)
+    lm = jnp.sum(ms["lm_loss_sum"]) / jnp.maximum(tokens, 1.0)
+    if tcfg.normalization == "domain":
+        loss = jnp.sum(jnp.where(dom_cnt > 0, dom_sum / jnp.maximum(dom_cnt, 1.0), 0.0))
+    else:
+        loss = lm
+    out = {"lm_loss": lm, "tokens": tokens, "seq_tokens": jnp.sum(batches["attention_mask"]),
+           "domain_loss_sum": dom_sum, "domain_tokens": dom_cnt}
+    examples = ms["examples"]                                                               # (NB,)
+    for k in ("router_loss", "router_acc"):   # per-batch means over routed prompts -> one mean over all of them
+        if k in ms:
+            out[k] = jnp.sum(ms[k] * examples) / jnp.maximum(jnp.sum(examples), 1.0)
+    if "router_loss" in out and tcfg.eta > 0:
+        loss = loss + tcfg.eta * out["router_loss"]
+    if "balance_loss" in ms:
+        out["balance_loss"] = jnp.mean(ms["balance_loss"])
+        loss = loss + tcfg.balance_coef * out["balance_loss"]
+    out["loss"] = loss
+    return out
+
+
 def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
                       rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), jnp.int32))

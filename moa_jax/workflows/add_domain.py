@@ -201,7 +201,7 @@ def _train(ctx: ExperimentContext, name: str, tcfg, init, source, n_old: int, pr
         model=MoATransformer(ctx.cfg, ctx.exp.moa), tcfg=tcfg, mesh=ctx.mesh, frozen=ctx.frozen, trainable=init,
         source=source, workdir=directory, config=ctx.config_dict(name, ctx.exp.moa, tcfg), domain_names=ctx.domains,
         frozen_shardings=ctx.frozen_shardings, progress=progress, desc=name,
-        tx=freeze_old_experts(make_optimizer(tcfg, init), n_old, routers=routers))
+        tx=freeze_old_experts(make_optimizer(tcfg, init), n_old, routers=routers), **ctx.watching(name, tcfg))
     return trained, time.perf_counter() - t0
 
 
@@ -340,6 +340,7 @@ def run_add_domain(settings: AddDomainConfig, workdir: str, sets=(), progress: b
     else:
         log.info("add_domain: the base run has no stage-1 adapters; single_lora is not evaluated")
     results = ctx.evaluate(trained, specs_eval, progress)
+    ctx.close()   # the W&B run, if any
     section = summary_section(results, base, new_names)
     section["old_experts_bit_identical"] = not changed
     section["new_share"], section["refit_routers"] = settings.new_share, settings.refit_routers

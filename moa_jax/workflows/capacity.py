@@ -139,6 +139,7 @@ def run_capacity(exp: ExperimentConfig, study: CapacityConfig, workdir: str, pro
         specs.append(Method(arm.method, moa, label=arm.label, key=f"{key}[{arm.name}]"))
         stages.update({os.path.join(arm.subdir, k): v for k, v in arm_ctx.stage_dirs.items()})
     results = ctx.evaluate(trained, specs, progress)
+    ctx.close()   # the W&B run, if any
     section = {"arms": {a.name: {"method": a.method, "rank": a.rank, "alpha": a.exp.moa.alpha,
                                  "directory": os.path.join(workdir, a.subdir)} for a in arms},
                "rows": capacity_rows(results, arms, params, ctx.cfg, exp),

@@ -2,7 +2,8 @@
 ablation variants -> evaluation -> report.
 
     workdir/config.json                  the resolved ExperimentConfig
-    workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/
+    workdir/stage1/  stage2/  mixed_lora/  moe_lora/    each: checkpoints/, adapters/, metrics.jsonl, tensorboard/,
+                                         and with eval_every best_adapters/ (lowest validation loss)
     workdir/variants/<NAME>/stage2/ (or moe_lora/)      one ablation variant (ExperimentConfig.variants)
     workdir/arms/<NAME>/stage1/ ...       one arm of the capacity study (moa_jax/workflows/capacity.py)
     workdir/results.json  results.md  *.png            the report (moa_jax/eval/report.py)
@@ -22,6 +23,7 @@ match), so the ablations can start from the main experiment's stage 1 and stage 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -32,11 +34,12 @@ from typing import Any
 import jax
 from flax import traverse_util
 
-from moa_jax.train.checkpoint import CheckpointMismatchError, config_mismatches, load_adapters
+from moa_jax.train.checkpoint import (BEST_ADAPTERS, CheckpointMismatchError, config_mismatches, load_adapters,
+                                      read_best)
 from moa_jax.config import (DATA_SPLITS, EXPERTS_FROM_DATA, ROUTING_DECISION_FIELDS, ConfigError, ExperimentConfig,
                             ModelConfig, MoAConfig, TrainConfig, experiment_keys, replace, stage_absent_values,
                             stage_keys, stage_renamed_values)
-from moa_jax.data.pipeline import TrainBatches, load_split
+from moa_jax.data.pipeline import TrainBatches, ValidationBatches, load_split
 from moa_jax.data.prompt_format import resolve_prompt_format
 from moa_jax.data.sources import load_text_split, resolve_system_prompt
 from moa_jax.errors import check_rank_fits, check_writable
@@ -56,6 +59,7 @@ from moa_jax.run_artifacts import RunArtifactError, stage_adapters
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
                               param_shardings)
 from moa_jax.train.loop import train_stage
+from moa_jax.train.wandb_log import WandbLog, require_wandb
 
 log = logging.getLogger("moa_jax")
 class _Concat:
@@ -82,6 +86,7 @@ class ExperimentContext:
     data: dict            # split -> TokenizedSplit
     domains: tuple
     stage_dirs: dict = dataclasses.field(default_factory=dict)  # "stage1", "variants/eta0/stage2" -> its directory
+    watch: Any = None     # the W&B run (moa_jax/train/wandb_log.py) when ExperimentConfig.wandb names a project
 
     def config_dict(self, stage: str, moa: MoAConfig, tcfg: TrainConfig) -> dict:
         """A stage's resolved config (checkpoints, adapters/config.json): data.prompt_format as chat or plain, the
@@ -101,6 +106,23 @@ class ExperimentContext:
         return evaluate_all(self.cfg, self.frozen, self.tokenizer, self.data, trained, specs, ev=self.exp.eval,
                             buckets=self.exp.data.buckets, progress=progress)
 
+    def watching(self, label: str, tcfg: TrainConfig) -> dict:
+        """train_stage's validation batches (when tcfg.eval_every asks for them) and its W&B hook, for stage `label`."""
+        out: dict[str, Any] = {}
+        if tcfg.eval_every:
+            out["validation"] = ValidationBatches(self.data["validation"], self.exp.data, tcfg.eval_batches,
+                                                  process_index=jax.process_index(),
+                                                  process_count=jax.process_count())
+        if self.watch is not None:
+            out["on_log"] = functools.partial(self.watch.log, label)
+        return out
+
+    def close(self) -> None:
+        """Ends the W&B run, if any."""
+        if self.watch is not None:
+            self.watch.finish()
+            self.watch = None
+
     def train(self, stage: str, moa: MoAConfig, tcfg: TrainConfig, init: Any, source, progress: bool,
               subdir: str = ""):
         """Train one stage in workdir/subdir/stage (or load it from reuse_from). -> (trainable, log history)."""
@@ -116,7 +138,7 @@ class ExperimentContext:
         return train_stage(model=MoATransformer(self.cfg, moa), tcfg=tcfg, mesh=self.mesh, frozen=self.frozen,
                            trainable=init, source=source, workdir=self.stage_dirs[label], config=config,
                            domain_names=self.domains, frozen_shardings=self.frozen_shardings, progress=progress,
-                           desc=label)
+                           desc=label, **self.watching(label, tcfg))
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -202,6 +224,8 @@ def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None, work
     the workflow, its section and the stage of its final model: what `moa_jax.load_run(workdir)` loads) and every
     stage's checkpoints and adapters."""
     check_writable(workdir)
+    if exp.wandb:
+        require_wandb(exp.wandb)   # a missing package is an error before anything loads
     texts = texts or {split: load_text_split(exp.data, split) for split in DATA_SPLITS}
     log_domain_census(texts["train"])
     domains = tuple(texts["train"].domains)
@@ -233,7 +257,11 @@ def prepare(exp: ExperimentConfig, workdir: str, texts: dict | None = None, work
               **({workflow: dataclasses.asdict(section)} if section is not None else {}), **dataclasses.asdict(exp)}
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(record, f, indent=1, default=str)
-    return ExperimentContext(exp, workdir, cfg, tokenizer, mesh, frozen, shardings, data, domains)
+    watch = None
+    if exp.wandb and jax.process_index() == 0:
+        watch = WandbLog(exp.wandb, name=f"{exp.name} {os.path.basename(os.path.abspath(workdir))}",
+                         config=json.loads(json.dumps(record, default=str)), directory=workdir)
+    return ExperimentContext(exp, workdir, cfg, tokenizer, mesh, frozen, shardings, data, domains, watch=watch)
 
 
 def train_all(ctx: ExperimentContext, progress: bool = True) -> dict[str, tuple[MoAConfig, Any]]:
@@ -372,6 +400,47 @@ def train_variants(ctx: ExperimentContext, trained: dict, plans, progress: bool 
     return specs
 
 
+# ---- validation during training ---------------------------------------------------------------------------------
+def validation_summary(stage_dirs: dict) -> dict:
+    """Stage label -> its best validation step and losses (the record in <stage>/best_adapters), for the stages
+    that validated."""
+    out = {}
+    for label, directory in stage_dirs.items():
+        best = read_best(directory)
+        if best is not None:
+            m = best.get("metrics", {})
+            out[label] = {"best_step": best["step"], "best_loss": best["loss"], "best_lm_loss": m.get("eval/lm_loss"),
+                          "best_router_acc": m.get("eval/router_acc")}
+    return out
+
+
+def _stage_label(key: str) -> str:
+    """A `trained` key -> the stage label it was trained under: single_lora -> stage1, moa -> stage2, mixed_lora,
+    moe_lora; a variant's moa[NAME] -> variants/NAME/stage2, moe_lora[NAME] -> variants/NAME/moe_lora."""
+    base, _, variant = key.partition("[")
+    stage = {"single_lora": "stage1", "moa": "stage2"}.get(base, base)
+    return os.path.join("variants", variant.rstrip("]"), stage) if variant else stage
+
+
+def best_adapters(ctx: ExperimentContext, trained: dict) -> dict:
+    """`trained` with each stage's adapters replaced by its lowest-validation-loss ones (eval.adapters=best). Stage-1
+    experts imported from PEFT (stage1.init_from_peft) were not trained here and stay as they are."""
+    out = {}
+    for key, (moa, trainable) in trained.items():
+        label = _stage_label(key)
+        if label not in ctx.stage_dirs:   # not trained by this run (imported)
+            out[key] = (moa, trainable)
+            continue
+        directory = os.path.join(ctx.stage_dirs[label], BEST_ADAPTERS)
+        if read_best(ctx.stage_dirs[label]) is None:
+            raise RunArtifactError(f"eval.adapters='best': stage {label} has no best adapters ({directory} is "
+                                   f"missing; it was trained without validation, e.g. in the run reuse_from names)")
+        best, _ = load_adapters(directory)
+        log.info("evaluating %s with %s (step %d)", key, directory, read_best(ctx.stage_dirs[label])["step"])
+        out[key] = (moa, best)
+    return out
+
+
 def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -> dict:
     """The whole experiment; writes results.json and the report (results.md, plots) and returns the results."""
     from moa_jax.eval.report import write_report
@@ -379,18 +448,24 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
     plan_variants(exp)   # a bad variant fails now, not after hours of training
     parse_adapter_specs(exp.stage1.init_from_peft)   # and so does a missing adapter directory
     ctx = prepare(exp, workdir)
-    exp = ctx.exp   # moa.num_experts from the data
-    plans = plan_variants(exp)
-    trained = train_all(ctx, progress)
-    routing = study_routing(ctx, trained)   # settles stage 2's AUTO routing settings before anything routes with it
-    specs = [Method(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
-    results = ctx.evaluate(trained, specs, progress)
-    if routing is not None:
-        results["routing"] = routing
+    try:
+        exp = ctx.exp   # moa.num_experts from the data
+        plans = plan_variants(exp)
+        trained = train_all(ctx, progress)
+        specs = [Method(m) for m in exp.eval.methods] + train_variants(ctx, trained, plans, progress)
+        if exp.eval.adapters == "best":
+            trained = best_adapters(ctx, trained)
+        routing = study_routing(ctx, trained)   # settles stage 2's AUTO routing before evaluation routes with it
+        results = ctx.evaluate(trained, specs, progress)
+        if routing is not None:
+            results["routing"] = routing
+    finally:
+        ctx.close()
     results.update(experiment=exp.name, model=exp.model, runtime_seconds=time.perf_counter() - t0,
                    backend=jax.default_backend(), stages=dict(ctx.stage_dirs),
                    variants={v.name: list(v.sets) for v, _ in plans},
-                   steps={"stage1": exp.stage1.steps, "stage2": exp.stage2.steps, "batch_size": exp.data.batch_size})
+                   steps={"stage1": exp.stage1.steps, "stage2": exp.stage2.steps, "batch_size": exp.data.batch_size},
+                   validation=validation_summary(ctx.stage_dirs), evaluated_adapters=exp.eval.adapters)
     if jax.process_index() == 0:
         if routing is not None:
             write_routing_file(workdir, routing)
