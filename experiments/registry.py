@@ -114,12 +114,13 @@ def _moa_10task(name: str, budget: str) -> ExperimentConfig:
         # "Early exit, calibration and abstention"); abstention stays off unless asked (the report shows its rule)
         moa=MoAConfig(rank=16, alpha=32.0, dropout=0.05, route_on="probe", exit_layer=AUTO, temperature=AUTO),
         data=DataConfig(batch_size=batch, buckets=(64, 96, 128), max_len=128, packing=packing),
+        # validation loss on 4 fixed batches every 20 steps; the lowest one's adapters are kept (results.md names it)
         stage1=TrainConfig(stage="stage1", steps=s1, learning_rate=1e-3, adam_b2=b2, log_every=10,
-                           checkpoint_every=40),
+                           checkpoint_every=40, eval_every=20),
         stage2=TrainConfig(stage="stage2", steps=s2, learning_rate=5e-4, adam_b2=b2, eta=1.0, router_lr_mult=10.0,
-                           log_every=10, checkpoint_every=40),
+                           log_every=10, checkpoint_every=40, eval_every=20),
         baseline=TrainConfig(stage="mixed_lora", steps=0, learning_rate=1e-3, adam_b2=b2, log_every=10,
-                             checkpoint_every=40),
+                             checkpoint_every=40, eval_every=20),
         eval=EvalConfig(items_per_domain=items, max_new_tokens=20, batch_size=eval_batch),
         mesh=MeshConfig())
 
