@@ -1,12 +1,13 @@
 """Reference router of an exported MoA model: picks the expert (the PEFT adapter to name) for a prompt from ONE
 forward of the plain base model, with transformers, torch and numpy only (no jax, flax or moa_jax import).
 `moa_jax.export.export_peft` copies this file into a servable export directory, so a server needs that directory
-and the base model alone:
+and the base model alone (an export holding base/, the weights training used, needs nothing else):
 
     import reference_router    # the copy in the export directory (moa_jax.reference_router needs moa_jax's deps)
-    router = reference_router.load("export/")    # router.json + router.safetensors + tokenizer/, base model
+    router = reference_router.load("export/")    # router.json + router.safetensors + tokenizer/ + base/
     router.route("What is 2 + 3?")               # -> "chain_sum": generate with the adapter of that name
     router.route([{"role": "user", "content": "Spell 'cat' backward"}])
+    router.route_batch(["What is 2 + 3?", "Spell 'cat' backward"])   # one padded forward for many prompts
 
 It computes what router.json records (written for MoAConfig.route_on='probe'; see docs/method.md):
   1. prompt ids: the messages with the recorded system prompt first (unless they hold a system turn), rendered to
@@ -20,8 +21,9 @@ It computes what router.json records (written for MoAConfig.route_on='probe'; se
      pooled @ kernel[l]; mlp: gelu_tanh(pooled @ hidden/kernel[l]) @ out/kernel[l]);
   4. decision 'last': argmax of the last router; 'vote': the most frequent argmax over layers, ties to the larger
      mean softmax probability.
-The routers were trained on the base weights moa_jax loaded; a server whose base differs (e.g. full precision
-instead of the embedded Q4_1 GGUF) can route differently: run this module on your prompts to check.
+The routers were trained on the base weights moa_jax loaded (base/ when the export holds it: base_of); a server
+whose base differs (e.g. full precision instead of the embedded Q4_1 GGUF) can route differently: run this module
+on your prompts to check.
 
 Shape glossary: L layers, D width, E experts, T prompt tokens, Hr mlp-router hidden width.
 """
@@ -93,6 +95,34 @@ class ReferenceRouter:
             rows.append(self._router(layer, pooled.cpu()))
         return torch.stack(rows).numpy()                                             # (L, E)
 
+    @torch.no_grad()
+    def logits_batch(self, prompts: Sequence[Prompt]) -> np.ndarray:
+        """Router logits [N, L, E] float32 of N prompts in ONE padded forward; row i equals logits(prompts[i]) (to
+        float rounding). Right padding with an attention mask is exact for a causal model: a real token attends
+        only to the real tokens before it and keeps its position, and the mean pools over real tokens only."""
+        seqs = [list(p) if _is_ids(p) else self.prompt_ids(p) for p in prompts]
+        if not seqs or min(map(len, seqs)) == 0:
+            raise ValueError("logits_batch: give at least one prompt, none of them empty")
+        ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)              # (N, T)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        decoder = self.model.get_decoder()
+        device = next(self.model.parameters()).device
+        out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+        weight = mask.to(device).unsqueeze(-1).float()                                     # (N, T, 1)
+        rows = []
+        for layer in range(self.spec["num_layers"]):
+            x = decoder.layers[layer].input_layernorm(out.hidden_states[layer]).float()     # (N, T, D)
+            pooled = (x * weight).sum(dim=1) / weight.sum(dim=1)                            # (N, D)
+            rows.append(self._router(layer, pooled.cpu()))                                  # (N, E)
+        return torch.stack(rows, dim=1).numpy()                                             # (N, L, E)
+
+    def route_batch(self, prompts: Sequence[Prompt]) -> list[str]:
+        """route() of each prompt, from one padded forward (logits_batch)."""
+        return [self.experts[decide(logits, self.spec["decision"])] for logits in self.logits_batch(prompts)]
+
     def _router(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
         w = self.weights
         if self.spec["router"]["type"] == "mlp":
@@ -140,20 +170,20 @@ def read_spec(directory: str) -> dict:
 def load(directory: str, base_model: Optional[str] = None, *, device: str = "cpu",
          dtype: torch.dtype = torch.float32, model: Any = None, tokenizer: Any = None) -> ReferenceRouter:
     """The reference router of an export directory. base_model: the base checkpoint (a Hub id or a directory;
-    default router.json's `base_model`); `model` / `tokenizer`: already loaded ones instead. The tokenizer defaults
-    to the export's tokenizer/ folder (the one training used), else the base model's."""
+    default base_of(directory), the base the export names); `model` / `tokenizer`: already loaded ones instead.
+    The tokenizer defaults to the export's tokenizer/ folder (the one training used), else the base model's."""
     import transformers
     from safetensors.torch import load_file
     spec = read_spec(directory)
     weights = {k: v.float() for k, v in load_file(os.path.join(directory, "router.safetensors")).items()}
     if tokenizer is None:
         saved = spec["prompt"].get("tokenizer")
-        source = _inside(directory, saved) if saved else (base_model or spec["base_model"])
+        source = _inside(directory, saved) if saved else (base_model or base_of(directory, spec))
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     if model is None:
         # safetensors only: router.json names the base model, and a pickled checkpoint could run code on load.
-        model = transformers.AutoModelForCausalLM.from_pretrained(base_model or spec["base_model"], dtype=dtype,
-                                                                  use_safetensors=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_model or base_of(directory, spec),
+                                                                  dtype=dtype, use_safetensors=True)
         model = model.to(device).eval()
     layers = model.config.num_hidden_layers
     if layers != spec["num_layers"] or model.config.hidden_size != spec["hidden_size"]:
@@ -162,13 +192,19 @@ def load(directory: str, base_model: Optional[str] = None, *, device: str = "cpu
     return ReferenceRouter(spec, weights, model, tokenizer)
 
 
-def _inside(directory: str, relative: str) -> str:
+def base_of(directory: str, spec: dict) -> str:
+    """The base checkpoint an export names: router.json's base_dir (a folder inside the export holding the weights
+    the routers were trained on, as a transformers checkpoint), else its base_model (a Hub id or a path)."""
+    return _inside(directory, spec["base_dir"], "base folder") if spec.get("base_dir") else spec["base_model"]
+
+
+def _inside(directory: str, relative: str, what: str = "tokenizer folder") -> str:
     """router.json's tokenizer folder, refused unless it lies inside the export directory (like moa_jax/names.py,
     which this file cannot import)."""
     root = os.path.realpath(directory)
     path = os.path.realpath(os.path.join(directory, relative))
     if os.path.isabs(relative) or os.path.commonpath([root, path]) != root:
-        raise ValueError(f"{directory}/router.json: tokenizer folder {relative!r} lies outside the export directory")
+        raise ValueError(f"{directory}/router.json: {what} {relative!r} lies outside the export directory")
     return path
 
 
