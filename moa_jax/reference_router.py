@@ -100,9 +100,9 @@ class ReferenceRouter:
         """Router logits [N, L, E] float32 of N prompts in ONE padded forward; row i equals logits(prompts[i]) (to
         float rounding). Right padding with an attention mask is exact for a causal model: a real token attends
         only to the real tokens before it and keeps its position, and the mean pools over real tokens only."""
+        if len(prompts) == 0:
+            raise ValueError("logits_batch: give at least one prompt")
         seqs = [list(p) if _is_ids(p) else self.prompt_ids(p) for p in prompts]
-        if not seqs or min(map(len, seqs)) == 0:
-            raise ValueError("logits_batch: give at least one prompt, none of them empty")
         ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)              # (N, T)
         mask = torch.zeros_like(ids)
         for i, seq in enumerate(seqs):

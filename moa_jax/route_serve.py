@@ -74,6 +74,10 @@ class MicroBatcher:
         self._queue.put((prompt, future))
         return future.result(timeout)
 
+    def pending(self) -> int:
+        """Prompts waiting for a forward."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5)
