@@ -328,13 +328,13 @@ def test_route_then_serve_end_to_end_with_transformers_serve(served_export, tmp_
              str(up_port), "--device", "cpu", "--dtype", "float32"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
         procs.append(upstream)
-        front = subprocess.Popen(
+        deadline = time.monotonic() + 120
+        _wait_for(f"http://127.0.0.1:{up_port}/v1/models", upstream, deadline, "transformers serve")
+        front = subprocess.Popen(                    # after the upstream answers: the front end checks it at start
             [sys.executable, "-m", "moa_jax.cli.route_serve", "--export", export, "--upstream",
              f"http://127.0.0.1:{up_port}", "--port", str(front_port), "--batch-window-ms", "50",
              *[arg for name, path in merged.items() for arg in ("--model-map", f"{name}={path}")]],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
-        deadline = time.monotonic() + 120
-        _wait_for(f"http://127.0.0.1:{up_port}/v1/models", upstream, deadline, "transformers serve")
         procs.append(front)
         url = f"http://127.0.0.1:{front_port}"
         _wait_for(url + "/health", front, deadline, "route_serve")
