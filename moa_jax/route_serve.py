@@ -276,7 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 # ---- command line -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="route_serve", description=__doc__.split("\n\n")[0],
+    prog = "python -m moa_jax.cli.route_serve" if __package__ else "route_serve.py"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="a servable export directory (router.json, moa_jax export_peft)")
     p.add_argument("--upstream", required=True, help="the OpenAI-compatible server, e.g. http://127.0.0.1:8000")

@@ -256,10 +256,10 @@ MAX_TOKENS = 5
 MIN_MARGIN = 1e-3      # moa_jax's top-2 gap of every greedy token and of every routing decision, asserted
 
 
-def _wait_for(url, proc, deadline, what):
+def _wait_for(url, proc, deadline, what, log):
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"{what} exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"{what} exited with {proc.returncode}: {log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -321,23 +321,25 @@ def test_route_then_serve_end_to_end_with_transformers_serve(served_export, tmp_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ROOT}
     up_port, front_port = _free_port(), _free_port()
-    procs = []
+    procs, logs = [], {name: tmp_path / f"{name}.log" for name in ("upstream", "front")}
     try:
-        upstream = subprocess.Popen(
-            [sys.executable, "-m", "transformers.cli.transformers", "serve", "--host", "127.0.0.1", "--port",
-             str(up_port), "--device", "cpu", "--dtype", "float32"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
+        with open(logs["upstream"], "w") as log:   # a file, not a pipe no one reads: the server never blocks on it
+            upstream = subprocess.Popen(
+                [sys.executable, "-m", "transformers.cli.transformers", "serve", "--host", "127.0.0.1", "--port",
+                 str(up_port), "--device", "cpu", "--dtype", "float32"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
         procs.append(upstream)
         deadline = time.monotonic() + 120
-        _wait_for(f"http://127.0.0.1:{up_port}/v1/models", upstream, deadline, "transformers serve")
-        front = subprocess.Popen(                    # after the upstream answers: the front end checks it at start
-            [sys.executable, "-m", "moa_jax.cli.route_serve", "--export", export, "--upstream",
-             f"http://127.0.0.1:{up_port}", "--port", str(front_port), "--batch-window-ms", "50",
-             *[arg for name, path in merged.items() for arg in ("--model-map", f"{name}={path}")]],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(tmp_path))
+        _wait_for(f"http://127.0.0.1:{up_port}/v1/models", upstream, deadline, "transformers serve", logs["upstream"])
+        with open(logs["front"], "w") as log:        # after the upstream answers: the front end checks it at start
+            front = subprocess.Popen(
+                [sys.executable, "-m", "moa_jax.cli.route_serve", "--export", export, "--upstream",
+                 f"http://127.0.0.1:{up_port}", "--port", str(front_port), "--batch-window-ms", "50",
+                 *[arg for name, path in merged.items() for arg in ("--model-map", f"{name}={path}")]],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
         procs.append(front)
         url = f"http://127.0.0.1:{front_port}"
-        _wait_for(url + "/health", front, deadline, "route_serve")
+        _wait_for(url + "/health", front, deadline, "route_serve", logs["front"])
 
         def ask(i):
             body = {"model": "moa", "messages": [{"role": "user", "content": PROMPTS[i]}], "temperature": 0,
@@ -351,7 +353,7 @@ def test_route_then_serve_end_to_end_with_transformers_serve(served_export, tmp_
             proc.kill()
             proc.wait(timeout=30)
     for i, (status, headers, raw) in enumerate(answers):
-        assert status == 200, (i, raw[-2000:])
+        assert status == 200, (i, raw[-2000:], logs["upstream"].read_text()[-2000:])
         expected = EXPERTS[gens[i].expert]
         assert headers["X-MoA-Expert"] == expected, i
         if i == 0:   # streamed: the deltas concatenate to the answer, every chunk names the expert
