@@ -1,10 +1,13 @@
 """Ship trained experts: each expert as a Hugging Face PEFT LoRA adapter plus a router sidecar, or one expert
 merged into the base weights as a plain transformers checkpoint.
 
-    export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...", layouts=None)
+    export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...", layouts=None,
+                base_dir=None)
       out_dir/<name>/adapter_config.json + adapter_model.safetensors     (one PEFT adapter per expert)
       out_dir/router.safetensors + router.json                           (router weights [L, D, E] and how to route)
-      out_dir/tokenizer/ + reference_router.py                           (servable export: moa.route_on='probe')
+      out_dir/tokenizer/ + reference_router.py + route_serve.py          (servable export: moa.route_on='probe')
+    export_base(params, model_cfg, out_dir/base, base_source=..., tokenizer=...)
+      the trained base alone as a transformers checkpoint; export_peft(..., base_dir="base") then names it
     export_merged(params, model_cfg, moa, expert, out_dir, base_source=..., tokenizer=...)
       out_dir/config.json + model.safetensors (or shards + index) + tokenizer files   (W + scale * A[e] B[e])
 
@@ -14,9 +17,10 @@ MoAConfig.route_on='probe' are servable: one forward of the plain base model ove
 router.json records everything that takes (moa_jax/export_router.py) and moa_jax/reference_router.py, copied into
 the export, does it with transformers + torch only. Routers of route_on='adapted' (the paper's routing pass, each
 layer routed by its own router on the adapted model) are exported with `"servable": false`. The experts hold
-deltas for the base weights they were trained on: experts trained on the embedded Q4_1 GGUF are exported for the
-full-precision Hub id, whose weights differ slightly, so a server's routing and outputs can differ from moa_jax's
-(check with the reference router on your prompts). Tensors are converted
+deltas for the base weights they were trained on, so an export names that base: `base_dir`, the folder export_base
+wrote inside it (what MoAModel.export_peft does for a GGUF, int8 or built base), else `base_model`; naming the
+full-precision Hub id of an embedded Q4_1 GGUF instead gives a server slightly different weights, whose routing and
+outputs can differ from moa_jax's (check with the reference router on your prompts). Tensors are converted
 from our layout (lora_a [L, E, Din, R], lora_b [L, E, R, Dout]) to PEFT's torch Linear layout
 (lora_A.weight [R, Din], lora_B.weight [Dout, R]); scaling = lora_alpha / r in PEFT equals our scale. Every
 expert is written at the MoAConfig's rank on its targets, except experts imported from PEFT adapters

@@ -276,7 +276,7 @@ def served_export(tmp_path_factory):
 def build_served_export(root, prompts):
     """A tiny-random MoA model with random experts and probe routers, exported (PEFT + base/ + router) and merged per
     expert into `root`; -> (export dir, {expert: merged dir}, moa_jax's greedy generations for `prompts`, the top-2
-    margin of each prompt's routing decision, the smallest top-2 margin of each prompt's greedy tokens)."""
+    margin of each prompt's routing decision, the smallest top-2 margin of each prompt's greedy tokens, the model)."""
     import jax
     from flax import traverse_util
     import moa_jax
@@ -307,14 +307,36 @@ def build_served_export(root, prompts):
         logits = model.logits([full], routing="forced", expert=gen.expert)[0]        # (T, V)
         steps = np.sort(logits[len(seq) - 1:len(full) - 1], axis=-1)
         token_margin.append(float((steps[:, -1] - steps[:, -2]).min()))
-    return export, merged, gens, route_margin, np.asarray(token_margin)
+    return export, merged, gens, route_margin, np.asarray(token_margin), model
+
+
+def test_export_names_the_trained_base_and_loads_offline(served_export, monkeypatch):
+    """export_peft of a tiny-random model writes base/ (the weights moa_jax ran) and names it: router.json relative,
+    adapter_config.json absolute; PEFT then loads an expert with no base given, offline, and matches moa_jax."""
+    from peft import AutoPeftModelForCausalLM
+    export, _, _, _, _, model = served_export
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = json.load(open(os.path.join(export, "router.json")))
+    assert spec["base_dir"] == "base" and spec["base_model"] == "tiny-random"
+    assert reference_router.base_of(export, spec) == os.path.realpath(os.path.join(export, "base"))
+    config = json.load(open(os.path.join(export, "beta", "adapter_config.json")))
+    assert config["base_model_name_or_path"] == os.path.abspath(os.path.join(export, "base"))
+    assert sorted(os.listdir(export)) == sorted(EXPERTS + ["base", "reference_router.py", "route_serve.py",
+                                                           "router.json", "router.safetensors", "tokenizer"])
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(os.path.join(export, "beta")).eval()
+    ids = model.encode_prompt(PROMPTS[0])
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    ours = model.logits([ids], routing="forced", expert=EXPERTS.index("beta"))[0]
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+    assert np.abs(ours - model.logits([ids], routing="base")[0]).max() > 1e-2   # the expert changes the logits
 
 
 def test_route_then_serve_end_to_end_with_transformers_serve(served_export, tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    export, merged, gens, route_margin, token_margin = served_export
+    export, merged, gens, route_margin, token_margin, _ = served_export
     # the check can fail: every decision it compares has a clear winner, and the prompts use several experts
     assert route_margin.min() > MIN_MARGIN and token_margin.min() > MIN_MARGIN, (route_margin, token_margin)
     assert len({g.expert for g in gens}) > 1 and all(len(g.token_ids) == MAX_TOKENS for g in gens)
