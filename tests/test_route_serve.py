@@ -192,13 +192,14 @@ def test_front_end_routes_forwards_and_names_the_expert(front):
 def test_concurrent_requests_are_routed_in_one_forward(front):
     server, upstream, router = front
     words = ["apple", "bread", "cocoa", "avocado", "bean", "corn", "almond"]
-    with concurrent.futures.ThreadPoolExecutor(len(words)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(words) + 1) as pool:   # the blocker holds one worker
         first = pool.submit(_post, server.url, _chat("blocker"))   # its forward waits for `release`
         assert router.entered.wait(10)
         rest = [pool.submit(_post, server.url, _chat(w)) for w in words]
         deadline = time.monotonic() + 10
         while server.batcher.pending() < len(words) and time.monotonic() < deadline:
-            time.sleep(0.01)                                        # all of them queued behind the blocker
+            time.sleep(0.01)
+        assert server.batcher.pending() == len(words)               # all of them queued behind the blocker
         router.release.set()
         results = [f.result(timeout=20) for f in [first] + rest]
     assert router.batches == [1, len(words)]
