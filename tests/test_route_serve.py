@@ -302,11 +302,12 @@ def build_served_export(root, prompts):
                                         jax.numpy.asarray(mask))
     last = np.sort(np.asarray(route_logits)[-1], axis=-1)                              # (N, E), decision 'last'
     route_margin = last[:, -1] - last[:, -2]
+    tokens, mask = left_pad([list(seq) + list(gen.token_ids) for seq, gen in zip(seqs, gens)], 0)   # (N, T)
+    forced = {e: model.logits(tokens, attention_mask=mask, routing="forced", expert=e)               # (N, T, V)
+              for e in {gen.expert for gen in gens}}
     token_margin = []
-    for seq, gen in zip(seqs, gens):
-        full = list(seq) + list(gen.token_ids)
-        logits = model.logits([full], routing="forced", expert=gen.expert)[0]        # (T, V)
-        steps = np.sort(logits[len(seq) - 1:len(full) - 1], axis=-1)
+    for i, gen in enumerate(gens):           # the logits that chose each generated token
+        steps = np.sort(forced[gen.expert][i, tokens.shape[1] - len(gen.token_ids) - 1:-1], axis=-1)
         token_margin.append(float((steps[:, -1] - steps[:, -2]).min()))
     return export, merged, gens, route_margin, np.asarray(token_margin), model
 
