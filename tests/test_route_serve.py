@@ -3,9 +3,11 @@
   - the front end against a stand-in upstream (a stdlib HTTP server written here): routed and forced experts, the
     model map, moa_expert in the body, the header and every SSE chunk, micro-batching, bad requests, a dead upstream;
   - bad configurations are one `error:` line and exit code 2;
+  - export_peft writes the trained base (base/) and names it, so PEFT and the reference router load offline;
   - end to end on loopback against `transformers serve` (a real OpenAI-compatible server no one here wrote), with
     the front end started from its command line over an export of a tiny model whose experts and routers are
-    random: each answer names the expert moa_jax routes the prompt to and is moa_jax's greedy generation for it.
+    random: each answer names the expert moa_jax routes the prompt to and is moa_jax's greedy generation for it;
+  - benchmarks/studies/base_drift.py on the export's own base (no drift) and on a base that cannot be loaded.
 """
 import concurrent.futures
 import dataclasses
@@ -390,3 +392,21 @@ def test_route_then_serve_end_to_end_with_transformers_serve(served_export, tmp_
             assert answer["moa_expert"] == expected, i
             text = answer["choices"][0]["message"]["content"]
         assert text == gens[i].text, (i, PROMPTS[i])
+
+
+def test_base_drift_study_on_the_same_base_and_a_missing_one(served_export, tmp_path, capsys):
+    """benchmarks/studies/base_drift.py: the export's own base/ named as the other base drifts by exactly nothing;
+    a base that cannot be loaded is one `error:` line and exit code 2."""
+    from benchmarks.studies import base_drift
+    export = served_export[0]
+    out = tmp_path / "drift.json"
+    assert base_drift.main(["--export", export, "--base", os.path.join(export, "base"), "--exp", "smoke",
+                            "--items-per-domain", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 10 and result["routing"]["agreement"] == 1.0
+    assert result["routing"]["router_logits_max_abs"] == 0.0 and result["logits"]["max_abs"] == 0.0
+    assert result["logits"]["top1_agreement"] == 1.0 and "accuracy" not in result["routing"]   # experts != domains
+    capsys.readouterr()
+    assert base_drift.main(["--export", export, "--base", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "--base" in err, err

@@ -68,6 +68,11 @@ def drift(ref: np.ndarray, got: np.ndarray) -> dict:
             "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
 
 
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--export", required=True, help="a servable export directory with base/ (export_peft)")
@@ -81,16 +86,20 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         spec = reference_router.read_spec(args.export)
-        if not spec.get("base_dir"):
-            raise ValueError(f"{args.export}: router.json names no base/ folder (export with model.export_peft(dir) "
-                             f"and its default base)")
-        trained = reference_router.load(args.export)
+    except (OSError, ValueError) as e:
+        return _error(str(e))
+    if not spec.get("base_dir"):
+        return _error(f"--export {args.export}: router.json names no base/ folder (export with model.export_peft(dir) "
+                      f"and its default base)")
+    if (os.path.isabs(args.base) or args.base.startswith(".")) and not os.path.isdir(args.base):
+        return _error(f"--base {args.base}: no such folder")
+    try:   # the other base first: where it cannot be had, nothing else has run
         other = reference_router.load(args.export, args.base)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {first} (a Hub id needs network access or the Hugging Face cache: download it on a machine "
-              f"with access, `huggingface-cli download {args.base}`, and pass its folder as --base)", file=sys.stderr)
-        return 2
+        return _error(f"--base {args.base}: cannot load it ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+                      f"); a Hub id needs network access or the Hugging Face cache: download it where the Hub is "
+                      f"reachable (`huggingface-cli download {args.base} --local-dir DIR`) and pass --base DIR")
+    trained = reference_router.load(args.export)
     messages, domains = prompts_of(args.exp, args.items_per_domain)
     routed = {}
     logits = {}
