@@ -83,16 +83,41 @@ class MoAModel:
         return split_params(self.params)[1]
 
     # ---- export ---------------------------------------------------------------------------------------------
-    def export_peft(self, out_dir: str) -> list[str]:
+    def export_peft(self, out_dir: str, *, base: Optional[str] = None) -> list[str]:
         """One PEFT LoRA adapter per expert (named by `domains`) + the router sidecar (moa_jax/export.py), which
         records this model's tokenizer, `system_prompt` and prompt format (servable routers need them). -> the
-        adapter directories."""
-        from moa_jax.export import export_peft
+        adapter directories. base: the base model the adapters and router.json name. None (default): the weights
+        these experts were trained on, i.e. the source itself where it is a Hugging Face checkpoint (a directory,
+        named by its absolute path, or a Hub id) loaded unquantised, otherwise (the embedded GGUF, a .gguf file,
+        tiny-random, an int8 base) those weights as moa_jax loaded them, written to out_dir/base/ as a plain
+        transformers checkpoint (export_base); a string names that base instead (e.g. an embedded model's Hub id)
+        and writes none."""
+        from moa_jax.export import export_base, export_peft
+        from moa_jax.loading.resolve import hub_id
+        from moa_jax.names import inside
         if self.moa is None:
             raise ValueError("export_peft(): this model has no experts (loaded with moa=None)")
+        base_model, base_dir = self.source, None
+        if base is not None:
+            base_model = self.source if base == hub_id(self.source) else base
+        elif self._source_is_checkpoint():
+            base_model = os.path.abspath(self.source) if os.path.isdir(self.source) else self.source
+        else:
+            base_dir = "base"
+            export_base(self.params, self.config, inside(out_dir, base_dir, "base folder"), base_source=self.source,
+                        tokenizer=self.tokenizer)
         return export_peft(self.trainable, self.config, self.moa, out_dir, expert_names=self.domains or None,
-                           base_model=self.source, tokenizer=self.tokenizer, system_prompt=self.system_prompt,
-                           prompt_format=self.prompt_format, layouts=self.peft_layouts or None)
+                           base_model=base_model, tokenizer=self.tokenizer, system_prompt=self.system_prompt,
+                           prompt_format=self.prompt_format, layouts=self.peft_layouts or None, base_dir=base_dir)
+
+    def _source_is_checkpoint(self) -> bool:
+        """The source is a Hugging Face checkpoint (a directory or a Hub id) whose weights moa_jax used as they are."""
+        from moa_jax.loading.resolve import looks_like_hub_id
+        if self.config.quantize != "none" or not self.source:
+            return False
+        if os.path.isdir(self.source):
+            return os.path.isfile(os.path.join(self.source, "config.json"))
+        return looks_like_hub_id(self.source) and not os.path.exists(self.source)
 
     def export_merged(self, expert, out_dir: str, *, dtype: Optional[str] = None) -> str:
         """Base + one expert (index or domain name) merged into a transformers-loadable checkpoint directory."""

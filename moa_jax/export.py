@@ -1,10 +1,13 @@
 """Ship trained experts: each expert as a Hugging Face PEFT LoRA adapter plus a router sidecar, or one expert
 merged into the base weights as a plain transformers checkpoint.
 
-    export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...", layouts=None)
+    export_peft(trainable, model_cfg, moa, out_dir, expert_names=[...], base_model="...", layouts=None,
+                base_dir=None)
       out_dir/<name>/adapter_config.json + adapter_model.safetensors     (one PEFT adapter per expert)
       out_dir/router.safetensors + router.json                           (router weights [L, D, E] and how to route)
-      out_dir/tokenizer/ + reference_router.py                           (servable export: moa.route_on='probe')
+      out_dir/tokenizer/ + reference_router.py + route_serve.py          (servable export: moa.route_on='probe')
+    export_base(params, model_cfg, out_dir/base, base_source=..., tokenizer=...)
+      the trained base alone as a transformers checkpoint; export_peft(..., base_dir="base") then names it
     export_merged(params, model_cfg, moa, expert, out_dir, base_source=..., tokenizer=...)
       out_dir/config.json + model.safetensors (or shards + index) + tokenizer files   (W + scale * A[e] B[e])
 
@@ -14,9 +17,10 @@ MoAConfig.route_on='probe' are servable: one forward of the plain base model ove
 router.json records everything that takes (moa_jax/export_router.py) and moa_jax/reference_router.py, copied into
 the export, does it with transformers + torch only. Routers of route_on='adapted' (the paper's routing pass, each
 layer routed by its own router on the adapted model) are exported with `"servable": false`. The experts hold
-deltas for the base weights they were trained on: experts trained on the embedded Q4_1 GGUF are exported for the
-full-precision Hub id, whose weights differ slightly, so a server's routing and outputs can differ from moa_jax's
-(check with the reference router on your prompts). Tensors are converted
+deltas for the base weights they were trained on, so an export names that base: `base_dir`, the folder export_base
+wrote inside it (what MoAModel.export_peft does for a GGUF, int8 or built base), else `base_model`; naming the
+full-precision Hub id of an embedded Q4_1 GGUF instead gives a server slightly different weights, whose routing and
+outputs can differ from moa_jax's (check with the reference router on your prompts). Tensors are converted
 from our layout (lora_a [L, E, Din, R], lora_b [L, E, R, Dout]) to PEFT's torch Linear layout
 (lora_A.weight [R, Din], lora_B.weight [Dout, R]); scaling = lora_alpha / r in PEFT equals our scale. Every
 expert is written at the MoAConfig's rank on its targets, except experts imported from PEFT adapters
@@ -111,13 +115,17 @@ def adapter_config(moa: MoAConfig, base_model: str) -> dict:
 def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
                 expert_names: Optional[Sequence[str]] = None, base_model: str = "", *, tokenizer=None,
                 system_prompt: Any = NOT_GIVEN, prompt_format: Optional[str] = None,
-                layouts: Optional[Sequence[ExpertLayout]] = None) -> list[str]:
+                layouts: Optional[Sequence[ExpertLayout]] = None, base_dir: Optional[str] = None) -> list[str]:
     """Write one PEFT adapter directory per expert and the router sidecar (moa_jax/export_router.py). -> the adapter
     directories. tokenizer: the one training used (its chat template is recorded and it is saved to tokenizer/);
     system_prompt: the system message training added to every prompt (None: none). A servable export
     (moa.route_on='probe') needs both, since routing reads the formatted prompt. prompt_format: the run's "chat" |
     "plain" (moa_jax/data/prompt_format.py; None: chat iff the tokenizer has a chat template). layouts: one
-    ExpertLayout per expert for experts imported from PEFT (written back in their own shape, layout_state_dict)."""
+    ExpertLayout per expert for experts imported from PEFT (written back in their own shape, layout_state_dict).
+    base_dir: a folder inside out_dir that holds the base the experts were trained on (export_base writes it): every
+    adapter_config.json names its absolute path as base_model_name_or_path (so PEFT loads it offline; pass the base
+    explicitly once the export moves), router.json names it relative to the export (reference_router.base_of);
+    base_model then only records where that base came from."""
     from safetensors.numpy import save_file
     names = list(expert_names or [f"expert_{e}" for e in range(moa.num_experts)])
     if len(names) != moa.num_experts:
@@ -126,7 +134,11 @@ def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
         raise ValueError(f"layouts has {len(layouts)} entries for {moa.num_experts} experts")
     for name in names:   # before anything is written: a name from the data must not become a path
         check_name(name, "export_peft: expert name")
+    if base_dir in names or "tokenizer" in names:
+        raise ValueError(f"export_peft: an expert named {base_dir if base_dir in names else 'tokenizer'!r} would "
+                         f"share its folder with the export's {base_dir if base_dir in names else 'tokenizer'}/")
     os.makedirs(out_dir, exist_ok=True)
+    named_base = os.path.abspath(inside(out_dir, base_dir, "base folder")) if base_dir else base_model
     dirs = []
     for e, name in enumerate(names):
         d = inside(out_dir, name, "expert folder")
@@ -137,13 +149,17 @@ def export_peft(trainable: dict, cfg: ModelConfig, moa: MoAConfig, out_dir: str,
                         "exported at rank %d on %s", name, moa.rank, list(moa.targets))
         save_file(own if own is not None else peft_state_dict(trainable, cfg, moa, e),
                   inside(d, "adapter_model.safetensors"))
+        config = layouts[e].config if own is not None else adapter_config(moa, named_base)
+        if own is not None and base_dir:
+            config = {**config, "base_model_name_or_path": named_base}
         with open(inside(d, "adapter_config.json"), "w") as f:
-            json.dump(layouts[e].config if own is not None else adapter_config(moa, base_model), f, indent=1)
+            json.dump(config, f, indent=1)
         dirs.append(d)
     router = traverse_util.flatten_dict(trainable)
     router = {"/".join(k[2:]): np.asarray(v, np.float32) for k, v in router.items() if k[:2] == ("layers", "router")}
     save_file(router, inside(out_dir, "router.safetensors"))
-    write_router_sidecar(out_dir, router, cfg, moa, names, base_model, tokenizer, system_prompt, prompt_format)
+    write_router_sidecar(out_dir, router, cfg, moa, names, base_model, tokenizer, system_prompt, prompt_format,
+                         base_dir)
     return dirs
 
 
@@ -197,15 +213,17 @@ def merged_plan(cfg: ModelConfig) -> list[tuple[tuple, Optional[int], str, tuple
     return plan
 
 
-def merged_tensor(flat: dict, moa: MoAConfig, expert: int, path: tuple, layer: Optional[int]) -> np.ndarray:
-    """One tensor of base + scale * A[expert] B[expert], float32, in the Hugging Face layout."""
+def merged_tensor(flat: dict, moa: Optional[MoAConfig], expert: Optional[int], path: tuple,
+                  layer: Optional[int]) -> np.ndarray:
+    """One tensor of base + scale * A[expert] B[expert] (expert None: the base alone), float32, in the Hugging Face
+    layout."""
     w = np.asarray(flat[path] if layer is None else flat[path][layer], np.float32)
     if path[-1] != "kernel":
         return w
     scale = flat.get(path[:-1] + (SCALE_LEAF,))
     if scale is not None:   # an int8 base: the merged checkpoint holds its dequantised values
         w = dequantize(w, np.asarray(scale[layer], np.float32), np.float32)
-    if path[0] == "layers" and path[2] in moa.targets:
+    if expert is not None and path[0] == "layers" and path[2] in moa.targets:
         a = np.asarray(flat[path[:-1] + ("lora_a",)][layer, expert], np.float32)    # (Din, R)
         b = np.asarray(flat[path[:-1] + ("lora_b",)][layer, expert], np.float32)    # (R, Dout)
         w = w + np.float32(moa.scale) * (a @ b)                                      # (Din, Dout)
@@ -233,11 +251,25 @@ def export_merged(params: dict, cfg: ModelConfig, moa: MoAConfig, expert: int, o
     `base_source` directory's config.json is kept (its dtype set to the written one); otherwise (GGUF, built
     models) config.json is written from the ModelConfig. dtype: of the written weights (default: the base's;
     an int8 base is written dequantised, in float32 unless dtype says otherwise). -> out_dir."""
+    if not 0 <= expert < moa.num_experts:
+        raise ValueError(f"expert {expert} not in [0, {moa.num_experts})")
+    return _write_checkpoint(params, cfg, moa, expert, out_dir, base_source, tokenizer, dtype)
+
+
+def export_base(params: dict, cfg: ModelConfig, out_dir: str, *, base_source: str = "", tokenizer=None,
+                dtype: Optional[str] = None) -> str:
+    """Write the frozen base alone (the weights moa_jax loaded: a GGUF or int8 base dequantised) as a plain
+    transformers checkpoint, laid out as export_merged's; the experts and routers in `params`, if any, are left
+    out. export_peft's adapters and router.json can name it as their base (base_dir). -> out_dir."""
+    return _write_checkpoint(params, cfg, None, None, out_dir, base_source, tokenizer, dtype)
+
+
+def _write_checkpoint(params: dict, cfg: ModelConfig, moa: Optional[MoAConfig], expert: Optional[int], out_dir: str,
+                      base_source: str, tokenizer, dtype: Optional[str]) -> str:
+    """export_merged (expert set) and export_base (expert None)."""
     dtype = dtype or (cfg.param_dtype if cfg.quantize == "none" else "float32")
     if dtype not in _MERGED_DTYPES:
         raise ValueError(f"dtype={dtype!r} not in {list(_MERGED_DTYPES)}")
-    if not 0 <= expert < moa.num_experts:
-        raise ValueError(f"expert {expert} not in [0, {moa.num_experts})")
     from safetensors.numpy import save_file
     np_dtype = numpy_dtype(dtype)
     flat = traverse_util.flatten_dict(params)

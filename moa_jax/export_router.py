@@ -1,11 +1,14 @@
 """The router sidecar of a PEFT export (moa_jax.export.export_peft): router.json, which records everything a server
-needs to route a prompt as moa_jax does, the training tokenizer (tokenizer/) and, for servable routers, a copy of
-moa_jax/reference_router.py (transformers + torch only) that follows router.json.
+needs to route a prompt as moa_jax does, the training tokenizer (tokenizer/) and, for servable routers, copies of
+moa_jax/reference_router.py (transformers + torch only) that follows router.json and moa_jax/route_serve.py (the
+OpenAI-compatible routing front end, standard library + that router).
 
 router.json (format "moa_jax.router/1"):
   experts            expert names in expert order (= the PEFT adapter directories)
-  base_model         the base model id the adapters name (an embedded model's Hub id); base_weights says whether
+  base_model         where the trained base came from (an embedded model's Hub id); base_weights says whether
                      the experts were trained on other weights than that id's (the embedded Q4_1 GGUF)
+  base_dir           the export's folder holding the trained base as a transformers checkpoint (null: none; then
+                     base_model is the base to serve on)
   route_on, servable "probe": one forward of the plain base model routes (servable); "adapted": the routers read the
                      adapted model's routing pass (each layer routed by its own router), servable false
   hidden_state       which hidden state router l reads: transformers' hidden_states[l] (output_hidden_states=True;
@@ -38,6 +41,7 @@ from moa_jax.names import check_name, inside
 
 log = logging.getLogger("moa_jax")
 FORMAT = "moa_jax.router/1"     # reference_router.FORMAT reads it
+SERVER_FILES = ("reference_router.py", "route_serve.py")   # copied into a servable export (no moa_jax import)
 NOT_GIVEN: Any = type("NotGiven", (), {"__repr__": lambda self: "NOT_GIVEN"})()
 DECISION_RULES = {"last": "argmax of the last layer's logits",
                   "vote": "most frequent argmax over layers; ties to the larger mean softmax probability"}
@@ -52,14 +56,21 @@ ROUTER_FORMULAS = {"linear": "logits[l] = pooled[l] @ kernel[l]",
 def router_spec(cfg: ModelConfig, moa: MoAConfig, names: Sequence[str], tensors: dict[str, np.ndarray],
                 base_model: str, chat_template: Optional[str], system_prompt: Optional[str],
                 tokenizer_dir: Optional[str], prompt_format: Optional[str] = "chat",
-                plain: Optional[dict] = None) -> dict:
-    """The contents of router.json (see the module docstring); plain: prompt_format.plain_record for plain."""
+                plain: Optional[dict] = None, base_dir: Optional[str] = None) -> dict:
+    """The contents of router.json (see the module docstring); plain: prompt_format.plain_record for plain;
+    base_dir: the export's folder holding the trained base (None: the export names base_model alone)."""
     servable = routes_on_probe(moa)
+    if base_dir:
+        weights = (f"{base_dir}/ holds the weights the experts and routers were trained on ({base_model!r} as moa_jax "
+                   f"loaded it" + (", the embedded Q4_1 GGUF dequantised)" if base_model in HUB_IDS else ")"))
+    elif base_model in HUB_IDS:
+        weights = (f"the experts and routers were trained on {base_model!r} (the embedded Q4_1 GGUF), not on the "
+                   f"full-precision {HUB_IDS[base_model]!r}: routing and outputs can differ slightly")
+    else:
+        weights = "the base_model checkpoint itself"
     return {
         "format": FORMAT, "experts": list(names), "base_model": hub_id(base_model) if base_model else "",
-        "base_weights": (f"the experts and routers were trained on {base_model!r} (the embedded Q4_1 GGUF), not on "
-                         f"the full-precision {HUB_IDS[base_model]!r}: routing and outputs can differ slightly"
-                         if base_model in HUB_IDS else "the base_model checkpoint itself"),
+        "base_dir": base_dir, "base_weights": weights,
         "route_on": moa.route_on, "servable": servable,
         "note": ("one forward of the plain base model over the prompt routes it (moa_jax reference_router.py)"
                  if servable else "NOT servable with a plain base forward: the routers read the adapted model's "
@@ -93,9 +104,10 @@ def router_spec(cfg: ModelConfig, moa: MoAConfig, names: Sequence[str], tensors:
 
 def write_router_sidecar(out_dir: str, tensors: dict[str, np.ndarray], cfg: ModelConfig, moa: MoAConfig,
                          names: Sequence[str], base_model: str, tokenizer, system_prompt: Any,
-                         prompt_format: Optional[str] = None) -> dict:
-    """router.json (+ tokenizer/ when a tokenizer is given, + reference_router.py when servable). -> the spec.
-    prompt_format: the run's "chat" | "plain" (None: chat iff the tokenizer has a chat template)."""
+                         prompt_format: Optional[str] = None, base_dir: Optional[str] = None) -> dict:
+    """router.json (+ tokenizer/ when a tokenizer is given, + reference_router.py and route_serve.py when servable).
+    -> the spec. prompt_format: the run's "chat" | "plain" (None: chat iff the tokenizer has a chat template);
+    base_dir: the export's folder holding the trained base (export_peft)."""
     for name in names:   # router.json's expert names name the adapter folders a server loads
         check_name(name, "router export: expert name")
     servable = routes_on_probe(moa)
@@ -113,10 +125,11 @@ def write_router_sidecar(out_dir: str, tensors: dict[str, np.ndarray], cfg: Mode
         tokenizer_dir = "tokenizer"
         tokenizer.save_pretrained(inside(out_dir, tokenizer_dir))
     spec = router_spec(cfg, moa, names, tensors, base_model, getattr(tokenizer, "chat_template", None),
-                       None if system_prompt is NOT_GIVEN else system_prompt, tokenizer_dir, prompt_format, plain)
+                       None if system_prompt is NOT_GIVEN else system_prompt, tokenizer_dir, prompt_format, plain,
+                       base_dir)
     with open(inside(out_dir, "router.json"), "w") as f:
         json.dump(spec, f, indent=1)
-    if servable:
-        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_router.py"),
-                        inside(out_dir, "reference_router.py"))
+    if servable:   # the router and the OpenAI-compatible routing front end, runnable from the export alone
+        for name in SERVER_FILES:
+            shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), inside(out_dir, name))
     return spec

@@ -1,12 +1,13 @@
 """Reference router of an exported MoA model: picks the expert (the PEFT adapter to name) for a prompt from ONE
 forward of the plain base model, with transformers, torch and numpy only (no jax, flax or moa_jax import).
 `moa_jax.export.export_peft` copies this file into a servable export directory, so a server needs that directory
-and the base model alone:
+and the base model alone (an export holding base/, the weights training used, needs nothing else):
 
     import reference_router    # the copy in the export directory (moa_jax.reference_router needs moa_jax's deps)
-    router = reference_router.load("export/")    # router.json + router.safetensors + tokenizer/, base model
+    router = reference_router.load("export/")    # router.json + router.safetensors + tokenizer/ + base/
     router.route("What is 2 + 3?")               # -> "chain_sum": generate with the adapter of that name
     router.route([{"role": "user", "content": "Spell 'cat' backward"}])
+    router.route_batch(["What is 2 + 3?", "Spell 'cat' backward"])   # one padded forward for many prompts
 
 It computes what router.json records (written for MoAConfig.route_on='probe'; see docs/method.md):
   1. prompt ids: the messages with the recorded system prompt first (unless they hold a system turn), rendered to
@@ -25,8 +26,10 @@ It computes what router.json records (written for MoAConfig.route_on='probe'; se
      (softmax of the logits divided by the calibration temperature; 'vote': their mean over routers) give the
      confidence, and below abstain_below the prompt goes to the fall-back: route() returns None for the base model
      (generate without an adapter) or the named expert.
-The routers were trained on the base weights moa_jax loaded; a server whose base differs (e.g. full precision
-instead of the embedded Q4_1 GGUF) can route differently: run this module on your prompts to check.
+Several prompts route in one right-padded forward (logits_batch / route_batch), equal to one at a time.
+The routers were trained on the base weights moa_jax loaded (base/ when the export holds it: base_of); a server
+whose base differs (e.g. full precision instead of the embedded Q4_1 GGUF) can route differently: run this module
+on your prompts to check.
 
 Shape glossary: L layers, D width, E experts, T prompt tokens, Hr mlp-router hidden width.
 """
@@ -90,31 +93,51 @@ class ReferenceRouter:
         return {"exit_layer": self.spec["num_layers"], "temperature": 1.0, "abstain_below": 0.0, "fallback": "base",
                 **self.spec.get("routing_policy", {})}
 
-    @torch.no_grad()
     def logits(self, prompt: Prompt) -> np.ndarray:
         """Router logits [k, E] float32 of one prompt (a str, a messages list, or token ids): routers 1..k, k the
-        policy's exit_layer; the base forward stops at layer k's input norm (layers after it never run)."""
-        ids = list(prompt) if _is_ids(prompt) else self.prompt_ids(prompt)
+        policy's exit_layer (logits_batch of one prompt)."""
+        return self.logits_batch([prompt])[0]
+
+    @torch.no_grad()
+    def logits_batch(self, prompts: Sequence[Prompt]) -> np.ndarray:
+        """Router logits [N, k, E] float32 of N prompts in ONE right-padded forward that stops at layer k's input
+        norm (k the policy's exit_layer; the layers after it never run). Row i equals logits(prompts[i]) to float
+        rounding: with right padding and the attention mask a real token attends only to the real tokens before it
+        and keeps its position, and the mean pools over real tokens only."""
+        if len(prompts) == 0:
+            raise ValueError("logits_batch: give at least one prompt")
+        seqs = [list(p) if _is_ids(p) else self.prompt_ids(p) for p in prompts]
+        ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)              # (N, T)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
         decoder = self.model.get_decoder()
         device = next(self.model.parameters()).device
         k = int(self.policy["exit_layer"])
         normed: list = []
 
-        def keep(module, inputs, output):   # layer l's input_layernorm(hidden_states[l]), (1, T, D)
+        def keep(module, inputs, output):   # layer l's input_layernorm(hidden_states[l]), (N, T, D)
             normed.append(output)
             if len(normed) == k:
                 raise _ExitReached
 
         hooks = [decoder.layers[layer].input_layernorm.register_forward_hook(keep) for layer in range(k)]
         try:
-            decoder(input_ids=torch.tensor([ids], device=device))
+            decoder(input_ids=ids.to(device), attention_mask=mask.to(device))
         except _ExitReached:
             pass
         finally:
             for hook in hooks:
                 hook.remove()
-        rows = [self._router(layer, x[0].float().mean(dim=0).cpu()) for layer, x in enumerate(normed)]   # (E,) each
-        return torch.stack(rows).numpy()                                             # (k, E)
+        weight = mask.to(device).unsqueeze(-1).float()                                     # (N, T, 1)
+        rows = [self._router(layer, ((x.float() * weight).sum(dim=1) / weight.sum(dim=1)).cpu())   # (N, E) each
+                for layer, x in enumerate(normed)]
+        return torch.stack(rows, dim=1).numpy()                                             # (N, k, E)
+
+    def route_batch(self, prompts: Sequence[Prompt]) -> list[Optional[str]]:
+        """route() of each prompt, from one padded forward (logits_batch)."""
+        return [self._name(self._decide(logits)) for logits in self.logits_batch(prompts)]
 
     def _router(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
         w = self.weights
@@ -123,18 +146,24 @@ class ReferenceRouter:
             return hidden @ w["out/kernel"][layer]
         return pooled @ w["kernel"][layer]
 
-    def route_index(self, prompt: Prompt) -> int:
-        """The expert id this prompt goes to; -1: it abstained to the base model (no adapter)."""
+    def _decide(self, logits: np.ndarray) -> int:
+        """Router logits [k, E] -> the expert id under the routing policy; -1: abstained to the base model."""
         p = self.policy
         fallback = -1 if p["fallback"] == "base" else self.experts.index(p["fallback"])
-        return decide_or_abstain(self.logits(prompt), self.spec["decision"], float(p["temperature"]),
-                                 float(p["abstain_below"]), fallback)[0]
+        return decide_or_abstain(logits, self.spec["decision"], float(p["temperature"]), float(p["abstain_below"]),
+                                 fallback)[0]
+
+    def _name(self, index: int) -> Optional[str]:
+        return None if index < 0 else self.experts[index]
+
+    def route_index(self, prompt: Prompt) -> int:
+        """The expert id this prompt goes to; -1: it abstained to the base model (no adapter)."""
+        return self._decide(self.logits(prompt))
 
     def route(self, prompt: Prompt) -> Optional[str]:
         """The name of the expert (PEFT adapter directory) this prompt goes to; None: generate with the base model
         alone (the prompt abstained and the fall-back is the base model)."""
-        index = self.route_index(prompt)
-        return None if index < 0 else self.experts[index]
+        return self._name(self.route_index(prompt))
 
 
 class _ExitReached(Exception):
@@ -190,20 +219,20 @@ def read_spec(directory: str) -> dict:
 def load(directory: str, base_model: Optional[str] = None, *, device: str = "cpu",
          dtype: torch.dtype = torch.float32, model: Any = None, tokenizer: Any = None) -> ReferenceRouter:
     """The reference router of an export directory. base_model: the base checkpoint (a Hub id or a directory;
-    default router.json's `base_model`); `model` / `tokenizer`: already loaded ones instead. The tokenizer defaults
-    to the export's tokenizer/ folder (the one training used), else the base model's."""
+    default base_of(directory), the base the export names); `model` / `tokenizer`: already loaded ones instead.
+    The tokenizer defaults to the export's tokenizer/ folder (the one training used), else the base model's."""
     import transformers
     from safetensors.torch import load_file
     spec = read_spec(directory)
     weights = {k: v.float() for k, v in load_file(os.path.join(directory, "router.safetensors")).items()}
     if tokenizer is None:
         saved = spec["prompt"].get("tokenizer")
-        source = _inside(directory, saved) if saved else (base_model or spec["base_model"])
+        source = _inside(directory, saved) if saved else (base_model or base_of(directory, spec))
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     if model is None:
         # safetensors only: router.json names the base model, and a pickled checkpoint could run code on load.
-        model = transformers.AutoModelForCausalLM.from_pretrained(base_model or spec["base_model"], dtype=dtype,
-                                                                  use_safetensors=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_model or base_of(directory, spec),
+                                                                  dtype=dtype, use_safetensors=True)
         model = model.to(device).eval()
     layers = model.config.num_hidden_layers
     if layers != spec["num_layers"] or model.config.hidden_size != spec["hidden_size"]:
@@ -212,13 +241,19 @@ def load(directory: str, base_model: Optional[str] = None, *, device: str = "cpu
     return ReferenceRouter(spec, weights, model, tokenizer)
 
 
-def _inside(directory: str, relative: str) -> str:
+def base_of(directory: str, spec: dict) -> str:
+    """The base checkpoint an export names: router.json's base_dir (a folder inside the export holding the weights
+    the routers were trained on, as a transformers checkpoint), else its base_model (a Hub id or a path)."""
+    return _inside(directory, spec["base_dir"], "base folder") if spec.get("base_dir") else spec["base_model"]
+
+
+def _inside(directory: str, relative: str, what: str = "tokenizer folder") -> str:
     """router.json's tokenizer folder, refused unless it lies inside the export directory (like moa_jax/names.py,
     which this file cannot import)."""
     root = os.path.realpath(directory)
     path = os.path.realpath(os.path.join(directory, relative))
     if os.path.isabs(relative) or os.path.commonpath([root, path]) != root:
-        raise ValueError(f"{directory}/router.json: tokenizer folder {relative!r} lies outside the export directory")
+        raise ValueError(f"{directory}/router.json: {what} {relative!r} lies outside the export directory")
     return path
 
 

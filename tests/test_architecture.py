@@ -112,7 +112,7 @@ LAYERS = [
     ("train", "generate", "run_artifacts", "pretrained"),
     ("eval",),
     ("workflows",),
-    ("api", "export", "export_router", "reference_router"),
+    ("api", "export", "export_router", "reference_router", "route_serve"),
     ("cli",),
 ]
 

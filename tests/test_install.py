@@ -44,24 +44,24 @@ def _cli(argv) -> tuple[int, str, str]:
 def test_help_lists_every_subcommand_on_one_line():
     rc, out, _ = _cli(["--help"])
     assert rc == 0 and out.startswith("usage: moa-jax SUBCOMMAND")
-    assert set(cli.SUBCOMMANDS) == {"train", "generate", "inspect"}
+    assert set(cli.SUBCOMMANDS) == {"train", "generate", "inspect", "route-serve"}
     for name, sub in cli.SUBCOMMANDS.items():
         lines = [line for line in out.splitlines() if line.startswith(f"  {name} ")]
         assert len(lines) == 1 and f"(python -m {sub.module})" in lines[0], (name, out)
 
 
-@pytest.mark.parametrize("name", ["train", "generate", "inspect"])
+@pytest.mark.parametrize("name", ["train", "generate", "inspect", "route-serve"])
 def test_each_subcommand_reaches_its_command_line(name):
     rc, out, _ = _cli([name, "--help"])
     assert rc == 0 and out.startswith(f"usage: python -m {cli.SUBCOMMANDS[name].module} "), out[:300]
-    flag = {"train": "--exp", "generate": "--workdir", "inspect": "--source"}[name]
+    flag = {"train": "--exp", "generate": "--workdir", "inspect": "--source", "route-serve": "--upstream"}[name]
     assert flag in out
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bogus"], "unknown subcommand 'bogus': choose from train, generate, inspect"),
+    (["bogus"], "unknown subcommand 'bogus': choose from train, generate, inspect, route-serve"),
     (["--exp=smoke"], "unknown subcommand '--exp=smoke'"),
-    ([], "give a subcommand (train, generate, inspect)"),
+    ([], "give a subcommand (train, generate, inspect, route-serve)"),
 ])
 def test_no_or_unknown_subcommand_is_one_error_line(argv, message):
     rc, out, err = _cli(argv)

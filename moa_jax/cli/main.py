@@ -3,6 +3,7 @@
     moa-jax train ...       = python -m experiments.run ...
     moa-jax generate ...    = python -m moa_jax.cli.generate ...
     moa-jax inspect ...     = python -m moa_jax.data.inspect ...
+    moa-jax route-serve ... = python -m moa_jax.cli.route_serve ...
 
 A subcommand hands its arguments unchanged to that command line's `main`: the same options, output and exit codes;
 `moa-jax SUBCOMMAND --help` is its help. No subcommand or an unknown one is one `error:` line and exit code 2.
@@ -37,6 +38,11 @@ def _inspect() -> Main:
     return main
 
 
+def _route_serve() -> Main:
+    from moa_jax.route_serve import main
+    return main
+
+
 class Subcommand(NamedTuple):
     module: str                  # its `python -m` form
     summary: str                 # its line in `moa-jax --help`
@@ -48,6 +54,8 @@ SUBCOMMANDS = {
     "generate": Subcommand("moa_jax.cli.generate", "answer prompts with a trained run, naming the expert",
                            _generate),
     "inspect": Subcommand("moa_jax.data.inspect", "a data source's counts, token lengths and examples", _inspect),
+    "route-serve": Subcommand("moa_jax.cli.route_serve", "an OpenAI-compatible front end that routes each request "
+                              "to an exported expert on a multi-LoRA server", _route_serve),
 }
 
 
