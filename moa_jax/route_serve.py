@@ -63,8 +63,8 @@ class RequestError(ValueError):
 
 # ---- micro-batched routing ----------------------------------------------------------------------------------------
 class MicroBatcher:
-    """Routes prompts in batches on one thread: route_batch(prompts) -> expert names (None: the base model) is called with the prompts that
-    arrived within `window_s` of the first waiting one, at most `max_batch` of them."""
+    """Routes prompts in batches on one thread: route_batch(prompts) -> expert names (None: the base model) is
+    called with the prompts that arrived within `window_s` of the first waiting one, at most `max_batch` of them."""
 
     def __init__(self, route_batch: Callable[[list], list], max_batch: int = 16, window_s: float = 0.005):
         self._route_batch, self.max_batch, self.window_s = route_batch, max_batch, window_s
