@@ -13,8 +13,6 @@ import dataclasses
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ import pytest
 
 from experiments.registry import SERVABLE, get_experiment
 from moa_jax.data.tasks import DOMAIN_NAMES
+from tests.no_jax_router import route_without_jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,24 +100,7 @@ def test_reference_router_picks_moa_jax_expert_on_every_test_prompt(smoke_run, t
     idx, logits = route_from_prompt(cfg, moa, params, jnp.asarray(tokens), jnp.asarray(mask))
     ours, ours_logits = np.asarray(idx), np.asarray(logits)                                    # (N,), (L, N, E)
 
-    with open(tmp_path / "messages.json", "w") as f:
-        json.dump(messages, f)
-    script = (
-        "import json, sys\n"
-        "sys.modules['jax'] = None; sys.modules['flax'] = None\n"       # any import of them now fails
-        f"sys.path.insert(0, {out!r})\n"
-        "import reference_router, torch\n"
-        "torch.set_num_threads(2)\n"
-        f"router = reference_router.load({out!r}, base_model={base_dir!r})\n"
-        f"msgs = json.load(open({str(tmp_path / 'messages.json')!r}))\n"
-        "rows = [{'ids': router.prompt_ids(m), 'logits': router.logits(m).tolist(), 'expert': router.route(m)}"
-        " for m in msgs]\n"
-        "assert 'moa_jax' not in sys.modules\n"
-        f"json.dump(rows, open({str(tmp_path / 'theirs.json')!r}, 'w'))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = json.load(open(tmp_path / "theirs.json"))
+    theirs = route_without_jax(out, base_dir, messages, str(tmp_path))
     assert len(theirs) == len(rows) == 160
     for i, row in enumerate(theirs):
         assert row["ids"] == prompts[i], i                  # chat template + system prompt recorded exactly

@@ -10,8 +10,6 @@ import dataclasses
 import io
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ import numpy as np
 import pytest
 
 from moa_jax.data.tasks import DOMAIN_NAMES
+from tests.no_jax_router import route_without_jax
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,11 @@ def test_auto_policy_is_settled_on_validation_and_recorded(auto_run, tmp_path):
     assert policy["temperature"] == cal["temperature"] and policy["abstain_below"] == ab["threshold"]
     md = open(os.path.join(workdir, "results.md")).read()
     assert "## Routing" in md and f"exit after layer {rule_k}" in md
+    # the threshold in use is the rule's here, so both abstention rows agree, out-of-domain rates included
+    rule_at = ab["at_rule_threshold"]
+    assert rule_at["out_of_domain_abstained"] == ab["out_of_domain_abstained"]
+    assert rule_at["out_of_domain_by_source"] == ab["out_of_domain_by_source"]
+    assert f"| the rule's | {ab['rule_threshold']:.3f} | {rule_at['validation']['coverage']:.3f} |" in md
     # the run's model routes with that policy, and its export records it
     model = moa_jax.load_run(workdir)
     assert (model.moa.exit_layer, model.moa.temperature, model.moa.abstain_below) == (
@@ -100,23 +104,7 @@ def test_reference_router_makes_the_early_exit_and_abstain_decision(smoke, tmp_p
                 tokenizer=tokenizer, system_prompt=system)
     export_merged(merge_params(frozen, init_trainable(cfg, moa, jax.random.PRNGKey(0))), cfg, moa, 0, base_dir,
                   tokenizer=tokenizer)
-    with open(tmp_path / "ids.json", "w") as f:
-        json.dump(prompts, f)
-    script = (
-        "import json, sys\n"
-        "sys.modules['jax'] = None; sys.modules['flax'] = None\n"       # any import of them now fails
-        f"sys.path.insert(0, {out!r})\n"
-        "import reference_router, torch\n"
-        "torch.set_num_threads(2)\n"
-        f"router = reference_router.load({out!r}, base_model={base_dir!r})\n"
-        f"ids = json.load(open({str(tmp_path / 'ids.json')!r}))\n"
-        "rows = [{'logits': router.logits(p).tolist(), 'expert': router.route(p)} for p in ids]\n"
-        "assert 'moa_jax' not in sys.modules\n"
-        f"json.dump(rows, open({str(tmp_path / 'theirs.json')!r}, 'w'))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = json.load(open(tmp_path / "theirs.json"))
+    theirs = route_without_jax(out, base_dir, prompts, str(tmp_path))
     assert np.asarray(theirs[0]["logits"]).shape == (1, moa.num_experts)     # router 1 only
     np.testing.assert_allclose(np.asarray([r["logits"] for r in theirs])[:, 0], np.asarray(logits)[0], atol=1e-4)
     assert [r["expert"] for r in theirs] == [None if e < 0 else DOMAIN_NAMES[e] for e in ours]

@@ -285,7 +285,9 @@ def routing_study(cfg, moa, params, data: dict, tokenizer, *, names: Sequence[st
                                         "test": abstention_stats(test_conf, test_ok, threshold)},
                        "at_rule_threshold": {"validation": abstention_stats(val_conf, val_ok, rule_t),
                                              "test": abstention_stats(test_conf, test_ok, rule_t),
-                                             "out_of_domain_abstained": float((all_ood < rule_t).mean())},
+                                             "out_of_domain_abstained": float((all_ood < rule_t).mean()),
+                                             "out_of_domain_by_source": {src: float((c < rule_t).mean())
+                                                                         for src, c in ood_conf.items()}},
                        "out_of_domain_abstained": float((all_ood < threshold).mean()),
                        "out_of_domain_by_source": {src: float((c < threshold).mean())
                                                    for src, c in ood_conf.items()}},

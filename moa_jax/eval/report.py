@@ -156,13 +156,19 @@ def _routing_study(study) -> list[str]:
     lines += ["", _row(["calibration", "before (T = 1)", f"after (T = {cal['temperature']:.3f})"]), _row(["---"] * 3)]
     lines += [_row([name, fmt(cal[key]["before"]), fmt(cal[key]["after"])]) for name, key in
               (("validation NLL", "validation_nll"), ("validation ECE", "validation_ece"), ("test ECE", "test_ece"))]
-    at = ab["at_threshold"]
-    lines += ["", _row(["abstention at the threshold", "coverage", "accuracy of the routed", "accuracy of all"]),
-              _row(["---"] * 4)]
-    lines += [_row([split, fmt(at[split]["coverage"]), fmt(at[split]["accuracy_routed"]),
-                    fmt(at[split]["accuracy_all"])]) for split in ("validation", "test")]
-    lines += ["", f"Out-of-domain prompts abstained: {fmt(ab['out_of_domain_abstained'])} ("
-              + ", ".join(f"{s} {fmt(v)}" for s, v in ab["out_of_domain_by_source"].items()) + ")."]
+    at, rule_at = ab["at_threshold"], ab["at_rule_threshold"]
+    lines += ["", _row(["abstention", "threshold", "validation coverage", "test coverage",
+                        "test accuracy of the routed", "out-of-domain abstained"]), _row(["---"] * 6)]
+    for name, t, stats in ((f"in use ({ab['set_by']})", ab["threshold"], at),
+                           ("the rule's", ab["rule_threshold"], rule_at)):
+        ood = stats.get("out_of_domain_abstained", ab["out_of_domain_abstained"])
+        lines.append(_row([name, fmt(t), fmt(stats["validation"]["coverage"]), fmt(stats["test"]["coverage"]),
+                           fmt(stats["test"]["accuracy_routed"]), fmt(ood)]))
+    by_source = rule_at.get("out_of_domain_by_source")
+    lines += ["", f"Out-of-domain prompts abstained at the threshold in use: {fmt(ab['out_of_domain_abstained'])} ("
+              + ", ".join(f"{s} {fmt(v)}" for s, v in ab["out_of_domain_by_source"].items()) + ")"
+              + ("; at the rule's threshold: " + ", ".join(f"{s} {fmt(v)}" for s, v in by_source.items())
+                 if by_source else "") + "."]
     return lines
 
 
