@@ -137,7 +137,8 @@ def moa_10task() -> ExperimentConfig:
     difference). Routing: moa.route_on=probe (the routers read one forward of the plain base model: servable; the
     paper's adapted pass is `--set moa.route_on=adapted`). Runtime: 25.9 min on a 2-core AMD EPYC CPU with the
     adapted pass (stage 1 7.4, stage 2 3.0, mixed LoRA 7.8, evaluation 7.3 min); route_on=probe adds a second,
-    adapter-free forward to each stage-2 step (1.19x the step on cpu-tiny). See docs/results.md for the table.
+    adapter-free forward to each stage-2 step (1.19x the step on cpu-tiny); the routing study after stage 2 (early
+    exit per layer, calibration, abstention) adds 593 s on a 2-core Intel Xeon. See docs/results.md for the table.
     Methods reported (results.md): most_common (each domain's most common train answer: the floor), base,
     single_lora (stage-1 experts, domain given), mixed_lora (one LoRA, same examples as stage 1 + 2), moa_router,
     moa_oracle; per domain accuracy, PPL, BLEU-4, ROUGE-L, routing accuracy + confusion, and where MoA loses.
