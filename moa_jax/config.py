@@ -250,6 +250,9 @@ class EvalConfig:
     methods: tuple = ("most_common", "base", "single_lora", "mixed_lora", "moa_router", "moa_oracle")
     adapters: str = "final"         # which adapters of each stage are evaluated: the final ones | "best": the
                                     # lowest validation loss (<stage>/best_adapters; needs the stages' eval_every)
+    routing_study: bool = False     # the routing study after stage 2 (early exit per layer, calibration,
+                                    # abstention; moa_jax/eval/calibration.py); it also runs when a moa.exit_layer,
+                                    # temperature or abstain_below setting is AUTO (picked by it)
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(self.methods))

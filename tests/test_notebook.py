@@ -64,7 +64,8 @@ def test_notebook_runs_on_cpu_with_the_smoke_experiment(tmp_path):
     assert all(0 <= g.expert < len(domains) for g in namespace["answers"])     # the router chose a real expert
     assert "base model: " in text
     export_dir = os.path.join(workdir, "peft_export")
-    assert sorted(os.listdir(export_dir)) == sorted(domains + ["router.json", "router.safetensors", "tokenizer"])
+    assert sorted(os.listdir(export_dir)) == sorted(domains + ["base", "router.json", "router.safetensors",
+                                                                    "tokenizer"])
     for d in domains:
         assert os.path.getsize(os.path.join(export_dir, d, "adapter_model.safetensors")) > 1000
     assert os.path.exists(os.path.join(workdir, "results.md"))

@@ -43,14 +43,14 @@ def stage_snapshot(workdir):
 
 
 def comparable(results: dict, prefix: str = "") -> dict:
-    """results.json flattened to dotted keys, without what differs between equal runs: timings and the paths of
-    the stage folders and figures."""
+    """results.json flattened to dotted keys, without what differs between equal runs: timings (the routing
+    study's time shares too) and the paths of the stage folders and figures."""
     out = {}
     for k, v in results.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(comparable(v, key + "."))
-        elif not (k.endswith("seconds") or key.startswith(("stages.", "figures."))):
+        elif not (k.endswith("seconds") or k == "share_of_prefill" or key.startswith(("stages.", "figures."))):
             out[key] = v
     return out
 

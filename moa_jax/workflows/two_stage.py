@@ -53,7 +53,7 @@ from moa_jax.eval.suite import evaluate_all
 from moa_jax.train.metrics_log import log_eval_scalars
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
-from moa_jax.routing import resolve
+from moa_jax.routing import AUTO, resolve
 from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
 from moa_jax.run_artifacts import RunArtifactError, stage_adapters
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
@@ -333,11 +333,14 @@ def train_moe_lora(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, p
 
 def study_routing(ctx: ExperimentContext, trained: dict):
     """The routing study of stage 2 (moa_jax/eval/calibration.py: early exit, calibration, abstention), when MoA
-    routes top-1 from the prompt: replaces trained["moa"]'s MoAConfig by the one with its AUTO routing settings
+    routes top-1 from the prompt and eval.routing_study is set or a routing setting is AUTO: replaces
+    trained["moa"]'s MoAConfig by the one with its AUTO routing settings
     resolved, and returns the study for the report (None when there is nothing to study)."""
     if "moa" not in trained or not resolve(trained["moa"][0]).needs_routing_pass:
         return None
     exp, (moa, trainable) = ctx.exp, trained["moa"]
+    if not (exp.eval.routing_study or AUTO in (moa.exit_layer, moa.temperature, moa.abstain_below)):
+        return None
     t0 = time.perf_counter()
     resolved, report = routing_study(
         ctx.cfg, moa, merge_params(ctx.frozen, trainable), ctx.data, ctx.tokenizer, names=ctx.domains,
