@@ -4,7 +4,8 @@
   - the TF-IDF router's choices are scikit-learn's prediction of a classifier fitted on the train prompts only;
   - the centroid router's pooled states do not depend on the left padding, and nearest_centroid is cosine argmax;
   - Arrow runs in PEFT: its routing weights, read by the study's hook, reproduce the delta PEFT's layer adds, and
-    its routed expert is the argmax of its mean weights.
+    its routed expert is the argmax of its mean weights; the arrow_prior row's expert is the argmax of those weights
+    divided by their mean over train prompts, and its answers are moa_jax's with that expert forced.
 """
 import json
 import os
@@ -14,14 +15,15 @@ import pytest
 
 from benchmarks.studies import peer_routers as pr
 
-ROUTERS = ("oracle", "moa_router", "moa_router_early_exit", "tfidf", "centroid", "arrow")
+ROUTERS = ("oracle", "moa_router", "moa_router_early_exit", "tfidf", "centroid", "arrow", "arrow_prior")
 FIT = 8   # train prompts per domain for the classifier and the centroids
 
 
 @pytest.fixture(scope="module")
 def study(smoke, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("peer_routers"))
-    assert pr.main(["--workdir", smoke[0], "--fit-items-per-domain", str(FIT), "--out", out]) == 0
+    assert pr.main(["--workdir", smoke[0], "--fit-items-per-domain", str(FIT), "--arrow-prior-items", "2",
+                    "--out", out]) == 0
     with open(os.path.join(out, "peer_routers.json")) as f:
         results = json.load(f)
     with open(os.path.join(out, "peer_routers.md")) as f:
@@ -135,9 +137,35 @@ def test_arrow_runs_in_peft_and_its_weights_are_what_peft_applies(study):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_arrow_prior_divides_out_the_prompt_independent_preference(study):
+    from benchmarks.studies import peer_arrow
+    # expert 0 takes the most weight on every prompt; relative to its prior, each prompt's own expert stands out
+    w = np.asarray([[0.5, 0.3, 0.2], [0.5, 0.2, 0.3], [0.6, 0.2, 0.2]])
+    prior = np.asarray([0.5, 0.25, 0.25])
+    assert np.argmax(w, 1).tolist() == [0, 0, 0]
+    assert peer_arrow.prior_normalized(w, prior).tolist() == [1, 2, 0]
+
+    workdir, _, res, _ = study
+    arrow, row = res["routers"]["arrow"], res["routers"]["arrow_prior"]
+    assert arrow["prior_prompts"] == 2 * len(res["domains"])
+    expected = peer_arrow.prior_normalized(np.asarray(arrow["mean_weights"]), np.asarray(arrow["prior_weights"]))
+    assert row["experts"] == arrow["prior_experts"] == expected.tolist()
+    with open(os.path.join(workdir, "results.json")) as f:
+        oracle = json.load(f)["methods"]["moa_oracle"]
+    # one test item per domain: where the prior-normalised choice is the item's own expert, moa_jax scores it as
+    # the oracle does; elsewhere the forced expert is another one (its PPL differs)
+    hits = np.asarray(row["experts"]) == np.asarray(res["routers"]["oracle"]["experts"])
+    for dom, hit in zip(res["domains"], hits):
+        ppl, oracle_ppl = row["per_domain"][dom]["ppl"], oracle["per_domain"][dom]["ppl"]
+        assert (ppl == pytest.approx(oracle_ppl, rel=1e-5)) == bool(hit), dom
+        assert row["per_domain"][dom]["routing_accuracy"] == float(hit)
+
+
 def test_bad_arguments_exit_2(capsys, tmp_path):
     assert pr.main(["--workdir", str(tmp_path), "--fit-items-per-domain", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    assert pr.main(["--workdir", str(tmp_path), "--routers", "oracle,bm25"]) == 2
+    assert "bm25" in capsys.readouterr().err
     assert pr.main(["--workdir", str(tmp_path / "missing"), "--no-arrow"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

@@ -51,6 +51,9 @@ def test_auto_policy_is_settled_on_validation_and_recorded(auto_run, tmp_path):
     assert set(study["prompts"]["out_of_domain"]) == {"basic_arithmetic", "caesar_cipher", "gcd", "count_bits",
                                                         "chat"}
     assert all(r["share_of_prefill"] > 0 for r in rows)
+    for r in rows:    # a layer that routes every validation prompt right misses no domain, and vice versa
+        assert (r["validation_accuracy"] == 1.0) == (r["validation_missed"] == {})
+        assert set(r["validation_missed"]) <= set(DOMAIN_NAMES)
     policy = json.load(open(os.path.join(workdir, "routing.json")))["policy"]
     assert policy == study["policy"] and policy["exit_layer"] == rule_k
     assert policy["temperature"] == cal["temperature"] and policy["abstain_below"] == ab["threshold"]
@@ -108,3 +111,13 @@ def test_reference_router_makes_the_early_exit_and_abstain_decision(smoke, tmp_p
     assert np.asarray(theirs[0]["logits"]).shape == (1, moa.num_experts)     # router 1 only
     np.testing.assert_allclose(np.asarray([r["logits"] for r in theirs])[:, 0], np.asarray(logits)[0], atol=1e-4)
     assert [r["expert"] for r in theirs] == [None if e < 0 else DOMAIN_NAMES[e] for e in ours]
+
+
+def test_missed_domains_are_the_imperfect_ones_worst_first():
+    from moa_jax.eval import calibration
+    labels = np.asarray([0, 0, 1, 1, 2, 2])
+    chosen = np.asarray([0, 0, 1, 2, 0, 1])          # domain 1 half right, domain 2 never
+    logits = np.eye(3)[chosen][None]                 # (k=1, N, E): router 1 votes for `chosen`
+    assert calibration.missed_domains(logits, labels, "last", ["a", "b", "c"]) == {"c": 0.0, "b": 0.5}
+    perfect = np.eye(3)[labels][None]
+    assert calibration.missed_domains(perfect, labels, "last", ["a", "b", "c"]) == {}

@@ -9,7 +9,12 @@
   4. per test item: greedy `generate` from the same prompt tokens moa_jax uses (left-padded batches), and the
      NLL of the reference response (teacher forcing, the same right-padded rows moa_jax scores).
 Arrow's "routed expert" per prompt: the argmax of its routing weights averaged over the prompt's real tokens and
-all adapted modules (`ArrowWeights`). PEFT does not expose the weights, so a forward pre-hook on every
+all adapted modules (`ArrowWeights`).
+Those mean weights carry a large part that does not depend on the prompt: on moa_10task every domain's prompts give
+leg_counting's expert the largest weight, while each domain's own expert weighs more on its own prompts than on the
+others'. The `arrow_prior` row therefore divides each prompt's mean weights by their mean over TRAIN prompts (the
+prior, `prior_weights`) and sends the whole sequence to the argmax: Arrow's prototypes as a sequence-level router of
+ours, evaluated like the other routers (moa_jax runs the chosen expert); PEFT's Arrow itself never does this. PEFT does not expose the weights, so a forward pre-hook on every
 ArrowLoraLinearLayer recomputes them from the layer's input with PEFT's own prototypes, top_k and temperature
 (`arrow_coefficients`); tests/test_peer_routers.py checks that these weights reproduce the delta PEFT adds.
 
@@ -98,9 +103,30 @@ class ArrowWeights:
         return ((self.total / self.count) * m).sum(1).div(m.sum(1).clamp(min=1.0)).numpy()
 
 
-def evaluate_arrow(run, *, top_k: int, scratch: str) -> dict:
+def prompt_weights(model, prompts: list, pad: int, batch_size: int) -> np.ndarray:
+    """Arrow's mean routing weights of each prompt (token lists) -> [N, E], batches left-padded."""
+    from moa_jax.generate.decode import left_pad
+    torch = _torch()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            tokens, mask = (torch.from_numpy(a.astype(np.int64)) for a in left_pad(prompts[start:start + batch_size],
+                                                                                     pad))
+            with ArrowWeights(model) as w:
+                model(input_ids=tokens, attention_mask=mask)
+            out.append(w.mean(mask))
+    return np.concatenate(out)
+
+
+def prior_normalized(weights: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """[N, E] mean weights, [E] their mean over train prompts -> [N] argmax of weights / prior."""
+    return np.argmax(weights / np.maximum(prior, 1e-12), axis=-1).astype(np.int64)
+
+
+def evaluate_arrow(run, *, top_k: int, scratch: str, prior_prompts: list) -> dict:
     """Arrow on the run's test items -> an entry like moa_jax.eval.suite's (scores by the same verifier), with
-    `experts` (its routed expert per item), `confusion`, `routing_seconds` and `how`."""
+    `experts` (its routed expert per item), `confusion`, `routing_seconds`, `how`, and `prior_weights` (the mean
+    weights over `prior_prompts`, train prompts as token lists) with `prior_experts` (prior_normalized's choice)."""
     import peft
     from moa_jax.eval import metrics
     from moa_jax.eval.suite import method_entry, score_texts
@@ -111,6 +137,7 @@ def evaluate_arrow(run, *, top_k: int, scratch: str) -> dict:
     base_dir, dirs = export_for_peft(run, scratch)
     model = arrow_model(base_dir, dirs, top_k)
     eos, bs = list(eos_ids(run.tokenizer)), run.exp.eval.batch_size
+    prior = prompt_weights(model, prior_prompts, pad, bs).mean(axis=0)                              # (E,)
     weights, texts, arrow_s, base_s = [], [], 0.0, 0.0
     with torch.inference_mode():
         for start in range(0, len(es.prompts), bs):
@@ -141,6 +168,7 @@ def evaluate_arrow(run, *, top_k: int, scratch: str) -> dict:
     sums, counts = np.concatenate(sums), np.concatenate(counts)
     mean_w = np.concatenate(weights)                                                                 # (N, E)
     experts = np.argmax(mean_w, axis=-1).astype(np.int64)
+    prior_experts = prior_normalized(mean_w, prior)
     per_domain = score_texts(es, texts)
     for d, name in enumerate(es.domains):
         sel = es.labels == d
@@ -151,6 +179,7 @@ def evaluate_arrow(run, *, top_k: int, scratch: str) -> dict:
         per_domain[name]["routing_accuracy"] = float(acc)
     entry = method_entry(es, ARROW_KIND, "arrow", per_domain, texts, time.perf_counter() - t0)
     entry.update(confusion=confusion.tolist(), experts=experts.tolist(), mean_weights=mean_w.tolist(),
+                 prior_weights=prior.tolist(), prior_experts=prior_experts.tolist(), prior_prompts=len(prior_prompts),
                  routing_seconds=max(arrow_s - base_s, 0.0), arrow_forward_seconds=arrow_s, base_forward_seconds=base_s,
                  implementation=f"peft {peft.__version__} create_arrow_model, ArrowConfig(top_k={top_k}, "
                                 f"router_temperature=1.0, rng_seed=0), torch {torch.__version__}",

@@ -1,7 +1,8 @@
 """Other routers on the same experts: which expert each test prompt gets, and what that costs in answers and PPL.
 
     python -m benchmarks.studies.peer_routers --workdir RUN [--stage stage2] [--items-per-domain N]
-        [--fit-items-per-domain 200] [--arrow-top-k 3] [--no-arrow] [--out DIR]
+        [--fit-items-per-domain 200] [--arrow-top-k 3] [--arrow-prior-items 10] [--no-arrow]
+        [--routers oracle,moa_router,...] [--out DIR]
 
 RUN is a finished `python -m experiments.run` work directory (two_stage workflow). Every router below works on the
 stage's experts (default: stage2, the MoA model) and the same test items the run's evaluation used (the first
@@ -19,6 +20,9 @@ stage's experts (default: stage2, the MoA model) and the same test items the run
               mixes the top-k experts per token in every adapted layer; its "routed expert" here is the expert with
               the largest routing weight averaged over the prompt's tokens and all adapted modules (a definition
               of ours: Arrow itself never picks one)
+  arrow_prior the same mean Arrow weights divided by their mean over --arrow-prior-items TRAIN prompts per domain
+              (Arrow's prompt-independent preference for some experts), argmax; the whole sequence then runs with
+              that expert in moa_jax like the rows above (Arrow's prototypes as a sequence-level router: ours)
 The classifier and the centroids see only the run's train split (at most --fit-items-per-domain prompts per domain,
 the first ones), never validation or test prompts. `moa_router` is our routers on the full routing pass,
 `moa_router_early_exit` the same routers cut at the layer the run picked on validation (routing.json).
@@ -55,7 +59,7 @@ from moa_jax.eval.evaluate import Method, assign_experts
 from moa_jax.eval.suite import EvalSet, ItemMemo, adapters_key, build_eval_set, evaluate_method
 from moa_jax.generate.decode import eos_ids, left_pad
 
-ARROW = "arrow"
+ARROW, ARROW_PRIOR = "arrow", "arrow_prior"
 
 
 @dataclasses.dataclass
@@ -288,8 +292,10 @@ def cpu_name() -> str:
 
 
 def run_study(workdir: str, *, stage: str = "stage2", items_per_domain: int = 0, fit_items_per_domain: int = 200,
-              arrow: bool = True, arrow_top_k: int = 3, scratch: Optional[str] = None, log=print) -> dict:
-    """Every router of ROUTERS (and Arrow) on the run's stage -> results dict (also what the JSON holds)."""
+              routers: Optional[list] = None, arrow: bool = True, arrow_top_k: int = 3, arrow_prior_items: int = 10,
+              scratch: Optional[str] = None, log=print) -> dict:
+    """The routers of ROUTERS named in `routers` (default: all), and Arrow with arrow_prior when `arrow`, on the
+    run's stage -> results dict (also what the JSON holds)."""
     args = argparse.Namespace(fit_items_per_domain=fit_items_per_domain)
     run = load_run(workdir, stage, items_per_domain)
     n = len(run.es.rows)
@@ -297,6 +303,8 @@ def run_study(workdir: str, *, stage: str = "stage2", items_per_domain: int = 0,
                "fit_items_per_domain": fit_items_per_domain, "routers": {}}
     memo, rows = ItemMemo(), []
     for name, fn in ROUTERS.items():
+        if routers is not None and name not in routers:
+            continue
         choice = fn(run, args)
         entry = evaluate_choice(run, choice, memo)
         entry["experts"] = choice.experts.tolist()
@@ -307,12 +315,24 @@ def run_study(workdir: str, *, stage: str = "stage2", items_per_domain: int = 0,
             f"ppl {entry['mean_ppl']:.3f}")
     if arrow:
         from benchmarks.studies import peer_arrow
-        entry = peer_arrow.evaluate_arrow(run, top_k=arrow_top_k, scratch=scratch or os.path.join(workdir,
-                                                                                               "peer_routers"))
+        rows_prior = fit_rows(run.train, arrow_prior_items)
+        prior_prompts = [list(run.train.tokens(r)[:run.train.prompt_len[r]]) for r in rows_prior]
+        entry = peer_arrow.evaluate_arrow(run, top_k=arrow_top_k, prior_prompts=prior_prompts,
+                                          scratch=scratch or os.path.join(workdir, "peer_routers"))
         results["routers"][ARROW] = entry
         rows.append(summary_row(ARROW, entry, entry["routing_seconds"], entry["how"], n))
-        log(f"{ARROW:<12} routing {entry['mean_routing_accuracy']:.3f}  accuracy {entry['mean_accuracy']:.3f}  "
-            f"ppl {entry['mean_ppl']:.3f}")
+        # the prior-normalised choice costs the same Arrow prompt forward; moa_jax runs the chosen expert
+        choice = Choice(np.asarray(entry["prior_experts"], np.int64), entry["routing_seconds"],
+                        f"Arrow's mean weights over the prompt / their mean over {len(rows_prior)} train prompts "
+                        f"(top-{arrow_top_k}), argmax; one expert for the whole sequence")
+        prior_entry = evaluate_choice(run, choice, memo)
+        prior_entry.update(experts=choice.experts.tolist(), routing_seconds=choice.seconds)
+        results["routers"][ARROW_PRIOR] = prior_entry
+        rows.append(summary_row(ARROW_PRIOR, prior_entry, choice.seconds, choice.how, n))
+        for name in (ARROW, ARROW_PRIOR):
+            e = results["routers"][name]
+            log(f"{name:<12} routing {e['mean_routing_accuracy']:.3f}  accuracy {e['mean_accuracy']:.3f}  "
+                f"ppl {e['mean_ppl']:.3f}")
     results["table"] = rows
     return results
 
@@ -325,19 +345,31 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-items-per-domain", type=int, default=200,
                     help="train prompts per domain for the classifier and the centroids")
     ap.add_argument("--arrow-top-k", type=int, default=3, help="Arrow's experts per token (PEFT's default 3)")
+    ap.add_argument("--arrow-prior-items", type=int, default=10,
+                    help="train prompts per domain for the arrow_prior row's prior")
     ap.add_argument("--no-arrow", action="store_true", help="skip Arrow (torch + PEFT)")
+    ap.add_argument("--routers", default="", help=f"comma-separated subset of {','.join(ROUTERS)}, {ARROW} "
+                                                  f"(with {ARROW_PRIOR}); default: all")
     ap.add_argument("--out", default="", help="output folder (default: WORKDIR/peer_routers)")
     args = ap.parse_args(argv)
     from moa_jax.errors import UserError
-    if args.fit_items_per_domain < 1 or args.items_per_domain < 0 or args.arrow_top_k < 1:
-        print("error: --fit-items-per-domain and --arrow-top-k must be >= 1, --items-per-domain >= 0",
+    if min(args.fit_items_per_domain, args.arrow_top_k, args.arrow_prior_items) < 1 or args.items_per_domain < 0:
+        print("error: --fit-items-per-domain, --arrow-top-k and --arrow-prior-items must be >= 1, "
+              "--items-per-domain >= 0",
               file=sys.stderr)
+        return 2
+    names = [n for n in args.routers.split(",") if n]
+    unknown = sorted(set(names) - set(ROUTERS) - {ARROW})
+    if unknown:
+        print(f"error: --routers: unknown {unknown}; valid: {', '.join(ROUTERS)}, {ARROW}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.workdir, "peer_routers")
     try:
         results = run_study(args.workdir, stage=args.stage, items_per_domain=args.items_per_domain,
-                            fit_items_per_domain=args.fit_items_per_domain, arrow=not args.no_arrow,
-                            arrow_top_k=args.arrow_top_k, scratch=out)
+                            fit_items_per_domain=args.fit_items_per_domain,
+                            routers=[n for n in names if n != ARROW] if names else None,
+                            arrow=not args.no_arrow and (not names or ARROW in names),
+                            arrow_top_k=args.arrow_top_k, arrow_prior_items=args.arrow_prior_items, scratch=out)
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

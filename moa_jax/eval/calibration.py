@@ -80,6 +80,14 @@ def exit_accuracy(logits: np.ndarray, labels: np.ndarray, policy: str) -> np.nda
     return np.asarray([float(np.mean(decide(logits[:k], policy) == labels)) for k in range(1, len(logits) + 1)])
 
 
+def missed_domains(logits: np.ndarray, labels: np.ndarray, policy: str, names: Sequence[str]) -> dict:
+    """logits [k, N, E] -> {domain: routing accuracy} of the domains whose prompts routers 1..k do not all route
+    right, worst first (what a plateau of the per-k accuracy hides)."""
+    right = decide(logits, policy) == labels
+    acc = {names[d]: float(right[labels == d].mean()) for d in range(len(names)) if (labels == d).any()}
+    return dict(sorted(((n, a) for n, a in acc.items() if a < 1.0), key=lambda kv: kv[1]))
+
+
 # ---- calibration --------------------------------------------------------------------------------------------------
 def nll(logits: np.ndarray, labels: np.ndarray, policy: str, temperature: float) -> float:
     p = decision_probs(logits, policy, temperature)[np.arange(len(labels)), labels]
@@ -256,7 +264,8 @@ def routing_study(cfg, moa, params, data: dict, tokenizer, *, names: Sequence[st
     timings = time_exit_layers(cfg, moa, params, val_prompts, pad_id, batch_size) if timing else None
     rows = []
     for i in range(cfg.num_layers):
-        row = {"k": i + 1, "validation_accuracy": float(val_acc[i]), "test_accuracy": float(test_acc[i])}
+        row = {"k": i + 1, "validation_accuracy": float(val_acc[i]), "test_accuracy": float(test_acc[i]),
+               "validation_missed": missed_domains(val[:i + 1], val_labels, policy, names)}
         if timings is not None:
             row.update(seconds=timings["seconds"][i], share_of_prefill=timings["seconds"][i] /
                        timings["prefill_seconds"])

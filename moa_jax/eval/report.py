@@ -149,10 +149,11 @@ def _routing_study(study) -> list[str]:
              f"abstain below {ab['threshold']:.3f} ({ab['set_by']}; rule: {ab['rule']} -> {ab['rule_threshold']:.3f}), "
              f"fall-back {ab['fallback']}. Prompts: {study['prompts']['validation']} validation, "
              f"{study['prompts']['test']} test, {sum(study['prompts']['out_of_domain'].values())} out of domain.", "",
-             _row(["k (routers 1..k)", "validation accuracy", "test accuracy", "routing pass / full base prefill"]),
-             _row(["---"] * 4)]
-    lines += [_row([r["k"], fmt(r["validation_accuracy"]), fmt(r["test_accuracy"]),
-                    fmt(r.get("share_of_prefill"))]) for r in study["by_exit_layer"]]
+             _row(["k (routers 1..k)", "validation accuracy", "test accuracy", "routing pass / full base prefill",
+                   "validation domains below 1 (worst 3)"]),
+             _row(["---"] * 5)]
+    lines += [_row([r["k"], fmt(r["validation_accuracy"]), fmt(r["test_accuracy"]), fmt(r.get("share_of_prefill")),
+                    _missed(r.get("validation_missed"))]) for r in study["by_exit_layer"]]
     lines += ["", _row(["calibration", "before (T = 1)", f"after (T = {cal['temperature']:.3f})"]), _row(["---"] * 3)]
     lines += [_row([name, fmt(cal[key]["before"]), fmt(cal[key]["after"])]) for name, key in
               (("validation NLL", "validation_nll"), ("validation ECE", "validation_ece"), ("test ECE", "test_ece"))]
@@ -170,6 +171,15 @@ def _routing_study(study) -> list[str]:
               + ("; at the rule's threshold: " + ", ".join(f"{s} {fmt(v)}" for s, v in by_source.items())
                  if by_source else "") + "."]
     return lines
+
+
+def _missed(missed, show: int = 3) -> str:
+    """{domain: accuracy} of the domains an exit layer routes imperfectly -> 'name 0.12, ... (+n more)'."""
+    if missed is None:
+        return "-"
+    cells = [f"{n} {a:.2f}" for n, a in list(missed.items())[:show]]
+    more = len(missed) - show
+    return (", ".join(cells) + (f" (+{more} more)" if more > 0 else "")) or "none"
 
 
 def _family_tables(results: dict, method: str, conf: list, worst: int = 10) -> list[str]:
