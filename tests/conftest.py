@@ -1,5 +1,6 @@
-"""Shared pytest setup: 8 forced CPU devices (for sharding tests), tiny model / MoA configs and one smoke run per
-session (the experiment runner end to end; its tests only read the work directory).
+"""Shared pytest setup: 8 forced CPU devices (for sharding tests), one persistent XLA compilation cache per session,
+tiny model / MoA configs and one smoke run per session (the experiment runner end to end; its tests only read the
+work directory).
 
 XLA_FLAGS must be set before jax is first imported, so it comes first in this file.
 """
@@ -15,6 +16,47 @@ import pytest  # noqa: E402
 from moa_jax.config import ModelConfig, MoAConfig  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+
+def _shared_folder(tmp_path_factory):
+    """The temporary folder every pytest-xdist worker of this session sees (the session's own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+# Every entry is kept (no minimum compile time or size); a size limit turns on the cache's file lock, which the
+# workers writing into one folder need.
+SESSION_CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0,
+                         "jax_persistent_cache_min_entry_size_bytes": 0,
+                         "jax_compilation_cache_max_size": 8 << 30}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the session, shared by the workers and by the subprocesses tests start
+    (through the environment): the many tests that run the same programs (the smoke pipeline and the runs that
+    reuse it, the CLI, the docs' examples) compile each program once. A hit returns the executable XLA built for
+    the same program, flags and jax version, so no result changes; jax still logs each one as a compile, so the
+    tests that count compiles count the same."""
+    from jax._src import compilation_cache
+    path = str(_shared_folder(tmp_path_factory) / "jax_cache")
+    options = {**SESSION_CACHE_OPTIONS, "jax_compilation_cache_dir": path}
+    old = {k: getattr(jax.config, k) for k in options}
+    env = {f"JAX_{k[4:].upper()}": str(v) for k, v in options.items()}
+    old_env = {k: os.environ.get(k) for k in env}
+    for k, v in options.items():
+        jax.config.update(k, v)
+    os.environ.update(env)
+    compilation_cache.reset_cache()
+    yield path
+    for k, v in old.items():
+        jax.config.update(k, v)
+    for k, v in old_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    compilation_cache.reset_cache()
 
 
 def make_tiny_cfg(**changes) -> ModelConfig:
@@ -66,8 +108,7 @@ def smoke(tmp_path_factory):
     import logging
 
     from experiments import run
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = _shared_folder(tmp_path_factory)
     workdir, console = shared / "smoke", shared / "smoke.console.txt"
     with open(shared / "smoke.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

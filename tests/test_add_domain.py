@@ -48,7 +48,8 @@ def runs(smoke, tmp_path_factory):
     root = tmp_path_factory.mktemp("add_domain")
     base, grown = str(root / "smoke"), str(root / "grown")
     rc, _ = _run(["--exp=smoke", f"--workdir={base}", "--set", "eval.items_per_domain=1",
-                  "--set", "eval.methods=single_lora,moa_router,moa_oracle", "--set", f"reuse_from={smoke[0]}"])
+                  "--set", "eval.methods=single_lora,moa_router,moa_oracle", "--set", f"reuse_from={smoke[0]}",
+                  "--set", "variants="])
     assert rc == 0
     jsonl = root / "adding.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": f"Add {i} and {i + 3}.", "response": str(2 * i + 3)}) + "\n"

@@ -229,7 +229,7 @@ def test_stage1_from_peft_adapters_skips_stage1_and_matches_its_experts(smoke, t
     with contextlib.redirect_stdout(io.StringIO()):
         rc = run.main(["--exp=smoke", f"--workdir={out_dir}", "--no_progress", "--set", "eval.items_per_domain=1",
                        "--set", f"stage1.init_from_peft={specs}", "--set", "eval.methods=single_lora,moa_router",
-                       "--set", "stage2.steps=1"])
+                       "--set", "stage2.steps=1", "--set", "variants="])
     assert rc == 0
     assert not os.path.exists(os.path.join(out_dir, "stage1"))
     assert os.path.isdir(os.path.join(out_dir, "stage2", "adapters"))

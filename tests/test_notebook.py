@@ -1,5 +1,7 @@
 """The Colab notebook (notebooks/moa_colab_tpu.ipynb) executed end to end on CPU: every code cell but the Colab
-install cell runs, in order, in one namespace, with the parameters cell replaced by the smoke experiment.
+install cell runs, in order, in one namespace, with the parameters cell replaced by the smoke experiment (its stages
+and baseline loaded from the session's smoke run by `reuse_from`, so the notebook's training cell takes the same path
+without training them again).
 Checks what each section must produce: the method table, routed answers naming their expert, the PEFT export.
 The install cell runs as a dry run (MOA_INSTALL_DRY_RUN=1): it finds the repository and prints the install
 commands for this machine's runtime, installing nothing."""
@@ -36,9 +38,10 @@ def test_notebook_structure():
             compile(src, NOTEBOOK, "exec")
 
 
-def test_notebook_runs_on_cpu_with_the_smoke_experiment(tmp_path):
+def test_notebook_runs_on_cpu_with_the_smoke_experiment(smoke, tmp_path):
     workdir = str(tmp_path / "run")
-    params = (f"EXPERIMENT = 'smoke'\nOVERRIDES = ['eval.items_per_domain=1']\nWORKDIR = {workdir!r}\n")
+    params = (f"EXPERIMENT = 'smoke'\nOVERRIDES = ['eval.items_per_domain=1', 'variants=', 'reuse_from={smoke[0]}']\n"
+              f"WORKDIR = {workdir!r}\n")
     namespace: dict = {"__name__": "__main__"}
     out = io.StringIO()
     root, absl = logging.getLogger(), logging.getLogger("absl")

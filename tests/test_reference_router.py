@@ -135,3 +135,31 @@ def test_adapted_routers_export_as_not_servable(smoke_run, tmp_path):
     servable = dataclasses.replace(moa, route_on="probe")
     with pytest.raises(ValueError, match=r"pass tokenizer= .* and system_prompt="):
         export_peft(trainable, cfg, servable, str(tmp_path / "x"))
+
+
+def test_router_refit_fits_every_router_output_and_nothing_else(smoke_run, tmp_path, capsys):
+    """benchmarks/studies/router_refit.py on the servable variant: every router output fitted on cached train
+    prompts (the objective falls), the experts bit-identical, the routing study of both router sets recorded; a
+    stage that routes on the adapted pass is refused (exit 2)."""
+    from flax import traverse_util
+    from benchmarks.studies import router_refit
+    from moa_jax.run_artifacts import stage_adapters
+    from moa_jax.train.checkpoint import load_adapters
+    stage, out = "variants/servable/stage2", tmp_path / "refit"
+    assert router_refit.main(["--workdir", smoke_run, "--stage", stage, "--prompts-per-domain", "3",
+                              "--out", str(out)]) == 0
+    res = json.load(open(out / "router_refit.json"))
+    assert res["fit"]["examples"] == 3 * len(DOMAIN_NAMES)
+    assert res["fit"]["objective_after"] < res["fit"]["objective_before"]
+    for name in ("sgd", "fitted"):
+        assert [r["k"] for r in res["studies"][name]["by_exit_layer"]] == [1, 2]
+    sgd = traverse_util.flatten_dict(load_adapters(stage_adapters(smoke_run, stage))[0])
+    fitted = traverse_util.flatten_dict(load_adapters(str(out / "adapters"))[0])
+    assert sgd.keys() == fitted.keys()
+    routers = [k for k in sgd if "router" in k]
+    assert routers and all(not np.array_equal(sgd[k], fitted[k]) for k in routers)
+    assert all(np.array_equal(sgd[k], fitted[k]) for k in sgd if "router" not in k)
+    assert "| 2 |" in (out / "router_refit.md").read_text()
+    capsys.readouterr()
+    assert router_refit.main(["--workdir", smoke_run, "--out", str(tmp_path / "adapted")]) == 2
+    assert "route_on='adapted'" in capsys.readouterr().err

@@ -121,3 +121,10 @@ def test_missed_domains_are_the_imperfect_ones_worst_first():
     assert calibration.missed_domains(logits, labels, "last", ["a", "b", "c"]) == {"c": 0.0, "b": 0.5}
     perfect = np.eye(3)[labels][None]
     assert calibration.missed_domains(perfect, labels, "last", ["a", "b", "c"]) == {}
+
+
+def test_a_runs_study_times_a_spread_of_exit_layers_and_the_rules_neighbours():
+    from moa_jax.eval import calibration
+    assert calibration.timed_layers(30, 27) == [1, 5, 9, 13, 18, 22, 26, 27, 28, 30]
+    assert calibration.timed_layers(30, 1) == [1, 2, 5, 9, 13, 18, 22, 26, 30]
+    assert calibration.timed_layers(2, 1) == [1, 2]                   # few layers: every one

@@ -1,6 +1,7 @@
 """The routing study of a finished run again (moa_jax/eval/calibration.py: routing accuracy and the cut routing
 pass's time as a share of a full base prefill per exit layer k, calibration, abstention), without training or
-evaluating anything else: to time the exit layers on a quiet machine, or on the hardware that will serve.
+evaluating anything else: to time every exit layer (a run's study times some) on a quiet machine, or on the hardware
+that will serve.
 
   python -m benchmarks.studies.routing_exit --workdir RUN [--out FILE.json]
 
@@ -40,7 +41,7 @@ def run_study(workdir: str) -> dict:
     _, report = routing_study(cfg, moa, merge_params(frozen, trainable), data, tokenizer, names=info.domains,
                               system_prompt=resolve_system_prompt(exp.data.system_prompt, exp.data.source),
                               prompt_format=resolve_prompt_format(exp.data.prompt_format, tokenizer),
-                              test_items=exp.eval.items_per_domain, batch_size=exp.eval.batch_size)
+                              test_items=exp.eval.items_per_domain, batch_size=exp.eval.batch_size, timed="all")
     report["seconds"] = time.perf_counter() - t0
     return report
 

@@ -3,8 +3,10 @@ reported on the test prompts and on out-of-domain prompts, with no retraining (a
 
   early exit    the routing decision made by routers 1..k on a pass that stops after layer k. One full routing pass
                 gives every router's logits, and a pass cut after layer k reproduces the first k exactly (a test), so
-                the accuracy of every k comes from one pass; the cut pass's time is measured per k against a full
-                base prefill of the same prompts, side by side in one process.
+                the accuracy of every k comes from one pass; the cut pass's time is measured against a full base
+                prefill of the same prompts, side by side in one process, for TIMED_LAYERS evenly spaced k plus the
+                rule's k and its two neighbours (every k: `timed="all"`, as benchmarks/studies/routing_exit.py
+                does; each timed k compiles its own program, which made timing every k most of the study's cost).
                 Rule (MoAConfig.exit_layer = AUTO): the shallowest k whose validation routing accuracy is within
                 MoAConfig.exit_tolerance points of the best k's.
   calibration   one temperature T dividing the deciding logits, fitted on validation by minimising the NLL of the
@@ -46,6 +48,7 @@ CHAT_PROMPTS = ("Write a short poem about the sea.", "What is the capital of Fra
                 "Give me three tips for sleeping better.", "Translate 'good morning' into Spanish.",
                 "Explain what a neural network is in one sentence.", "Suggest a name for a pet turtle.")
 TIMING_REPEATS = 5
+TIMED_LAYERS = 8              # evenly spaced exit layers a run's study times, besides the rule's k and its neighbours
 
 
 # ---- decisions and their probabilities (numpy: moa_jax.nn.router's rules for a host array) ------------------------
@@ -195,10 +198,18 @@ def full_pass_logits(cfg, moa, params, prompts: list, pad_id: int, batch_size: i
     return np.concatenate(out, axis=1)
 
 
-def time_exit_layers(cfg, moa, params, prompts: list, pad_id: int, batch_size: int) -> dict:
-    """Seconds of the routing pass cut after each layer k = 1..L and of a full base prefill (base model, LM head at
-    the last position) over one batch of the prompts, each compiled first, then the median of TIMING_REPEATS runs,
-    all in this process. -> {"prefill_seconds", "seconds": [L]}."""
+def timed_layers(num_layers: int, rule_k: int, spread: int = TIMED_LAYERS) -> list[int]:
+    """The exit layers a run's study times: `spread` evenly spaced ones from 1 to L, and rule_k with its neighbours."""
+    ks = {int(round(x)) for x in np.linspace(1, num_layers, min(spread, num_layers))}
+    ks |= {k for k in (rule_k - 1, rule_k, rule_k + 1) if 1 <= k <= num_layers}
+    return sorted(ks)
+
+
+def time_exit_layers(cfg, moa, params, prompts: list, pad_id: int, batch_size: int,
+                     layers: Optional[Sequence[int]] = None) -> dict:
+    """Seconds of the routing pass cut after each layer k of `layers` (default 1..L) and of a full base prefill
+    (base model, LM head at the last position) over one batch of the prompts, each compiled first, then the median
+    of TIMING_REPEATS runs, all in this process. -> {"prefill_seconds", "seconds": {k: seconds}}."""
     import jax
     import jax.numpy as jnp
     from moa_jax.generate.decode import left_pad
@@ -222,15 +233,16 @@ def time_exit_layers(cfg, moa, params, prompts: list, pad_id: int, batch_size: i
 
     prefill = jax.jit(lambda p: model.apply({"params": p}, x.tokens, routing="base", logits_at=at,
                                             **x.model_kwargs())[0])
-    seconds = [median_seconds(jax.jit(lambda p, k=k: routing_pass(model, p, x, mode=mode, exit_layer=k)))
-               for k in range(1, cfg.num_layers + 1)]
+    seconds = {k: median_seconds(jax.jit(lambda p, k=k: routing_pass(model, p, x, mode=mode, exit_layer=k)))
+               for k in (layers or range(1, cfg.num_layers + 1))}
     return {"prefill_seconds": median_seconds(prefill), "seconds": seconds}
 
 
 def routing_study(cfg, moa, params, data: dict, tokenizer, *, names: Sequence[str], system_prompt: Optional[str],
-                  prompt_format: str, test_items: int, batch_size: int, timing: bool = True):
+                  prompt_format: str, test_items: int, batch_size: int, timing: bool = True, timed: str = "some"):
     """The study of the module docstring on a finished stage 2 (`params`: base + its adapters). data: split ->
-    TokenizedSplit (validation and test). -> (the MoAConfig with its AUTO settings resolved, the report dict)."""
+    TokenizedSplit (validation and test). timed: "some" (timed_layers) or "all" exit layers. -> (the MoAConfig
+    with its AUTO settings resolved, the report dict)."""
     from moa_jax.routing import fallback_index
     pad_id, policy = data["test"].pad_id, moa.decision
     fallback_index(moa.fallback, names)   # an unknown fall-back name fails here
@@ -261,14 +273,15 @@ def routing_study(cfg, moa, params, data: dict, tokenizer, *, names: Sequence[st
     def ece(logits, labels, t):
         return expected_calibration_error(confidence(logits, policy, t), decide(logits, policy) == labels)
 
-    timings = time_exit_layers(cfg, moa, params, val_prompts, pad_id, batch_size) if timing else None
+    layers = None if timed == "all" else timed_layers(cfg.num_layers, rule_k)
+    timings = time_exit_layers(cfg, moa, params, val_prompts, pad_id, batch_size, layers) if timing else None
     rows = []
     for i in range(cfg.num_layers):
         row = {"k": i + 1, "validation_accuracy": float(val_acc[i]), "test_accuracy": float(test_acc[i]),
                "validation_missed": missed_domains(val[:i + 1], val_labels, policy, names)}
         if timings is not None:
-            row.update(seconds=timings["seconds"][i], share_of_prefill=timings["seconds"][i] /
-                       timings["prefill_seconds"])
+            sec = timings["seconds"].get(i + 1)
+            row.update(seconds=sec, share_of_prefill=None if sec is None else sec / timings["prefill_seconds"])
         rows.append(row)
     report = {
         "routing_pass": resolve_pass(moa), "decision": policy, "num_layers": cfg.num_layers,

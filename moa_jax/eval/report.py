@@ -154,6 +154,9 @@ def _routing_study(study) -> list[str]:
              _row(["---"] * 5)]
     lines += [_row([r["k"], fmt(r["validation_accuracy"]), fmt(r["test_accuracy"]), fmt(r.get("share_of_prefill")),
                     _missed(r.get("validation_missed"))]) for r in study["by_exit_layer"]]
+    if any(r.get("share_of_prefill") is None for r in study["by_exit_layer"]) and study.get("prefill_seconds"):
+        lines += ["", "Time shares were measured for some k (-: not timed); `python -m benchmarks.studies.routing_exit "
+                      "--workdir RUN` times every k."]
     lines += ["", _row(["calibration", "before (T = 1)", f"after (T = {cal['temperature']:.3f})"]), _row(["---"] * 3)]
     lines += [_row([name, fmt(cal[key]["before"]), fmt(cal[key]["after"])]) for name, key in
               (("validation NLL", "validation_nll"), ("validation ECE", "validation_ece"), ("test ECE", "test_ece"))]
