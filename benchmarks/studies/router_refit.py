@@ -29,6 +29,8 @@ import os
 import sys
 import time
 
+from benchmarks.studies.routing_exit import not_a_run
+
 
 def run_study(workdir: str, prompts_per_domain: int, out: str, stage: str = "stage2", log=print) -> dict:
     from moa_jax.data.pipeline import load_split
@@ -100,9 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts-per-domain", type=int, default=40, help="cached train prompts per domain")
     ap.add_argument("--out", default="", help="output folder (default: WORKDIR/router_refit)")
     args = ap.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
-        print(f"error: {args.workdir}: no config.json (not a finished experiments.run work directory)",
-              file=sys.stderr)
+    if not_a_run(args.workdir):
         return 2
     if args.prompts_per_domain < 1:
         print("error: --prompts-per-domain must be >= 1", file=sys.stderr)

@@ -46,14 +46,20 @@ def run_study(workdir: str) -> dict:
     return report
 
 
+def not_a_run(workdir: str) -> bool:
+    """True, after one `error:` line on stderr, when `workdir` holds no finished experiments.run work directory."""
+    if os.path.isfile(os.path.join(workdir, "config.json")):
+        return False
+    print(f"error: {workdir}: no config.json (not a finished experiments.run work directory)", file=sys.stderr)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="a finished experiments.run work directory (two_stage)")
     ap.add_argument("--out", default="", help="write the study as JSON here")
     args = ap.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
-        print(f"error: {args.workdir}: no config.json (not a finished experiments.run work directory)",
-              file=sys.stderr)
+    if not_a_run(args.workdir):
         return 2
     report = run_study(args.workdir)
     print("k | validation accuracy | test accuracy | routing pass / full base prefill")
