@@ -9,14 +9,14 @@
   4. per test item: greedy `generate` from the same prompt tokens moa_jax uses (left-padded batches), and the
      NLL of the reference response (teacher forcing, the same right-padded rows moa_jax scores).
 Arrow's "routed expert" per prompt: the argmax of its routing weights averaged over the prompt's real tokens and
-all adapted modules (`ArrowWeights`).
+all adapted modules (`ArrowWeights`). PEFT does not expose the weights, so a forward pre-hook on every
+ArrowLoraLinearLayer recomputes them from the layer's input with PEFT's own prototypes, top_k and temperature
+(`arrow_coefficients`); tests/test_peer_routers.py checks that these weights reproduce the delta PEFT adds.
 Those mean weights carry a large part that does not depend on the prompt: on moa_10task every domain's prompts give
 leg_counting's expert the largest weight, while each domain's own expert weighs more on its own prompts than on the
 others'. The `arrow_prior` row therefore divides each prompt's mean weights by their mean over TRAIN prompts (the
 prior, `prior_weights`) and sends the whole sequence to the argmax: Arrow's prototypes as a sequence-level router of
-ours, evaluated like the other routers (moa_jax runs the chosen expert); PEFT's Arrow itself never does this. PEFT does not expose the weights, so a forward pre-hook on every
-ArrowLoraLinearLayer recomputes them from the layer's input with PEFT's own prototypes, top_k and temperature
-(`arrow_coefficients`); tests/test_peer_routers.py checks that these weights reproduce the delta PEFT adds.
+ours, evaluated like the other routers (moa_jax runs the chosen expert); PEFT's Arrow itself never does this.
 
 Shape glossary: B batch, T tokens, E experts, R rank, Din/Dout projection widths, N test items.
 """

@@ -3,12 +3,12 @@ validation and test prompts: what helps when the routers of a run with many doma
 
     python -m benchmarks.studies.router_refit --workdir RUN [--stage stage2] [--prompts-per-domain 40] [--out DIR]
 
-RUN is a finished two_stage work directory whose stage 2 (or the --stage named, e.g. variants/servable/stage2) routes on the plain base model (moa.route_on=probe). There
-every router reads a pooled hidden state of the frozen base model, so its input depends on no expert and no router,
-and fitting a router is multinomial logistic regression on fixed features (moa_jax/train/router_fit.py, which
-add_domain uses for the new domains' outputs). Here every output of every router is fitted (num_old = 0) on the
-first --prompts-per-domain TRAIN prompts of each domain (each domain weighted equally), starting from stage 2's
-routers; the experts are untouched. Stage 2's SGD saw stage2.steps x batch_size rows in all: with 52 domains and
+RUN is a finished two_stage work directory whose stage 2 (or the --stage named, e.g. variants/servable/stage2)
+routes on the plain base model (moa.route_on=probe). There every router reads a pooled hidden state of the frozen
+base model, so its input depends on no expert and no router, and fitting a router is multinomial logistic
+regression on fixed features (moa_jax/train/router_fit.py, which add_domain uses for the new domains' outputs).
+Here every output of every router is fitted (num_old = 0) on the first --prompts-per-domain TRAIN prompts of each
+domain (each domain weighted equally), starting from stage 2's routers; the experts are untouched. Stage 2's SGD saw stage2.steps x batch_size rows in all: with 52 domains and
 40 steps of 8 rows, about 6 rows a domain.
 
 Both router sets then go through the run's routing study (moa_jax/eval/calibration.py, without timing): routing
@@ -23,56 +23,43 @@ Shape glossary: N cached prompts, L layers, E experts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
-from benchmarks.studies.routing_exit import not_a_run
+from benchmarks.studies.routing_exit import load_study_inputs, not_a_run
 
 
 def run_study(workdir: str, prompts_per_domain: int, out: str, stage: str = "stage2", log=print) -> dict:
-    from moa_jax.data.pipeline import load_split
-    from moa_jax.data.prompt_format import resolve_prompt_format
-    from moa_jax.data.sources import resolve_system_prompt
     from moa_jax.eval.calibration import routing_study
-    from moa_jax.loading.base import default_dtype, load_base_model
     from moa_jax.params import merge_params
     from moa_jax.routing import routes_on_probe
-    from moa_jax.run_artifacts import read_json, read_run
-    from moa_jax.train.checkpoint import load_adapters, save_adapters
+    from moa_jax.run_artifacts import read_run
+    from moa_jax.train.checkpoint import save_adapters
     from moa_jax.train.router_fit import fit_routers
-    from moa_jax.workflows.add_domain import experiment_from_dict
-    exp = experiment_from_dict(read_json(os.path.join(workdir, "config.json")))
-    info = read_run(workdir, stage)
-    if not routes_on_probe(info.moa):
-        raise ValueError(f"{workdir}: {stage} routes on the adapted pass (moa.route_on={info.moa.route_on!r}); "
+    moa = read_run(workdir, stage).moa
+    if not routes_on_probe(moa):
+        raise ValueError(f"{workdir}: {stage} routes on the adapted pass (moa.route_on={moa.route_on!r}); "
                          f"the routers' inputs then depend on the experts and no convex fit applies")
-    cfg, frozen, tokenizer = load_base_model(info.source, default_dtype(info.dtype or exp.dtype))
-    sgd, meta = load_adapters(info.adapters)
-    data = {split: load_split(exp.data, tokenizer, split) for split in ("train", "validation", "test")}
+    x = load_study_inputs(workdir, stage, ("train", "validation", "test"))
     t0 = time.perf_counter()
-    fitted, stats = fit_routers(cfg, info.moa, frozen, data["train"], sgd, 0, prompts_per_domain,
-                                batch_size=exp.eval.batch_size, buckets=exp.data.buckets)
+    fitted, stats = fit_routers(x.cfg, x.info.moa, x.frozen, x.data["train"], x.trainable, 0, prompts_per_domain,
+                                batch_size=x.exp.eval.batch_size, buckets=x.exp.data.buckets)
     fit_seconds = time.perf_counter() - t0
-    moa = dataclasses.replace(info.moa, **{k: getattr(exp.moa, k) for k in ("exit_layer", "temperature",
-                                                                             "abstain_below")})
-    kw = dict(names=info.domains, system_prompt=resolve_system_prompt(exp.data.system_prompt, exp.data.source),
-              prompt_format=resolve_prompt_format(exp.data.prompt_format, tokenizer),
-              test_items=exp.eval.items_per_domain, batch_size=exp.eval.batch_size, timing=False)
     studies = {}
-    for name, tree in (("sgd", sgd), ("fitted", fitted)):
-        _, studies[name] = routing_study(cfg, moa, merge_params(frozen, tree), data, tokenizer, **kw)
+    for name, tree in (("sgd", x.trainable), ("fitted", fitted)):
+        _, studies[name] = routing_study(x.cfg, x.moa, merge_params(x.frozen, tree), x.data, x.tokenizer,
+                                         **x.study_kwargs, timing=False)
+        full = studies[name]["by_exit_layer"][-1]
         best = max(r["validation_accuracy"] for r in studies[name]["by_exit_layer"])
-        log(f"{name:<7} full pass: validation {studies[name]['by_exit_layer'][-1]['validation_accuracy']:.3f}, "
-            f"test {studies[name]['by_exit_layer'][-1]['test_accuracy']:.3f}; best validation {best:.3f}; "
-            f"rule's exit layer {studies[name]['exit_rule']['rule_k']}")
+        log(f"{name:<7} full pass: validation {full['validation_accuracy']:.3f}, test {full['test_accuracy']:.3f}; "
+            f"best validation {best:.3f}; rule's exit layer {studies[name]['exit_rule']['rule_k']}")
     os.makedirs(out, exist_ok=True)
-    save_adapters(os.path.join(out, "adapters"), fitted, {**meta, "router_fit": stats})
-    return {"workdir": workdir, "stage": stage, "prompts_per_domain": prompts_per_domain, "fit": stats, "fit_seconds": fit_seconds,
-            "stage2_rows": exp.stage2.steps * exp.data.batch_size, "domains": list(info.domains),
-            "studies": studies}
+    save_adapters(os.path.join(out, "adapters"), fitted, {**x.meta, "router_fit": stats})
+    return {"workdir": workdir, "stage": stage, "prompts_per_domain": prompts_per_domain, "fit": stats,
+            "fit_seconds": fit_seconds, "stage2_rows": x.exp.stage2.steps * x.exp.data.batch_size,
+            "domains": list(x.info.domains), "studies": studies}
 
 
 def markdown(res: dict) -> str:

@@ -18,30 +18,54 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 
-def run_study(workdir: str) -> dict:
+@dataclasses.dataclass
+class StudyInputs:
+    """What the routing study of a finished run's stage needs, loaded once."""
+    exp: Any                  # ExperimentConfig
+    info: Any                 # RunInfo of the stage
+    cfg: Any                  # ModelConfig
+    frozen: Any
+    tokenizer: Any
+    trainable: Any            # the stage's adapters and routers
+    meta: dict                # their saved config
+    data: dict                # split -> TokenizedSplit
+    moa: Any                  # the stage's MoAConfig with the run's exit_layer / temperature / abstain_below
+    study_kwargs: dict        # the keyword arguments of calibration.routing_study but `timing` / `timed`
+
+
+def load_study_inputs(workdir: str, stage: str = "stage2", splits=("validation", "test")) -> StudyInputs:
+    """The run's base model, the stage's adapters, the splits and the study settings as the run asked for them
+    (AUTO ones are picked again by the same rules, on the same validation prompts)."""
     from moa_jax.data.pipeline import load_split
     from moa_jax.data.prompt_format import resolve_prompt_format
     from moa_jax.data.sources import resolve_system_prompt
-    from moa_jax.eval.calibration import routing_study
     from moa_jax.loading.base import default_dtype, load_base_model
-    from moa_jax.params import merge_params
     from moa_jax.run_artifacts import read_json, read_run
     from moa_jax.train.checkpoint import load_adapters
     from moa_jax.workflows.add_domain import experiment_from_dict
     exp = experiment_from_dict(read_json(os.path.join(workdir, "config.json")))
-    info = read_run(workdir, "stage2")
+    info = read_run(workdir, stage)
     cfg, frozen, tokenizer = load_base_model(info.source, default_dtype(info.dtype or exp.dtype))
-    trainable, _ = load_adapters(info.adapters)
-    data = {split: load_split(exp.data, tokenizer, split) for split in ("validation", "test")}
+    trainable, meta = load_adapters(info.adapters)
+    data = {split: load_split(exp.data, tokenizer, split) for split in splits}
     moa = dataclasses.replace(info.moa, **{k: getattr(exp.moa, k) for k in ("exit_layer", "temperature",
                                                                              "abstain_below")})
+    kwargs = dict(names=info.domains, system_prompt=resolve_system_prompt(exp.data.system_prompt, exp.data.source),
+                  prompt_format=resolve_prompt_format(exp.data.prompt_format, tokenizer),
+                  test_items=exp.eval.items_per_domain, batch_size=exp.eval.batch_size)
+    return StudyInputs(exp, info, cfg, frozen, tokenizer, trainable, meta, data, moa, kwargs)
+
+
+def run_study(workdir: str) -> dict:
+    from moa_jax.eval.calibration import routing_study
+    from moa_jax.params import merge_params
+    x = load_study_inputs(workdir)
     t0 = time.perf_counter()
-    _, report = routing_study(cfg, moa, merge_params(frozen, trainable), data, tokenizer, names=info.domains,
-                              system_prompt=resolve_system_prompt(exp.data.system_prompt, exp.data.source),
-                              prompt_format=resolve_prompt_format(exp.data.prompt_format, tokenizer),
-                              test_items=exp.eval.items_per_domain, batch_size=exp.eval.batch_size, timed="all")
+    _, report = routing_study(x.cfg, x.moa, merge_params(x.frozen, x.trainable), x.data, x.tokenizer,
+                              **x.study_kwargs, timed="all")
     report["seconds"] = time.perf_counter() - t0
     return report
 
