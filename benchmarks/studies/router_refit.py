@@ -8,8 +8,8 @@ routes on the plain base model (moa.route_on=probe). There every router reads a 
 base model, so its input depends on no expert and no router, and fitting a router is multinomial logistic
 regression on fixed features (moa_jax/train/router_fit.py, which add_domain uses for the new domains' outputs).
 Here every output of every router is fitted (num_old = 0) on the first --prompts-per-domain TRAIN prompts of each
-domain (each domain weighted equally), starting from stage 2's routers; the experts are untouched. Stage 2's SGD saw stage2.steps x batch_size rows in all: with 52 domains and
-40 steps of 8 rows, about 6 rows a domain.
+domain (each domain weighted equally), starting from stage 2's routers; the experts are untouched. Stage 2's SGD
+saw stage2.steps x batch_size rows in all: with 52 domains and 40 steps of 8 rows, about 6 rows a domain.
 
 Both router sets then go through the run's routing study (moa_jax/eval/calibration.py, without timing): routing
 accuracy per exit layer k on the validation and test prompts, the exit layer the rule picks, calibration, and
