@@ -202,7 +202,7 @@ def moa_52task() -> ExperimentConfig:
     exp = _moa_10task("moa_52task", "cpu")
     return replace(exp, data=replace(exp.data, builder_config="wide", buckets=(128, 256), max_len=256),
                    stage1=replace(exp.stage1, steps=80, checkpoint_every=40),
-                   stage2=replace(exp.stage2, steps=40, checkpoint_every=40),
+                   stage2=replace(exp.stage2, steps=40, checkpoint_every=40, router_fit_prompts=40),
                    eval=replace(exp.eval, items_per_domain=4,
                                 methods=("most_common", "base", "moa_router", "moa_oracle")))
 

@@ -187,6 +187,11 @@ class TrainConfig:
                                     # not frequencies
     init_from_peft: tuple = ()     # stage 1 only: PEFT LoRA adapter dirs ("DIR" or "domain=DIR") used as the
                                     # stage-1 experts instead of training them (matched to the domains by name)
+    router_fit_prompts: int = setting(0, absent=0)   # stage 2 only, with moa.route_on=probe: after the SGD steps,
+                                    # every router output is fitted to convergence on the cached base-model inputs of
+                                    # the first N train prompts of each domain (moa_jax/train/router_fit.py); 0 = off.
+                                    # SGD gives each domain about steps * batch_size / E rows: with many domains the
+                                    # routers stay unconverged (moa_52task: 0.78 routing at SGD alone)
     seed: int = 0
     log_every: int = setting(10, "inert")
     checkpoint_every: int = setting(50, "inert")
@@ -208,6 +213,11 @@ class TrainConfig:
         _check(all(p > 0 for p in self.router_prior), f"TrainConfig.router_prior must be > 0, got {self.router_prior}")
         _check(not self.init_from_peft or self.stage == "stage1",
                f"TrainConfig.init_from_peft is a stage-1 option (stage {self.stage!r}): set stage1.init_from_peft")
+        _check(self.router_fit_prompts >= 0,
+               f"TrainConfig.router_fit_prompts must be >= 0, got {self.router_fit_prompts}")
+        _check(not self.router_fit_prompts or self.stage == "stage2",
+               f"TrainConfig.router_fit_prompts is a stage-2 option (stage {self.stage!r}): set "
+               f"stage2.router_fit_prompts")
         _check(self.steps >= 0, f"TrainConfig.steps must be >= 0, got {self.steps}")
         _check(self.grad_accum >= 1, f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
         _check(0.0 < self.adam_b2 < 1.0, f"TrainConfig.adam_b2 must be in (0, 1), got {self.adam_b2}")
@@ -315,6 +325,10 @@ class ExperimentConfig:
         _check(self.loss_chunk >= 1, f"ExperimentConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
         _check(self.stage1.stage == "stage1", "ExperimentConfig.stage1.stage must be 'stage1'")
         _check(self.stage2.stage == "stage2", "ExperimentConfig.stage2.stage must be 'stage2'")
+        _check(not self.stage2.router_fit_prompts or self.moa.route_on == "probe",
+               f"ExperimentConfig: stage2.router_fit_prompts={self.stage2.router_fit_prompts} fits routers that read "
+               f"the plain base model, but moa.route_on={self.moa.route_on!r}; set moa.route_on=probe or "
+               f"stage2.router_fit_prompts=0")
         _check(self.baseline.stage == "mixed_lora", "ExperimentConfig.baseline.stage must be 'mixed_lora'")
         _check(self.moe_lora.stage == "moe_lora", "ExperimentConfig.moe_lora.stage must be 'moe_lora'")
         if self.eval.adapters == "best":   # every evaluated stage needs its validation record

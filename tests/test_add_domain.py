@@ -128,7 +128,8 @@ def test_router_fit_with_routers_on_the_base_model(runs, tmp_path):
     assert kernels and all(np.array_equal(new[k][..., :10], old[k]) for k in kernels)
     # refit/adapters hold the fitted routers (what was evaluated), not the SGD re-fit's last step
     assert load_adapters(os.path.join(fitted, "refit", "adapters"))[1]["router_fit"] == stats
-    assert "fitted on 44 cached training prompts" in open(os.path.join(fitted, "results.md")).read()
+    assert ("The routers' new outputs fitted after the SGD steps on 44 cached training prompts (4 per domain; "
+            "add_domain.router_prompts)") in open(os.path.join(fitted, "results.md")).read()
 
 
 @pytest.mark.parametrize("share", [0.5, 0.25])

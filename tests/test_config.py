@@ -85,3 +85,16 @@ def test_every_step_count_must_be_at_least_one(assignment):
     with pytest.raises(ConfigError, match=rf"TrainConfig\.{key.split('.')[1]} must be >= 1, got -?\d; e\.g\. "
                                           rf"--set {key}=10"):
         apply_overrides(ExperimentConfig(), [assignment])
+
+
+def test_router_fit_is_a_stage2_option_on_routers_that_read_the_base_model():
+    from moa_jax.config import ExperimentConfig, TrainConfig
+    with pytest.raises(ConfigError, match=r"stage2\.router_fit_prompts=8 fits routers that read the plain base model, "
+                       r"but moa\.route_on='adapted'; set moa\.route_on=probe"):
+        ExperimentConfig(stage2=TrainConfig(stage="stage2", router_fit_prompts=8))
+    with pytest.raises(ConfigError, match=r"router_fit_prompts is a stage-2 option .* set stage2\.router_fit_prompts"):
+        TrainConfig(stage="stage1", router_fit_prompts=8)
+    with pytest.raises(ConfigError, match=r"TrainConfig\.router_fit_prompts must be >= 0, got -1"):
+        TrainConfig(stage="stage2", router_fit_prompts=-1)
+    ok = ExperimentConfig(moa=MoAConfig(route_on="probe"), stage2=TrainConfig(stage="stage2", router_fit_prompts=8))
+    assert ok.stage2.router_fit_prompts == 8

@@ -4,8 +4,16 @@
   - fit_new_outputs: the old columns stay bit-identical; on separable features where the new column starts below
     an old one (the add_domain failure), the fit routes the new class's examples to it without stealing the old
     classes'; the class-balanced objective does not follow the number of examples per class;
-  - a new expert without cached prompts is refused.
+  - a new expert without cached prompts is refused;
+  - stage2.router_fit_prompts in a run (`python -m experiments.run`, smoke preset with route_on=probe): the stage-2
+    adapters hold the SGD routers fitted by fit_routers on the run's cached train prompts (checked against a variant
+    trained with the same SGD steps and no fit), the experts untouched; results.json and results.md report the fit.
 """
+import contextlib
+import io
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +86,38 @@ def test_new_expert_without_prompts_is_refused():
     x, y = _separable([5, 5, 5])
     with pytest.raises(ValueError, match=r"no cached prompts for new expert\(s\) \[3\]"):
         fit_new_outputs(x, y, np.zeros((2, 8, 4), np.float32), num_old=3)
+
+
+def test_stage2_router_fit_in_a_run(smoke, tmp_path):
+    from benchmarks.studies.routing_exit import load_study_inputs
+    from experiments import run
+    from moa_jax.train.checkpoint import load_adapters
+    from moa_jax.train.router_fit import fit_routers
+    workdir = str(tmp_path / "fit")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = run.main(["--exp=smoke", f"--workdir={workdir}", "--no_progress", "--set", "eval.items_per_domain=1",
+                       "--set", "eval.methods=moa_router", "--set", f"reuse_from={smoke[0]}",
+                       "--set", "moa.route_on=probe", "--set", "stage2.router_fit_prompts=3",
+                       "--set", "variants=sgd:stage2.router_fit_prompts=0;methods=moa_router"])
+    assert rc == 0
+    res = json.load(open(os.path.join(workdir, "results.json")))
+    stats = res["router_fit"]["stage2"]
+    assert list(res["router_fit"]) == ["stage2"]                       # the variant without the fit has none
+    assert stats["examples"] == 3 * len(res["domains"]) and stats["prompts_per_domain"] == 3
+    assert stats["objective_after"] < stats["objective_before"]
+    assert "`stage2`: Every router output fitted after the SGD steps on 30 cached training prompts (3 per domain; " \
+           "stage2.router_fit_prompts)" in open(os.path.join(workdir, "results.md")).read()
+    fitted, saved = load_adapters(os.path.join(workdir, "stage2", "adapters"))
+    sgd, _ = load_adapters(os.path.join(workdir, "variants", "sgd", "stage2", "adapters"))
+    assert saved["router_fit"] == stats and saved["train"]["router_fit_prompts"] == 3
+    # the same fit, run here on the variant's SGD adapters (same stage 1, same batches), gives the saved routers
+    x = load_study_inputs(workdir, "stage2", ("train",))
+    want, _ = fit_routers(x.cfg, x.info.moa, x.frozen, x.data["train"], sgd, 0, 3, batch_size=x.exp.data.eval_batch,
+                          buckets=x.exp.data.buckets)
+    got, want, sgd = (traverse_util.flatten_dict(t) for t in (fitted, want, sgd))
+    key = router_kernel_key(fitted)
+    assert not np.array_equal(got[key], sgd[key])
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
+    for k in got:
+        if k != key:
+            assert np.array_equal(got[k], sgd[k]), k                   # experts and router biases: SGD's

@@ -128,3 +128,19 @@ def test_a_runs_study_times_a_spread_of_exit_layers_and_the_rules_neighbours():
     assert calibration.timed_layers(30, 27) == [1, 5, 9, 13, 18, 22, 26, 27, 28, 30]
     assert calibration.timed_layers(30, 1) == [1, 2, 5, 9, 13, 18, 22, 26, 30]
     assert calibration.timed_layers(2, 1) == [1, 2]                   # few layers: every one
+
+
+def test_out_of_domain_generators_skip_the_runs_own_domains():
+    """Four reasoning-gym sources that are not domains of the run, plus the chat prompts: a run over the wide
+    registry (which holds the first four) is measured on the next four, not on chat prompts alone."""
+    from moa_jax.data.tasks import WIDE_DOMAIN_NAMES as wide
+    from moa_jax.eval import calibration
+    from tests.data_helpers import tiny_tokenizer
+    tok = tiny_tokenizer()
+    ten = calibration.ood_prompts(tok, None, "plain", DOMAIN_NAMES)
+    assert list(ten) == list(calibration.OOD_GENERATORS[:4]) + ["chat"]
+    assert set(calibration.OOD_GENERATORS[:4]) <= set(wide)
+    many = calibration.ood_prompts(tok, None, "plain", wide)
+    assert list(many) == list(calibration.OOD_GENERATORS[4:8]) + ["chat"] and not set(many) & set(wide)
+    assert all(len(p) == calibration.OOD_PER_GENERATOR for s, p in many.items() if s != "chat")
+    assert all(len(t) > 0 for group in many.values() for t in group)

@@ -41,7 +41,11 @@ from moa_jax.routing import AUTO
 ROUTING_FILE = "routing.json"
 ECE_BINS = 10
 VALIDATION_PROMPTS = 128      # per domain, at most: the prompts the rules and the fit read
-OOD_GENERATORS = ("basic_arithmetic", "caesar_cipher", "gcd", "count_bits")   # reasoning-gym, not embedded domains
+# reasoning-gym generators for the out-of-domain set, in order of preference: the first OOD_SOURCES that are not a
+# domain of the run (the first four are not embedded domains; the rest are outside the wide registry too)
+OOD_GENERATORS = ("basic_arithmetic", "caesar_cipher", "gcd", "count_bits",
+                  "number_sequence", "polynomial_multiplication", "countdown", "gsm_symbolic")
+OOD_SOURCES = 4
 OOD_PER_GENERATOR = 8
 OOD_SEED = 7
 CHAT_PROMPTS = ("Write a short poem about the sea.", "What is the capital of France?",
@@ -164,12 +168,14 @@ def applied_routing_policy(workdir: str, moa):
 
 # ---- the study (runs routing passes) ------------------------------------------------------------------------------
 def ood_prompts(tokenizer, system_prompt: Optional[str], prompt_format: str, exclude: Sequence[str]) -> dict:
-    """Out-of-domain prompt token lists by source: reasoning-gym generators that are not among `exclude` (the
-    run's domains), OOD_PER_GENERATOR each, and the plain chat requests (source 'chat')."""
+    """Out-of-domain prompt token lists by source: the first OOD_SOURCES reasoning-gym generators of OOD_GENERATORS
+    that are not among `exclude` (the run's domains), OOD_PER_GENERATOR each, and the plain chat requests (source
+    'chat')."""
     import reasoning_gym
     from moa_jax.data.prompt_format import conversation, prompt_ids
+    generators = [g for g in OOD_GENERATORS if g not in exclude][:OOD_SOURCES]
     texts = {g: [reasoning_gym.create_dataset(g, size=OOD_PER_GENERATOR, seed=OOD_SEED)[i]["question"]
-                 for i in range(OOD_PER_GENERATOR)] for g in OOD_GENERATORS if g not in exclude}
+                 for i in range(OOD_PER_GENERATOR)] for g in generators}
     texts["chat"] = list(CHAT_PROMPTS)
     return {source: [list(p) for p in prompt_ids(tokenizer, [conversation(
         {"messages": [{"role": "user", "content": t}]}, system_prompt) for t in items], prompt_format)]

@@ -89,6 +89,9 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
           "send to their own domain's expert. Averages are unweighted over domains. One accuracy over n items has "
           f"a standard error up to 0.5/sqrt(n) = {0.5 / math.sqrt(max(min(n_items), 1)):.3f}: smaller per-domain "
           "differences are noise.", ""]
+    fits = [f"`{label}`: " + router_fit_sentence(stats, "stage2.router_fit_prompts")
+            for label, stats in results.get("router_fit", {}).items()]
+    md += fits + ([""] if fits else [])
     kinds = list(dict.fromkeys(results["methods"][m].get("kind", m) for m in methods))
     md += [f"- `{k}`: {METHODS[k].description}" for k in kinds if k in METHODS]
     md += ["", "## Averages over domains (cf. the paper's Table 2)", "",
@@ -134,6 +137,14 @@ def markdown(results: dict, comps: list[dict], figures: dict[str, str]) -> str:
     if figures:
         md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
     return "\n".join(md) + "\n"
+
+
+def router_fit_sentence(stats: dict, setting: str, what: str = "Every router output") -> str:
+    """One sentence on a router fit (moa_jax/train/router_fit.py stats) of `what`, naming the `setting` that asked
+    for it."""
+    return (f"{what} fitted after the SGD steps on {stats['examples']} cached training prompts "
+            f"({stats['prompts_per_domain']} per domain; {setting}): last-router training accuracy "
+            f"{stats['last_router_train_accuracy_before']:.3f} -> {stats['last_router_train_accuracy_after']:.3f}.")
 
 
 def _routing_study(study) -> list[str]:

@@ -1,10 +1,12 @@
-"""Fit the routers' new outputs on cached router inputs of the plain base model (MoAConfig.route_on='probe').
+"""Fit router outputs on cached router inputs of the plain base model (MoAConfig.route_on='probe').
 
 With route_on='probe' every router reads a hidden state of the frozen base model, pooled over the prompt: its input
-depends on no expert and no router. Fitting the outputs of newly added domains (add_domain) with the old outputs
-fixed is then multinomial logistic regression on fixed features, a convex problem. A short SGD re-fit (20 steps of
-8 rows) leaves it unconverged: a new domain close to an old one (basic_arithmetic next to chain_sum) ends just below
-it. Here it is solved on cached features to convergence, at the cost of one base forward per cached prompt.
+depends on no expert and no router. Fitting router outputs is then multinomial logistic regression on fixed features,
+a convex problem, which a short SGD run leaves unconverged: add_domain's re-fit (20 steps of 8 rows) leaves a new
+domain close to an old one (basic_arithmetic next to chain_sum) just below it, and stage 2 on 52 domains (40 steps of
+8 rows, about 6 router examples a domain) routes 0.78. Here it is solved on cached features to convergence, at the
+cost of one base forward per cached prompt. Two users: add_domain fits the new outputs (the old ones fixed), stage 2
+with stage2.router_fit_prompts fits every output (num_old = 0; moa_jax/workflows/two_stage.py fit_stage_routers).
 
 How:
   1. router_inputs: one probe forward (adapters off) of each cached prompt gives every router's logits, which are
@@ -15,7 +17,7 @@ How:
      Adam on the router CE of every layer (mean over layers), each domain weighted equally (so the number of cached
      prompts per domain is no prior), plus an L2 penalty; the old columns are never touched, so the old outputs
      stay bit-identical.
-  3. fit_routers: both over the first prompts of every domain of an experiment's training split (add_domain).
+  3. fit_routers: both over the first prompts of every domain of an experiment's training split.
 
 Shape glossary: N cached prompts, L layers, F features of a router's final kernel, E = E_old + E_new experts.
 """
@@ -123,10 +125,9 @@ def fit_new_outputs(features: np.ndarray, labels: np.ndarray, kernel: np.ndarray
 
 def fit_routers(cfg: ModelConfig, moa: MoAConfig, frozen, data, trainable, n_old: int, prompts_per_domain: int, *,
                 batch_size: int, buckets: Sequence[int]):
-    """add_domain's router fit: the routers' new outputs (experts n_old..) of `trainable` fitted on cached
-    base-model router inputs (the model `cfg`/`moa` on the frozen base `frozen`) of the first `prompts_per_domain`
-    prompts of every domain of the TokenizedSplit `data`, read in batches of `batch_size` padded to `buckets`.
-    -> (trainable, stats)."""
+    """The routers' outputs n_old.. (n_old = 0: all of them) of `trainable` fitted on cached base-model router
+    inputs (the model `cfg`/`moa` on the frozen base `frozen`) of the first `prompts_per_domain` prompts of every
+    domain of the TokenizedSplit `data`, read in batches of `batch_size` padded to `buckets`. -> (trainable, stats)."""
     t0 = time.perf_counter()
     rows = np.concatenate([data.domain_rows(d)[:prompts_per_domain] for d in range(len(data.domains))])
     model = MoATransformer(cfg, moa)

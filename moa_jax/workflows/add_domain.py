@@ -50,15 +50,15 @@ from moa_jax.data.new_domains import extend_split, new_domain_examples, only, pa
 from moa_jax.data.pipeline import TrainBatches, domain_weights, load_split
 from moa_jax.data.sources import load_text_split
 from moa_jax.eval.evaluate import Method
+from moa_jax.eval.report import router_fit_sentence
 from moa_jax.workflows.sections import AddDomainConfig
-from moa_jax.workflows.two_stage import ExperimentContext, prepare
+from moa_jax.workflows.two_stage import ExperimentContext, fit_stage_routers, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable
-from moa_jax.train.router_fit import fit_routers
 from moa_jax.routing import routes_on_probe
 from moa_jax.run_artifacts import RunArtifactError, read_json, stage_adapters
-from moa_jax.train.checkpoint import load_adapters, lookup_key, save_adapters
+from moa_jax.train.checkpoint import load_adapters, lookup_key
 from moa_jax.train.loop import train_stage
 from moa_jax.train.metrics_log import read_metrics
 from moa_jax.train.step import make_optimizer
@@ -250,14 +250,6 @@ def summary_section(results: dict, base: BaseRun, new_names: list) -> dict:
     return out
 
 
-def _router_fit_sentence(stats) -> str:
-    if not stats:
-        return ""
-    return (f" Then the routers' new outputs were fitted on {stats['examples']} cached training prompts "
-            f"({stats['prompts_per_domain']} per domain; add_domain.router_prompts): last-router training accuracy "
-            f"{stats['last_router_train_accuracy_before']:.3f} -> {stats['last_router_train_accuracy_after']:.3f}.")
-
-
 def markdown_section(section: dict, cost_: dict) -> str:
     f = lambda x: "-" if x is None else f"{x:.3f}"   # noqa: E731
     lines = ["", "## Add a domain", "",
@@ -266,7 +258,8 @@ def markdown_section(section: dict, cost_: dict) -> str:
              f"{section['old_experts_bit_identical']}. Routing accuracy of `moa_router` over all "
              f"{len(section['routing_accuracy_per_domain'])} domains: {f(section['routing_accuracy'])}. The router "
              f"re-fit gave the new domains {section['new_share']:.2f} of every batch (add_domain.new_share)."
-             + _router_fit_sentence(section.get("router_fit")), "",
+             + (" " + router_fit_sentence(section["router_fit"], "add_domain.router_prompts",
+                                          "The routers' new outputs") if section.get("router_fit") else ""), "",
              "| old domain | accuracy base run | accuracy now | PPL base run | PPL now | routing base run | routing now |",
              "|---|---|---|---|---|---|---|"]
     for d, r in section["old_vs_base_run"].items():
@@ -322,12 +315,9 @@ def run_add_domain(settings: AddDomainConfig, workdir: str, sets=(), progress: b
                           routers=settings.refit_routers == "new")
     fit_stats = None
     if routes_on_probe(exp.moa) and settings.router_prompts > 0:
-        refit, fit_stats = fit_routers(ctx.cfg, exp.moa, ctx.frozen, ctx.data["train"], refit, n_old,
-                                       settings.router_prompts, batch_size=exp.data.eval_batch,
-                                       buckets=exp.data.buckets)
-        if jax.process_index() == 0:   # refit/adapters: the grown model as evaluated (its checkpoints: the SGD re-fit)
-            adapters = os.path.join(ctx.stage_dirs["refit"], "adapters")
-            save_adapters(adapters, refit, {**load_adapters(adapters)[1], "router_fit": fit_stats})
+        # refit/adapters: the grown model as evaluated (its checkpoints: the SGD re-fit)
+        refit, fit_stats = fit_stage_routers(ctx, exp.moa, refit, n_old, settings.router_prompts,
+                                             os.path.join(ctx.stage_dirs["refit"], "adapters"))
     changed = same_old_experts(moa_old, refit, n_old)
     if changed:   # the update mask failed: a bug, not a user mistake
         raise AssertionError(f"add_domain: old experts changed in {changed[:4]}")

@@ -35,7 +35,7 @@ import jax
 from flax import traverse_util
 
 from moa_jax.train.checkpoint import (BEST_ADAPTERS, CheckpointMismatchError, config_mismatches, load_adapters,
-                                      read_best)
+                                      read_best, save_adapters)
 from moa_jax.config import (DATA_SPLITS, EXPERTS_FROM_DATA, ROUTING_DECISION_FIELDS, ConfigError, ExperimentConfig,
                             ModelConfig, MoAConfig, TrainConfig, experiment_keys, replace, stage_absent_values,
                             stage_keys, stage_renamed_values)
@@ -59,6 +59,7 @@ from moa_jax.run_artifacts import RunArtifactError, stage_adapters
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
                               param_shardings)
 from moa_jax.train.loop import train_stage
+from moa_jax.train.router_fit import fit_routers
 from moa_jax.train.wandb_log import WandbLog, require_wandb
 
 log = logging.getLogger("moa_jax")
@@ -86,6 +87,7 @@ class ExperimentContext:
     data: dict            # split -> TokenizedSplit
     domains: tuple
     stage_dirs: dict = dataclasses.field(default_factory=dict)  # "stage1", "variants/eta0/stage2" -> its directory
+    router_fits: dict = dataclasses.field(default_factory=dict)  # stage label -> fit_stage_routers' stats
     watch: Any = None     # the W&B run (moa_jax/train/wandb_log.py) when ExperimentConfig.wandb names a project
 
     def config_dict(self, stage: str, moa: MoAConfig, tcfg: TrainConfig) -> dict:
@@ -309,12 +311,31 @@ def _key(exp: ExperimentConfig) -> jax.Array:
 
 
 def train_stage2(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, progress: bool, subdir: str = ""):
-    """Stage 2 (experts from stage 1, or fresh with stage2.expert_init=random) -> (MoAConfig, trainable)."""
+    """Stage 2 (experts from stage 1, or fresh with stage2.expert_init=random), then with stage2.router_fit_prompts
+    the routers fitted to convergence -> (MoAConfig, trainable)."""
     init = stage1 if exp.stage2.expert_init == "stage1" else init_trainable(ctx.cfg, exp.moa,
                                                                              jax.random.fold_in(_key(exp), 2))
     trained, _ = ctx.train("stage2", exp.moa, exp.stage2, init, ctx.source(1, exp.stage2.grad_accum), progress,
                            subdir)
+    label = os.path.join(subdir, "stage2")
+    if exp.stage2.router_fit_prompts and ctx.stage_dirs[label] == os.path.join(ctx.workdir, label):
+        # trained here (a stage reused from another run was fitted there, under the same config)
+        trained, ctx.router_fits[label] = fit_stage_routers(ctx, exp.moa, trained, 0, exp.stage2.router_fit_prompts,
+                                                            os.path.join(ctx.stage_dirs[label], "adapters"))
     return exp.moa, trained
+
+
+def fit_stage_routers(ctx: ExperimentContext, moa: MoAConfig, trainable: Any, n_old: int, prompts_per_domain: int,
+                      adapters: str) -> tuple[Any, dict]:
+    """The routers' outputs n_old.. of `trainable` fitted on cached base-model inputs of the first
+    `prompts_per_domain` train prompts of each domain (moa_jax/train/router_fit.py; moa.route_on=probe), written
+    over the stage's adapter artifact `adapters` with the fit's stats in its config ("router_fit"). The stage's
+    checkpoints keep the SGD routers, so a resumed run fits again from the same start. -> (trainable, stats)."""
+    fitted, stats = fit_routers(ctx.cfg, moa, ctx.frozen, ctx.data["train"], trainable, n_old, prompts_per_domain,
+                                batch_size=ctx.exp.data.eval_batch, buckets=ctx.exp.data.buckets)
+    if jax.process_index() == 0:
+        save_adapters(adapters, fitted, {**load_adapters(adapters)[1], "router_fit": stats})
+    return fitted, stats
 
 
 def _moe_setup(exp: ExperimentConfig) -> tuple[MoAConfig, TrainConfig]:
@@ -426,8 +447,9 @@ def _stage_label(key: str) -> str:
 
 
 def best_adapters(ctx: ExperimentContext, trained: dict) -> dict:
-    """`trained` with each stage's adapters replaced by its lowest-validation-loss ones (eval.adapters=best). Stage-1
-    experts imported from PEFT (stage1.init_from_peft) were not trained here and stay as they are."""
+    """`trained` with each stage's adapters replaced by its lowest-validation-loss ones (eval.adapters=best), their
+    routers fitted when the stage fits its routers (stage2.router_fit_prompts). Stage-1 experts imported from PEFT
+    (stage1.init_from_peft) were not trained here and stay as they are."""
     out = {}
     for key, (moa, trainable) in trained.items():
         label = _stage_label(key)
@@ -438,8 +460,11 @@ def best_adapters(ctx: ExperimentContext, trained: dict) -> dict:
         if read_best(ctx.stage_dirs[label]) is None:
             raise RunArtifactError(f"eval.adapters='best': stage {label} has no best adapters ({directory} is "
                                    f"missing; it was trained without validation, e.g. in the run reuse_from names)")
-        best, _ = load_adapters(directory)
+        best, saved = load_adapters(directory)
         log.info("evaluating %s with %s (step %d)", key, directory, read_best(ctx.stage_dirs[label])["step"])
+        fit_prompts = saved.get("train", {}).get("router_fit_prompts", 0)
+        if fit_prompts and "router_fit" not in saved:   # the best step's SGD routers, fitted as the final ones were
+            best, ctx.router_fits[label] = fit_stage_routers(ctx, moa, best, 0, fit_prompts, directory)
         out[key] = (moa, best)
     return out
 
@@ -468,7 +493,8 @@ def run_experiment(exp: ExperimentConfig, workdir: str, progress: bool = True) -
                    backend=jax.default_backend(), stages=dict(ctx.stage_dirs),
                    variants={v.name: list(v.sets) for v, _ in plans},
                    steps={"stage1": exp.stage1.steps, "stage2": exp.stage2.steps, "batch_size": exp.data.batch_size},
-                   validation=validation_summary(ctx.stage_dirs), evaluated_adapters=exp.eval.adapters)
+                   validation=validation_summary(ctx.stage_dirs), evaluated_adapters=exp.eval.adapters,
+                   router_fit=dict(ctx.router_fits))
     if jax.process_index() == 0:
         if routing is not None:
             write_routing_file(workdir, routing)
