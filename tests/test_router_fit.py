@@ -7,7 +7,8 @@
   - a new expert without cached prompts is refused;
   - stage2.router_fit_prompts in a run (`python -m experiments.run`, smoke preset with route_on=probe): the stage-2
     adapters hold the SGD routers fitted by fit_routers on the run's cached train prompts (checked against a variant
-    trained with the same SGD steps and no fit), the experts untouched; results.json and results.md report the fit.
+    trained with the same SGD steps and no fit), the experts untouched; results.json and results.md report the fit,
+    also in a run that reuses that stage 2.
 """
 import contextlib
 import io
@@ -121,3 +122,14 @@ def test_stage2_router_fit_in_a_run(smoke, tmp_path):
     for k in got:
         if k != key:
             assert np.array_equal(got[k], sgd[k]), k                   # experts and router biases: SGD's
+    # a run that reuses this stage 2 (same config) neither trains nor fits again, and reports the fit it carries
+    again = str(tmp_path / "again")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = run.main(["--exp=smoke", f"--workdir={again}", "--no_progress", "--set", "eval.items_per_domain=1",
+                       "--set", "eval.methods=moa_router", "--set", f"reuse_from={workdir}", "--set", "variants=",
+                       "--set", "moa.route_on=probe", "--set", "stage2.router_fit_prompts=3"])
+    assert rc == 0
+    res2 = json.load(open(os.path.join(again, "results.json")))
+    assert res2["stages"]["stage2"] == os.path.join(workdir, "stage2") and not os.path.isdir(os.path.join(again,
+                                                                                                          "stage2"))
+    assert res2["router_fit"] == {"stage2": stats}

@@ -150,6 +150,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
+    saved = {k: v for k, v in saved.items() if k != "router_fit"}   # what a fit did, not a setting
     a, b = flat(json.loads(json.dumps(saved, default=str))), flat(json.loads(json.dumps(current, default=str)))
     for side in (a, b):   # a config written before a field existed ran with what that field's default means
         if "moa.rank" in side:
@@ -318,10 +319,15 @@ def train_stage2(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, pro
     trained, _ = ctx.train("stage2", exp.moa, exp.stage2, init, ctx.source(1, exp.stage2.grad_accum), progress,
                            subdir)
     label = os.path.join(subdir, "stage2")
-    if exp.stage2.router_fit_prompts and ctx.stage_dirs[label] == os.path.join(ctx.workdir, label):
-        # trained here (a stage reused from another run was fitted there, under the same config)
+    adapters = os.path.join(ctx.stage_dirs[label], "adapters")
+    if not exp.stage2.router_fit_prompts:
+        return exp.moa, trained
+    if ctx.stage_dirs[label] == os.path.join(ctx.workdir, label):
         trained, ctx.router_fits[label] = fit_stage_routers(ctx, exp.moa, trained, 0, exp.stage2.router_fit_prompts,
-                                                            os.path.join(ctx.stage_dirs[label], "adapters"))
+                                                            adapters)
+    else:   # reused from another run, which fitted it under the same config
+        with open(os.path.join(adapters, "config.json")) as f:
+            ctx.router_fits[label] = json.load(f)["router_fit"]
     return exp.moa, trained
 
 
