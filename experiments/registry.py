@@ -192,12 +192,13 @@ def moa_52task() -> ExperimentConfig:
     Budget (<= 60 min on a 2-core CPU): stage 1 = 80 and stage 2 = 40 steps of 8
     rows packed with examples of one domain, rows up to 256 tokens (number_sorting's prompt is ~220), 4 test items
     per domain (208 in all); methods most_common, base, moa_router, moa_oracle (no mixed LoRA, no single LoRA).
-    Routing: moa.route_on=probe, as moa_10task. The report adds routing accuracy per family and the worst
-    confusions; `python -m benchmarks.studies.peer_routers --workdir runs/moa_52task` puts the peer routers beside.
-    Runtime: 58.2 min on a 2-core Intel Xeon (AVX-512): stage 1 18.5, stage 2 11.1, the routing study 17.0 (it
-    timed all 30 exit layers then; it now times 10), evaluation 13 min. Result (docs/results.md "moa_52task"):
-    routing 0.784, its errors mostly inside families (chain_sum, products, simple_equations -> basic_arithmetic;
-    lcm -> gcd); the routers saw about 6 rows per domain in stage 2.
+    Routing: moa.route_on=probe, as moa_10task, and stage2.router_fit_prompts=40: 40 SGD steps give the routers
+    about 6 rows per domain and leave them at 0.784 routing, so after stage 2 every router output is fitted to
+    convergence on the cached base-model inputs of 40 train prompts per domain. The report adds routing accuracy per
+    family and the worst confusions; `python -m benchmarks.studies.peer_routers --workdir runs/moa_52task` puts the
+    peer routers beside. Runtime about 57 min on a 2-core Intel Xeon (AVX-512): stage 1 18.5, stage 2 9.6, router
+    fit 8.1, routing study 11.2, evaluation 9.1. Result (docs/results.md "moa_52task"): routing 0.995 at exit layer
+    6 of 30 (13.6% of a prefill), answers and PPL equal to the oracle's.
     """
     exp = _moa_10task("moa_52task", "cpu")
     return replace(exp, data=replace(exp.data, builder_config="wide", buckets=(128, 256), max_len=256),
