@@ -108,6 +108,11 @@ def test_arrow_runs_in_peft_and_its_weights_are_what_peft_applies(study):
     w = np.asarray(entry["mean_weights"])                                         # (N, E)
     np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
     assert entry["experts"] == np.argmax(w, 1).tolist()
+    with open(os.path.join(out, peer_arrow.ROUTING_FILE)) as f:     # written before the PPL pass
+        kept = json.load(f)
+    assert kept["experts"] == entry["experts"] and len(kept["texts"]) == len(kept["labels"]) == len(w)
+    assert all(sample["completion"] in kept["texts"] for sample in entry["samples"])
+    assert kept["prior_experts"] == entry["prior_experts"]
 
     names = res["domains"]
     model = peer_arrow.arrow_model(os.path.join(out, "arrow_base"),

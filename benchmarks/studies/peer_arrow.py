@@ -22,6 +22,7 @@ Shape glossary: B batch, T tokens, E experts, R rank, Din/Dout projection widths
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -126,7 +127,9 @@ def prior_normalized(weights: np.ndarray, prior: np.ndarray) -> np.ndarray:
 def evaluate_arrow(run, *, top_k: int, scratch: str, prior_prompts: list) -> dict:
     """Arrow on the run's test items -> an entry like moa_jax.eval.suite's (scores by the same verifier), with
     `experts` (its routed expert per item), `confusion`, `routing_seconds`, `how`, and `prior_weights` (the mean
-    weights over `prior_prompts`, train prompts as token lists) with `prior_experts` (prior_normalized's choice)."""
+    weights over `prior_prompts`, train prompts as token lists) with `prior_experts` (prior_normalized's choice).
+    The routing and the answers go to scratch/ROUTING_FILE before the PPL pass (the longest, most memory-hungry
+    part over many experts)."""
     import peft
     from moa_jax.eval import metrics
     from moa_jax.eval.suite import method_entry, score_texts
@@ -155,18 +158,25 @@ def evaluate_arrow(run, *, top_k: int, scratch: str, prior_prompts: list) -> dic
                                  do_sample=False, eos_token_id=eos, pad_token_id=pad)
             texts += [run.tokenizer.decode(until_eos(row[tokens.shape[1]:].tolist(), eos), skip_special_tokens=True)
                       for row in out]
+        mean_w = np.concatenate(weights)                                                             # (N, E)
+        with open(os.path.join(scratch, ROUTING_FILE), "w") as f:   # kept if the PPL pass below dies
+            json.dump({"experts": np.argmax(mean_w, axis=-1).tolist(), "mean_weights": mean_w.tolist(),
+                       "prior_weights": prior.tolist(), "prior_experts": prior_normalized(mean_w, prior).tolist(),
+                       "labels": np.asarray(es.labels).tolist(), "texts": texts,
+                       "arrow_forward_seconds": arrow_s, "base_forward_seconds": base_s}, f)
         sums, counts = [], []
         for batch in es.batches:                              # NLL of the response tokens, as moa_jax scores it
             valid = np.asarray(batch["valid"]).astype(bool)
             ids = torch.from_numpy(np.asarray(batch["tokens"]).astype(np.int64))
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=torch.from_numpy(
-                np.asarray(batch["attention_mask"]).astype(np.int64))).logits[:, :-1].float(), -1)
-            nll = -logp.gather(-1, ids[:, 1:, None])[..., 0].numpy()                               # (B, T-1)
+            logits = model(input_ids=ids, attention_mask=torch.from_numpy(
+                np.asarray(batch["attention_mask"]).astype(np.int64))).logits[:, :-1].float()
+            # -log_softmax at the next token, without a second [B, T, vocab] tensor
+            nll = (torch.logsumexp(logits, -1) - logits.gather(-1, ids[:, 1:, None])[..., 0]).numpy()   # (B, T-1)
+            del logits
             wt = np.asarray(batch["loss_mask"])[:, 1:].astype(np.float64)
             sums.append((nll * wt).sum(1)[valid])
             counts.append(wt.sum(1)[valid])
     sums, counts = np.concatenate(sums), np.concatenate(counts)
-    mean_w = np.concatenate(weights)                                                                 # (N, E)
     experts = np.argmax(mean_w, axis=-1).astype(np.int64)
     prior_experts = prior_normalized(mean_w, prior)
     per_domain = score_texts(es, texts)
@@ -189,3 +199,4 @@ def evaluate_arrow(run, *, top_k: int, scratch: str, prior_prompts: list) -> dic
 
 
 ARROW_KIND = "arrow"
+ROUTING_FILE = "arrow_routing.json"   # Arrow's routing and answers, written before its PPL pass
