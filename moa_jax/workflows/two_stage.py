@@ -55,7 +55,7 @@ from moa_jax.nn.model import MoATransformer
 from moa_jax.params import check_tree, init_trainable, merge_params, param_shapes, split_params
 from moa_jax.routing import AUTO, resolve
 from moa_jax.peft_import import experts_for_domains, parse_adapter_specs
-from moa_jax.run_artifacts import RunArtifactError, stage_adapters
+from moa_jax.run_artifacts import CONFIG_FILE, RunArtifactError, read_json, stage_adapters
 from moa_jax.sharding import (check_batch_divisible, check_experts_divisible, leaf_placer, make_mesh,
                               param_shardings)
 from moa_jax.train.loop import train_stage
@@ -326,8 +326,7 @@ def train_stage2(ctx: ExperimentContext, exp: ExperimentConfig, stage1: Any, pro
         trained, ctx.router_fits[label] = fit_stage_routers(ctx, exp.moa, trained, 0, exp.stage2.router_fit_prompts,
                                                             adapters)
     else:   # reused from another run, which fitted it under the same config
-        with open(os.path.join(adapters, "config.json")) as f:
-            ctx.router_fits[label] = json.load(f)["router_fit"]
+        ctx.router_fits[label] = read_json(os.path.join(adapters, CONFIG_FILE))["router_fit"]
     return exp.moa, trained
 
 
@@ -340,7 +339,8 @@ def fit_stage_routers(ctx: ExperimentContext, moa: MoAConfig, trainable: Any, n_
     fitted, stats = fit_routers(ctx.cfg, moa, ctx.frozen, ctx.data["train"], trainable, n_old, prompts_per_domain,
                                 batch_size=ctx.exp.data.eval_batch, buckets=ctx.exp.data.buckets)
     if jax.process_index() == 0:
-        save_adapters(adapters, fitted, {**load_adapters(adapters)[1], "router_fit": stats})
+        # the stage's saved config (not its weights, which this overwrites) plus the fit's record
+        save_adapters(adapters, fitted, {**read_json(os.path.join(adapters, CONFIG_FILE)), "router_fit": stats})
     return fitted, stats
 
 
