@@ -355,7 +355,7 @@ class ExperimentConfig:
 
 # ---- which saved keys matter, derived from the field roles (moa_jax/config_fields.py) ----
 
-# A stage's saved config (workflows/two_stage.py ExperimentContext.config_dict): these sections, plus two fields of
+# A stage's saved config (workflows/context.py ExperimentContext.config_dict): these sections, plus two fields of
 # ExperimentConfig under other names.
 STAGE_SECTIONS = {"model": ModelConfig, "moa": MoAConfig, "train": TrainConfig, "data": DataConfig}
 _SAVED_AS = {"model": "model.source", "name": "experiment"}

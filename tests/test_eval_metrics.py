@@ -196,7 +196,7 @@ def test_variants_share_training_where_settings_match():
 
 
 def test_config_differences_ignore_logging_only_fields():
-    from moa_jax.workflows.two_stage import config_differences
+    from moa_jax.workflows.context import config_differences
     a = {"experiment": "moa_10task", "train": {"steps": 10, "log_every": 5}, "moa": {"rank": 4, "decision": "last"}}
     b = copy.deepcopy(a)
     b.update(experiment="moa_10task_ablations")

@@ -179,7 +179,7 @@ def test_cli_prompt_format_matches_training(smoke):
 
 def test_reuse_from_takes_matching_stages_and_refuses_a_different_stage1(smoke, tmp_path):
     from moa_jax.config import ConfigError, ModelConfig, MoAConfig
-    from moa_jax.workflows.two_stage import _reuse
+    from moa_jax.workflows.context import _reuse
     workdir, _ = smoke
     saved = json.load(open(os.path.join(workdir, "stage1", "adapters", "config.json")))
     cfg = ModelConfig(**{k: v for k, v in saved["model"].items() if k != "source"})

@@ -122,7 +122,7 @@ def _tiny_base(tok, moa, directory):
 def test_the_recorded_format_round_trips_through_adapters_and_load_run(tmp_path):
     import moa_jax
     from moa_jax.train.checkpoint import save_adapters
-    from moa_jax.workflows.two_stage import ExperimentContext
+    from moa_jax.workflows.context import ExperimentContext
     tok, base = tiny_tokenizer(), str(tmp_path / "base")                # a tokenizer with a chat template
     moa = MoAConfig(num_experts=2, rank=2, alpha=4.0, targets=("q_proj",))
     cfg, _, trainable = _tiny_base(tok, moa, base)

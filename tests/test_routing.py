@@ -124,7 +124,7 @@ def test_given_experts_are_checked():
 def test_route_on_base_of_saved_configs_reads_as_probe():
     """Configs and stage configs saved before route_on's values were renamed ('base' -> 'probe') still load, and a
     stage saved with 'base' is reusable by a run that says 'probe'."""
-    from moa_jax.workflows.two_stage import config_differences
+    from moa_jax.workflows.context import config_differences
     assert MoAConfig(route_on="base").route_on == "probe"
     saved = {"stage": "stage2", "moa": {"rank": 4, "route_on": "base"}}
     assert config_differences(saved, {"stage": "stage2", "moa": {"rank": 4, "route_on": "probe"}}) == []

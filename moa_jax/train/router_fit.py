@@ -6,7 +6,7 @@ a convex problem, which a short SGD run leaves unconverged: add_domain's re-fit 
 domain close to an old one (basic_arithmetic next to chain_sum) just below it, and stage 2 on 52 domains (40 steps of
 8 rows, about 6 router examples a domain) routes 0.78. Here it is solved on cached features to convergence, at the
 cost of one base forward per cached prompt. Two users: add_domain fits the new outputs (the old ones fixed), stage 2
-with stage2.router_fit_prompts fits every output (num_old = 0; moa_jax/workflows/two_stage.py fit_stage_routers).
+with stage2.router_fit_prompts fits every output (num_old = 0; moa_jax/workflows/context.py fit_stage_routers).
 
 How:
   1. router_inputs: one probe forward (adapters off) of each cached prompt gives every router's logits, which are

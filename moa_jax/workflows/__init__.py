@@ -5,6 +5,8 @@ its report section.
     add_domain  grow a finished run by new domains (new experts + a router re-fit)    (add_domain.py)
     capacity    MoA vs one LoRA at small ranks on the same budget                      (capacity.py)
 
+What they share (the experiment's context, training a stage, reuse_from, a stage's router fit) is context.py.
+
 A `Job` is a workflow, its ExperimentConfig and its section (moa_jax/workflows/sections.py). A section is set with
 `--set <workflow>.<field>=VALUE`; such a key on a preset of another workflow selects that workflow where it can
 start from any experiment (`--set capacity.rank=2` turns any preset into its capacity study). Every workflow

@@ -52,7 +52,7 @@ from moa_jax.data.sources import load_text_split
 from moa_jax.eval.evaluate import Method
 from moa_jax.eval.report import router_fit_sentence
 from moa_jax.workflows.sections import AddDomainConfig
-from moa_jax.workflows.two_stage import ExperimentContext, fit_stage_routers, prepare
+from moa_jax.workflows.context import ExperimentContext, fit_stage_routers, prepare
 from moa_jax.grow import freeze_old_experts, grow_trainable, same_old_experts
 from moa_jax.nn.model import MoATransformer
 from moa_jax.params import init_trainable

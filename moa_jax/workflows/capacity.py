@@ -37,7 +37,8 @@ from moa_jax.flops import forward_flops
 from moa_jax.config import ExperimentConfig, ModelConfig, replace
 from moa_jax.eval.evaluate import Method
 from moa_jax.workflows.sections import CapacityConfig
-from moa_jax.workflows.two_stage import prepare, train_all
+from moa_jax.workflows.context import prepare
+from moa_jax.workflows.two_stage import train_all
 from moa_jax.methods import METHODS
 
 log = logging.getLogger("moa_jax")
