@@ -159,9 +159,11 @@ def evaluate_arrow(run, *, top_k: int, scratch: str, prior_prompts: list) -> dic
             texts += [run.tokenizer.decode(until_eos(row[tokens.shape[1]:].tolist(), eos), skip_special_tokens=True)
                       for row in out]
         mean_w = np.concatenate(weights)                                                             # (N, E)
+        experts = np.argmax(mean_w, axis=-1).astype(np.int64)                                        # (N,)
+        prior_experts = prior_normalized(mean_w, prior)                                              # (N,)
         with open(os.path.join(scratch, ROUTING_FILE), "w") as f:   # kept if the PPL pass below dies
-            json.dump({"experts": np.argmax(mean_w, axis=-1).tolist(), "mean_weights": mean_w.tolist(),
-                       "prior_weights": prior.tolist(), "prior_experts": prior_normalized(mean_w, prior).tolist(),
+            json.dump({"experts": experts.tolist(), "mean_weights": mean_w.tolist(),
+                       "prior_weights": prior.tolist(), "prior_experts": prior_experts.tolist(),
                        "labels": np.asarray(es.labels).tolist(), "texts": texts,
                        "arrow_forward_seconds": arrow_s, "base_forward_seconds": base_s}, f)
         sums, counts = [], []
@@ -177,8 +179,6 @@ def evaluate_arrow(run, *, top_k: int, scratch: str, prior_prompts: list) -> dic
             sums.append((nll * wt).sum(1)[valid])
             counts.append(wt.sum(1)[valid])
     sums, counts = np.concatenate(sums), np.concatenate(counts)
-    experts = np.argmax(mean_w, axis=-1).astype(np.int64)
-    prior_experts = prior_normalized(mean_w, prior)
     per_domain = score_texts(es, texts)
     for d, name in enumerate(es.domains):
         sel = es.labels == d
